@@ -1,0 +1,350 @@
+"""The world model: the physical truth the emulators and stand-ins share.
+
+It holds the laser's optical output over time, the filter position, the key, interlock and
+foot switch, the ambient light, the ICG phantom, the indicator and white-light outputs and
+injected faults. It is thread-safe (one lock) and takes its clock as a parameter.
+
+The key and interlock (and the foot switch, where wired that way) are in series with the
+laser enable here as in hardware: whatever the MCU drives, an open loop gives no light.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from hal.clock import Clock
+from hal.errors import InvalidArgument
+
+# Per filter position: (T_em, T_amb, T_laser). 1 = ICG emission band-pass, 2 = open,
+# 3 = blocked; 4-6 are spare slots, modelled as blocked.
+DEFAULT_FILTERS: dict[int, tuple[float, float, float]] = {
+    1: (0.9, 0.05, 0.0),
+    2: (1.0, 1.0, 1.0),
+    3: (0.0, 0.0, 0.0),
+    4: (0.0, 0.0, 0.0),
+    5: (0.0, 0.0, 0.0),
+    6: (0.0, 0.0, 0.0),
+}
+
+
+@dataclass
+class Inclusion:
+    x: float
+    y: float
+    radius: float
+    icg_nM: float
+
+
+@dataclass
+class Phantom:
+    background_icg_nM: float = 50.0
+    autofluorescence_nM: float = 0.0
+    inclusions: list[Inclusion] = field(default_factory=list)
+
+    @classmethod
+    def default(cls, width: int = 1456, height: int = 1088) -> "Phantom":
+        """SIM.md's default: 50 nM everywhere, one 200 nM disk of radius height/6 at the
+        centre (true SBR 4.0)."""
+        return cls(50.0, 0.0, [Inclusion(width / 2.0, height / 2.0, height / 6.0, 200.0)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Phantom":
+        return cls(
+            float(d.get("background_icg_nM", 50.0)),
+            float(d.get("autofluorescence_nM", 0.0)),
+            [Inclusion(float(i["x"]), float(i["y"]), float(i["radius"]), float(i["icg_nM"]))
+             for i in d.get("inclusions", [])],
+        )
+
+
+@dataclass(frozen=True)
+class SensorModel:
+    """The camera sensor's electrical model (SIM.md defaults)."""
+
+    width: int = 1456
+    height: int = 1088
+    bits: int = 10
+    black_level: int = 16
+    read_noise_e: float = 2.0
+    adu_per_e: float = 0.25
+    dark_e_per_ms: float = 0.01
+
+
+# Chosen so the default phantom at 50 mW, 10 ms, gain 1 puts the tumor near 60 % of full
+# scale: 10 ms * 0.9 * k * 50 mW * 200 nM = 2390 e- -> 0.25 ADU/e- -> ~598 + 16 black.
+DEFAULT_K_FLUO = 0.0265  # e- per ms per mW per nM at the sensor, before the filter
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """One camera exposure triggered by the MCU."""
+
+    counter: int
+    t_start_ns: int
+    lit: bool
+
+
+@dataclass(frozen=True)
+class SceneSnapshot:
+    """What the camera needs to render a frame, with a version that changes whenever any
+    of it changes (so the renderer can cache what depends on it)."""
+
+    version: int
+    phantom: Phantom
+    ambient_e_per_ms: float
+    illumination: Any  # "uniform" or {"gaussian_sigma_frac": float}
+    laser_leak: float
+    filter_position: int
+    filter_moving: bool
+    seed: int
+    camera_stall: bool
+    white_light: bool
+    k_fluo: float
+    filters: dict[int, tuple[float, float, float]]
+
+
+Listener = Callable[[str, dict], None]
+
+
+class World:
+    """The physical truth of the simulated cart."""
+
+    LASER_HISTORY_S = 5.0
+
+    def __init__(
+        self,
+        clock: Clock,
+        sensor: SensorModel | None = None,
+        *,
+        laser_max_mw: float = 500.0,
+        footswitch_in_series: bool = False,
+        k_fluo: float = DEFAULT_K_FLUO,
+    ):
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.sensor = sensor or SensorModel()
+        self.laser_max_mw = float(laser_max_mw)
+        self.footswitch_in_series = footswitch_in_series
+        self._listeners: list[Listener] = []
+        # inputs
+        self.key = True
+        self.interlock_closed = True
+        self.footswitch = False
+        # scene
+        self.phantom = Phantom.default(self.sensor.width, self.sensor.height)
+        self.ambient_e_per_ms = 5.0
+        self.illumination: Any = "uniform"
+        self.laser_leak = 0.0
+        self.seed = 12345
+        self.k_fluo = float(k_fluo)
+        self.filters = dict(DEFAULT_FILTERS)
+        self.filter_position = 1
+        self.filter_moving = False
+        # outputs driven by the GPIO stand-in
+        self.indicator = False
+        self.white_light = False
+        # injected faults (SIM.md sim.set fault)
+        self.faults: dict[str, Any] = {
+            "camera_stall": False,
+            "serial_corruption": 0.0,
+            "mcu_overtemp": False,
+            "wheel_stuck": False,
+            "photodiode_gain": 1.0,
+        }
+        # laser: what the MCU drives (diode drive, mW) and the resulting optical output
+        self._drive_mw = 0.0
+        self._laser_events: deque[tuple[int, float]] = deque()
+        self._laser_events.append((clock.time_ns(), 0.0))
+        self._scene_version = 1
+
+    # -- listeners -----------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(kind, payload)`` is called (under no lock) for "inputs", "scene",
+        "laser", "trigger" and "outputs" changes."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: str, payload: dict) -> None:
+        for listener in list(self._listeners):
+            listener(kind, payload)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def inputs(self) -> dict:
+        with self._lock:
+            return {"key": self.key, "interlock_closed": self.interlock_closed,
+                    "footswitch": self.footswitch}
+
+    def enable_chain_closed(self) -> bool:
+        """True when the hardware series loop lets the laser enable through."""
+        with self._lock:
+            ok = self.key and self.interlock_closed
+            if self.footswitch_in_series:
+                ok = ok and self.footswitch
+            return ok
+
+    # -- laser -------------------------------------------------------------------------------
+    def set_laser_drive(self, drive_mw: float, t_ns: int | None = None) -> None:
+        """The MCU sets the diode drive (0 when off or gated off). The optical output is
+        the drive while the series loop is closed, else zero."""
+        with self._lock:
+            self._drive_mw = max(0.0, float(drive_mw))
+            self._record_output(t_ns)
+
+    def _record_output(self, t_ns: int | None = None) -> None:
+        t = self._clock.time_ns() if t_ns is None else int(t_ns)
+        out = self._drive_mw if self.enable_chain_closed() else 0.0
+        last_t, last = self._laser_events[-1]
+        if out != last:
+            self._laser_events.append((max(t, last_t), out))
+            horizon = t - int(self.LASER_HISTORY_S * 1e9)
+            while len(self._laser_events) > 2 and self._laser_events[1][0] < horizon:
+                self._laser_events.popleft()
+            emit = True
+        else:
+            emit = False
+        if emit:
+            self._emit("laser", {"t_ns": max(t, last_t), "mw": out})
+
+    def laser_output_mw(self) -> float:
+        with self._lock:
+            return self._laser_events[-1][1]
+
+    def laser_events(self) -> list[tuple[int, float]]:
+        with self._lock:
+            return list(self._laser_events)
+
+    def laser_mean_mw(self, t0_ns: int, t1_ns: int) -> float:
+        """The optical output averaged over [t0, t1] (the exposure window)."""
+        with self._lock:
+            return mean_of_steps(list(self._laser_events), t0_ns, t1_ns)
+
+    # -- triggers -----------------------------------------------------------------------------
+    def trigger(self, counter: int, t_start_ns: int, lit: bool) -> None:
+        """The MCU triggers one camera exposure."""
+        self._emit("trigger", {"counter": counter, "t_start_ns": t_start_ns, "lit": lit})
+
+    # -- filter --------------------------------------------------------------------------------
+    def set_filter(self, position: int, moving: bool) -> None:
+        with self._lock:
+            self.filter_position = int(position)
+            self.filter_moving = bool(moving)
+            self._scene_version += 1
+        self._emit("scene", {})
+
+    # -- GPIO outputs --------------------------------------------------------------------------
+    def set_output(self, name: str, value: bool) -> None:
+        with self._lock:
+            if name == "indicator":
+                self.indicator = bool(value)
+            elif name == "white_light":
+                self.white_light = bool(value)
+                self._scene_version += 1
+            else:
+                raise InvalidArgument(f"unknown world output {name!r}")
+        self._emit("outputs", {"indicator": self.indicator, "white_light": self.white_light})
+
+    # -- sim.set ---------------------------------------------------------------------------------
+    def apply(self, changes: dict) -> dict:
+        """Apply a validated ``sim.set`` map (see :func:`sim.simset.validate`)."""
+        inputs_changed = False
+        with self._lock:
+            for k, v in changes.items():
+                if k == "interlock":
+                    self.interlock_closed = v == "closed"
+                    inputs_changed = True
+                elif k == "key":
+                    self.key = bool(v)
+                    inputs_changed = True
+                elif k == "footswitch":
+                    self.footswitch = bool(v)
+                    inputs_changed = True
+                elif k == "ambient_e_per_ms":
+                    self.ambient_e_per_ms = float(v)
+                elif k == "illumination":
+                    self.illumination = copy.deepcopy(v)
+                elif k == "laser_leak":
+                    self.laser_leak = float(v)
+                elif k == "phantom":
+                    self.phantom = Phantom.from_dict(v) if isinstance(v, dict) else v
+                elif k == "fault":
+                    self.faults.update(v)
+                elif k == "seed":
+                    self.seed = int(v)
+                else:
+                    raise InvalidArgument(f"sim.set: unknown argument {k!r}")
+            self._scene_version += 1
+            if inputs_changed:
+                self._record_output()
+        if inputs_changed:
+            self._emit("inputs", self.inputs())
+        self._emit("scene", {})
+        return self.values()
+
+    def values(self) -> dict:
+        """The current world values, as ``status`` carries them under ``sim``."""
+        with self._lock:
+            return {
+                "interlock": "closed" if self.interlock_closed else "open",
+                "key": self.key,
+                "footswitch": self.footswitch,
+                "ambient_e_per_ms": self.ambient_e_per_ms,
+                "illumination": copy.deepcopy(self.illumination),
+                "laser_leak": self.laser_leak,
+                "phantom": self.phantom.to_dict(),
+                "fault": dict(self.faults),
+                "seed": self.seed,
+                "laser_output_mw": self._laser_events[-1][1],
+                "filter_position": self.filter_position,
+                "filter_moving": self.filter_moving,
+                "indicator": self.indicator,
+                "white_light": self.white_light,
+            }
+
+    def scene(self) -> SceneSnapshot:
+        with self._lock:
+            return SceneSnapshot(
+                version=self._scene_version,
+                phantom=copy.deepcopy(self.phantom),
+                ambient_e_per_ms=self.ambient_e_per_ms,
+                illumination=copy.deepcopy(self.illumination),
+                laser_leak=self.laser_leak,
+                filter_position=self.filter_position,
+                filter_moving=self.filter_moving,
+                seed=self.seed,
+                camera_stall=bool(self.faults.get("camera_stall")),
+                white_light=self.white_light,
+                k_fluo=self.k_fluo,
+                filters=dict(self.filters),
+            )
+
+
+def mean_of_steps(events: list[tuple[int, float]], t0_ns: int, t1_ns: int) -> float:
+    """Average of a step function given as sorted (t_ns, value) change points over
+    [t0, t1]. Before the first point the value is the first point's value."""
+    if t1_ns <= t0_ns:
+        # zero-length window: the value at t0
+        v = events[0][1]
+        for t, val in events:
+            if t <= t0_ns:
+                v = val
+        return v
+    total = 0.0
+    value = events[0][1]
+    cursor = t0_ns
+    for t, val in events:
+        if t <= t0_ns:
+            value = val
+            continue
+        if t >= t1_ns:
+            break
+        total += value * (t - cursor)
+        cursor = t
+        value = val
+    total += value * (t1_ns - cursor)
+    return total / (t1_ns - t0_ns)
