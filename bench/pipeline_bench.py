@@ -1,0 +1,91 @@
+"""Benchmark P1: one 1456x1088 uint16 pair through the processing pipeline (``process``
+and ``preview``) against the floor, one fused pass
+``np.subtract(on, off, out=f32, dtype=np.float32)`` that reads every pixel of both frames
+once. The two are timed alternately in the same run, so a noisy machine slows both alike;
+the target is a ratio of medians of at most 3.0.
+
+Run: ``python -m bench.pipeline_bench [--iterations N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from services.pipeline import PairProcessor
+from services.roi import auto_rois
+
+WIDTH, HEIGHT, BITS = 1456, 1088, 10
+P1_TARGET = 3.0
+
+
+def synthetic_pair(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT):
+    """A laser-on/laser-off pair of the default phantom (50 nM, a 200 nM disk of radius
+    height/6 at the centre) at 50 mW, 10 ms, gain 1, with shot and read noise: realistic
+    values so the saturation checks take their usual path."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    conc = np.where((xx - width / 2) ** 2 + (yy - height / 2) ** 2 <= (height / 6) ** 2, 200.0, 50.0)
+    ambient_e = 10.0 * (0.05 * 5.0 + 0.01)
+    lit_e = ambient_e + 10.0 * 0.9 * 0.0265 * 50.0 * conc
+
+    def frame(e):
+        noisy = e + np.sqrt(e + 4.0) * rng.standard_normal((height, width), dtype=np.float32)
+        return np.clip(np.round(noisy * 0.25 + 16), 0, (1 << BITS) - 1).astype(np.uint16)
+
+    return frame(lit_e), frame(np.full((height, width), ambient_e))
+
+
+def _meta(seq: int) -> dict:
+    return {"frame_seq": seq, "t_start_ns": 0, "t_end_ns": 10_000_000, "exposure_us": 10_000,
+            "gain": 1.0, "laser_mw": 50.0, "filter_position": 1, "bits": BITS}
+
+
+def run(iterations: int = 100, pool: int = 4, seed: int = 1) -> dict:
+    """Time the pipeline and the fused pass alternately; returns the medians (s) and
+    their ratio."""
+    rng = np.random.default_rng(seed)
+    pairs = [synthetic_pair(rng) for _ in range(pool)]
+    processor = PairProcessor(WIDTH, HEIGHT, BITS)
+    processor.set_rois(*auto_rois(pairs[0], WIDTH, HEIGHT))
+    floor_out = np.empty((HEIGHT, WIDTH), dtype=np.float32)
+    meta_on, meta_off = _meta(0), _meta(1)
+    pipeline_s: list[float] = []
+    fused_s: list[float] = []
+    for i in range(iterations + 5):
+        on, off = pairs[i % pool]
+        t0 = time.perf_counter()
+        processor.process(on, off, meta_on, meta_off)
+        processor.preview(on, off)
+        t1 = time.perf_counter()
+        np.subtract(on, off, out=floor_out, dtype=np.float32)
+        t2 = time.perf_counter()
+        if i >= 5:  # the first few warm caches and allocators
+            pipeline_s.append(t1 - t0)
+            fused_s.append(t2 - t1)
+    pipe = statistics.median(pipeline_s)
+    fused = statistics.median(fused_s)
+    return {"pipeline_s": pipe, "fused_s": fused, "ratio": pipe / fused,
+            "iterations": iterations, "rois": processor.rois}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the P1 measurement; exit status 0 when the target holds, 1 otherwise."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=100)
+    args = parser.parse_args(argv)
+    r = run(max(1, args.iterations))
+    signal, background = r["rois"]
+    print(f"P1 pipeline, {WIDTH}x{HEIGHT} uint16 pairs, {r['iterations']} alternating iterations")
+    print(f"  ROIs: signal {signal.to_list()}, background {background.to_list()}")
+    print(f"  pipeline (process + preview) median: {r['pipeline_s'] * 1e3:8.3f} ms")
+    print(f"  fused subtract pass median:          {r['fused_s'] * 1e3:8.3f} ms")
+    verdict = "PASS" if r["ratio"] <= P1_TARGET else "FAIL"
+    print(f"  ratio: {r['ratio']:.2f}   (P1 target <= {P1_TARGET:.1f})   {verdict}")
+    return 0 if r["ratio"] <= P1_TARGET else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

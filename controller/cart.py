@@ -1,0 +1,590 @@
+"""The cart's state machine and safety supervisor.
+
+One class, :class:`Cart`, owns the laser decision. Everything that can change whether light
+may leave the cart goes through :meth:`Cart._apply`, and the rule itself is the short pure
+function :func:`emission_permitted` - read it first. The supervisor loop (:meth:`Cart.tick`,
+run at a fixed rate by :meth:`Cart.run`) reads the key, interlock and foot switch, the MCU's
+status (faults, temperature, monitor photodiode) and the camera's liveness, sends the MCU
+heartbeat, and trips to FAULT on any violated rule. Safety-input edges also trip at once
+from the GPIO callback, without waiting for the next tick.
+
+The clock is a parameter: tests drive ``tick()`` with a manual clock through minutes of
+simulated time in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from controller.calibration import PowerCalibration
+from controller.state import (
+    CAMERA_STALL, INPUT_DISAGREE, INTERLOCK_OPEN, KEY_OFF, MCU_FAULT_PREFIX, OUTPUT_MISMATCH,
+    OVER_TEMP, SERIAL_LINK, Fault, State, recovery_hint,
+)
+from hal.clock import Clock, SystemClock
+from hal.errors import (
+    DeviceError, FaultActive, InterlockOpen, InvalidArgument, KeyOff, NirfError, WrongState,
+)
+from hal.filter_wheel import FilterWheel
+from hal.laser import LaserSource, LaserStatus
+from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
+
+log = logging.getLogger(__name__)
+
+EventListener = Callable[[str, dict], None]
+
+# How long the MCU's and the Pi's readings of the key/interlock may disagree before it is a
+# fault: the two are sampled at different instants, so an edge shows up in one first.
+INPUT_DISAGREE_GRACE_S = 0.25
+# MCU fault codes that mean the same as the controller's own input trips.
+MCU_INPUT_FAULTS = {"ILK": INTERLOCK_OPEN, "KEY": KEY_OFF}
+# How often a dead MCU link is retried while in FAULT.
+RECONNECT_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Readings:
+    """One consistent view of what the supervisor knows, for the permission rule."""
+
+    state: State
+    key_on: bool
+    interlock_closed: bool
+    footswitch_pressed: bool
+    footswitch_required: bool
+    faults_latched: bool
+    indicator_on_for_s: float | None  # None: indicator off
+    emission_delay_s: float
+    setpoint_mw: float
+
+
+def emission_permitted(r: Readings) -> tuple[bool, list[str]]:
+    """The laser may emit only if every condition of PRODUCT S2 holds. Returns the decision
+    and, when refused, every reason."""
+    reasons = []
+    if r.state is not State.EMITTING:
+        reasons.append(f"state is {r.state.value}, not EMITTING")
+    if not r.key_on:
+        reasons.append("key is off")
+    if not r.interlock_closed:
+        reasons.append("interlock is open")
+    if r.faults_latched:
+        reasons.append("a fault is latched")
+    if r.indicator_on_for_s is None or r.indicator_on_for_s < r.emission_delay_s:
+        reasons.append(f"emission indicator on for less than {r.emission_delay_s} s")
+    if r.footswitch_required and not r.footswitch_pressed:
+        reasons.append("foot switch not held")
+    if not r.setpoint_mw > 0:
+        reasons.append("no power setpoint")
+    return (not reasons, reasons)
+
+
+class Cart:
+    """The controller: state machine, safety supervisor and device owner."""
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        laser: LaserSource,
+        wheel: FilterWheel | None,
+        inputs: SafetyInputs,
+        indicators: Indicators,
+        clock: Clock | None = None,
+        calibration: PowerCalibration | None = None,
+    ):
+        self.cfg = cfg
+        self.laser = laser
+        self.wheel = wheel
+        self.inputs = inputs
+        self.indicators = indicators
+        self.clock = clock or SystemClock()
+        self.calibration = calibration or PowerCalibration.nominal(cfg.laser.full_scale_mw)
+        self._lock = threading.RLock()
+        self._listeners: list[EventListener] = []
+
+        s = cfg.safety
+        self.emission_delay_s = s.emission_delay_s
+        self.footswitch_required = s.footswitch_required
+        self.heartbeat_interval_s = s.heartbeat_interval_ms / 1000.0
+        self.period_s = 1.0 / s.supervisor_rate_hz
+
+        self.state = State.SAFE
+        self.faults: list[Fault] = []
+        self.setpoint_mw = 0.0
+        self._indicator_on_since: float | None = None
+        self._emission_started: float | None = None
+        self._enabled_sent: bool | None = None
+        self._duty_sent: float | None = None
+        self._last_heartbeat = -math.inf
+        self._last_reconnect = -math.inf
+        self._link_ok = False
+        self.mcu_status: LaserStatus | None = None
+        self.key_on = False
+        self.interlock_closed = False
+        self.footswitch_pressed = False
+        # S1/S4 key cycles: "off seen" since boot and since the last interlock/key trip
+        self._key_off_since_boot = False
+        self._key_off_since_trip = True
+        self._trip_needs_key_cycle = False
+        self._disagree_since: float | None = None
+        self._output_bad_since: float | None = None
+        # camera liveness, reported by the acquisition
+        self.camera_watch = False
+        self.camera_last_frame: float | None = None
+        self.ticks = 0
+
+    # ------------------------------------------------------------------ events
+    def add_listener(self, listener: EventListener) -> None:
+        """``listener(kind, detail)`` for "state", "fault", "safety" and "info" events. Called
+        with the cart's lock held: listeners must only queue, never block."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: str, **detail) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, detail)
+            except Exception:  # a broken listener must not break the safety loop
+                log.exception("event listener failed")
+
+    def _set_state(self, new: State, reason: str) -> None:
+        old = self.state
+        if new is old:
+            return
+        self.state = new
+        log.info("state %s -> %s (%s)", old.value, new.value, reason)
+        self._emit("state", **{"from": old.value, "to": new.value, "reason": reason})
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self) -> None:
+        """Connect the devices and reach SAFE. The laser link's first act forces the output
+        off (the driver's ``connect``); the indicator starts off."""
+        with self._lock:
+            self.state = State.SAFE
+            self._enabled_sent = False
+            self.laser.connect()
+            self._link_ok = True
+            self.indicators.set_emission_indicator(False)
+            self.indicators.set_white_light(False)
+            if self.wheel is not None:
+                self.wheel.connect()
+            self.inputs.add_listener(self.on_input)
+            self._read_inputs()
+            self._emit("state", **{"from": None, "to": State.SAFE.value, "reason": "boot"})
+
+    def shutdown(self) -> None:
+        """Laser off, indicator off, links closed. Safe to call more than once."""
+        with self._lock:
+            self.laser.force_off()
+            self._enabled_sent = False
+            try:
+                self.indicators.set_emission_indicator(False)
+            except NirfError:
+                log.exception("indicator off failed at shutdown")
+            if self.state.active:
+                self._set_state(State.SAFE, "shutdown")
+            self.laser.close()
+            if self.wheel is not None:
+                self.wheel.close()
+
+    def run(self, stop: threading.Event, on_healthy_tick: Callable[[], None] | None = None) -> None:
+        """The supervisor loop at ``safety.supervisor_rate_hz`` until ``stop`` is set."""
+        next_t = self.clock.monotonic()
+        while not stop.is_set():
+            try:
+                self.tick()
+                if on_healthy_tick is not None:
+                    on_healthy_tick()
+            except Exception:
+                # Never leave the loop on an unexpected error: make the laser safe and go on.
+                log.exception("supervisor tick failed; forcing the laser off")
+                with self._lock:
+                    self._trip("SUPERVISOR_ERROR", "internal error in the supervisor loop; see the log")
+            next_t += self.period_s
+            delay = next_t - self.clock.monotonic()
+            if delay < -self.period_s:  # fell far behind (e.g. the process was frozen)
+                next_t = self.clock.monotonic()
+                delay = 0
+            stop.wait(max(delay, 0.0))
+
+    # ------------------------------------------------------------------ readings
+    def _read_inputs(self) -> None:
+        self._set_key(self.inputs.key_on())
+        self.interlock_closed = self.inputs.interlock_closed()
+        self.footswitch_pressed = self.inputs.footswitch_pressed()
+
+    def _set_key(self, on: bool) -> None:
+        self.key_on = bool(on)
+        if not on:
+            self._key_off_since_boot = True
+            self._key_off_since_trip = True
+
+    def on_input(self, name: str, value: bool) -> None:
+        """GPIO edge callback: update the reading and trip at once if it is unsafe (S3)."""
+        with self._lock:
+            if name == KEY:
+                self._set_key(value)
+            elif name == INTERLOCK:
+                self.interlock_closed = bool(value)
+            elif name == FOOTSWITCH:
+                self.footswitch_pressed = bool(value)
+            self._emit("input", name=name, value=bool(value))
+            self._check_inputs()
+            self._apply()
+
+    def readings(self) -> Readings:
+        now = self.clock.monotonic()
+        return Readings(
+            state=self.state,
+            key_on=self.key_on,
+            interlock_closed=self.interlock_closed,
+            footswitch_pressed=self.footswitch_pressed,
+            footswitch_required=self.footswitch_required,
+            faults_latched=bool(self.faults),
+            indicator_on_for_s=None if self._indicator_on_since is None else now - self._indicator_on_since,
+            emission_delay_s=self.emission_delay_s,
+            setpoint_mw=self.setpoint_mw,
+        )
+
+    # ------------------------------------------------------------------ the supervisor
+    def tick(self) -> None:
+        """One supervisor iteration: read, heartbeat, check every rule, apply."""
+        with self._lock:
+            self.ticks += 1
+            now = self.clock.monotonic()
+            try:
+                self._read_inputs()
+            except DeviceError as err:
+                self._trip("GPIO", f"safety inputs unreadable: {err}")
+            self._poll_mcu(now)
+            self._check_inputs()
+            self._check_rules(now)
+            self._apply()
+
+    def _poll_mcu(self, now: float) -> None:
+        if not self._link_ok:
+            if now - self._last_reconnect < RECONNECT_INTERVAL_S:
+                return
+            self._last_reconnect = now
+            try:
+                reconnect = getattr(self.laser, "reconnect", None)
+                (reconnect or self.laser.connect)()
+                self._link_ok = True
+                self._enabled_sent = False
+                self._duty_sent = None
+                self._emit("info", message="laser controller link restored")
+            except DeviceError as err:
+                log.warning("laser controller still unreachable: %s", err)
+                return
+        try:
+            if now - self._last_heartbeat >= self.heartbeat_interval_s:
+                self.laser.heartbeat()
+                self._last_heartbeat = now
+            self.mcu_status = self.laser.status()
+        except DeviceError as err:
+            self._link_ok = False
+            self._last_reconnect = now
+            self.mcu_status = None
+            self._trip(SERIAL_LINK, f"laser controller link failed: {err}")
+
+    def _check_inputs(self) -> None:
+        """S3: in an active state an open interlock or a key that is off trips at once."""
+        if not self.state.active:
+            return
+        if not self.interlock_closed:
+            self._trip(INTERLOCK_OPEN, "interlock opened while the laser was armed", key_cycle=True)
+        elif not self.key_on:
+            self._trip(KEY_OFF, "key switched off while the laser was armed", key_cycle=True)
+
+    def _check_rules(self, now: float) -> None:
+        st = self.mcu_status
+        max_temp = self.cfg.laser.max_temp_c
+        if st is not None:
+            for code in st.faults:
+                if code in MCU_INPUT_FAULTS:
+                    # the MCU saw the loop open or the key off first: the same trip as ours
+                    self._trip(MCU_INPUT_FAULTS[code], f"laser controller latched {code} "
+                               f"({'interlock opened' if code == 'ILK' else 'key switched off'} while enabled)",
+                               key_cycle=True)
+                else:
+                    self._trip(MCU_FAULT_PREFIX + code, f"laser controller reports fault {code}")
+            if st.temp_c > max_temp:
+                self._trip(OVER_TEMP, f"laser temperature {st.temp_c:.1f} C above laser.max_temp_c {max_temp} C")
+            # The MCU and the Pi read the same loop: a lasting disagreement is a wiring fault.
+            if st.interlock_closed != self.interlock_closed or st.key_on != self.key_on:
+                if self._disagree_since is None:
+                    self._disagree_since = now
+                elif now - self._disagree_since > INPUT_DISAGREE_GRACE_S:
+                    self._trip(INPUT_DISAGREE,
+                               f"laser controller reads interlock {'closed' if st.interlock_closed else 'open'}, "
+                               f"key {'on' if st.key_on else 'off'}; the Pi reads interlock "
+                               f"{'closed' if self.interlock_closed else 'open'}, key {'on' if self.key_on else 'off'}")
+            else:
+                self._disagree_since = None
+            self._check_output(now, st)
+
+        if self.state is State.ARMING and self._indicator_on_since is not None \
+                and now - self._indicator_on_since >= self.emission_delay_s:
+            self._set_state(State.ARMED, f"indicator on for {self.emission_delay_s} s")
+        if self.state is State.EMITTING:
+            if self.footswitch_required and not self.footswitch_pressed:
+                self._stop_emission("foot switch released")
+            elif self._emission_started is not None and \
+                    now - self._emission_started >= self.cfg.laser.max_emission_s:
+                self._stop_emission(f"continuous emission reached laser.max_emission_s "
+                                    f"({self.cfg.laser.max_emission_s:.0f} s)")
+            elif self.camera_watch and self.camera_last_frame is not None and \
+                    now - self.camera_last_frame > self.cfg.safety.camera_stall_s:
+                self._trip(CAMERA_STALL, f"no camera frame for {now - self.camera_last_frame:.1f} s "
+                                         f"(limit {self.cfg.safety.camera_stall_s} s) while emitting")
+
+    def _check_output(self, now: float, st: LaserStatus) -> None:
+        """S13: the monitor photodiode must track the setpoint within the tolerance while
+        emitting, and read near zero otherwise."""
+        measured = self.calibration.photodiode_to_mw(st.photodiode_mw)
+        emitting = self._enabled_sent and self.state is State.EMITTING
+        tol = self.cfg.safety.output_tolerance
+        if emitting:
+            bad = abs(measured - self.setpoint_mw) > tol * self.setpoint_mw
+            what = (f"monitor photodiode reads {measured:.1f} mW, setpoint {self.setpoint_mw:.1f} mW "
+                    f"(tolerance {tol * 100:.0f} %)")
+        else:
+            limit = self.cfg.safety.idle_output_limit_mw
+            bad = measured > limit
+            what = f"monitor photodiode reads {measured:.1f} mW with the laser off (limit {limit} mW)"
+        if not bad:
+            self._output_bad_since = None
+            return
+        if self._output_bad_since is None:
+            self._output_bad_since = now
+        if now - self._output_bad_since >= self.cfg.safety.output_settle_s:
+            self._trip(OUTPUT_MISMATCH, what)
+
+    def _stop_emission(self, reason: str) -> None:
+        self._set_state(State.ARMED, reason)
+        self._emission_started = None
+        self._emit("safety", message=f"emission stopped: {reason}")
+
+    def _trip(self, code: str, message: str, *, key_cycle: bool = False) -> None:
+        """Latch a fault: laser off first, then the bookkeeping."""
+        self.laser.force_off()
+        self._enabled_sent = False
+        self._duty_sent = None
+        if any(f.code == code for f in self.faults):
+            return
+        if key_cycle:
+            self._trip_needs_key_cycle = True
+            self._key_off_since_trip = not self.key_on
+        fault = Fault(code, f"{message}; to recover: {recovery_hint(code)}", self.clock.time_ns())
+        self.faults.append(fault)
+        self._emission_started = None
+        self._set_indicator(False)
+        self._set_state(State.FAULT, code)
+        log.warning("FAULT %s: %s", code, fault.message)
+        self._emit("fault", code=code, message=fault.message)
+
+    # ------------------------------------------------------------------ applying the decision
+    def _set_indicator(self, on: bool) -> None:
+        if on and self._indicator_on_since is None:
+            self.indicators.set_emission_indicator(True)
+            self._indicator_on_since = self.clock.monotonic()
+        elif not on and self._indicator_on_since is not None:
+            self._indicator_on_since = None
+            self.indicators.set_emission_indicator(False)
+
+    def _apply(self) -> None:
+        """The one place that grants or withdraws permission to emit."""
+        self._set_indicator(self.state.active)
+        permitted, _ = emission_permitted(self.readings())
+        try:
+            if permitted:
+                duty = self.calibration.duty_for(self.setpoint_mw)
+                if self._duty_sent != duty:
+                    self.laser.set_duty(duty)
+                    self._duty_sent = duty
+                if self._enabled_sent is not True:
+                    self.laser.set_enabled(True)
+                    self._enabled_sent = True
+            elif self._enabled_sent is not False or (self.mcu_status and self.mcu_status.output_on):
+                self.laser.set_enabled(False)
+                self._enabled_sent = False
+        except DeviceError as err:
+            self._link_ok = self._link_ok and not isinstance(err, ConnectionError)
+            self._trip(SERIAL_LINK, f"laser controller did not accept the command: {err}")
+
+    # ------------------------------------------------------------------ commands
+    def check_power(self, power_mw) -> float:
+        """S6: reject (never clip) a setpoint over the power or peak-irradiance limit."""
+        if isinstance(power_mw, bool) or not isinstance(power_mw, (int, float)) or not math.isfinite(power_mw):
+            raise InvalidArgument(f"power_mw {power_mw!r} is not a finite number")
+        power_mw = float(power_mw)
+        lc = self.cfg.laser
+        if power_mw <= 0:
+            raise InvalidArgument(f"power_mw {power_mw} must be above 0 (use laser.off to stop)")
+        if power_mw > lc.max_power_mw:
+            raise InvalidArgument(f"power_mw {power_mw} above laser.max_power_mw {lc.max_power_mw}")
+        peak = power_mw * lc.beam_peak_to_mean / lc.field_area_cm2
+        if peak > lc.irradiance_limit_mw_cm2:
+            raise InvalidArgument(
+                f"power_mw {power_mw} gives a peak irradiance of {peak:.1f} mW/cm2, above "
+                f"laser.irradiance_limit_mw_cm2 {lc.irradiance_limit_mw_cm2} "
+                f"(peak/mean {lc.beam_peak_to_mean}, field {lc.field_area_cm2} cm2)")
+        duty = self.calibration.duty_for(power_mw)
+        if duty > lc.duty_ceiling:
+            raise InvalidArgument(f"power_mw {power_mw} needs duty {duty:.3f}, above the MCU's ceiling "
+                                  f"{lc.duty_ceiling}")
+        return power_mw
+
+    def _check_inhibits(self) -> None:
+        if not self.interlock_closed:
+            raise InterlockOpen("interlock is open: close the interlock loop before arming")
+        if not self.key_on:
+            raise KeyOff("key switch is off: turn the key on before arming")
+
+    def arm(self) -> dict:
+        with self._lock:
+            self._read_inputs()
+            self._check_inhibits()
+            if self.state is State.FAULT:
+                raise FaultActive(f"fault latched ({', '.join(f.code for f in self.faults)}): fault.reset first")
+            if self.state is not State.SAFE:
+                raise WrongState(f"arm needs state SAFE, state is {self.state.value}")
+            if self.cfg.safety.boot_requires_key_cycle and not self._key_off_since_boot:
+                raise KeyOff("turn the key off and on again at the cart before the first arm after boot")
+            if not self._link_ok or self.mcu_status is None:
+                raise DeviceError("laser-mcu", "no status from the laser controller yet; try again")
+            self._set_indicator(True)
+            self._set_state(State.ARMING, "arm")
+            self._apply()
+            return {"state": self.state.value, "emission_delay_s": self.emission_delay_s}
+
+    def disarm(self) -> dict:
+        with self._lock:
+            if self.state is State.FAULT:
+                self.laser.force_off()
+                raise WrongState("state is FAULT: use fault.reset")
+            self._emission_started = None
+            self._set_state(State.SAFE, "disarm")
+            self.setpoint_mw = 0.0
+            self._apply()
+            return {"state": self.state.value}
+
+    def laser_on(self, power_mw) -> dict:
+        with self._lock:
+            if self.state is State.EMITTING:
+                raise WrongState("laser is already on (state EMITTING): use laser.set to change power")
+            if self.state is not State.ARMED:
+                raise WrongState(f"laser.on needs state ARMED, state is {self.state.value}")
+            power_mw = self.check_power(power_mw)
+            if self.footswitch_required and not self.footswitch_pressed:
+                raise WrongState("hold the foot switch to emit (safety.footswitch_required)")
+            self.setpoint_mw = power_mw
+            self._emission_started = self.clock.monotonic()
+            self._output_bad_since = None
+            self._set_state(State.EMITTING, f"laser.on {power_mw} mW")
+            self._apply()
+            return {"state": self.state.value, "setpoint_mw": self.setpoint_mw}
+
+    def laser_set(self, power_mw) -> dict:
+        with self._lock:
+            if self.state not in (State.ARMED, State.EMITTING):
+                raise WrongState(f"laser.set needs state ARMED or EMITTING, state is {self.state.value}")
+            self.setpoint_mw = self.check_power(power_mw)
+            self._output_bad_since = None
+            self._apply()
+            return {"state": self.state.value, "setpoint_mw": self.setpoint_mw}
+
+    def laser_off(self) -> dict:
+        with self._lock:
+            if self.state is State.EMITTING:
+                self._stop_emission("laser.off")
+            elif self.state is not State.ARMED:
+                raise WrongState(f"laser.off needs state EMITTING or ARMED, state is {self.state.value}")
+            self._apply()
+            return {"state": self.state.value}
+
+    def persisting_causes(self) -> list[str]:
+        """What still stands in the way of a reset (S4)."""
+        causes = []
+        if not self.interlock_closed:
+            causes.append("interlock is open")
+        if not self.key_on:
+            causes.append("key is off")
+        if not self._link_ok:
+            causes.append("laser controller link is down")
+        st = self.mcu_status
+        if st is not None and st.temp_c > self.cfg.laser.max_temp_c:
+            causes.append(f"laser temperature {st.temp_c:.1f} C above {self.cfg.laser.max_temp_c} C")
+        if self.camera_watch and self.camera_last_frame is not None and \
+                self.clock.monotonic() - self.camera_last_frame > self.cfg.safety.camera_stall_s:
+            causes.append("camera still delivers no frames")
+        return causes
+
+    def fault_reset(self) -> dict:
+        with self._lock:
+            self._read_inputs()
+            if self.state is State.SAFE and not self.faults:
+                return {"state": self.state.value}
+            if self.state is not State.FAULT:
+                raise WrongState(f"fault.reset needs state FAULT, state is {self.state.value}")
+            causes = self.persisting_causes()
+            if causes:
+                raise FaultActive("cannot reset while the cause persists: " + "; ".join(causes))
+            if self._trip_needs_key_cycle and self.cfg.safety.reset_requires_key_cycle \
+                    and not self._key_off_since_trip:
+                raise FaultActive("after an interlock or key trip, turn the key off and on at the cart "
+                                  "before fault.reset")
+            try:
+                self.laser.clear_faults()
+                self.mcu_status = self.laser.status()
+            except DeviceError as err:
+                raise FaultActive(f"the laser controller refused to clear its faults: {err}") from err
+            if self.mcu_status.faults:
+                raise FaultActive(f"the laser controller still reports {', '.join(self.mcu_status.faults)}")
+            self.faults.clear()
+            self._trip_needs_key_cycle = False
+            self._disagree_since = None
+            self._output_bad_since = None
+            self.setpoint_mw = 0.0
+            self._set_state(State.SAFE, "fault.reset")
+            self._apply()
+            return {"state": self.state.value}
+
+    @property
+    def emission_enabled(self) -> bool:
+        """True while the supervisor has granted the MCU permission to emit."""
+        return bool(self._enabled_sent)
+
+    # ------------------------------------------------------------------ camera liveness
+    def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
+        """The acquisition reports whether the camera is streaming and its latest frame."""
+        with self._lock:
+            self.camera_watch = watching
+            if last_frame_monotonic is not None:
+                self.camera_last_frame = last_frame_monotonic
+            elif not watching:
+                self.camera_last_frame = None
+
+    # ------------------------------------------------------------------ status
+    def safety_status(self) -> dict:
+        """The controller's part of the ``status`` telemetry map."""
+        with self._lock:
+            st = self.mcu_status
+            measured = self.calibration.photodiode_to_mw(st.photodiode_mw) if st else 0.0
+            return {
+                "state": self.state.value,
+                "faults": [f.to_dict() for f in self.faults],
+                "laser": {
+                    "on": bool(self._enabled_sent and st is not None and st.output_on),
+                    "power_mw": round(measured, 2),
+                    "setpoint_mw": self.setpoint_mw,
+                    "temp_c": None if st is None else round(st.temp_c, 2),
+                },
+                "interlock": "closed" if self.interlock_closed else "open",
+                "key": self.key_on,
+                "footswitch": self.footswitch_pressed,
+                "indicator": self._indicator_on_since is not None,
+            }

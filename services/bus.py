@@ -1,0 +1,186 @@
+"""The ZeroMQ bus: the control endpoint (ROUTER) and the telemetry endpoint (PUB), both
+CURVE with a ZAP authenticator (PROTOCOL.md).
+
+A request is one msgpack map ``{"id", "cmd", "args"}``; the reply echoes the id with either
+``result`` or ``error {code, message}``. Anything malformed gets ``BAD_REQUEST`` with a null
+id; oversized messages are dropped by the socket (``MAXMSGSIZE``); nothing a client sends
+can stop the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from hal.errors import NirfError, NotPermitted, UnknownCommand
+from services.keys import OBSERVER, OPERATOR, make_curve_server
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LEN = 64
+# Commands an observer may call; everything else needs the operator role.
+READ_ONLY = frozenset({"ping", "status", "report"})
+
+UNPACK_LIMITS = dict(max_str_len=16 * 1024, max_bin_len=64 * 1024, max_array_len=4096, max_map_len=256)
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: str
+    name: str
+
+
+Handler = Callable[[dict, Caller], Any]
+
+
+def unpack(data: bytes) -> Any:
+    """msgpack with limits for untrusted bytes. Raises ValueError on anything wrong."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, **UNPACK_LIMITS)
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, default=_default)
+
+
+def _default(obj):
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def error_reply(req_id, code: str, message: str) -> dict:
+    return {"id": req_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def finite(obj, depth: int = 0) -> bool:
+    """True when no float in the structure is NaN or infinite."""
+    if depth > 32:
+        return False
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(finite(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(finite(v, depth + 1) for v in obj)
+    return True
+
+
+class CommandServer:
+    """Serves commands on a ROUTER socket; one request at a time, in the caller's thread."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, server_keys: tuple[bytes, bytes], ring,
+                 handlers: dict[str, Handler], *, max_message_bytes: int = 65536, audit=None):
+        self.handlers = handlers
+        self.ring = ring
+        self.audit = audit
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        make_curve_server(self.sock, *server_keys)
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.requests = 0
+
+    def serve(self, stop: threading.Event, poll_ms: int = 100) -> None:
+        while not stop.is_set():
+            self.poll_once(poll_ms)
+
+    def poll_once(self, timeout_ms: int) -> bool:
+        if not self.sock.poll(timeout_ms):
+            return False
+        frames = self.sock.recv_multipart(copy=False)
+        self.requests += 1
+        payload = frames[-1]
+        try:
+            user = payload.get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        reply = self.handle(payload.bytes, user.encode() if isinstance(user, str) else user)
+        try:
+            self.sock.send_multipart([f.bytes for f in frames[:-1]] + [pack(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            log.warning("reply not sent: %s", err)
+        return True
+
+    def handle(self, data: bytes, user_key: bytes | None) -> dict:
+        """Decode, authorise, dispatch and build the reply. Never raises."""
+        try:
+            req = unpack(data)
+        except (ValueError, TypeError) as err:
+            return error_reply(None, "BAD_REQUEST", f"not a msgpack map of the request shape ({type(err).__name__})")
+        if not isinstance(req, dict):
+            return error_reply(None, "BAD_REQUEST", f"request must be a map, got {type(req).__name__}")
+        req_id = req.get("id")
+        if not isinstance(req_id, str) or len(req_id) > MAX_ID_LEN:
+            return error_reply(None, "BAD_REQUEST", f"'id' must be a string of at most {MAX_ID_LEN} characters")
+        cmd = req.get("cmd")
+        if not isinstance(cmd, str):
+            return error_reply(req_id, "BAD_REQUEST", "'cmd' must be a string")
+        args = req.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return error_reply(req_id, "BAD_REQUEST", f"'args' must be a map, got {type(args).__name__}")
+        if not finite(args):
+            return error_reply(req_id, "INVALID_ARGUMENT", "arguments contain NaN or infinity")
+
+        known = self.ring.lookup(user_key) if user_key else None
+        caller = Caller(*known) if known else Caller(OBSERVER, "unknown")
+        try:
+            handler = self.handlers.get(cmd)
+            if handler is None:
+                raise UnknownCommand(f"unknown command {cmd[:64]!r}; known: {', '.join(sorted(self.handlers))}")
+            if cmd not in READ_ONLY and caller.role != OPERATOR:
+                raise NotPermitted(f"{cmd} changes the cart; key {caller.name!r} is an observer")
+            result = handler(args, caller)
+            reply = {"id": req_id, "ok": True, "result": result}
+        except NirfError as err:
+            reply = error_reply(req_id, err.code, getattr(err, "message", None) or str(err))
+        except Exception as err:  # a bug in a handler must not take the server down
+            log.exception("command %s failed", cmd)
+            reply = error_reply(req_id, "DEVICE_ERROR", f"internal error in {cmd}: {type(err).__name__}: {err}")
+        if self.audit is not None and cmd not in ("status", "ping"):
+            self.audit.write("command", client=caller.name, role=caller.role, cmd=cmd, args=args,
+                             ok=reply["ok"], result=reply.get("result") if reply["ok"] else reply["error"])
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class Telemetry:
+    """The PUB endpoint. Thread-safe; every map gets ``seq`` (per topic) and ``t_ns``."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, server_keys: tuple[bytes, bytes]):
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never stalls us
+        make_curve_server(self.sock, *server_keys)
+        self.sock.bind(endpoint)
+        self._lock = threading.Lock()
+        self._seq: dict[str, int] = {}
+
+    def publish(self, topic: str, body: dict, extra: list | tuple = ()) -> dict:
+        with self._lock:
+            seq = self._seq.get(topic, 0)
+            self._seq[topic] = seq + 1
+            msg = dict(body, seq=seq, t_ns=time.time_ns())
+            try:
+                self.sock.send_multipart([topic.encode("ascii"), pack(msg), *extra], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+        return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,290 @@
+"""``nirfctl``: the technician's command-line tool for the cart.
+
+Examples::
+
+    nirfctl status
+    nirfctl arm
+    nirfctl laser on --mw 50
+    nirfctl acquire start fluorescence
+    nirfctl watch                 # live view until Ctrl-C
+    nirfctl --json status         # machine-readable output
+    nirfctl call roi.set '{"auto": true}'
+    nirfctl keys create alice --out ~/.nirf    # a key pair for a technician
+    nirfctl keys authorise ~/.nirf/alice.key --role observer
+
+The endpoint and key come from flags, else from the configuration profile
+(``--config``, default ``sim``) and its state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import zmq.auth
+
+import config as config_mod
+from hal.errors import DeviceTimeout, NirfError
+from services import keys as keys_mod
+from services.client import CartClient, CartError
+
+EXIT_OK, EXIT_REFUSED, EXIT_NO_ANSWER, EXIT_USAGE = 0, 1, 3, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nirfctl", description="Drive the NIRF imaging cart over its bus.")
+    p.add_argument("--config", default="sim", help="profile or TOML file to read endpoints from (default: sim)")
+    p.add_argument("--endpoint", help="control endpoint, e.g. tcp://cart.local:5560")
+    p.add_argument("--telemetry", help="telemetry endpoint, e.g. tcp://cart.local:5561")
+    p.add_argument("--state-dir", help="the cart's state folder (for keys/server.key)")
+    p.add_argument("--server-key", help="the cart's public key file (default: <state>/keys/server.key)")
+    p.add_argument("--key", help="your secret key file (default: <state>/keys/local-operator.key_secret)")
+    p.add_argument("--json", action="store_true", help="print replies as JSON, for scripts")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("ping", help="is the cart there?")
+    sub.add_parser("status", help="the cart's status")
+    sub.add_parser("arm", help="arm the laser (indicator on, emission after the delay)")
+    sub.add_parser("disarm", help="back to SAFE, laser off")
+    laser = sub.add_parser("laser", help="laser on/set/off")
+    lsub = laser.add_subparsers(dest="action", required=True)
+    for name in ("on", "set"):
+        lp = lsub.add_parser(name)
+        lp.add_argument("--mw", type=float, required=True, help="optical power in milliwatts")
+    lsub.add_parser("off")
+    fault = sub.add_parser("fault", help="fault reset")
+    fault.add_argument("action", choices=["reset"])
+    filt = sub.add_parser("filter", help="move the filter wheel")
+    filt.add_argument("action", choices=["move"])
+    filt.add_argument("target", help="a position number or a name (icg_emission, open, blocked)")
+    cam = sub.add_parser("camera", help="camera settings")
+    cam.add_argument("action", choices=["set"])
+    cam.add_argument("--exposure-us", type=int)
+    cam.add_argument("--gain", type=float)
+    cam.add_argument("--fps", type=float)
+    acq = sub.add_parser("acquire", help="start or stop acquisition")
+    acq.add_argument("action", choices=["start", "stop"])
+    acq.add_argument("mode", nargs="?", choices=["fluorescence", "white", "dark"])
+    roi = sub.add_parser("roi", help="set the regions of interest")
+    roi.add_argument("action", choices=["set"])
+    roi.add_argument("--signal", type=int, nargs=4, metavar=("X", "Y", "W", "H"))
+    roi.add_argument("--background", type=int, nargs=4, metavar=("X", "Y", "W", "H"))
+    roi.add_argument("--auto", action="store_true")
+    simp = sub.add_parser("sim", help="change the simulated world (sim profile only)")
+    simp.add_argument("action", choices=["set"])
+    simp.add_argument("changes", help='JSON map, e.g. \'{"interlock": "open"}\'')
+    callp = sub.add_parser("call", help="send any command with JSON arguments")
+    callp.add_argument("cmd")
+    callp.add_argument("args", nargs="?", default="{}", help="JSON map of arguments")
+    watch = sub.add_parser("watch", help="live view of state, laser, filter, fps, SBR and faults")
+    watch.add_argument("--seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    keys = sub.add_parser("keys", help="key management")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    ksub.add_parser("init", help="create the cart's key pair and the local operator's (if missing)")
+    kc = ksub.add_parser("create", help="create a key pair for a technician or a tool")
+    kc.add_argument("name")
+    kc.add_argument("--out", default=".", help="folder for the new files (default: here)")
+    ka = ksub.add_parser("authorise", help="allow a public key file as operator or observer")
+    ka.add_argument("public_key")
+    ka.add_argument("--role", choices=keys_mod.ROLES, required=True)
+    ka.add_argument("--name", help="name to file it under (default: the file's name)")
+    return p
+
+
+def _request_for(args) -> tuple[str, dict]:
+    c = args.command
+    if c in ("ping", "status", "arm", "disarm"):
+        return c, {}
+    if c == "laser":
+        return f"laser.{args.action}", ({"power_mw": args.mw} if args.action != "off" else {})
+    if c == "fault":
+        return "fault.reset", {}
+    if c == "filter":
+        t = args.target
+        return "filter.move", ({"position": int(t)} if t.isdigit() else {"name": t})
+    if c == "camera":
+        a = {k: v for k, v in (("exposure_us", args.exposure_us), ("gain", args.gain), ("fps", args.fps))
+             if v is not None}
+        return "camera.set", a
+    if c == "acquire":
+        if args.action == "start":
+            if not args.mode:
+                raise SystemExit("nirfctl acquire start: give a mode (fluorescence, white, dark)")
+            return "acquire.start", {"mode": args.mode}
+        return "acquire.stop", {}
+    if c == "roi":
+        if args.auto:
+            return "roi.set", {"auto": True}
+        if not (args.signal and args.background):
+            raise SystemExit("nirfctl roi set: give --signal X Y W H and --background X Y W H, or --auto")
+        return "roi.set", {"signal": list(args.signal), "background": list(args.background)}
+    if c == "sim":
+        return "sim.set", _json_map(args.changes)
+    if c == "call":
+        return args.cmd, _json_map(args.args)
+    raise SystemExit(f"nirfctl: unhandled command {c}")
+
+
+def _json_map(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"nirfctl: not valid JSON ({err.msg} at character {err.pos}): {text}")
+    if not isinstance(value, dict):
+        raise SystemExit("nirfctl: the arguments must be a JSON map, e.g. '{\"auto\": true}'")
+    return value
+
+
+def _client(args, cfg) -> CartClient:
+    state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
+    control = args.endpoint or _local(cfg.bus.control_endpoint)
+    telemetry = args.telemetry or _local(cfg.bus.telemetry_endpoint)
+    keys_dir = state_dir / "keys"
+    server_key = Path(args.server_key) if args.server_key else keys_dir / "server.key"
+    client_key = Path(args.key) if args.key else keys_dir / "local-operator.key_secret"
+    for path, what in ((server_key, "the cart's public key"), (client_key, "your secret key")):
+        if not path.exists():
+            raise SystemExit(f"nirfctl: {what} not found at {path}; give --server-key/--key or --state-dir")
+    server_public, _ = zmq.auth.load_certificate(str(server_key))
+    pub, sec = keys_mod.load_client_keys(client_key)
+    return CartClient(control, telemetry, server_public, pub, sec)
+
+
+def _local(endpoint: str) -> str:
+    """A server bound to 0.0.0.0 is reached on loopback from the cart itself."""
+    return endpoint.replace("0.0.0.0", "127.0.0.1")
+
+
+def _print_result(cmd: str, result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": True, "result": result}, default=str))
+        return
+    if cmd == "status" and isinstance(result, dict):
+        print(format_status(result))
+    elif isinstance(result, dict):
+        for k, v in result.items():
+            print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+    else:
+        print(result)
+
+
+def format_status(s: dict) -> str:
+    laser = s.get("laser", {})
+    filt = s.get("filter", {})
+    cam = s.get("camera", {})
+    lines = [
+        f"state        {s.get('state')}",
+        f"laser        {'ON' if laser.get('on') else 'off'}  {laser.get('power_mw', 0):.1f} mW "
+        f"(setpoint {laser.get('setpoint_mw', 0):.1f} mW)  temp {laser.get('temp_c')} C",
+        f"safety       key {'on' if s.get('key') else 'OFF'}, interlock {s.get('interlock')}, "
+        f"foot switch {'held' if s.get('footswitch') else 'released'}, indicator {'on' if s.get('indicator') else 'off'}",
+        f"filter       {filt.get('position')} ({filt.get('name')}){' moving' if filt.get('moving') else ''}",
+        f"camera       {'streaming' if cam.get('streaming') else 'idle'} {cam.get('fps', 0)} fps, "
+        f"{cam.get('exposure_us')} us, gain {cam.get('gain')}, {cam.get('width')}x{cam.get('height')}",
+        f"acquisition  {s.get('acquisition')}   case {s.get('case') or '-'}   profile {s.get('profile')}",
+    ]
+    for f in s.get("faults", []):
+        lines.append(f"FAULT        {f.get('code')}: {f.get('message')}")
+    return "\n".join(lines)
+
+
+def watch(client: CartClient, seconds: float, as_json: bool, out=sys.stdout) -> int:
+    """A live view: redraws on each status, shows the latest result's SBR."""
+    client.subscribe("status", "result", "event")
+    last_result: dict | None = None
+    status: dict | None = None
+    end = time.monotonic() + seconds if seconds > 0 else None
+    silent_since = time.monotonic()
+    try:
+        while end is None or time.monotonic() < end:
+            got = client.receive(0.5)
+            if got is None:
+                if time.monotonic() - silent_since > 3.0:
+                    print("(no telemetry from the cart for 3 s: is it running?)", file=out, flush=True)
+                    silent_since = time.monotonic()
+                continue
+            silent_since = time.monotonic()
+            topic, msg, _ = got
+            if as_json:
+                print(json.dumps({"topic": topic, **msg}, default=str), file=out, flush=True)
+                continue
+            if topic == "result":
+                last_result = msg
+                continue
+            if topic == "event":
+                print(f"event: {msg.get('kind')} {json.dumps({k: v for k, v in msg.items() if k not in ('seq', 't_ns', 'kind')})}",
+                      file=out, flush=True)
+                continue
+            status = msg
+            sbr = "-"
+            if last_result:
+                v = last_result.get("sbr")
+                call = "POSITIVE" if last_result.get("positive") else "negative"
+                sbr = (f"{v:.2f} ({call}, threshold {last_result.get('threshold')})" if v is not None else "undefined") \
+                    + ("" if last_result.get("valid") else f" NOT VALID: {', '.join(last_result.get('flags', []))}")
+            if out.isatty():
+                out.write("\x1b[H\x1b[2J")
+            print(format_status(status), file=out)
+            print(f"SBR          {sbr}", file=out)
+            print("-" * 60, file=out, flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def keys_command(args, cfg) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
+    if args.action == "init":
+        keys_mod.ensure_sim_keys(state_dir)
+        print(f"keys ready in {state_dir / 'keys'}")
+    elif args.action == "create":
+        public, secret = keys_mod.create_keypair(Path(args.out), args.name)
+        print(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it private)\n"
+              f"On the cart: nirfctl keys authorise {public.name} --role operator|observer")
+    elif args.action == "authorise":
+        dest = keys_mod.authorise(state_dir, Path(args.public_key), args.role, args.name)
+        print(f"authorised as {args.role}: {dest} (the cart picks it up within a few seconds)")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        if args.command == "keys":
+            return keys_command(args, cfg)
+        client = _client(args, cfg)
+    except NirfError as err:
+        print(f"nirfctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "watch":
+            return watch(client, args.seconds, args.json)
+        cmd, cmd_args = _request_for(args)
+        try:
+            result = client.call(cmd, cmd_args, timeout_s=args.timeout)
+        except CartError as err:
+            if args.json:
+                print(json.dumps({"ok": False, "error": {"code": err.code, "message": err.message}}))
+            else:
+                print(f"refused: {err.code}: {err.message}", file=sys.stderr)
+            return EXIT_REFUSED
+        except DeviceTimeout:
+            msg = f"no answer from the cart at {client.control} within {args.timeout} s (is it running? right endpoint and keys?)"
+            if args.json:
+                print(json.dumps({"ok": False, "error": {"code": "TIMEOUT", "message": msg}}))
+            else:
+                print(f"nirfctl: {msg}", file=sys.stderr)
+            return EXIT_NO_ANSWER
+        _print_result(cmd, result, args.json)
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""``make run``: start the simulated cart in the foreground.
+
+Starts the simulated hardware, the controller and the processing service as child
+processes, creates the keys on first start, waits until the cart publishes its first
+``status`` and prints how to reach it. Ctrl-C (or SIGTERM) stops every process it started;
+if one of them dies, the others are stopped too and the exit status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import config as config_mod
+from hal.errors import NirfError
+from services import keys as keys_mod
+
+log = logging.getLogger("nirf.launcher")
+
+IPC_PATH_LIMIT = 100  # Unix socket paths are limited to 107 bytes
+
+
+def runtime_dir_for(cfg) -> Path:
+    """The configured runtime folder, or a short temporary one when socket paths under it
+    would be too long."""
+    rd = cfg.runtime_dir()
+    if len(str(rd / "frames.ipc")) > IPC_PATH_LIMIT:
+        rd = Path(tempfile.mkdtemp(prefix="nirf-"))
+        log.info("runtime folder path too long for sockets; using %s", rd)
+    return rd
+
+
+class Launcher:
+    def __init__(self, config: str, *, quiet_children: bool = False):
+        self.config = config
+        self.cfg = config_mod.load(config)
+        if self.cfg.profile != "sim":
+            raise NirfError("the launcher runs the sim profile only; on the cart, systemd starts the services")
+        self.state_dir = self.cfg.state_dir()
+        self.runtime_dir = runtime_dir_for(self.cfg)
+        self.children: dict[str, subprocess.Popen] = {}
+        self.quiet_children = quiet_children
+        self.stopping = False
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["NIRF_STATE_DIR"] = str(self.state_dir)
+        env["NIRF_RUNTIME_DIR"] = str(self.runtime_dir)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def spawn(self, name: str, module: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", module, "--config", self.config, *args]
+        out = subprocess.DEVNULL if self.quiet_children else None
+        self.children[name] = subprocess.Popen(cmd, env=self.env(), stdout=out, stderr=None)
+        log.info("started %s (pid %d)", name, self.children[name].pid)
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        keys_mod.ensure_sim_keys(self.state_dir)
+        try:
+            (self.runtime_dir / "hardware.json").unlink()
+        except FileNotFoundError:
+            pass
+        self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
+        self.spawn("controller", "services.controller_main")
+        self.spawn("processing", "services.processing_main")
+
+    def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
+        from services.client import CartClient
+
+        client = CartClient.from_state_dir(self.state_dir, self.cfg.bus.control_endpoint,
+                                           self.cfg.bus.telemetry_endpoint)
+        try:
+            client.subscribe("status")
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.dead() or should_stop():
+                    return False
+                if client.receive(0.5) is not None:
+                    return True
+            return False
+        finally:
+            client.close()
+
+    def dead(self) -> str | None:
+        for name, p in self.children.items():
+            if p.poll() is not None:
+                return name
+        return None
+
+    def stop(self) -> None:
+        """Stop the services first and the simulated hardware last, so the controller can
+        still turn the laser and the indicator off through it."""
+        self.stopping = True
+        for group in (("processing", "controller"), ("hardware",)):
+            procs = [self.children[n] for n in group if n in self.children]
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + 5.0
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=2.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run the simulated NIRF cart in the foreground (Ctrl-C stops it)")
+    p.add_argument("--profile", default=None, help="profile name (only 'sim' here)")
+    p.add_argument("--config", default=None, help="a TOML configuration file instead of a profile")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s launcher %(levelname)s: %(message)s")
+    try:
+        launcher = Launcher(args.config or args.profile or "sim")
+    except NirfError as err:
+        log.error("%s", err)
+        return 2
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    launcher.start()
+    code = 0
+    try:
+        if launcher.wait_ready(should_stop=lambda: stop["flag"]):
+            b = launcher.cfg.bus
+            print(f"\nThe simulated cart is up.\n"
+                  f"  control:   {b.control_endpoint}\n  telemetry: {b.telemetry_endpoint}\n"
+                  f"  keys:      {launcher.state_dir / 'keys'}\n"
+                  f"Try, in another terminal:  .venv/bin/nirfctl status   or   .venv/bin/nirfctl watch\n"
+                  f"Press Ctrl-C to stop.\n", flush=True)
+        elif not stop["flag"]:
+            log.error("the cart did not publish its status in time (dead: %s)", launcher.dead())
+            code = 1
+            stop["flag"] = True
+        while not stop["flag"]:
+            dead = launcher.dead()
+            if dead:
+                log.error("%s exited with status %s; stopping the cart", dead, launcher.children[dead].returncode)
+                code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        launcher.stop()
+        log.info("stopped")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The processing service: its own process, so a crash in image processing never touches
+laser safety.
+
+It subscribes to laser-on/laser-off pairs from the controller (``frames.ipc``: topic
+``pair``, a msgpack header, then the two raw uint16 frames), runs the pipeline
+(:mod:`services.pipeline`) and pushes one ``result`` per pair, and a false-colour
+``preview`` at a modest rate, back to the controller (``results.ipc``), which publishes
+them on the telemetry endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+import config as config_mod
+from hal.errors import NirfError
+from services import bus as bus_mod
+
+log = logging.getLogger(__name__)
+
+
+class ProcessingService:
+    def __init__(self, cfg, runtime_dir: Path, *, context: zmq.Context | None = None):
+        from services.pipeline import PairProcessor
+
+        self.cfg = cfg
+        self.runtime_dir = Path(runtime_dir)
+        self.ctx = context or zmq.Context()
+        p = cfg.processing
+        cam = cfg.camera
+        self.proc = PairProcessor(cam.width, cam.height, cam.bits, sbr_threshold=p.sbr_threshold,
+                                  saturation_limit=p.saturation_limit, preview_downsample=p.preview_downsample,
+                                  average_pairs=p.average_pairs)
+        self._proc_shape = (cam.height, cam.width, cam.bits)
+        self.preview_period_s = 1.0 / cfg.bus.preview_rate_hz
+        self._next_preview = 0.0
+        self._roi_version = None
+        self.pairs_received = 0
+        self.pairs_missing = 0
+        self._last_seq: int | None = None
+        self.stop_event = threading.Event()
+
+    def connect(self) -> None:
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 4)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"pair")
+        self.sub.connect(f"ipc://{self.runtime_dir / 'frames.ipc'}")
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDHWM, 200)
+        self.push.connect(f"ipc://{self.runtime_dir / 'results.ipc'}")
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            if not self.sub.poll(200):
+                continue
+            frames = self.sub.recv_multipart(copy=False)
+            try:
+                self.handle(frames)
+            except Exception:  # one bad pair must not stop the stream
+                log.exception("pair could not be processed")
+
+    def _ensure_processor(self, width: int, height: int, bits: int) -> None:
+        if self._proc_shape == (height, width, bits):
+            return
+        from services.pipeline import PairProcessor
+
+        p = self.cfg.processing
+        self.proc = PairProcessor(width, height, bits, sbr_threshold=p.sbr_threshold,
+                                  saturation_limit=p.saturation_limit, preview_downsample=p.preview_downsample,
+                                  average_pairs=p.average_pairs)
+        self._proc_shape = (height, width, bits)
+        self._roi_version = None
+
+    def handle(self, frames) -> dict:
+        from services.pipeline import Roi
+
+        header = bus_mod.unpack(frames[1].bytes)
+        m_on, m_off = header["on"], header["off"]
+        h, w = m_on["height"], m_on["width"]
+        on = np.frombuffer(frames[2].buffer, dtype=np.uint16).reshape(h, w)
+        off = np.frombuffer(frames[3].buffer, dtype=np.uint16).reshape(h, w)
+        self._ensure_processor(w, h, m_on["bits"])
+        seq = header["frame_seq"]
+        self.pairs_received += 1
+        if self._last_seq is not None and seq is not None and seq > self._last_seq + 2:
+            self.pairs_missing += (seq - self._last_seq) // 2 - 1
+        self._last_seq = seq
+
+        if header["roi_version"] != self._roi_version:
+            roi = header["roi"]
+            if roi == "auto":
+                from services.roi import auto_rois
+
+                try:
+                    signal_roi, background_roi = auto_rois((on, off), w, h)
+                except NirfError as err:
+                    log.warning("automatic ROI failed: %s", err)
+                    signal_roi = background_roi = None
+            else:
+                signal_roi, background_roi = Roi(*roi["signal"]), Roi(*roi["background"])
+            if signal_roi is not None:
+                self.proc.set_rois(signal_roi, background_roi)
+                self._roi_version = header["roi_version"]
+        meta_on = dict(m_on, frame_seq=seq)
+        meta_off = dict(m_off, frame_seq=seq)
+        result = self.proc.process(on, off, meta_on, meta_off)
+        result["t_done_ns"] = time.time_ns()
+        result["pairs_received"] = self.pairs_received
+        result["pairs_missing"] = self.pairs_missing
+        self.push.send_multipart([b"result", bus_mod.pack(result)])
+        now = time.monotonic()
+        if now >= self._next_preview:
+            self._next_preview = now + self.preview_period_s
+            pw, ph, rgb = self.proc.preview(on, off)
+            self.push.send_multipart([b"preview", bus_mod.pack({"width": pw, "height": ph, "format": "rgb8",
+                                                                "frame_seq": seq}), rgb])
+        return result
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="NIRF fluorescence processing service")
+    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s processing %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_mod.load(args.config)
+    except NirfError as err:
+        log.error("cannot start: %s", err)
+        return 2
+    svc = ProcessingService(cfg, cfg.runtime_dir())
+    svc.connect()
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    log.info("processing ready")
+    try:
+        svc.serve()
+    finally:
+        svc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The world as seen from the controller's process: a mirror kept up to date from the
+hardware process (:mod:`sim.hardware`), implementing :class:`sim.worldview.WorldView`.
+
+A subscriber thread follows the hardware process's ``world.pub`` messages (laser output
+changes with their exact times, camera triggers, inputs, the scene); requests (outputs,
+``sim.set``, port unplug/replug) go over ``world.ctl`` with a timeout, the socket being
+recreated after a timeout so one lost reply never wedges it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import msgpack
+import zmq
+
+from hal.errors import DeviceTimeout, InvalidArgument, NirfError
+from sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_steps
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 2.0
+
+
+def scene_to_dict(s: SceneSnapshot) -> dict:
+    return {
+        "version": s.version, "phantom": s.phantom.to_dict(), "ambient_e_per_ms": s.ambient_e_per_ms,
+        "illumination": s.illumination, "laser_leak": s.laser_leak, "filter_position": s.filter_position,
+        "filter_moving": s.filter_moving, "seed": s.seed, "camera_stall": s.camera_stall,
+        "white_light": s.white_light, "k_fluo": s.k_fluo,
+        "filters": [[k, list(v)] for k, v in sorted(s.filters.items())],
+    }
+
+
+def scene_from_dict(d: dict) -> SceneSnapshot:
+    return SceneSnapshot(
+        version=int(d["version"]), phantom=Phantom.from_dict(d["phantom"]),
+        ambient_e_per_ms=float(d["ambient_e_per_ms"]), illumination=d["illumination"],
+        laser_leak=float(d["laser_leak"]), filter_position=int(d["filter_position"]),
+        filter_moving=bool(d["filter_moving"]), seed=int(d["seed"]), camera_stall=bool(d["camera_stall"]),
+        white_light=bool(d["white_light"]), k_fluo=float(d["k_fluo"]),
+        filters={int(k): tuple(v) for k, v in d["filters"]},
+    )
+
+
+class RemoteWorldView:
+    """A :class:`~sim.worldview.WorldView` over the hardware process's sockets."""
+
+    def __init__(self, pub_endpoint: str, ctl_endpoint: str, sensor: SensorModel, *, context=None):
+        self.sensor = sensor
+        self.ctx = context or zmq.Context.instance()
+        self.ctl_endpoint = ctl_endpoint
+        self._req_lock = threading.Lock()
+        self._req: zmq.Socket | None = None
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._triggers: collections.deque[Trigger] = collections.deque(maxlen=256)
+        self._laser: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        self._input_listeners = []
+        self._stop = threading.Event()
+        self.values: dict = {}
+        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 100000)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(pub_endpoint)
+        # Subscribe first, then take a snapshot, so nothing falls between the two.
+        snap = self.request({"op": "get"})
+        self._scene = scene_from_dict(snap["scene"])
+        self._inputs = dict(snap["inputs"])
+        self._laser.extend((int(t), float(mw)) for t, mw in snap["laser"])
+        self.values = snap["values"]
+        self._thread = threading.Thread(target=self._follow, name="world-follow", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- requests
+    def request(self, req: dict, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+        with self._req_lock:
+            if self._req is None:
+                self._req = self.ctx.socket(zmq.REQ)
+                self._req.setsockopt(zmq.LINGER, 0)
+                self._req.connect(self.ctl_endpoint)
+            self._req.send(msgpack.packb(req, use_bin_type=True))
+            if not self._req.poll(int(timeout_s * 1000)):
+                self._req.close(linger=0)
+                self._req = None
+                raise DeviceTimeout("sim-hardware", f"no answer to {req.get('op')!r} within {timeout_s} s")
+            reply = msgpack.unpackb(self._req.recv(), raw=False, strict_map_key=False)
+        if not reply.get("ok"):
+            if reply.get("code") == "INVALID_ARGUMENT":
+                raise InvalidArgument(reply.get("error", "invalid"))
+            raise NirfError(reply.get("error", "simulated hardware refused the request"))
+        return reply
+
+    def sim_set(self, changes: dict) -> dict:
+        return self.request({"op": "set", "changes": changes})["values"]
+
+    def port(self, op: str, port: str) -> None:
+        self.request({"op": op, "port": port})
+
+    # -------------------------------------------------------------- WorldView
+    def inputs(self) -> dict:
+        with self._lock:
+            return dict(self._inputs)
+
+    def add_input_listener(self, listener) -> None:
+        self._input_listeners.append(listener)
+
+    def set_output(self, name: str, value: bool) -> None:
+        self.request({"op": "output", "name": name, "value": bool(value)})
+
+    def scene(self) -> SceneSnapshot:
+        with self._lock:
+            return self._scene
+
+    def laser_mean_mw(self, t0_ns: int, t1_ns: int) -> float:
+        with self._lock:
+            events = list(self._laser)
+        if not events:
+            return 0.0
+        return mean_of_steps(events, t0_ns, t1_ns)
+
+    def wait_trigger(self, timeout_s: float) -> Trigger | None:
+        with self._cond:
+            if not self._triggers:
+                self._cond.wait(timeout_s)
+            return self._triggers.popleft() if self._triggers else None
+
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    # -------------------------------------------------------------- following
+    def _follow(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                kind, data = self._sub.recv_multipart()
+                msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                self._on(kind.decode(), msg)
+        finally:
+            self._sub.close(linger=0)
+
+    def _on(self, kind: str, msg: dict) -> None:
+        if kind == "laser":
+            with self._lock:
+                t = int(msg["t_ns"])
+                # keep change points sorted; a late duplicate of a known point is dropped
+                if not self._laser or t >= self._laser[-1][0]:
+                    self._laser.append((t, float(msg["mw"])))
+        elif kind == "trigger":
+            with self._cond:
+                self._triggers.append(Trigger(int(msg["counter"]), int(msg["t_start_ns"]), bool(msg["lit"])))
+                self._cond.notify_all()
+        elif kind == "inputs":
+            with self._lock:
+                changed = msg != self._inputs
+                self._inputs = dict(msg)
+            if changed:
+                for listener in list(self._input_listeners):
+                    try:
+                        listener(dict(msg))
+                    except Exception:
+                        log.exception("input listener failed")
+        elif kind == "scene":
+            scene = scene_from_dict(msg)
+            with self._lock:
+                if scene.version != self._scene.version:
+                    self._scene = scene
+        elif kind == "values":
+            self.values = msg

@@ -1,0 +1,113 @@
+"""Validation of the ``sim.set`` command's arguments (SIM.md), in one place.
+
+Every argument is optional; what is given replaces the current value. Anything unknown,
+of the wrong type or out of range is refused with :class:`~hal.errors.InvalidArgument`
+naming the argument, the value and what is allowed; nothing is applied then.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hal.errors import InvalidArgument
+
+MAX_INCLUSIONS = 32
+FAULT_KEYS = ("camera_stall", "serial_corruption", "mcu_overtemp", "wheel_stuck", "photodiode_gain")
+
+
+def _num(name: str, v, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidArgument(f"sim.set {name}: {v!r} is not a finite number")
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"sim.set {name}: {v!r} outside {lo}-{hi}")
+    return float(v)
+
+
+def _bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"sim.set {name}: {v!r} is not true or false")
+    return v
+
+
+def validate(args, width: int = 1456, height: int = 1088) -> dict:
+    """Return a normalised copy of ``args`` or raise InvalidArgument."""
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"sim.set: arguments must be a map, got {type(args).__name__}")
+    out: dict = {}
+    for key, v in args.items():
+        if key == "interlock":
+            if v not in ("open", "closed"):
+                raise InvalidArgument(f"sim.set interlock: {v!r}, allowed 'open' or 'closed'")
+            out[key] = v
+        elif key in ("key", "footswitch"):
+            out[key] = _bool(key, v)
+        elif key == "ambient_e_per_ms":
+            out[key] = _num(key, v, 0.0, 1e5)
+        elif key == "laser_leak":
+            out[key] = _num(key, v, 0.0, 1e3)
+        elif key == "seed":
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+                raise InvalidArgument(f"sim.set seed: {v!r}, allowed a whole number 0 to 2**63-1")
+            out[key] = v
+        elif key == "illumination":
+            if v == "uniform":
+                out[key] = "uniform"
+            elif isinstance(v, dict) and set(v) == {"gaussian_sigma_frac"}:
+                out[key] = {"gaussian_sigma_frac": _num("illumination.gaussian_sigma_frac",
+                                                        v["gaussian_sigma_frac"], 0.01, 10.0)}
+            else:
+                raise InvalidArgument(f"sim.set illumination: {v!r}, allowed 'uniform' or "
+                                      "{'gaussian_sigma_frac': number}")
+        elif key == "phantom":
+            out[key] = _phantom(v, width, height)
+        elif key == "fault":
+            out[key] = _fault(v)
+        else:
+            raise InvalidArgument(
+                f"sim.set: unknown argument {key!r}; known: interlock, key, footswitch, ambient_e_per_ms, "
+                "illumination, laser_leak, phantom, fault, seed")
+    return out
+
+
+def _phantom(v, width: int, height: int) -> dict:
+    if not isinstance(v, dict):
+        raise InvalidArgument(f"sim.set phantom: {v!r} is not a map")
+    unknown = set(v) - {"background_icg_nM", "autofluorescence_nM", "inclusions"}
+    if unknown:
+        raise InvalidArgument(f"sim.set phantom: unknown key {sorted(unknown)[0]!r}; known: "
+                              "background_icg_nM, autofluorescence_nM, inclusions")
+    out = {
+        "background_icg_nM": _num("phantom.background_icg_nM", v.get("background_icg_nM", 50.0), 0.0, 1e5),
+        "autofluorescence_nM": _num("phantom.autofluorescence_nM", v.get("autofluorescence_nM", 0.0), 0.0, 1e5),
+        "inclusions": [],
+    }
+    incl = v.get("inclusions", [])
+    if not isinstance(incl, list) or len(incl) > MAX_INCLUSIONS:
+        raise InvalidArgument(f"sim.set phantom.inclusions: a list of at most {MAX_INCLUSIONS} maps")
+    size = max(width, height)
+    for i, inc in enumerate(incl):
+        if not isinstance(inc, dict) or set(inc) != {"x", "y", "radius", "icg_nM"}:
+            raise InvalidArgument(f"sim.set phantom.inclusions[{i}]: {inc!r}, need exactly x, y, radius, icg_nM")
+        out["inclusions"].append({
+            "x": _num(f"phantom.inclusions[{i}].x", inc["x"], -size, 2 * size),
+            "y": _num(f"phantom.inclusions[{i}].y", inc["y"], -size, 2 * size),
+            "radius": _num(f"phantom.inclusions[{i}].radius", inc["radius"], 0.0, 2 * size),
+            "icg_nM": _num(f"phantom.inclusions[{i}].icg_nM", inc["icg_nM"], 0.0, 1e5),
+        })
+    return out
+
+
+def _fault(v) -> dict:
+    if not isinstance(v, dict):
+        raise InvalidArgument(f"sim.set fault: {v!r} is not a map")
+    out = {}
+    for k, x in v.items():
+        if k in ("camera_stall", "mcu_overtemp", "wheel_stuck"):
+            out[k] = _bool(f"fault.{k}", x)
+        elif k == "serial_corruption":
+            out[k] = _num("fault.serial_corruption", x, 0.0, 1.0)
+        elif k == "photodiode_gain":
+            out[k] = _num("fault.photodiode_gain", x, 0.0, 10.0)
+        else:
+            raise InvalidArgument(f"sim.set fault: unknown fault {k!r}; known: {', '.join(FAULT_KEYS)}")
+    return out

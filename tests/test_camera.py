@@ -1,0 +1,598 @@
+"""The camera driver (drivers.camera.PiCamera) against the picamera2 stand-in
+(sim.picamera2_standin), the stand-in itself, and the driver's error paths with fakes.
+
+The world, the stand-in and the driver share one ManualClock: the test sets the laser and
+triggers exposures at explicit times, and the stand-in's waits advance the clock, so
+nothing depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from drivers.camera import PiCamera, imx296_trigger_hook, picamera2_factory
+from hal.camera import CameraSettings
+from hal.clock import ManualClock
+from hal.errors import CameraStall, DeviceError, InvalidArgument, WrongState
+from sim.picamera2_standin import Picamera2StandIn, Platform
+from sim.world import SensorModel, World
+from sim.worldview import LocalWorldView
+
+WIDTH, HEIGHT = 72, 48  # 144-byte rows: the stand-in pads them to 192
+EXPOSURE_US = 10_000
+BLACK = 16
+
+
+class FakeRenderer:
+    """Encodes what it was asked for in the frame: every pixel is black + round(laser_mw),
+    except pixel (0, 0), which is at full scale (to check bit alignment)."""
+
+    def __init__(self, sensor: SensorModel):
+        self.sensor = sensor
+        self.calls: list[tuple[float, int, float]] = []
+
+    def render(self, scene, laser_mw, exposure_us, gain, out=None):
+        self.calls.append((laser_mw, exposure_us, gain))
+        value = min(BLACK + int(round(laser_mw)), (1 << self.sensor.bits) - 1)
+        frame = np.full((self.sensor.height, self.sensor.width), value, dtype=np.uint16)
+        frame[0, 0] = (1 << self.sensor.bits) - 1
+        return frame
+
+
+class Rig:
+    """World + view + stand-in factory + driver on one manual clock."""
+
+    def __init__(self, *, pi5=False, mono=True, hide_platform=False, **driver_kwargs):
+        self.clock = ManualClock()
+        self.sensor = SensorModel(width=WIDTH, height=HEIGHT)
+        self.world = World(self.clock, self.sensor)
+        self.view = LocalWorldView(self.world)
+        self.renderer = FakeRenderer(self.sensor)
+        self.cameras: list[Picamera2StandIn] = []
+        self._pi5 = pi5
+        self._mono = mono
+        self._hide_platform = hide_platform
+        driver_kwargs.setdefault("stall_timeout_s", 0.3)
+        self.driver = PiCamera(self.factory, clock=self.clock, **driver_kwargs)
+
+    def factory(self) -> Picamera2StandIn:
+        cam = Picamera2StandIn(self.view, renderer=self.renderer, clock=self.clock,
+                               left_aligned=self._pi5, mono=self._mono)
+        if self._hide_platform:
+            cam.platform = None
+        self.cameras.append(cam)
+        return cam
+
+    @property
+    def camera(self) -> Picamera2StandIn:
+        return self.cameras[-1]
+
+    def start(self, exposure_us=EXPOSURE_US, gain=2.0):
+        self.driver.configure(CameraSettings(exposure_us=exposure_us, gain=gain,
+                                             width=WIDTH, height=HEIGHT))
+        self.driver.start()
+
+    def expose(self, counter: int, *, laser_mw: float = 0.0, off_after_us: int | None = None,
+               lit: bool = True) -> int:
+        """Trigger one exposure 1 ms from now with the laser at ``laser_mw`` from its start
+        (off again after ``off_after_us`` if given). Returns the exposure start (wall ns)."""
+        t0 = self.clock.time_ns() + 1_000_000
+        self.world.set_laser_drive(laser_mw, t0)
+        if off_after_us is not None:
+            self.world.set_laser_drive(0.0, t0 + off_after_us * 1000)
+        self.world.trigger(counter, t0, lit)
+        return t0
+
+    def close(self):
+        self.driver.close()
+        for cam in self.cameras:
+            cam.close()
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def wait_for(predicate, timeout_s=5.0):
+    """Wait (real time, bounded) for a condition another thread makes true."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+# -- frames and metadata -----------------------------------------------------------------
+
+
+def test_frame_arrives_with_metadata_and_is_released(rig):
+    rig.start(exposure_us=EXPOSURE_US, gain=2.0)
+    t0 = rig.expose(0, laser_mw=100.0)
+    frame = rig.driver.capture(timeout_s=2.0)
+
+    assert frame.data.dtype == np.uint16
+    assert frame.data.shape == (HEIGHT, WIDTH)
+    assert frame.meta.seq == 0
+    assert frame.meta.exposure_us == EXPOSURE_US
+    assert frame.meta.gain == pytest.approx(2.0)
+    assert (frame.meta.width, frame.meta.height) == (WIDTH, HEIGHT)
+    assert frame.meta.frame_duration_us > 0
+    # The renderer saw the exposure and gain set through the driver, and a fully lit frame.
+    assert rig.renderer.calls[-1] == (pytest.approx(100.0), EXPOSURE_US, pytest.approx(2.0))
+    assert int(frame.data[HEIGHT // 2, WIDTH // 2]) == BLACK + 100
+    # Copied out and handed back: the camera holds no request for us.
+    assert rig.camera.outstanding_requests == 0
+    # Manual exposure, set before start.
+    assert rig.camera.camera_configuration()["controls"]["AeEnable"] is False
+    assert t0 <= frame.meta.t_end_ns
+
+
+def test_sequence_numbers_and_frame_duration(rig):
+    rig.start()
+    starts = []
+    frames = []
+    for n in range(3):
+        starts.append(rig.expose(n, laser_mw=10.0 * n))
+        frames.append(rig.driver.capture(timeout_s=2.0))
+    assert [f.meta.seq for f in frames] == [0, 1, 2]
+    assert [int(f.data[5, 5]) for f in frames] == [BLACK, BLACK + 10, BLACK + 20]
+    # FrameDuration is the trigger period.
+    assert frames[2].meta.frame_duration_us == (starts[2] - starts[1]) // 1000
+
+
+def test_times_are_converted_to_wall_clock(rig):
+    rig.start()
+    t0 = rig.expose(0, laser_mw=5.0)
+    frame = rig.driver.capture(timeout_s=2.0)
+    meta = frame.meta
+    # The exposure window comes back on the wall clock the trigger was given on.
+    assert abs(meta.t_start_ns - t0) < 10_000
+    assert meta.t_end_ns - meta.t_start_ns == EXPOSURE_US * 1000
+    assert meta.t_end_ns <= rig.clock.time_ns()
+    # The sensor's own timestamp is on the monotonic clock, far from the wall clock.
+    mono_end_ns = meta.t_end_ns - (rig.clock.time_ns() - int(rig.clock.monotonic() * 1e9))
+    assert abs(meta.sensor_timestamp_ns - mono_end_ns) < 10_000
+    assert abs(meta.sensor_timestamp_ns - meta.t_end_ns) > 10**15
+
+
+def test_wall_clock_conversion_with_the_system_clock():
+    """Real clocks: the wall time of the exposure survives the trip through the sensor's
+    monotonic timestamps (to well within a frame)."""
+    from hal.clock import SystemClock
+
+    clock = SystemClock()
+    sensor = SensorModel(width=WIDTH, height=HEIGHT)
+    world = World(clock, sensor)
+    view = LocalWorldView(world)
+    cams = []
+
+    def factory():
+        cams.append(Picamera2StandIn(view, renderer=FakeRenderer(sensor), clock=clock))
+        return cams[-1]
+
+    driver = PiCamera(factory, clock=clock, stall_timeout_s=5.0)
+    try:
+        driver.configure(CameraSettings(exposure_us=1000, width=WIDTH, height=HEIGHT))
+        driver.start()
+        t0 = time.time_ns()
+        world.trigger(0, t0, False)
+        frame = driver.capture()
+        assert abs(frame.meta.t_start_ns - t0) < 20_000_000
+        assert frame.meta.t_end_ns - frame.meta.t_start_ns == 1_000_000
+        age_ns = time.time_ns() - frame.meta.t_end_ns
+        assert abs(frame.meta.sensor_timestamp_ns - (time.monotonic_ns() - age_ns)) < 20_000_000
+    finally:
+        driver.close()
+
+
+def test_half_lit_exposure_gives_half_the_mean_power(rig):
+    rig.start(exposure_us=EXPOSURE_US)
+    rig.expose(0, laser_mw=200.0, off_after_us=EXPOSURE_US // 2)
+    frame = rig.driver.capture(timeout_s=2.0)
+    assert rig.renderer.calls[-1][0] == pytest.approx(100.0, rel=1e-6)
+    assert int(frame.data[10, 10]) == BLACK + 100
+
+
+def test_laser_after_the_window_does_not_leak_in(rig):
+    rig.start(exposure_us=EXPOSURE_US)
+    t0 = rig.clock.time_ns() + 1_000_000
+    rig.world.set_laser_drive(0.0, t0)
+    # The laser comes on 1 ms after the exposure ended (but before the margin ran out).
+    rig.world.set_laser_drive(300.0, t0 + EXPOSURE_US * 1000 + 1_000_000)
+    rig.world.trigger(0, t0, False)
+    frame = rig.driver.capture(timeout_s=2.0)
+    assert rig.renderer.calls[-1][0] == pytest.approx(0.0)
+    assert int(frame.data[10, 10]) == BLACK
+
+
+# -- bit alignment -----------------------------------------------------------------------
+
+
+def test_left_aligned_raw_is_undone_from_the_platform():
+    r = Rig(pi5=True)
+    try:
+        r.start()
+        assert r.camera.platform is Platform.PISP
+        r.expose(0, laser_mw=50.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert r.driver.left_aligned
+        assert int(frame.data.max()) <= frame.full_scale == 1023
+        assert int(frame.data[0, 0]) == 1023
+        assert int(frame.data[7, 7]) == BLACK + 50
+    finally:
+        r.close()
+
+
+def test_stand_in_delivers_left_aligned_bytes_with_padded_stride():
+    r = Rig(pi5=True)
+    try:
+        r.start()
+        r.expose(0, laser_mw=50.0)
+        assert wait_for(lambda: r.camera.frames_completed >= 1)
+        with r.camera.captured_request(wait=1.0) as request:
+            raw = request.make_array("raw")
+        assert raw.dtype == np.uint8
+        assert raw.shape[0] == HEIGHT and raw.shape[1] > 2 * WIDTH  # padded rows
+        pixels = raw.view("<u2")[:, :WIDTH]
+        assert int(pixels[0, 0]) == 1023 << 6 == 65472
+        assert r.camera.outstanding_requests == 0
+        r.driver.stop()
+    finally:
+        r.close()
+
+
+def test_alignment_found_from_the_data_when_the_platform_is_unknown():
+    r = Rig(pi5=True, hide_platform=True)
+    try:
+        r.start()
+        r.expose(0, laser_mw=30.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert r.driver.left_aligned
+        assert int(frame.data.max()) <= 1023
+        assert int(frame.data[3, 3]) == BLACK + 30
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("pi5", [False, True])
+def test_forced_alignment_is_obeyed(pi5):
+    r = Rig(pi5=pi5, hide_platform=True, left_aligned=pi5)
+    try:
+        r.start()
+        r.expose(0, laser_mw=40.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert r.driver.left_aligned is pi5
+        assert int(frame.data[3, 3]) == BLACK + 40
+        assert int(frame.data[0, 0]) == 1023
+    finally:
+        r.close()
+
+
+# -- stall and restart -------------------------------------------------------------------
+
+
+def test_stall_raises_camera_stall_then_restart_recovers(rig):
+    rig.start()
+    rig.expose(0, laser_mw=20.0)
+    assert rig.driver.capture(timeout_s=2.0).meta.seq == 0
+
+    rig.world.apply({"fault": {"camera_stall": True}})
+    rig.expose(1, laser_mw=20.0)
+    before = rig.clock.monotonic()
+    with pytest.raises(CameraStall) as info:
+        rig.driver.capture()  # the driver's stall timeout (0.3 s)
+    assert info.value.device == "camera"
+    assert "0.3" in str(info.value)
+    waited = rig.clock.monotonic() - before
+    assert 0.3 - 1e-6 <= waited < 2.0
+    # The stand-in has seen (and swallowed) that trigger before the fault is lifted.
+    assert wait_for(lambda: rig.camera.triggers_swallowed >= 1)
+
+    # Lifting the fault is not enough: the stalled camera stays silent until restarted.
+    rig.world.apply({"fault": {"camera_stall": False}})
+    rig.expose(2, laser_mw=20.0)
+    with pytest.raises(CameraStall):
+        rig.driver.capture()
+
+    stalled = rig.camera
+    rig.driver.restart()
+    assert len(rig.cameras) == 2 and not stalled.is_open
+    assert rig.driver.streaming
+    rig.expose(3, laser_mw=70.0)
+    frame = rig.driver.capture(timeout_s=2.0)
+    assert frame.meta.seq == 0  # a new stream
+    assert int(frame.data[4, 4]) == BLACK + 70
+    assert frame.meta.exposure_us == EXPOSURE_US  # settings carried over
+
+
+# -- state checks ------------------------------------------------------------------------
+
+
+def test_configure_after_start_is_refused(rig):
+    rig.start(exposure_us=EXPOSURE_US)
+    with pytest.raises(WrongState, match="stop"):
+        rig.driver.configure(CameraSettings(exposure_us=20_000, width=WIDTH, height=HEIGHT))
+    assert rig.driver.settings.exposure_us == EXPOSURE_US
+    rig.driver.stop()
+    applied = rig.driver.configure(CameraSettings(exposure_us=20_000, width=WIDTH, height=HEIGHT))
+    assert applied.exposure_us == 20_000
+
+
+def test_capture_before_start_is_refused(rig):
+    with pytest.raises(WrongState):
+        rig.driver.capture(timeout_s=0.1)
+
+
+def test_configure_takes_the_sensor_size(rig):
+    applied = rig.driver.configure(CameraSettings(width=1456, height=1088))
+    assert (applied.width, applied.height) == (WIDTH, HEIGHT)
+
+
+def test_bad_settings_are_refused(rig):
+    with pytest.raises(InvalidArgument):
+        rig.driver.configure(CameraSettings(exposure_us=5))
+    with pytest.raises(InvalidArgument):
+        rig.driver.configure(CameraSettings(gain=40.0))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"raw_format": "R10_CSI2P"},
+    {"raw_format": "SRGGB10_PISP_COMP1"},
+    {"raw_format": "R12"},  # depth differs from bits=10
+    {"raw_format": "R8", "colour": True},
+    {"stall_timeout_s": 0.0},
+    {"bits": 20},
+    {"bits": 16, "colour": True},
+])
+def test_bad_constructor_arguments_are_refused(kwargs):
+    with pytest.raises(InvalidArgument):
+        PiCamera(lambda: None, **kwargs)
+
+
+def test_colour_asks_for_a_bayer_format():
+    assert PiCamera(lambda: None, colour=True).raw_format == "SRGGB10"
+    assert PiCamera(lambda: None, raw_format=None, bits=12).raw_format == "R12"
+
+
+def test_colour_binning_halves_the_size():
+    r = Rig(mono=False, colour=True, raw_format="SRGGB10")
+    try:
+        r.start()
+        r.expose(0, laser_mw=25.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert frame.data.shape == (HEIGHT // 2, WIDTH // 2)
+        assert (frame.meta.width, frame.meta.height) == (WIDTH // 2, HEIGHT // 2)
+        assert int(frame.data[5, 5]) == 4 * (BLACK + 25)
+        assert frame.meta.bits == 12 and frame.meta.black_level == 4 * BLACK
+        assert int(frame.data.max()) <= frame.full_scale
+    finally:
+        r.close()
+
+
+def test_external_trigger_hook_is_called_on_start_and_close():
+    calls = []
+    r = Rig(external_trigger=calls.append)
+    try:
+        r.start()
+        assert calls == [True]
+        r.driver.stop()
+        r.driver.start()
+        assert calls == [True, True]
+    finally:
+        r.close()
+    assert calls[-1] is False
+
+
+def test_imx296_trigger_hook_writes_the_parameter(tmp_path):
+    param = tmp_path / "trigger_mode"
+    hook = imx296_trigger_hook(param)
+    hook(True)
+    assert param.read_text() == "1"
+    hook(False)
+    assert param.read_text() == "0"
+    broken = imx296_trigger_hook(tmp_path / "missing" / "trigger_mode")
+    with pytest.raises(DeviceError, match="trigger"):
+        broken(True)
+
+
+# -- the stand-in's buffers --------------------------------------------------------------
+
+
+def test_uncollected_frames_drop_the_oldest(rig):
+    rig.start()
+    for n in range(6):
+        rig.expose(n, laser_mw=float(n))
+        # Let the sensor finish this exposure before the next one starts.
+        assert wait_for(lambda n=n: rig.camera.frames_completed >= n + 1)
+    cam = rig.camera
+    buffers = cam.camera_configuration()["buffer_count"]
+    assert cam.frames_dropped == 6 - buffers
+    values = [int(rig.driver.capture(timeout_s=1.0).data[2, 2]) - BLACK for _ in range(buffers)]
+    assert values == list(range(6 - buffers, 6))
+
+
+def test_stand_in_bounded_wait_times_out(rig):
+    rig.start()
+    with pytest.raises(TimeoutError):
+        rig.camera.capture_request(wait=0.05)
+    job = rig.camera.capture_request(wait=False)
+    with pytest.raises(TimeoutError):
+        rig.camera.wait(job, timeout=0.05)
+
+
+def test_stand_in_refuses_configure_while_started(rig):
+    rig.start()
+    with pytest.raises(RuntimeError, match="stopped"):
+        rig.camera.configure(rig.camera.create_video_configuration())
+
+
+def test_stand_in_ignores_triggers_from_before_the_stream(rig):
+    rig.world.set_laser_drive(10.0, rig.clock.time_ns())
+    rig.world.trigger(0, rig.clock.time_ns(), True)
+    rig.clock.advance(0.001)
+    rig.start()
+    rig.expose(1, laser_mw=60.0)
+    frame = rig.driver.capture(timeout_s=2.0)
+    assert int(frame.data[1, 1]) == BLACK + 60
+    assert len(rig.renderer.calls) == 1
+
+
+# -- errors from picamera2 ---------------------------------------------------------------
+
+
+class ExplodingCamera:
+    """A Picamera2 look-alike whose chosen method raises like picamera2 does."""
+
+    platform = None
+
+    def __init__(self, fail: str):
+        self.fail = fail
+
+    def _maybe(self, name):
+        if self.fail == name:
+            raise RuntimeError(f"{name} went wrong")
+
+    def create_video_configuration(self, **kwargs):
+        return {"raw": dict(kwargs["raw"]), "controls": kwargs.get("controls", {})}
+
+    def configure(self, config):
+        self._maybe("configure")
+        self.config = config
+
+    def set_controls(self, controls):
+        self._maybe("set_controls")
+
+    def camera_configuration(self):
+        if self.fail == "compressed":
+            return {"raw": {"format": "R16_PISP_COMP1", "size": (WIDTH, HEIGHT)}}
+        return self.config
+
+    def start(self):
+        self._maybe("start")
+
+    def stop(self):
+        self._maybe("stop")
+
+    def close(self):
+        pass
+
+    def capture_request(self, wait=None):
+        self._maybe("capture_request")
+        raise TimeoutError("nothing")
+
+
+@pytest.mark.parametrize("fail", ["configure", "set_controls", "compressed"])
+def test_configure_errors_become_device_errors(fail):
+    cam = PiCamera(lambda: ExplodingCamera(fail), clock=ManualClock())
+    with pytest.raises(DeviceError) as info:
+        cam.configure(CameraSettings(width=WIDTH, height=HEIGHT))
+    assert info.value.device == "camera"
+    if fail != "compressed":
+        assert isinstance(info.value.__cause__, RuntimeError)
+    else:
+        assert "R16_PISP_COMP1" in str(info.value)
+
+
+def test_start_and_capture_errors_become_device_errors():
+    cam = PiCamera(lambda: ExplodingCamera("start"), clock=ManualClock())
+    cam.configure(CameraSettings(width=WIDTH, height=HEIGHT))
+    with pytest.raises(DeviceError, match="start"):
+        cam.start()
+    assert not cam.streaming
+
+    cam = PiCamera(lambda: ExplodingCamera("capture_request"), clock=ManualClock())
+    cam.start()
+    with pytest.raises(DeviceError, match="capture") as info:
+        cam.capture(timeout_s=0.1)
+    assert not isinstance(info.value, CameraStall)
+
+    cam = PiCamera(lambda: ExplodingCamera("none"), clock=ManualClock())
+    cam.start()
+    with pytest.raises(CameraStall):
+        cam.capture(timeout_s=0.1)
+
+
+def test_factory_errors_become_device_errors():
+    def broken_factory():
+        raise OSError("no camera on the CSI port")
+
+    cam = PiCamera(broken_factory, clock=ManualClock())
+    with pytest.raises(DeviceError, match="CSI"):
+        cam.start()
+
+
+# -- imports -----------------------------------------------------------------------------
+
+
+def test_driver_module_does_not_import_picamera2():
+    code = (
+        "import sys\n"
+        "sys.modules['picamera2'] = None  # any import attempt would fail\n"
+        "import drivers.camera\n"
+        "assert 'picamera2' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_picamera2_factory_off_a_pi_raises_a_device_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "picamera2", None)
+    with pytest.raises(DeviceError, match="picamera2"):
+        picamera2_factory(0)
+    # Handed to the driver as the factory, the error surfaces when the camera is opened.
+    cam = PiCamera(picamera2_factory, clock=ManualClock())
+    with pytest.raises(DeviceError, match="picamera2") as info:
+        cam.start()
+    assert info.value.device == "camera"
+
+
+# -- with the real renderer, when it exists ----------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sim.render") is None,
+                    reason="sim.render not written yet")
+def test_real_renderer_frame_through_the_driver():
+    from sim.render import FrameRenderer
+
+    clock = ManualClock()
+    sensor = SensorModel(width=WIDTH, height=HEIGHT)
+    world = World(clock, sensor)
+    view = LocalWorldView(world)
+    cams = []
+
+    def factory():
+        cams.append(Picamera2StandIn(view, renderer=FrameRenderer(sensor, seed=1), clock=clock,
+                                     left_aligned=True))
+        return cams[-1]
+
+    driver = PiCamera(factory, clock=clock, stall_timeout_s=1.0)
+    try:
+        driver.configure(CameraSettings(exposure_us=EXPOSURE_US, width=WIDTH, height=HEIGHT))
+        driver.start()
+        frames = {}
+        for n, mw in enumerate((0.0, 100.0)):
+            t0 = clock.time_ns() + 1_000_000
+            world.set_laser_drive(mw, t0)
+            world.trigger(n, t0, mw > 0)
+            frames[mw] = driver.capture(timeout_s=2.0)
+        dark, lit = frames[0.0], frames[100.0]
+        assert dark.data.shape == (HEIGHT, WIDTH) and dark.data.dtype == np.uint16
+        assert int(lit.data.max()) <= lit.full_scale
+        # Fluorescence adds signal where the laser shone.
+        assert float(lit.data.mean()) > float(dark.data.mean()) + 5
+    finally:
+        driver.close()
+        for cam in cams:
+            cam.close()

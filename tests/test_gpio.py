@@ -1,0 +1,542 @@
+"""The RPi.GPIO stand-in (sim.gpio_standin) and the GPIO driver (drivers.gpio), run against
+the simulated world."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from drivers.gpio import GpioSafetyIO, import_rpi_gpio
+from hal.clock import ManualClock
+from hal.errors import DeviceError
+from sim.gpio_standin import GpioStandIn
+from sim.world import World
+from sim.worldview import LocalWorldView
+
+PINS = {"key": 17, "interlock": 27, "footswitch": 22, "indicator": 23, "white_light": 24}
+WAIT_S = 2.0  # upper bound for anything that happens on another thread
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+@pytest.fixture
+def world(clock):
+    return World(clock)
+
+
+@pytest.fixture
+def gpio(world, clock):
+    standin = GpioStandIn(LocalWorldView(world), PINS, clock=clock)
+    yield standin
+    standin.close()
+
+
+@pytest.fixture
+def io(gpio, clock):
+    driver = GpioSafetyIO(gpio, PINS, clock=clock)
+    yield driver
+    driver.close()
+
+
+class Recorder:
+    """Collects callback arguments and lets a test wait for the n-th one."""
+
+    def __init__(self):
+        self.calls: list = []
+        self._cond = threading.Condition()
+
+    def __call__(self, *args):
+        with self._cond:
+            self.calls.append(args if len(args) > 1 else args[0])
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.calls) >= count, timeout=timeout_s)
+
+
+# -- the stand-in: API misuse ---------------------------------------------------------------
+
+
+def test_setup_before_setmode_is_a_runtime_error(gpio):
+    with pytest.raises(RuntimeError, match="setmode"):
+        gpio.setup(PINS["key"], gpio.IN)
+
+
+def test_setmode_twice_with_different_modes_is_a_value_error(gpio):
+    gpio.setmode(gpio.BCM)
+    gpio.setmode(gpio.BCM)  # the same mode again is fine
+    with pytest.raises(ValueError, match="different mode"):
+        gpio.setmode(gpio.BOARD)
+    assert gpio.getmode() == gpio.BCM
+
+
+def test_getmode_is_none_before_setmode_and_invalid_mode_is_refused(gpio):
+    assert gpio.getmode() is None
+    with pytest.raises(ValueError):
+        gpio.setmode(99)
+
+
+def test_input_on_a_channel_not_set_up_is_a_runtime_error(gpio):
+    gpio.setmode(gpio.BCM)
+    with pytest.raises(RuntimeError, match="setup"):
+        gpio.input(PINS["key"])
+
+
+def test_output_on_an_input_or_unset_channel_is_a_runtime_error(gpio):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["key"], gpio.IN, pull_up_down=gpio.PUD_UP)
+    with pytest.raises(RuntimeError, match="OUTPUT"):
+        gpio.output(PINS["key"], gpio.HIGH)
+    with pytest.raises(RuntimeError, match="OUTPUT"):
+        gpio.output(5, gpio.HIGH)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"channel": 99, "direction": GpioStandIn.IN},
+    {"channel": 5, "direction": 7},
+    {"channel": 5, "direction": GpioStandIn.OUT, "pull_up_down": GpioStandIn.PUD_UP},
+    {"channel": 5, "direction": GpioStandIn.IN, "initial": GpioStandIn.HIGH},
+    {"channel": 5, "direction": GpioStandIn.IN, "pull_up_down": 3},
+])
+def test_bad_setup_arguments_are_value_errors(gpio, kwargs):
+    gpio.setmode(gpio.BCM)
+    with pytest.raises(ValueError):
+        gpio.setup(**kwargs)
+
+
+def test_event_detection_misuse(gpio):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["indicator"], gpio.OUT)
+    gpio.setup(PINS["key"], gpio.IN, pull_up_down=gpio.PUD_UP)
+    with pytest.raises(RuntimeError, match="input"):
+        gpio.add_event_detect(PINS["indicator"], gpio.BOTH)
+    with pytest.raises(ValueError, match="edge"):
+        gpio.add_event_detect(PINS["key"], 5)
+    with pytest.raises(ValueError, match="Bouncetime"):
+        gpio.add_event_detect(PINS["key"], gpio.BOTH, bouncetime=0)
+    with pytest.raises(TypeError):
+        gpio.add_event_detect(PINS["key"], gpio.BOTH, callback=42)
+    with pytest.raises(RuntimeError, match="add_event_detect first"):
+        gpio.add_event_callback(PINS["key"], lambda ch: None)
+    gpio.add_event_detect(PINS["key"], gpio.BOTH)
+    with pytest.raises(RuntimeError, match="Conflicting"):
+        gpio.add_event_detect(PINS["key"], gpio.FALLING)
+
+
+def test_pwm_misuse(gpio):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["key"], gpio.IN)
+    with pytest.raises(RuntimeError, match="output"):
+        gpio.PWM(PINS["key"], 100)
+    gpio.setup(PINS["indicator"], gpio.OUT)
+    with pytest.raises(ValueError, match="frequency"):
+        gpio.PWM(PINS["indicator"], 0)
+    pwm = gpio.PWM(PINS["indicator"], 100)
+    with pytest.raises(RuntimeError, match="already exists"):
+        gpio.PWM(PINS["indicator"], 50)
+    with pytest.raises(ValueError, match="dutycycle"):
+        pwm.start(101)
+
+
+def test_unknown_pin_name_is_refused(world):
+    with pytest.raises(ValueError, match="laser"):
+        GpioStandIn(LocalWorldView(world), {"laser": 5})
+
+
+# -- the stand-in: wiring -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, asserted_change, released_change", [
+    ("key", {"key": True}, {"key": False}),
+    ("interlock", {"interlock": "closed"}, {"interlock": "open"}),
+    ("footswitch", {"footswitch": True}, {"footswitch": False}),
+])
+def test_inputs_follow_the_world_active_low(gpio, world, name, asserted_change, released_change):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS[name], gpio.IN, pull_up_down=gpio.PUD_UP)
+    world.apply(asserted_change)
+    assert gpio.input(PINS[name]) == gpio.LOW
+    world.apply(released_change)
+    assert gpio.input(PINS[name]) == gpio.HIGH
+
+
+def test_inputs_follow_the_world_active_high(world, clock):
+    gpio = GpioStandIn(LocalWorldView(world), PINS, active_low_inputs=False, clock=clock)
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["key"], gpio.IN, pull_up_down=gpio.PUD_DOWN)
+    world.apply({"key": True})
+    assert gpio.input(PINS["key"]) == gpio.HIGH
+    world.apply({"key": False})
+    assert gpio.input(PINS["key"]) == gpio.LOW
+
+
+def test_open_contact_without_pull_up_does_not_read_as_released(gpio, world):
+    # Active-low wiring needs the pull-up: without it an open key contact floats.
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["key"], gpio.IN, pull_up_down=gpio.PUD_OFF)
+    world.apply({"key": False})
+    assert gpio.input(PINS["key"]) == gpio.LOW
+
+
+def test_board_numbering_maps_to_the_same_wiring(gpio, world):
+    gpio.setmode(gpio.BOARD)
+    board_key = 11  # header pin 11 is BCM 17
+    gpio.setup(board_key, gpio.IN, pull_up_down=gpio.PUD_UP)
+    world.apply({"key": False})
+    assert gpio.input(board_key) == gpio.HIGH
+    with pytest.raises(ValueError):
+        gpio.setup(1, gpio.IN)  # header pin 1 is 3.3 V, not a GPIO
+
+
+@pytest.mark.parametrize("name", ["indicator", "white_light"])
+def test_outputs_drive_the_world_and_are_recorded_with_time(gpio, world, clock, name):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS[name], gpio.OUT, initial=gpio.LOW)
+    assert getattr(world, name) is False
+    t_on = clock.monotonic() + 1.5
+    clock.advance(1.5)
+    gpio.output(PINS[name], gpio.HIGH)
+    assert getattr(world, name) is True
+    assert gpio.input(PINS[name]) == gpio.HIGH  # an output reads back its level
+    clock.advance(0.25)
+    gpio.output(PINS[name], gpio.HIGH)  # no change, nothing recorded
+    gpio.output(PINS[name], gpio.LOW)
+    assert getattr(world, name) is False
+    changes = gpio.output_changes(name)
+    assert [c.level for c in changes] == [gpio.LOW, gpio.HIGH, gpio.LOW]
+    assert changes[1].t_s == pytest.approx(t_on)
+    assert changes[2].t_s == pytest.approx(t_on + 0.25)
+    assert all(c.name == name for c in changes)
+
+
+def test_pwm_lights_the_indicator_while_running(gpio, world):
+    gpio.setmode(gpio.BCM)
+    gpio.setup(PINS["indicator"], gpio.OUT)
+    pwm = gpio.PWM(PINS["indicator"], 2.0)
+    pwm.start(50)
+    assert world.indicator is True
+    pwm.ChangeDutyCycle(0)
+    assert world.indicator is False
+    pwm.ChangeDutyCycle(25)
+    assert world.indicator is True and pwm.duty_cycle_pct == 25
+    pwm.stop()
+    assert world.indicator is False
+
+
+def test_cleanup_of_one_channel_keeps_the_others(gpio, world):
+    gpio.setmode(gpio.BCM)
+    gpio.setup([PINS["indicator"], PINS["white_light"]], gpio.OUT, initial=gpio.HIGH)
+    assert world.indicator and world.white_light
+    gpio.cleanup(PINS["indicator"])
+    assert world.indicator is False  # the released line lets the load go off
+    assert world.white_light is True
+    assert gpio.getmode() == gpio.BCM
+    with pytest.raises(RuntimeError):
+        gpio.input(PINS["indicator"])
+    gpio.output(PINS["white_light"], gpio.LOW)
+    gpio.cleanup()
+    assert gpio.getmode() is None
+
+
+# -- the stand-in: edges --------------------------------------------------------------------
+
+
+def test_edge_callback_fires_on_a_world_change(gpio, world):
+    gpio.setmode(gpio.BCM)
+    pin = PINS["interlock"]
+    gpio.setup(pin, gpio.IN, pull_up_down=gpio.PUD_UP)
+    rec = Recorder()
+    gpio.add_event_detect(pin, gpio.BOTH, callback=rec)
+    world.apply({"interlock": "open"})
+    assert rec.wait_for(1)
+    assert rec.calls == [pin]
+    assert gpio.event_detected(pin) is True
+    assert gpio.event_detected(pin) is False  # reported once
+
+
+def test_edge_type_is_respected(gpio, world):
+    gpio.setmode(gpio.BCM)
+    pin = PINS["interlock"]
+    gpio.setup(pin, gpio.IN, pull_up_down=gpio.PUD_UP)
+    rec = Recorder()
+    gpio.add_event_detect(pin, gpio.FALLING, callback=rec)
+    world.apply({"interlock": "open"})  # LOW -> HIGH: rising, not watched
+    world.apply({"interlock": "closed"})  # HIGH -> LOW: falling
+    assert rec.wait_for(1)
+    assert gpio.wait_idle(WAIT_S)
+    assert rec.calls == [pin]  # callbacks run in order, so the rising one would be first
+
+
+def test_no_callback_when_the_level_does_not_change(gpio, world):
+    gpio.setmode(gpio.BCM)
+    gpio.setup([PINS["key"], PINS["interlock"]], gpio.IN, pull_up_down=gpio.PUD_UP)
+    rec = Recorder()
+    gpio.add_event_detect(PINS["key"], gpio.BOTH, callback=rec)
+    gpio.add_event_detect(PINS["interlock"], gpio.BOTH, callback=rec)
+    world.apply({"ambient_e_per_ms": 7.0})
+    world.apply({"key": True})  # already on: no edge
+    world.apply({"interlock": "open"})
+    assert rec.wait_for(1)
+    assert gpio.wait_idle(WAIT_S)
+    assert rec.calls == [PINS["interlock"]]
+
+
+def test_board_mode_callbacks_get_board_numbers(gpio, world):
+    gpio.setmode(gpio.BOARD)
+    gpio.setup(11, gpio.IN, pull_up_down=gpio.PUD_UP)
+    rec = Recorder()
+    gpio.add_event_detect(11, gpio.BOTH, callback=rec)
+    world.apply({"key": False})
+    assert rec.wait_for(1)
+    assert rec.calls == [11]
+
+
+def test_bouncetime_drops_edges_inside_the_window(gpio, clock):
+    gpio.setmode(gpio.BCM)
+    pin = PINS["footswitch"]
+    gpio.setup(pin, gpio.IN, pull_up_down=gpio.PUD_UP)
+    rec = Recorder()
+    gpio.add_event_detect(pin, gpio.BOTH, callback=rec, bouncetime=50)
+    gpio.bounce("footswitch", glitches=3)  # six edges at one instant
+    assert gpio.wait_idle(WAIT_S)
+    assert len(rec.calls) == 1
+    clock.advance(0.051)
+    gpio.bounce("footswitch")
+    assert rec.wait_for(2)
+    assert gpio.wait_idle(WAIT_S)
+    assert len(rec.calls) == 2
+
+
+def test_a_failing_callback_does_not_stop_the_callback_thread(gpio, world):
+    gpio.setmode(gpio.BCM)
+    pin = PINS["key"]
+    gpio.setup(pin, gpio.IN, pull_up_down=gpio.PUD_UP)
+
+    def broken(channel):
+        raise RuntimeError("boom")
+
+    rec = Recorder()
+    gpio.add_event_detect(pin, gpio.BOTH, callback=broken)
+    gpio.add_event_callback(pin, rec)
+    world.apply({"key": False})
+    world.apply({"key": True})
+    assert rec.wait_for(2)
+    assert rec.calls == [pin, pin]
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def test_outputs_start_off(world, gpio, clock):
+    world.set_output("indicator", True)
+    world.set_output("white_light", True)
+    io = GpioSafetyIO(gpio, PINS, clock=clock)
+    try:
+        assert world.indicator is False
+        assert world.white_light is False
+        assert io.emission_indicator() is False
+        for name in ("indicator", "white_light"):
+            assert [c.level for c in gpio.output_changes(name)] == [gpio.LOW]
+    finally:
+        io.close()
+
+
+def test_driver_sets_bcm_pull_ups_and_both_edges(io, gpio, world):
+    assert gpio.getmode() == gpio.BCM
+    for name in ("key", "interlock", "footswitch"):
+        assert gpio.has_event_detect(PINS[name])
+    # With pull-ups, an open contact reads as released.
+    world.apply({"key": False, "interlock": "open", "footswitch": False})
+    assert io.key_on() is False and io.interlock_closed() is False and io.footswitch_pressed() is False
+
+
+@pytest.mark.parametrize("change, read, expected", [
+    ({"key": False}, "key_on", False),
+    ({"key": True}, "key_on", True),
+    ({"interlock": "open"}, "interlock_closed", False),
+    ({"interlock": "closed"}, "interlock_closed", True),
+    ({"footswitch": True}, "footswitch_pressed", True),
+    ({"footswitch": False}, "footswitch_pressed", False),
+])
+def test_driver_reads_follow_the_world(io, world, change, read, expected):
+    world.apply(change)
+    assert getattr(io, read)() is expected
+
+
+def test_driver_reads_with_active_high_wiring(world, clock):
+    gpio = GpioStandIn(LocalWorldView(world), PINS, active_low_inputs=False, clock=clock)
+    io = GpioSafetyIO(gpio, PINS, active_low_inputs=False, clock=clock)
+    try:
+        world.apply({"interlock": "open", "footswitch": True})
+        assert io.interlock_closed() is False
+        assert io.footswitch_pressed() is True
+        assert io.key_on() is True
+    finally:
+        io.close()
+        gpio.close()
+
+
+@pytest.mark.parametrize("name", ["indicator", "white_light"])
+def test_driver_outputs_drive_the_world(io, world, name):
+    setter = io.set_emission_indicator if name == "indicator" else io.set_white_light
+    setter(True)
+    assert getattr(world, name) is True
+    setter(False)
+    assert getattr(world, name) is False
+
+
+def test_emission_indicator_reads_back(io):
+    io.set_emission_indicator(True)
+    assert io.emission_indicator() is True
+    io.set_emission_indicator(False)
+    assert io.emission_indicator() is False
+
+
+def test_listener_gets_interlock_open_then_closed(io, world):
+    rec = Recorder()
+    io.add_listener(rec)
+    world.apply({"interlock": "open"})
+    assert rec.wait_for(1)
+    world.apply({"interlock": "closed"})
+    assert rec.wait_for(2)
+    assert rec.calls == [("interlock", False), ("interlock", True)]
+
+
+def test_listener_gets_key_and_footswitch(io, world, gpio):
+    rec = Recorder()
+    io.add_listener(rec)
+    world.apply({"footswitch": True})
+    assert rec.wait_for(1)
+    world.apply({"key": False})
+    assert rec.wait_for(2)
+    assert rec.calls == [("footswitch", True), ("key", False)]
+
+
+def test_debounce_ignores_a_bounce_back_to_the_old_level(io, gpio, world, clock):
+    rec = Recorder()
+    io.add_listener(rec)
+    gpio.bounce("interlock", glitches=2)
+    assert gpio.wait_idle(WAIT_S)
+    clock.advance(1.0)  # leave the module's bounce window before the real change
+    world.apply({"interlock": "open"})
+    assert rec.wait_for(1)
+    assert gpio.wait_idle(WAIT_S)
+    assert rec.calls == [("interlock", False)]
+
+
+def test_a_failing_listener_does_not_silence_the_others(io, world):
+    def broken(name, value):
+        raise ValueError("listener bug")
+
+    rec = Recorder()
+    io.add_listener(broken)
+    io.add_listener(rec)
+    world.apply({"interlock": "open"})
+    assert rec.wait_for(1)
+    assert rec.calls == [("interlock", False)]
+
+
+def test_module_runtime_error_on_read_becomes_device_error_naming_the_pin(io, gpio, mocker):
+    cause = RuntimeError("You must setup() the GPIO channel first")
+    mocker.patch.object(gpio, "input", side_effect=cause)
+    with pytest.raises(DeviceError) as info:
+        io.interlock_closed()
+    assert info.value.device == "gpio"
+    assert "interlock" in str(info.value) and str(PINS["interlock"]) in str(info.value)
+    assert info.value.__cause__ is cause
+
+
+def test_module_runtime_error_on_write_becomes_device_error_naming_the_pin(io, gpio, mocker):
+    mocker.patch.object(gpio, "output", side_effect=RuntimeError("The GPIO channel has not been set up as an OUTPUT"))
+    with pytest.raises(DeviceError, match=rf"white_light pin \(BCM {PINS['white_light']}\)"):
+        io.set_white_light(True)
+
+
+def test_setup_failure_becomes_device_error_and_releases_the_pins_taken(gpio, clock, mocker):
+    real_setup = gpio.setup
+
+    def setup(channel, direction, **kwargs):
+        if channel == PINS["interlock"]:
+            raise RuntimeError("Failed to claim the line")
+        return real_setup(channel, direction, **kwargs)
+
+    mocker.patch.object(gpio, "setup", side_effect=setup)
+    with pytest.raises(DeviceError, match=rf"interlock pin \(BCM {PINS['interlock']}\)"):
+        GpioSafetyIO(gpio, PINS, clock=clock)
+    assert not any(gpio.is_setup(pin) for pin in PINS.values())
+
+
+def test_bad_constructor_arguments_are_refused(gpio):
+    with pytest.raises(ValueError, match="footswitch"):
+        GpioSafetyIO(gpio, {k: v for k, v in PINS.items() if k != "footswitch"})
+    with pytest.raises(ValueError, match="debounce_ms"):
+        GpioSafetyIO(gpio, PINS, debounce_ms=-1)
+    assert gpio.getmode() is None  # nothing touched
+
+
+def test_close_turns_outputs_off_and_releases_only_its_channels(gpio, world, clock):
+    gpio.setmode(gpio.BCM)
+    other = 5
+    gpio.setup(other, gpio.OUT, initial=gpio.HIGH)
+    io = GpioSafetyIO(gpio, PINS, clock=clock)
+    io.set_emission_indicator(True)
+    io.set_white_light(True)
+    io.close()
+    assert world.indicator is False and world.white_light is False
+    assert not any(gpio.is_setup(pin) for pin in PINS.values())
+    assert gpio.is_setup(other) and gpio.input(other) == gpio.HIGH
+    assert gpio.getmode() == gpio.BCM
+    io.close()  # a second close does nothing
+    with pytest.raises(DeviceError, match="closed"):
+        io.key_on()
+
+
+def test_driver_runs_with_the_system_clock(world):
+    # The default clock: the debounce wait is real (20 ms), the listener still hears.
+    gpio = GpioStandIn(LocalWorldView(world), PINS)
+    io = GpioSafetyIO(gpio, PINS)
+    try:
+        rec = Recorder()
+        io.add_listener(rec)
+        world.apply({"key": False})
+        assert rec.wait_for(1)
+        assert rec.calls == [("key", False)]
+    finally:
+        io.close()
+        gpio.close()
+
+
+# -- loading the real module ---------------------------------------------------------------
+
+
+def test_importing_the_driver_does_not_import_rpi_gpio():
+    code = ("import sys, drivers.gpio\n"
+            "bad = [m for m in sys.modules if m == 'RPi' or m.startswith('RPi.')]\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_rpi_gpio_becomes_device_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "RPi", None)  # makes the import fail here as off a Pi
+    with pytest.raises(DeviceError, match="rpi-lgpio") as info:
+        import_rpi_gpio()
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_rpi_gpio_refusing_to_run_becomes_device_error(mocker):
+    mocker.patch("drivers.gpio.importlib.import_module",
+                 side_effect=RuntimeError("This module can only be run on a Raspberry Pi!"))
+    with pytest.raises(DeviceError, match="Raspberry Pi") as info:
+        import_rpi_gpio()
+    assert info.value.device == "gpio"

@@ -1,0 +1,400 @@
+"""The laser MCU driver against the MCU emulator: in-thread with a manual clock, and once
+over a real pseudo-terminal with pyserial."""
+
+from __future__ import annotations
+
+import binascii
+import threading
+import time
+
+import pytest
+import serial
+
+from drivers.laser_mcu import McuLaser
+from hal.clock import ManualClock, SystemClock
+from hal.errors import (
+    DeviceDisconnected,
+    DeviceRejected,
+    DeviceTimeout,
+    InvalidArgument,
+    ProtocolError,
+)
+from hal.laser import LaserStatus
+from sim.mcu_emulator import McuEmulator
+from sim.serial_link import LoopbackSerial, PtyLink
+from sim.world import World
+
+FULL_SCALE_MW = 500.0
+
+
+def raw_line(text: str) -> bytes:
+    return f"{text}*{binascii.crc_hqx(text.encode(), 0xFFFF):04X}\n".encode()
+
+
+def written_lines(port: LoopbackSerial) -> list[str]:
+    return [ln for ln in bytes(port.written).decode("ascii").split("\n") if ln]
+
+
+def command_of(ln: str) -> str:
+    """'123 EN 0*ABCD' -> 'EN 0'"""
+    return ln.rpartition("*")[0].partition(" ")[2]
+
+
+class Rig:
+    """World + emulator + loopback port + driver, all on one manual clock."""
+
+    def __init__(self, **driver_kw):
+        self.clock = ManualClock()
+        self.world = World(self.clock)
+        self.emu = McuEmulator(self.world, self.clock, full_scale_mw=FULL_SCALE_MW, duty_ceiling=0.8, seed=3)
+        self.ports: list[LoopbackSerial] = []
+        self.factory_errors: list[Exception] = []
+        self.factory_calls = 0
+        self.laser = McuLaser(self.factory, clock=self.clock, **driver_kw)
+
+    def new_port(self) -> LoopbackSerial:
+        port = LoopbackSerial(self.emu, self.clock, timeout=0.05)
+        self.ports.append(port)
+        return port
+
+    def factory(self) -> LoopbackSerial:
+        self.factory_calls += 1
+        if self.factory_errors:
+            raise self.factory_errors.pop(0)
+        return self.new_port()
+
+    @property
+    def port(self) -> LoopbackSerial:
+        return self.ports[-1]
+
+    def enable_behind_the_drivers_back(self, duty: float = 0.2) -> None:
+        """Another host (or a previous run) left the MCU emitting."""
+        for i, cmd in enumerate((f"DUTY {duty}", "EN 1")):
+            self.emu.feed(raw_line(f"{60000 + i} {cmd}"))
+        self.emu.take_output()
+
+
+@pytest.fixture
+def rig():
+    return Rig()
+
+
+@pytest.fixture
+def connected(rig):
+    rig.laser.connect()
+    return rig
+
+
+def test_off_after_connect_even_if_left_enabled(rig):
+    rig.enable_behind_the_drivers_back()
+    assert rig.world.laser_output_mw() > 0
+    rig.laser.connect()
+    assert rig.world.laser_output_mw() == 0.0
+    st = rig.laser.status()
+    assert not st.output_on and st.duty == 0.0
+    # the first commands on the link force the output off
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+
+
+def test_constructing_does_no_io(rig):
+    assert rig.factory_calls == 0
+
+
+def test_identity_status_and_emission(connected):
+    laser, world = connected.laser, connected.world
+    assert "model=NIRF-LMCU" in laser.identity()
+    laser.set_duty(0.2)
+    laser.set_enabled(True)
+    laser.heartbeat()
+    st = laser.status()
+    assert isinstance(st, LaserStatus)
+    assert st.output_on and st.duty == pytest.approx(0.2)
+    assert st.duty_ceiling == pytest.approx(0.8)
+    assert st.interlock_closed and st.key_on
+    assert st.photodiode_mw == pytest.approx(0.2 * FULL_SCALE_MW, rel=0.05)
+    assert st.faults == ()
+    assert world.laser_output_mw() == pytest.approx(0.2 * FULL_SCALE_MW)
+    laser.force_off()
+    assert world.laser_output_mw() == 0.0
+    assert laser.status().duty == 0.0
+
+
+def test_watchdog_timeout_set_at_connect():
+    rig = Rig(heartbeat_timeout_ms=300)
+    rig.laser.connect()
+    assert any(command_of(ln) == "WDT 300" for ln in written_lines(rig.port))
+    rig.laser.set_enabled(True)
+    rig.clock.advance(0.35)
+    st = rig.laser.status()
+    assert "WDOG" in st.faults and not st.output_on
+
+
+def test_duty_above_ceiling_rejected_at_once(connected):
+    laser = connected.laser
+    laser.set_duty(0.3)
+    before = len(written_lines(connected.port))
+    with pytest.raises(DeviceRejected) as info:
+        laser.set_duty(0.9)
+    msg = str(info.value)
+    assert "laser-mcu" in msg and "0.9" in msg and "0.8" in msg
+    assert len(written_lines(connected.port)) == before + 1  # no retry of a refusal
+    assert laser.status().duty == pytest.approx(0.3)
+
+
+def test_enable_refused_names_the_cause(connected):
+    connected.world.apply({"interlock": "open"})
+    with pytest.raises(DeviceRejected, match="interlock"):
+        connected.laser.set_enabled(True)
+
+
+def test_clear_faults_refused_then_accepted(connected):
+    laser, world = connected.laser, connected.world
+    laser.set_enabled(True)
+    world.apply({"key": False})
+    _, notices = laser.poll()
+    assert any(n.kind == "FAULT" and "KEY" in n.detail for n in notices)
+    with pytest.raises(DeviceRejected, match="key off"):
+        laser.clear_faults()
+    world.apply({"key": True})
+    laser.clear_faults()
+    assert laser.status().faults == ()
+
+
+def test_corrupted_replies_retried_then_protocol_error(connected):
+    rig = connected
+    rig.world.apply({"fault": {"serial_corruption": 1.0}})
+    before = len(written_lines(rig.port))
+    with pytest.raises(ProtocolError) as info:
+        rig.laser.status()
+    assert "laser-mcu" in str(info.value) and "ST" in str(info.value)
+    sent = written_lines(rig.port)[before:]
+    assert len(sent) == rig.laser.retries + 1
+    assert len(set(sent)) == 1  # every retry is the identical line: same seq
+    assert not isinstance(info.value, DeviceTimeout)
+
+
+def test_garbage_from_the_port_gives_protocol_error(connected, mocker):
+    mocker.patch.object(connected.port, "read_until", return_value=b"#%&garbage\x00\n")
+    with pytest.raises(ProtocolError, match="laser-mcu"):
+        connected.laser.heartbeat()
+    assert connected.laser.corrupt_lines >= connected.laser.retries + 1
+
+
+def test_silent_device_times_out_after_bounded_retries(connected, mocker):
+    mocker.patch.object(connected.emu, "take_output", return_value=b"")
+    before = len(written_lines(connected.port))
+    t0 = connected.clock.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        connected.laser.heartbeat()
+    assert "laser-mcu" in str(info.value) and "HB" in str(info.value)
+    assert len(written_lines(connected.port)) - before == connected.laser.retries + 1
+    # each attempt waited its timeout (simulated time)
+    waited = connected.clock.monotonic() - t0
+    assert waited >= (connected.laser.retries + 1) * connected.laser.timeout_s
+
+
+def test_retried_command_not_applied_twice(connected, mocker):
+    rig = connected
+    port = rig.port
+    real_read_until = port.read_until
+    damaged = []
+
+    def flaky_read_until(*args, **kwargs):
+        data = real_read_until(*args, **kwargs)
+        if not damaged and b" OK" in data and not data.startswith(b"!"):
+            damaged.append(data)
+            return data.replace(b"OK", b"0K", 1)  # one character changed
+        return data
+
+    mocker.patch.object(port, "read_until", side_effect=flaky_read_until)
+    before = len(written_lines(port))
+    rig.laser.start_frames(30.0, 10_000, True)
+    assert damaged, "the reply was not damaged: the test did not exercise a retry"
+    sent = written_lines(port)[before:]
+    assert len(sent) == 2 and sent[0] == sent[1]  # resent with the same sequence number
+    assert sum(1 for c in rig.emu.executed if c.partition(" ")[2].startswith("FTON")) == 1
+    assert rig.laser.resends == 1
+
+
+def test_vanished_port_then_reconnect_forces_off(connected):
+    rig = connected
+    rig.laser.set_duty(0.2)
+    rig.laser.set_enabled(True)
+    assert rig.world.laser_output_mw() > 0
+    old = rig.port
+    old.close()  # the USB device went away
+    with pytest.raises(DeviceDisconnected, match="laser-mcu"):
+        rig.laser.heartbeat()
+    rig.factory_errors.append(serial.SerialException("could not open port: no such file"))
+    rig.laser.reconnect(attempts=3)
+    assert rig.port is not old
+    assert rig.factory_calls == 3  # connect, one failure, the fresh port
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+    assert rig.world.laser_output_mw() == 0.0
+    assert not rig.laser.status().output_on
+
+
+def test_automatic_reconnect_on_next_call(connected):
+    rig = connected
+    rig.laser.set_duty(0.2)
+    rig.laser.set_enabled(True)
+    rig.port.close()
+    with pytest.raises(DeviceDisconnected):
+        rig.laser.status()
+    st = rig.laser.status()  # reconnects once by itself, forcing the output off first
+    assert not st.output_on
+    assert rig.world.laser_output_mw() == 0.0
+    assert command_of(written_lines(rig.port)[0]) == "EN 0"
+
+
+def test_reconnect_gives_up_after_bounded_attempts(connected):
+    rig = connected
+    rig.port.close()
+    rig.factory_errors.extend(OSError(f"no device {i}") for i in range(10))
+    calls_before = rig.factory_calls
+    with pytest.raises(DeviceDisconnected, match="after 4 attempts"):
+        rig.laser.reconnect(attempts=4)
+    assert rig.factory_calls - calls_before == 4
+
+
+def test_force_off_never_raises_on_a_dead_link(connected):
+    rig = connected
+    rig.port.close()
+    rig.factory_errors.extend(OSError("gone") for _ in range(3))
+    rig.laser.force_off()  # logs, does not raise
+
+
+def test_commands_before_connect_raise_disconnected(rig):
+    with pytest.raises(DeviceDisconnected, match="laser-mcu"):
+        rig.laser.status()
+    rig.laser.force_off()  # still never raises
+
+
+def test_close_forces_off_and_closes(connected):
+    rig = connected
+    rig.laser.set_duty(0.1)
+    rig.laser.set_enabled(True)
+    rig.laser.close()
+    assert rig.world.laser_output_mw() == 0.0
+    assert not rig.port.is_open
+    with pytest.raises(DeviceDisconnected):
+        rig.laser.status()  # closed on purpose: no automatic reconnect
+
+
+def test_frame_tags_from_poll(connected):
+    rig = connected
+    laser = rig.laser
+    laser.set_duty(0.2)
+    laser.set_enabled(True)
+    laser.start_frames(50.0, 5_000, True)
+    tags, notices = [], []
+    for _ in range(10):
+        rig.clock.advance(0.02)
+        laser.heartbeat()
+        got_tags, got_notices = laser.poll()
+        tags += got_tags
+        notices += got_notices
+    assert len(tags) >= 9
+    assert [t.counter for t in tags] == list(range(len(tags)))
+    assert [t.lit for t in tags] == [t.counter % 2 == 0 for t in tags]
+    period_us = 20_000
+    assert all(b.mcu_time_us - a.mcu_time_us == period_us for a, b in zip(tags, tags[1:]))
+    assert all(t.host_time_ns > 0 for t in tags)
+    assert not any(n.kind == "FAULT" for n in notices)
+    st = laser.status()
+    assert st.frame_timing and st.modulation and st.frame_counter >= len(tags)
+    laser.stop_frames()
+    assert not laser.status().frame_timing
+
+
+def test_corrupted_notices_are_counted_and_dropped(connected):
+    rig = connected
+    rig.laser.start_frames(50.0, 5_000, False)
+    first, _ = rig.laser.poll()  # frame 0 came with the reply, before the corruption
+    rig.world.apply({"fault": {"serial_corruption": 1.0}})
+    corrupt_before = rig.laser.corrupt_lines
+    rig.clock.advance(0.1)
+    tags, _ = rig.laser.poll()
+    assert len(first) == 1 and tags == []
+    assert rig.laser.corrupt_lines - corrupt_before >= 4  # frames 1-5
+    rig.world.apply({"fault": {"serial_corruption": 0.0}})
+    rig.clock.advance(0.02)
+    tags, _ = rig.laser.poll()
+    assert tags and tags[0].counter >= 5  # the link carries on after the damage
+
+
+def test_start_frames_validates_before_io(connected):
+    before = len(written_lines(connected.port))
+    with pytest.raises(InvalidArgument):
+        connected.laser.start_frames(30.0, 40_000, True)  # exposure longer than the frame
+    assert len(written_lines(connected.port)) == before
+
+
+def test_constructor_validates():
+    with pytest.raises(InvalidArgument):
+        McuLaser(lambda: None, retries=-1)
+    with pytest.raises(InvalidArgument):
+        McuLaser(lambda: None, heartbeat_timeout_ms=5000)
+    with pytest.raises(InvalidArgument):
+        McuLaser(lambda: None, timeout_s=0)
+
+
+def test_threads_share_the_driver(connected):
+    laser = connected.laser
+    errors: list[Exception] = []
+
+    def worker(call):
+        try:
+            for _ in range(25):
+                call()
+        except Exception as err:  # collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in
+               (laser.status, laser.heartbeat, lambda: laser.poll(), laser.status)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10.0)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert laser.stale_replies == 0
+
+
+# -- a real pseudo-terminal and pyserial ---------------------------------------------------------
+
+@pytest.fixture
+def pty_rig():
+    clock = SystemClock()
+    world = World(clock)
+    emu = McuEmulator(world, clock, full_scale_mw=FULL_SCALE_MW)
+    link = PtyLink(emu, "mcu-test").start()
+    laser = McuLaser(lambda: serial.Serial(link.port, 115200, timeout=0.05), clock=clock, timeout_s=0.5)
+    yield world, emu, link, laser
+    laser.close()
+    link.stop()
+
+
+def test_over_a_real_pty(pty_rig):
+    world, emu, link, laser = pty_rig
+    laser.connect()
+    assert not emu.output_enabled
+    assert "NIRF-LMCU" in laser.identity()
+    laser.set_duty(0.1)
+    laser.set_enabled(True)
+    assert laser.status().output_on
+    laser.start_frames(100.0, 2_000, True)
+    tags = []
+    deadline = time.monotonic() + 5.0
+    while len(tags) < 6 and time.monotonic() < deadline:
+        laser.heartbeat()
+        tags += laser.poll()[0]
+        time.sleep(0.01)
+    assert len(tags) >= 6
+    counters = [t.counter for t in tags]
+    assert counters == list(range(counters[0], counters[0] + len(tags)))
+    assert all(t.lit == (t.counter % 2 == 0) for t in tags)
+    laser.stop_frames()
+    laser.force_off()
+    assert world.laser_output_mw() == 0.0
+    assert not laser.status().output_on
