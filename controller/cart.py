@@ -271,7 +271,8 @@ class Cart:
             self._last_reconnect = now
             try:
                 reconnect = getattr(self.laser, "reconnect", None)
-                (reconnect or self.laser.connect)()
+                # one attempt per interval: a silent MCU must not hold up the loop
+                reconnect(attempts=1) if reconnect else self.laser.connect()
                 self._link_ok = True
                 self._enabled_sent = False
                 self._duty_sent = None
@@ -291,13 +292,16 @@ class Cart:
             self._trip(SERIAL_LINK, f"laser controller link failed: {err}")
 
     def _check_inputs(self) -> None:
-        """S3: in an active state an open interlock or a key that is off trips at once."""
+        """S3: in an active state an open interlock or a key that is off trips at once;
+        releasing a required foot switch only stops emission."""
         if not self.state.active:
             return
         if not self.interlock_closed:
             self._trip(INTERLOCK_OPEN, "interlock opened while the laser was armed", key_cycle=True)
         elif not self.key_on:
             self._trip(KEY_OFF, "key switched off while the laser was armed", key_cycle=True)
+        elif self.state is State.EMITTING and self.footswitch_required and not self.footswitch_pressed:
+            self._stop_emission("foot switch released")
 
     def _check_rules(self, now: float) -> None:
         st = self.mcu_status
@@ -330,9 +334,7 @@ class Cart:
                 and now - self._indicator_on_since >= self.emission_delay_s:
             self._set_state(State.ARMED, f"indicator on for {self.emission_delay_s} s")
         if self.state is State.EMITTING:
-            if self.footswitch_required and not self.footswitch_pressed:
-                self._stop_emission("foot switch released")
-            elif self._emission_started is not None and \
+            if self._emission_started is not None and \
                     now - self._emission_started >= self.cfg.laser.max_emission_s:
                 self._stop_emission(f"continuous emission reached laser.max_emission_s "
                                     f"({self.cfg.laser.max_emission_s:.0f} s)")

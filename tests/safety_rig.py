@@ -1,0 +1,126 @@
+"""A cart on a manual clock for safety tests: the real Cart, the real MCU driver and the
+real MCU emulator (over a loopback serial line), the world model, and safety I/O wired
+straight to the world. Nothing runs in the background; ``advance`` moves time in
+supervisor ticks."""
+
+from __future__ import annotations
+
+import config as config_mod
+from controller.cart import Cart
+from drivers.laser_mcu import McuLaser
+from hal.clock import ManualClock
+from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
+from sim.mcu_emulator import McuEmulator
+from sim.serial_link import LoopbackSerial
+from sim.world import SensorModel, World
+
+
+def make_config(**sections) -> config_mod.Config:
+    """A validated config: the sim profile's defaults with the given sections overridden,
+    e.g. ``make_config(safety={"emission_delay_s": 1.0})``."""
+    data = {"cart": {"profile": "sim"}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_mod.Config("<test>", config_mod.validate(data, "<test>"))
+
+
+class WorldIO(SafetyInputs, Indicators):
+    """Safety inputs and indicators read from and written to the world, with edge
+    callbacks delivered synchronously (so tests are deterministic)."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self._listeners = []
+        self._last = world.inputs()
+        world.add_listener(self._on_world)
+
+    def _on_world(self, kind, payload):
+        if kind != "inputs":
+            return
+        names = {"key": KEY, "interlock_closed": INTERLOCK, "footswitch": FOOTSWITCH}
+        for k, name in names.items():
+            if payload[k] != self._last.get(k):
+                for listener in list(self._listeners):
+                    listener(name, payload[k])
+        self._last = dict(payload)
+
+    def key_on(self):
+        return self.world.inputs()["key"]
+
+    def interlock_closed(self):
+        return self.world.inputs()["interlock_closed"]
+
+    def footswitch_pressed(self):
+        return self.world.inputs()["footswitch"]
+
+    def add_listener(self, listener):
+        self._listeners.append(listener)
+
+    def set_emission_indicator(self, on):
+        self.world.set_output("indicator", on)
+
+    def emission_indicator(self):
+        return self.world.indicator
+
+    def set_white_light(self, on):
+        self.world.set_output("white_light", on)
+
+
+class Rig:
+    """The safety-relevant part of the cart on a manual clock."""
+
+    TICK_S = 0.02
+
+    def __init__(self, *, footswitch_in_series: bool = False, **sections):
+        self.cfg = make_config(**sections)
+        self.clock = ManualClock()
+        self.world = World(self.clock, SensorModel(width=64, height=48), footswitch_in_series=footswitch_in_series)
+        lc = self.cfg.laser
+        self.mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw, duty_ceiling=lc.duty_ceiling,
+                               heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms, max_on_s=1800.0)
+        self.ports = []
+        self.laser = McuLaser(self._new_port, clock=self.clock, timeout_s=0.05, retries=2,
+                              heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms)
+        self.io = WorldIO(self.world)
+        self.cart = Cart(self.cfg, laser=self.laser, wheel=None, inputs=self.io, indicators=self.io,
+                         clock=self.clock)
+        # the indicator's history, from the world's own record of its outputs
+        self.indicator_on_since = None
+        self.world.add_listener(self._on_world)
+        self.cart.start()
+        self.cart.tick()
+
+    def _new_port(self):
+        port = LoopbackSerial(self.mcu, self.clock, timeout=0.05)
+        self.ports.append(port)
+        return port
+
+    def _on_world(self, kind, payload):
+        if kind == "outputs":
+            if payload["indicator"] and self.indicator_on_since is None:
+                self.indicator_on_since = self.clock.monotonic()
+            elif not payload["indicator"]:
+                self.indicator_on_since = None
+
+    def advance(self, seconds: float, *, host_alive: bool = True, camera_frames: bool = True) -> None:
+        """Move time on in supervisor ticks. ``host_alive=False`` freezes the controller
+        (only the MCU runs); ``camera_frames`` reports a fresh frame each tick while the
+        camera is watched."""
+        steps = max(1, int(round(seconds / self.TICK_S)))
+        for _ in range(steps):
+            self.clock.advance(self.TICK_S)
+            self.mcu.tick()
+            if host_alive:
+                if camera_frames and self.cart.camera_watch:
+                    self.cart.note_camera(True, self.clock.monotonic())
+                self.cart.tick()
+
+    @property
+    def output_mw(self) -> float:
+        return self.world.laser_output_mw()
+
+    def arm_and_emit(self, power_mw: float = 50.0) -> None:
+        self.cart.arm()
+        self.advance(self.cfg.safety.emission_delay_s + self.TICK_S)
+        self.cart.laser_on(power_mw)
+        self.advance(self.TICK_S)
