@@ -352,6 +352,7 @@ class ControllerService:
             "acquire.stop": self.cmd_acquire_stop,
             "roi.set": self.cmd_roi_set,
             "sim.set": self.cmd_sim_set,
+            "selftest": self.cmd_selftest,
         }
 
     @staticmethod
@@ -448,6 +449,39 @@ class ControllerService:
             self.roi = {k: _box(k, args[k], cam.width, cam.height) for k in ("signal", "background")}
         self.roi_version += 1
         return {"roi": self.roi}
+
+    def cmd_selftest(self, args, caller) -> dict:
+        """Each device checked and reported on its own; SAFE and acquisition off only."""
+        from controller import selftest
+
+        self._noargs(args, "selftest")
+        if self.cart.state is not State.SAFE or self.acquisition.mode != "off":
+            raise WrongState(f"selftest needs state SAFE with acquisition off; state is {self.cart.state.value}, "
+                             f"acquisition {self.acquisition.mode}")
+        fw = self.cfg.filter_wheel
+        devices = {
+            "laser-mcu": selftest._check("laser", lambda: selftest.check_laser(self.devices.laser,
+                                                                               self.cfg.laser.max_temp_c)),
+            "filter-wheel": selftest._check("wheel", lambda: selftest.check_wheel(
+                self.devices.wheel, [fw.emission_position, fw.open_position, fw.blocked_position],
+                fw.move_timeout_s)),
+        }
+        start = self.filter["position"]
+
+        def camera():
+            self._move_filter(fw.blocked_position)
+            try:
+                return selftest.check_camera(self.acquisition, 4, self.cfg.camera.black_level,
+                                             timeout_s=3.0 + 8.0 / self.fps)
+            finally:
+                if start is not None:
+                    self._move_filter(start)
+
+        devices["camera"] = selftest._check("camera", camera)
+        devices["gpio"] = selftest._check("gpio", lambda: selftest.check_gpio(self.devices.io))
+        result = {"ok": all(d["ok"] for d in devices.values()), "devices": devices}
+        self.telemetry.publish("event", {"kind": "selftest", "ok": result["ok"]})
+        return result
 
     def cmd_sim_set(self, args, caller) -> dict:
         if self.devices.world is None:

@@ -191,3 +191,32 @@ def test_an_unlisted_key_gets_no_answer(cart, tmp_path):
             stranger.call("ping", timeout_s=2.0)
     finally:
         stranger.close()
+
+
+def test_selftest_reports_each_device(client):
+    r = client.ok("selftest", timeout_s=30)
+    assert set(r["devices"]) == {"laser-mcu", "filter-wheel", "camera", "gpio"}
+    for name, d in r["devices"].items():
+        assert d["ok"], (name, d)
+    assert abs(r["devices"]["camera"]["dark_mean"] - 16) < 8
+    assert r["ok"] is True
+    # and it refuses to run while armed
+    client.ok("arm")
+    refused = client.call("selftest")
+    assert refused["error"]["code"] == "WRONG_STATE"
+    client.ok("disarm")
+
+
+def test_audit_log_records_commands_and_state_changes(client, cart):
+    client.ok("arm")
+    client.wait("status", lambda m: m["state"] == "ARMING")
+    client.ok("disarm")
+    client.wait("status", lambda m: m["state"] == "SAFE")
+    import json
+
+    lines = [json.loads(x) for x in (cart.state_dir / "audit.jsonl").read_text().splitlines()]
+    commands = [x for x in lines if x["kind"] == "command"]
+    assert any(x["cmd"] == "arm" and x["client"] == "local-operator" and x["ok"] for x in commands)
+    states = [x for x in lines if x["kind"] == "state"]
+    assert any(x["to"] == "ARMING" for x in states) and any(x["to"] == "SAFE" for x in states)
+    assert all("t_ns" in x for x in lines)
