@@ -72,7 +72,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "telemetry_endpoint": _s("tcp://127.0.0.1:5561"),
         "max_message_bytes": _i(65536, 1024, 1 << 20),
         "status_rate_hz": _f(2.0, 2.0, 50.0),
-        "preview_rate_hz": _f(10.0, 0.5, 30.0),
+        "preview_rate_hz": _f(20.0, 0.5, 30.0),
     },
     "safety": {
         "emission_delay_s": _f(2.0, 1.0, 10.0),
@@ -139,6 +139,14 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "imaging_window_h": Spec(list, [18.0, 30.0], doc="[earliest, latest] hours after injection"),
         "fixed_dose_mg": _f(25.0, 0.1, 100.0),
         "dose_mg_per_kg": _f(0.25, 0.01, 5.0),
+    },
+    "display": {
+        "bind_address": _s("127.0.0.1", doc="the surgical display's HTTP address; 0.0.0.0 on the device"),
+        "port": _i(8080, 1, 65535),
+        "stale_after_s": _f(1.0, 0.2, 10.0, "no fresh frame or status for this long: the page says STALE"),
+        "max_update_hz": _f(25.0, 1.0, 60.0, "at most this many pushes per second to one browser"),
+        "max_clients": _i(8, 1, 64, "browsers served at once; more get 503"),
+        "key_file": _s("", doc="observer secret key; empty: <state_dir>/keys/display.key_secret"),
     },
     "sim": {
         "seed": _i(12345, 0, 2**31 - 1),

@@ -20,11 +20,13 @@ import msgpack
 import zmq
 
 from hal.errors import NirfError, NotPermitted, UnknownCommand
-from services.keys import OBSERVER, OPERATOR, make_curve_server
+from services.keys import OPERATOR, make_curve_server
 
 log = logging.getLogger(__name__)
 
 MAX_ID_LEN = 64
+# Arguments nested deeper than this are refused before any handler sees them.
+MAX_ARGS_DEPTH = 32
 # Commands an observer may call; everything else needs the operator role.
 READ_ONLY = frozenset({"ping", "status", "report"})
 
@@ -33,6 +35,8 @@ UNPACK_LIMITS = dict(max_str_len=16 * 1024, max_bin_len=64 * 1024, max_array_len
 
 @dataclass(frozen=True)
 class Caller:
+    """Who sent a request: the key's role and the name its file was authorised under."""
+
     role: str
     name: str
 
@@ -61,9 +65,18 @@ def error_reply(req_id, code: str, message: str) -> dict:
     return {"id": req_id, "ok": False, "error": {"code": code, "message": message}}
 
 
+def nesting_depth(obj, limit: int = MAX_ARGS_DEPTH + 1) -> int:
+    """How deeply maps and lists nest in ``obj`` (a scalar is 0), counted up to ``limit``."""
+    if limit <= 0 or not isinstance(obj, (dict, list, tuple)):
+        return 0
+    children = obj.values() if isinstance(obj, dict) else obj
+    return 1 + max((nesting_depth(v, limit - 1) for v in children), default=0)
+
+
 def finite(obj, depth: int = 0) -> bool:
-    """True when no float in the structure is NaN or infinite."""
-    if depth > 32:
+    """True when no float in the structure is NaN or infinite (and it nests at most
+    ``MAX_ARGS_DEPTH`` levels; deeper is treated as not finite)."""
+    if depth > MAX_ARGS_DEPTH:
         return False
     if isinstance(obj, float):
         return math.isfinite(obj)
@@ -93,10 +106,19 @@ class CommandServer:
         self.requests = 0
 
     def serve(self, stop: threading.Event, poll_ms: int = 100) -> None:
+        """Answer requests until ``stop`` is set."""
         while not stop.is_set():
-            self.poll_once(poll_ms)
+            try:
+                self.poll_once(poll_ms)
+            except zmq.ZMQError as err:
+                if err.errno == zmq.ETERM or self.sock.closed:
+                    return
+                log.exception("command socket error")
+            except Exception:  # the loop must outlive any single bad message
+                log.exception("unexpected error while serving a request")
 
     def poll_once(self, timeout_ms: int) -> bool:
+        """Serve at most one request, waiting up to ``timeout_ms``. True when one came."""
         if not self.sock.poll(timeout_ms):
             return False
         frames = self.sock.recv_multipart(copy=False)
@@ -107,14 +129,31 @@ class CommandServer:
         except zmq.ZMQError:
             user = None
         reply = self.handle(payload.bytes, user.encode() if isinstance(user, str) else user)
+        if reply is None:
+            return True
         try:
-            self.sock.send_multipart([f.bytes for f in frames[:-1]] + [pack(reply)], zmq.NOBLOCK)
+            body = pack(reply)
+        except (TypeError, ValueError, OverflowError) as err:
+            log.error("reply to %s could not be encoded: %s", reply.get("id"), err)
+            body = pack(error_reply(reply.get("id"), "DEVICE_ERROR",
+                                    f"the result could not be encoded ({type(err).__name__})"))
+        try:
+            self.sock.send_multipart([f.bytes for f in frames[:-1]] + [body], zmq.NOBLOCK)
         except zmq.ZMQError as err:
             log.warning("reply not sent: %s", err)
         return True
 
-    def handle(self, data: bytes, user_key: bytes | None) -> dict:
-        """Decode, authorise, dispatch and build the reply. Never raises."""
+    def handle(self, data: bytes, user_key: bytes | None) -> dict | None:
+        """Decode, authorise, dispatch and build the reply. Never raises.
+
+        Returns None (no reply at all) when the sender's key is not in the key ring: a key
+        removed while its connection stays open must lose access at once, and a stranger
+        learns nothing from silence.
+        """
+        known = self.ring.lookup(user_key) if user_key else None
+        if known is None:
+            log.warning("request from a key that is not (or no longer) authorised: dropped")
+            return None
         try:
             req = unpack(data)
         except (ValueError, TypeError) as err:
@@ -132,11 +171,11 @@ class CommandServer:
             args = {}
         if not isinstance(args, dict):
             return error_reply(req_id, "BAD_REQUEST", f"'args' must be a map, got {type(args).__name__}")
+        if nesting_depth(args) > MAX_ARGS_DEPTH:
+            return error_reply(req_id, "INVALID_ARGUMENT", f"arguments nest deeper than {MAX_ARGS_DEPTH} levels")
         if not finite(args):
             return error_reply(req_id, "INVALID_ARGUMENT", "arguments contain NaN or infinity")
-
-        known = self.ring.lookup(user_key) if user_key else None
-        caller = Caller(*known) if known else Caller(OBSERVER, "unknown")
+        caller = Caller(*known)
         try:
             handler = self.handlers.get(cmd)
             if handler is None:

@@ -85,6 +85,26 @@ def ensure_sim_keys(state_dir: Path) -> None:
         shutil.copyfile(kd / "local-operator.key", kd / "operators" / "local-operator.key")
 
 
+DISPLAY_KEY_NAME = "display"
+
+
+def ensure_display_key(state_dir: Path) -> Path:
+    """Create the surgical display's key pair (``display.key`` / ``display.key_secret``) if
+    missing and list its public key under ``observers/``; return the secret key file.
+    The display only reads, so it is never an operator."""
+    kd = keys_dir(state_dir)
+    kd.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = kd / f"{DISPLAY_KEY_NAME}.key_secret"
+    if not secret.exists():
+        create_keypair(kd, DISPLAY_KEY_NAME)
+        log.info("created the display's observer key pair in %s", kd)
+    listed = kd / "observers" / f"{DISPLAY_KEY_NAME}.key"
+    if not listed.exists():
+        listed.parent.mkdir(exist_ok=True)
+        shutil.copyfile(kd / f"{DISPLAY_KEY_NAME}.key", listed)
+    return secret
+
+
 def load_server_keys(state_dir: Path) -> tuple[bytes, bytes]:
     path = keys_dir(state_dir) / "server.key_secret"
     if not path.exists():

@@ -1,0 +1,230 @@
+"""Benchmark P3: the whole simulated cart end to end through the bus.
+
+The cart streams fluorescence pairs at full size (1456x1088) and 60 frames/s (30 pairs/s).
+A telemetry subscriber here, a client like any other, takes every ``result`` and notes
+when it arrived (wall clock, ``time.time_ns()``): the capture-to-result latency is that
+minus the result's ``t_capture_ns`` (the end of the pair's second exposure, on the same
+wall clock since everything runs on this machine).
+
+Figures (PRODUCT.md section 8, P3), over the measured window after a short warm-up:
+
+* results/s on the telemetry endpoint (target at least 29);
+* latency p50 (target under 20 ms) and p99 (under 50 ms);
+* pairs lost inside processing (target 0): pairs the controller handed to processing
+  (its ``status.pairs.sent`` counter, before the start and after the stop and drain)
+  minus the results that reached the subscriber. Pairs the acquisition could not form
+  (a frame missing on the camera side: ``status.pairs.incomplete``) are reported apart:
+  they never reached processing.
+
+Run alone: ``python -m bench.e2e [--seconds 60]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from bench.cartrun import BenchCart, arm_and_emit, cpu_seconds, latest_status, to_safe
+
+log = logging.getLogger(__name__)
+
+WIDTH, HEIGHT, FPS, EXPOSURE_US = 1456, 1088, 60.0, 8000
+POWER_MW = 50.0
+TARGET_RESULTS_PER_S = 29.0
+TARGET_P50_MS = 20.0
+TARGET_P99_MS = 50.0
+DRAIN_QUIET_S = 1.0  # after the stop, results stop once this long passes without one
+DRAIN_MAX_S = 5.0
+
+
+def fixed_rois(width: int, height: int) -> dict:
+    """Boxes inside and outside the default phantom's disk (radius height/6 at the
+    centre), so the run does not depend on the automatic ROI search."""
+    half = max(2, height // 12)
+    return {"signal": [width // 2 - half, height // 2 - half, 2 * half, 2 * half],
+            "background": [height // 40 + 2, height // 40 + 2, height // 5, height // 5]}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation of sorted values."""
+    if not sorted_values:
+        return float("nan")
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class StreamStats:
+    """What a telemetry subscriber saw of a fluorescence stream."""
+
+    window_s: float = 0.0
+    results_in_window: int = 0
+    results_total: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    invalid: int = 0
+    telemetry_seq_gaps: int = 0  # result messages the subscriber missed (per-topic seq)
+    pairs_sent: int = 0
+    pairs_incomplete: int = 0
+    faults: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def results_per_s(self) -> float:
+        return self.results_in_window / self.window_s if self.window_s > 0 else 0.0
+
+    @property
+    def pairs_lost(self) -> int:
+        """Pairs handed to processing that never came back as a result to the subscriber."""
+        return max(0, self.pairs_sent - self.results_total)
+
+    def latency_ms(self, q: float) -> float:
+        return percentile(sorted(self.latencies_ms), q)
+
+    def summary(self) -> dict:
+        """The figures as a plain map (for printing and for the soak's report)."""
+        return {
+            "window_s": round(self.window_s, 2),
+            "results_per_s": round(self.results_per_s, 2),
+            "latency_p50_ms": round(self.latency_ms(50), 2),
+            "latency_p99_ms": round(self.latency_ms(99), 2),
+            "latency_max_ms": round(max(self.latencies_ms), 2) if self.latencies_ms else float("nan"),
+            "pairs_sent": self.pairs_sent,
+            "results_received": self.results_total,
+            "pairs_lost": self.pairs_lost,
+            "pairs_incomplete": self.pairs_incomplete,
+            "telemetry_seq_gaps": self.telemetry_seq_gaps,
+            "invalid_results": self.invalid,
+            "faults": list(self.faults),
+        }
+
+
+class ResultWatcher:
+    """Collects results (and notes faults) from a client subscribed to ``result`` and
+    ``status``/``event``; ``poll`` handles whatever arrives within its timeout."""
+
+    def __init__(self, client, stats: StreamStats):
+        self.client = client
+        self.stats = stats
+        self.window_start_ns: int | None = None  # results received before this are warm-up
+        self._last_seq: int | None = None
+        self.last_result: dict | None = None
+        self.last_receipt_ns = 0
+
+    def poll(self, timeout_s: float) -> str | None:
+        """Handle one message; return its topic (None when nothing came)."""
+        got = self.client.receive(timeout_s)
+        if got is None:
+            return None
+        now_ns = time.time_ns()
+        topic, msg, _extra = got
+        if topic == "result":
+            self.stats.results_total += 1
+            self.last_result = msg
+            self.last_receipt_ns = now_ns
+            seq = msg.get("seq")
+            if self._last_seq is not None and isinstance(seq, int) and seq > self._last_seq + 1:
+                self.stats.telemetry_seq_gaps += seq - self._last_seq - 1
+            self._last_seq = seq
+            if self.window_start_ns is not None and now_ns >= self.window_start_ns:
+                self.stats.results_in_window += 1
+                self.stats.latencies_ms.append((now_ns - int(msg["t_capture_ns"])) / 1e6)
+                if not msg.get("valid"):
+                    self.stats.invalid += 1
+        elif topic == "event" and msg.get("kind") == "fault":
+            self.stats.faults.append(f"{msg.get('code')}: {msg.get('message')}")
+        return topic
+
+
+def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: float = POWER_MW,
+           on_tick=None, tick_s: float = 5.0) -> StreamStats:
+    """Stream fluorescence for ``warmup_s + seconds`` and measure. ``on_tick(watcher,
+    elapsed_s)``, when given, is called about every ``tick_s`` during the measured part
+    (the soak uses it for captures and memory samples)."""
+    client = cart.client()
+    client.subscribe("result", "status", "event")
+    stats = StreamStats()
+    watcher = ResultWatcher(client, stats)
+    to_safe(client)
+    client.call("roi.set", fixed_rois(cart.width, cart.height))
+    arm_and_emit(client, power_mw)
+    before = latest_status(client)["pairs"]
+    pids = cart.pids()
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15.0)
+    t0 = time.monotonic()
+    window_t0 = t0 + warmup_s
+    end = window_t0 + seconds
+    watcher.window_start_ns = time.time_ns() + int(warmup_s * 1e9)
+    next_tick = window_t0 + tick_s
+    try:
+        while (now := time.monotonic()) < end:
+            watcher.poll(min(0.2, end - now))
+            if on_tick is not None and now >= next_tick:
+                next_tick = now + tick_s
+                on_tick(watcher, now - window_t0)
+        stats.window_s = time.monotonic() - window_t0
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        stats.cpu_s = {n: round(cpu1[n] - cpu0[n], 2) for n in pids
+                       if cpu0.get(n) is not None and cpu1.get(n) is not None}
+    finally:
+        client.call("acquire.stop", timeout_s=15.0)
+    # results still under way (in processing, in the relay) count too
+    quiet_since = time.monotonic()
+    drain_end = quiet_since + DRAIN_MAX_S
+    while time.monotonic() < drain_end and time.monotonic() - quiet_since < DRAIN_QUIET_S:
+        if watcher.poll(0.1) == "result":
+            quiet_since = time.monotonic()
+    after = latest_status(client)["pairs"]
+    stats.pairs_sent = after["sent"] - before["sent"]
+    stats.pairs_incomplete = after["incomplete"] - before["incomplete"]
+    to_safe(client)
+    return stats
+
+
+def verdicts(s: StreamStats) -> list[tuple[str, str, str, bool]]:
+    """(figure, measured, target, met) rows for the summary table."""
+    return [
+        ("P3 results/s on telemetry", f"{s.results_per_s:.1f}", f">= {TARGET_RESULTS_PER_S:.0f}",
+         s.results_per_s >= TARGET_RESULTS_PER_S),
+        ("P3 capture-to-result p50", f"{s.latency_ms(50):.1f} ms", f"< {TARGET_P50_MS:.0f} ms",
+         s.latency_ms(50) < TARGET_P50_MS),
+        ("P3 capture-to-result p99", f"{s.latency_ms(99):.1f} ms", f"< {TARGET_P99_MS:.0f} ms",
+         s.latency_ms(99) < TARGET_P99_MS),
+        ("P3 pairs lost in processing", f"{s.pairs_lost} of {s.pairs_sent}", "0",
+         s.pairs_lost == 0 and s.pairs_sent > 0),
+    ]
+
+
+def run(seconds: float = 60.0, *, warmup_s: float = 3.0) -> StreamStats:
+    """Start a full-size 60 fps cart, stream for ``seconds`` and stop it."""
+    cart = BenchCart(width=WIDTH, height=HEIGHT, fps=FPS, exposure_us=EXPOSURE_US)
+    try:
+        cart.start()
+        return stream(cart, seconds, warmup_s=warmup_s)
+    finally:
+        cart.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the P3 figures; exit status 0 (a benchmark reports, the table says PASS/MISS)."""
+    parser = argparse.ArgumentParser(description="P3: end to end on the simulated cart")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured time (after warm-up)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    s = run(args.seconds)
+    for name, value in s.summary().items():
+        print(f"  {name:22s} {value}")
+    for name, measured, target, met in verdicts(s):
+        print(f"  {name:32s} {measured:>16s}  target {target:8s} {'PASS' if met else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
