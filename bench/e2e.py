@@ -84,6 +84,20 @@ class StreamStats:
         """Pairs handed to processing that never came back as a result to the subscriber."""
         return max(0, self.pairs_sent - self.results_total)
 
+    def merge(self, other: "StreamStats") -> None:
+        """Add another stretch of streaming (the soak streams in segments)."""
+        self.window_s += other.window_s
+        self.results_in_window += other.results_in_window
+        self.results_total += other.results_total
+        self.latencies_ms.extend(other.latencies_ms)
+        self.invalid += other.invalid
+        self.telemetry_seq_gaps += other.telemetry_seq_gaps
+        self.pairs_sent += other.pairs_sent
+        self.pairs_incomplete += other.pairs_incomplete
+        self.faults.extend(other.faults)
+        for name, cpu in other.cpu_s.items():
+            self.cpu_s[name] = round(self.cpu_s.get(name, 0.0) + cpu, 2)
+
     def latency_ms(self, q: float) -> float:
         return percentile(sorted(self.latencies_ms), q)
 
@@ -102,6 +116,7 @@ class StreamStats:
             "telemetry_seq_gaps": self.telemetry_seq_gaps,
             "invalid_results": self.invalid,
             "faults": list(self.faults),
+            "cpu_s_per_process": dict(self.cpu_s),
         }
 
 
@@ -145,8 +160,9 @@ class ResultWatcher:
 def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: float = POWER_MW,
            on_tick=None, tick_s: float = 5.0) -> StreamStats:
     """Stream fluorescence for ``warmup_s + seconds`` and measure. ``on_tick(watcher,
-    elapsed_s)``, when given, is called about every ``tick_s`` during the measured part
-    (the soak uses it for captures and memory samples)."""
+    elapsed_s)``, when given, is called at the start of the measured part and then about
+    every ``tick_s`` (the soak samples memory with it); it must return quickly, or the
+    receipt times of the results queued meanwhile would be late."""
     client = cart.client()
     client.subscribe("result", "status", "event")
     stats = StreamStats()
@@ -162,7 +178,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
     window_t0 = t0 + warmup_s
     end = window_t0 + seconds
     watcher.window_start_ns = time.time_ns() + int(warmup_s * 1e9)
-    next_tick = window_t0 + tick_s
+    next_tick = window_t0  # the first call marks the start of the measured part
     try:
         while (now := time.monotonic()) < end:
             watcher.poll(min(0.2, end - now))
@@ -170,6 +186,8 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                 next_tick = now + tick_s
                 on_tick(watcher, now - window_t0)
         stats.window_s = time.monotonic() - window_t0
+        if on_tick is not None:
+            on_tick(watcher, stats.window_s)  # the end of the measured part
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         stats.cpu_s = {n: round(cpu1[n] - cpu0[n], 2) for n in pids
                        if cpu0.get(n) is not None and cpu1.get(n) is not None}

@@ -140,6 +140,10 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "fixed_dose_mg": _f(25.0, 0.1, 100.0),
         "dose_mg_per_kg": _f(0.25, 0.01, 5.0),
     },
+    "recorder": {
+        "reserve_mb": _i(256, 0, 100_000, "free disk space a capture may not eat into (keeps room for the case database)"),
+        "buffer_mb": _i(1024, 16, 16_384, "memory holding one capture's frames until it is committed"),
+    },
     "display": {
         "bind_address": _s("127.0.0.1", doc="the surgical display's HTTP address; 0.0.0.0 on the device"),
         "port": _i(8080, 1, 65535),

@@ -177,18 +177,21 @@ class CommandServer:
             return error_reply(req_id, "INVALID_ARGUMENT", "arguments contain NaN or infinity")
         caller = Caller(*known)
         try:
+            # The role comes first: "anything else from an observer is NOT_PERMITTED", and an
+            # observer learns nothing about which commands exist.
+            if cmd not in READ_ONLY and caller.role != OPERATOR:
+                raise NotPermitted(f"{cmd[:64]!r} is not allowed for key {caller.name!r}: it is an observer "
+                                   f"(observers may call {', '.join(sorted(READ_ONLY))})")
             handler = self.handlers.get(cmd)
             if handler is None:
                 raise UnknownCommand(f"unknown command {cmd[:64]!r}; known: {', '.join(sorted(self.handlers))}")
-            if cmd not in READ_ONLY and caller.role != OPERATOR:
-                raise NotPermitted(f"{cmd} changes the cart; key {caller.name!r} is an observer")
             result = handler(args, caller)
             reply = {"id": req_id, "ok": True, "result": result}
         except NirfError as err:
             reply = error_reply(req_id, err.code, getattr(err, "message", None) or str(err))
         except Exception as err:  # a bug in a handler must not take the server down
-            log.exception("command %s failed", cmd)
-            reply = error_reply(req_id, "DEVICE_ERROR", f"internal error in {cmd}: {type(err).__name__}: {err}")
+            log.exception("command %s failed", cmd[:64])
+            reply = error_reply(req_id, "DEVICE_ERROR", f"internal error in {cmd[:64]}: {type(err).__name__}: {err}")
         if self.audit is not None and cmd not in ("status", "ping"):
             self.audit.write("command", client=caller.name, role=caller.role, cmd=cmd, args=args,
                              ok=reply["ok"], result=reply.get("result") if reply["ok"] else reply["error"])

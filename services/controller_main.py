@@ -30,6 +30,7 @@ from hal.clock import SystemClock
 from hal.errors import ConfigError, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
 from services import bus as bus_mod
 from services import keys as keys_mod
+from services import sdnotify
 from services.audit import AuditLog
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class ControllerService:
         self._results_seen = 0
         self.case_id: str | None = None
         self.handlers = self._handlers()
+        # systemd's watchdog, fed from the supervisor's healthy ticks only (no-op off systemd)
+        self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -191,7 +194,8 @@ class ControllerService:
             log.error("camera: %s", err)
         self.audit.write("start", profile=self.cfg.profile, version=VERSION, config_sha256=self.cfg.sha256)
         self._threads = [
-            threading.Thread(target=self.cart.run, args=(self.stop_event,), name="supervisor", daemon=True),
+            threading.Thread(target=self.cart.run, args=(self.stop_event,), kwargs={"on_healthy_tick": self.watchdog},
+                             name="supervisor", daemon=True),
             threading.Thread(target=self.server.serve, args=(self.stop_event,), name="commands", daemon=True),
             threading.Thread(target=self._status_loop, name="status", daemon=True),
             threading.Thread(target=self._relay_loop, name="results", daemon=True),
@@ -530,12 +534,19 @@ def main(argv=None) -> int:
     except NirfError as err:
         log.error("cannot start: %s", err)
         return 2
+    except zmq.ZMQError as err:
+        log.error("cannot start: %s (is another cart already running on these endpoints?)", err)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    # devices connected and SAFE reached: start-up is complete for systemd (Type=notify)
+    sdnotify.ready()
+    sdnotify.status(f"state {svc.cart.state.value}; control {cfg.bus.control_endpoint}")
     try:
         while not svc.stop_event.wait(0.5):
             pass
     finally:
+        sdnotify.stopping()
         svc.stop()
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ OBSERVER = "observer"
 ROLES = (OPERATOR, OBSERVER)
 ZAP_DOMAIN = "nirf"
 RELOAD_CHECK_S = 1.0
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 def keys_dir(state_dir: Path) -> Path:
@@ -59,13 +61,24 @@ def authorise(state_dir: Path, public_key_file: Path, role: str, name: str | Non
     if role not in ROLES:
         raise ConfigError(f"role {role!r}: allowed {', '.join(ROLES)}")
     public_key_file = Path(public_key_file)
-    public, secret = zmq.auth.load_certificate(str(public_key_file))
+    try:
+        public, secret = zmq.auth.load_certificate(str(public_key_file))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{public_key_file}: not a readable public key file ({err})") from err
     if secret is not None or public_key_file.name.endswith("_secret"):
         raise ConfigError(f"{public_key_file}: this is a secret key file; authorise the public .key file")
+    key_name = name or public_key_file.stem
+    # The name becomes a file name in the role's folder: no way out of that folder.
+    if not _KEY_NAME.fullmatch(key_name):
+        raise ConfigError(f"key name {key_name!r}: allowed letters, digits, '.', '_' and '-' "
+                          "(at most 64, not starting with '.')")
     dest_dir = keys_dir(state_dir) / (role + "s")
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / ((name or public_key_file.stem) + ".key")
-    shutil.copyfile(public_key_file, dest)
+    dest = dest_dir / (key_name + ".key")
+    # Copy then rename, so the running cart never reads a half-written key file.
+    tmp = dest_dir / (key_name + ".key.tmp")
+    shutil.copyfile(public_key_file, tmp)
+    os.replace(tmp, dest)
     return dest
 
 
@@ -145,6 +158,10 @@ class KeyRing:
         return tuple(stamp)
 
     def reload(self) -> None:
+        """Read both folders again now."""
+        # The stamp is taken before reading: a file that changes while we read makes the
+        # next check see a difference and read again, rather than being missed for good.
+        stamp = self._folder_stamp()
         roles: dict[bytes, tuple[str, str]] = {}
         for role in ROLES:
             for path in sorted((self.dir / (role + "s")).glob("*.key")):
@@ -158,7 +175,7 @@ class KeyRing:
                     roles[public] = (role, path.stem)
         with self._lock:
             self._roles = roles
-            self._stamp = self._folder_stamp()
+            self._stamp = stamp
         log.info("key ring: %d operator(s), %d observer(s)",
                  sum(1 for r, _ in roles.values() if r == OPERATOR),
                  sum(1 for r, _ in roles.values() if r == OBSERVER))

@@ -1,8 +1,8 @@
 """``make run``: start the simulated cart in the foreground.
 
-Starts the simulated hardware, the controller and the processing service as child
-processes, creates the keys on first start, waits until the cart publishes its first
-``status`` and prints how to reach it. Ctrl-C (or SIGTERM) stops every process it started;
+Starts the simulated hardware, the controller, the processing service and the surgical
+display as child processes, creates the keys on first start, waits until the cart
+publishes its first ``status`` and prints how to reach it. Ctrl-C (or SIGTERM) stops every process it started;
 if one of them dies, the others are stopped too and the exit status says so.
 """
 
@@ -66,6 +66,7 @@ class Launcher:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         keys_mod.ensure_sim_keys(self.state_dir)
+        keys_mod.ensure_display_key(self.state_dir)
         try:
             (self.runtime_dir / "hardware.json").unlink()
         except FileNotFoundError:
@@ -73,6 +74,7 @@ class Launcher:
         self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
         self.spawn("controller", "services.controller_main")
         self.spawn("processing", "services.processing_main")
+        self.spawn("display", "services.display_main")
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
         from services.client import CartClient
@@ -101,7 +103,7 @@ class Launcher:
         """Stop the services first and the simulated hardware last, so the controller can
         still turn the laser and the indicator off through it."""
         self.stopping = True
-        for group in (("processing", "controller"), ("hardware",)):
+        for group in (("display", "processing", "controller"), ("hardware",)):
             procs = [self.children[n] for n in group if n in self.children]
             for p in procs:
                 if p.poll() is None:
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
             print(f"\nThe simulated cart is up.\n"
                   f"  control:   {b.control_endpoint}\n  telemetry: {b.telemetry_endpoint}\n"
                   f"  keys:      {launcher.state_dir / 'keys'}\n"
+                  f"  display:   http://{launcher.cfg.display.bind_address}:{launcher.cfg.display.port}/\n"
                   f"Try, in another terminal:  .venv/bin/nirfctl status   or   .venv/bin/nirfctl watch\n"
                   f"Press Ctrl-C to stop.\n", flush=True)
         elif not stop["flag"]:

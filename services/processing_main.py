@@ -24,6 +24,7 @@ import zmq
 import config as config_mod
 from hal.errors import NirfError
 from services import bus as bus_mod
+from services import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class ProcessingService:
         self.pairs_missing = 0
         self._last_seq: int | None = None
         self.stop_event = threading.Event()
+        # systemd's watchdog, fed from the receive loop (no-op off systemd)
+        self.watchdog = sdnotify.WatchdogPinger()
 
     def connect(self) -> None:
         self.sub = self.ctx.socket(zmq.SUB)
@@ -62,6 +65,7 @@ class ProcessingService:
 
     def serve(self) -> None:
         while not self.stop_event.is_set():
+            self.watchdog()
             if not self.sub.poll(200):
                 continue
             frames = self.sub.recv_multipart(copy=False)
@@ -147,9 +151,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
     log.info("processing ready")
+    sdnotify.ready()
     try:
         svc.serve()
     finally:
+        sdnotify.stopping()
         svc.close()
     return 0
 

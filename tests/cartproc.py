@@ -70,6 +70,10 @@ height = {height}
 fps = {fps}
 {extra}
 """)
+    if "[display]" not in extra:
+        # the surgical display too gets a free port (a running `make run` may hold 8080)
+        with path.open("a") as f:
+            f.write(f"\n[display]\nport = {free_port()}\n")
     return path, control, telemetry
 
 

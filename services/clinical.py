@@ -1,0 +1,479 @@
+"""The clinical workflow inside the controller: cases, site captures, pathology and the
+report (bus commands ``case.open``, ``case.close``, ``capture``, ``pathology.set``,
+``report``), with the case store (:mod:`services.casestore`, ``<state_dir>/study.db``) and
+the recorder process (:mod:`services.recorder_main`).
+
+A capture, step by step:
+
+1. checks: a case is open (``NO_CASE``), fluorescence acquisition runs while the laser
+   emits (``WRONG_STATE``), no other capture runs (``BUSY``);
+2. from now on every laser-on/laser-off pair the acquisition produces is forwarded to the
+   recorder (``on_pair``, never blocking: a pair the socket cannot take at once is counted
+   and shows up as lost frames);
+3. the next ``pairs`` valid results of pairs forwarded in step 2 are collected and averaged;
+4. the recorder is told which pairs those were (``end``); it writes exactly their frames
+   and answers with the files, the frames lost and any error (a full disk refuses the
+   capture: nothing is stored);
+5. the capture is stored in the case store (one transaction) and announced on telemetry
+   (``event`` of kind ``capture``).
+
+The command server handles one request at a time, so a capture holds other commands back
+for its duration (about ``pairs`` x 2 / fps seconds plus the writing). Safety does not
+wait for it: the supervisor runs in its own thread, and a capture stops at once, refused
+with ``WRONG_STATE``, when the laser stops emitting or acquisition stops.
+
+Files: ``<state_dir>/captures/<case_id>/<capture_id>/<frame_seq>-on.tiff`` and ``-off.tiff``.
+A capture folder appears complete or not at all (the recorder renames it into place). A
+folder whose capture never reached the case store (the controller died in between) is
+moved aside to a hidden ``.orphan-...`` name at the next start, so every visible capture
+folder belongs to a stored capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
+from services import bus as bus_mod
+from services.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
+from services.recorder_main import CAPTURES_FOLDER
+
+log = logging.getLogger(__name__)
+
+DEVICE = "recorder"
+DEFAULT_PAIRS = 8
+MAX_PAIRS = 64
+CALIBRATION_ID = "nominal"  # until a calibration procedure names its tables
+RECORD_SNDHWM = 32
+# A capture waits at most this long beyond the nominal time for its results, and for the
+# recorder this long plus a little per pair (each pair is two fsynced files).
+RESULTS_MARGIN_S = 5.0
+RECORDER_BASE_TIMEOUT_S = 10.0
+RECORDER_PER_PAIR_S = 0.5
+# How long to wait for the acquisition thread to hand over the last needed pair.
+HANDOVER_TIMEOUT_S = 2.0
+_POLL_S = 0.2
+
+
+class _Collecting:
+    """The capture that is currently collecting pairs (shared with the acquisition thread)."""
+
+    def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict):
+        self.capture_id = capture_id
+        self.case_id = case_id
+        self.folder = folder
+        self.extra = extra
+        self.cond = threading.Condition()
+        self.forwarded: set[int] = set()
+        self.first_seq: int | None = None
+        self.last_seq: int | None = None
+        self.index = 0
+        self.first_on_meta: dict | None = None
+        self.sent = 0
+        self.not_sent = 0
+
+
+class Clinical:
+    """The clinical commands of a running :class:`~services.controller_main.ControllerService`.
+
+    Construct it after the service's ZeroMQ context exists (``service.start``); register
+    :meth:`handlers` with the command server, call :meth:`on_pair` for every pair the
+    acquisition produces and :meth:`close` when the service stops.
+    """
+
+    def __init__(self, service, *, store: CaseStore | None = None):
+        self.service = service
+        self.cfg = service.cfg
+        self.state_dir = Path(service.state_dir)
+        self.runtime_dir = Path(service.runtime_dir)
+        self.store = store or CaseStore.from_config(self.state_dir / "study.db", self.cfg)
+        self._send_lock = threading.Lock()
+        self._capture_lock = threading.Lock()
+        self._collecting: _Collecting | None = None
+        self._closed = False
+        self.pairs_not_sent = 0  # over the service's life, for diagnostics
+        ctx: zmq.Context = service.ctx
+        self._push = ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, RECORD_SNDHWM)
+        self._push.bind(f"ipc://{self.runtime_dir / 'record.ipc'}")
+        self._acks = ctx.socket(zmq.PULL)
+        self._acks.setsockopt(zmq.LINGER, 0)
+        self._acks.bind(f"ipc://{self.runtime_dir / 'record_ack.ipc'}")
+        case = self.store.current_case()
+        self._case_id: str | None = case["case_id"] if case else None
+        if self._case_id:
+            log.info("case %s is still open from before; carrying on", self._case_id)
+        self._set_orphans_aside()
+
+    # ------------------------------------------------------------------ wiring
+    def handlers(self) -> dict[str, Callable[[dict, Any], Any]]:
+        """The bus commands this class serves."""
+        return {"case.open": self.cmd_case_open, "case.close": self.cmd_case_close,
+                "capture": self.cmd_capture, "pathology.set": self.cmd_pathology_set,
+                "report": self.cmd_report}
+
+    def current_case_id(self) -> str | None:
+        """The open case's id (for the status map), or ``None``."""
+        return self._case_id
+
+    def close(self) -> None:
+        """Release the sockets and the case store (idempotent)."""
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._collecting = None
+            for s in (self._push, self._acks):
+                try:
+                    s.close(linger=0)
+                except zmq.ZMQError:
+                    pass
+        self.store.close()
+
+    # ------------------------------------------------------------------ the acquisition side
+    def on_pair(self, on, off, header: dict) -> None:
+        """Forward a pair to the recorder while a capture collects. Called from the
+        acquisition thread: never blocks, never raises."""
+        c = self._collecting
+        if c is None:
+            return
+        try:
+            seq = header["frame_seq"]
+            msg = {"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
+                   "index": c.index, "frame_seq": seq, "on": header["on"], "off": header["off"],
+                   "extra": c.extra}
+            c.index += 1
+            if c.first_on_meta is None:
+                c.first_on_meta = header["on"]
+            with self._send_lock:
+                if self._closed:
+                    return
+                try:
+                    self._push.send_multipart([b"pair", bus_mod.pack(msg), _contiguous(on.data),
+                                               _contiguous(off.data)], zmq.NOBLOCK, copy=False)
+                    c.sent += 1
+                except zmq.Again:
+                    # The recorder is slow or absent: counted, and it will show as lost frames.
+                    c.not_sent += 1
+                    self.pairs_not_sent += 1
+            with c.cond:
+                c.forwarded.add(seq)
+                if c.first_seq is None:
+                    c.first_seq = seq
+                c.last_seq = seq
+                c.cond.notify_all()
+        except Exception:  # the acquisition thread must carry on whatever happens here
+            log.exception("forwarding a pair to the recorder failed")
+
+    # ------------------------------------------------------------------ commands
+    def cmd_case_open(self, args: dict, caller=None) -> dict:
+        """``case.open``: open a case; returns it with the dose and hours since injection."""
+        _only(args, {"case_id", "histology", "arm", "weight_kg", "injection_time"}, "case.open")
+        for key in ("case_id", "histology", "arm"):
+            if key not in args:
+                raise InvalidArgument(f"case.open: {key} is required")
+        case = self.store.open_case(args["case_id"], args["histology"], args["arm"],
+                                    weight_kg=args.get("weight_kg"),
+                                    injection_time=args.get("injection_time"),
+                                    clock_synchronised=wall_clock_synchronised())
+        self._case_id = case["case_id"]
+        self._event("case_opened", case_id=case["case_id"], histology=case["histology"], arm=case["arm"],
+                    warnings=case.get("warnings", []))
+        return case
+
+    def cmd_case_close(self, args: dict, caller=None) -> dict:
+        """``case.close``: close the open case (``NO_CASE`` when none)."""
+        _only(args, set(), "case.close")
+        if self._capture_lock.locked():
+            raise Busy("a capture is running; close the case when it has finished")
+        case = self.store.close_case()
+        self._case_id = None
+        self._event("case_closed", case_id=case["case_id"], captures=case.get("capture_count"))
+        return case
+
+    def cmd_pathology_set(self, args: dict, caller=None) -> dict:
+        """``pathology.set``: record the pathology finding for a capture."""
+        _only(args, {"capture_id", "margin_positive"}, "pathology.set")
+        if "capture_id" not in args or "margin_positive" not in args:
+            raise InvalidArgument("pathology.set needs capture_id (str) and margin_positive (true/false)")
+        return self.store.set_pathology(args["capture_id"], args["margin_positive"])
+
+    def cmd_report(self, args: dict, caller=None) -> dict:
+        """``report``: the diagnostic-accuracy report, optionally for one histology/arm."""
+        _only(args, {"histology", "arm"}, "report")
+        return self.store.report(histology=args.get("histology"), arm=args.get("arm"))
+
+    def cmd_capture(self, args: dict, caller=None) -> dict:
+        """``capture``: average the next valid results, record their frames, store it."""
+        _only(args, {"site", "label", "pairs"}, "capture")
+        site = args.get("site")
+        if site not in SITES:
+            raise InvalidArgument(f"site = {site!r}: allowed {', '.join(SITES)}")
+        label = args.get("label", "")
+        if not isinstance(label, str) or len(label) > LABEL_MAX_CHARS:
+            raise InvalidArgument(f"label = {label!r}: a string of at most {LABEL_MAX_CHARS} characters")
+        pairs = args.get("pairs", DEFAULT_PAIRS)
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or not 1 <= pairs <= MAX_PAIRS:
+            raise InvalidArgument(f"pairs = {pairs!r}: a whole number from 1 to {MAX_PAIRS}")
+        case = self.store.current_case()
+        if case is None:
+            raise NoCase("no case is open; open one with case.open before capturing")
+        self._check_imaging()
+        if not self._capture_lock.acquire(blocking=False):
+            raise Busy("another capture is running; try again when it has finished")
+        try:
+            return self._capture(case, site, label, pairs)
+        finally:
+            self._capture_lock.release()
+
+    # ------------------------------------------------------------------ the capture
+    def _check_imaging(self) -> None:
+        from controller.state import State
+
+        state = self.service.cart.state
+        mode = self.service.acquisition.mode
+        if state is not State.EMITTING or mode != "fluorescence":
+            raise WrongState(f"capture needs fluorescence acquisition while the laser emits; state is "
+                             f"{getattr(state, 'value', state)}, acquisition {mode}")
+
+    def _capture(self, case: dict, site: str, label: str, pairs: int) -> dict:
+        case_id = case["case_id"]
+        capture_id = self.store.next_capture_id()
+        folder = f"{CAPTURES_FOLDER}/{case_id}/{capture_id}"
+        self._set_aside(self.state_dir / folder)
+        filt = dict(getattr(self.service, "filter", {}) or {})
+        extra = {"site": site, "label": label, "filter_name": filt.get("name"),
+                 "software_version": self.store.software_version, "config_sha256": self.cfg.sha256}
+        c = _Collecting(capture_id, case_id, folder, extra)
+        started = time.monotonic()
+        self._drain_acks()
+        self._collecting = c
+        try:
+            results = self._collect(c, pairs)
+            needed = [r["frame_seq"] for r in results]
+            self._await_handover(c, needed)
+        except BaseException:
+            self._collecting = None
+            self._send_end(c, [])
+            raise
+        self._collecting = None
+        if c.sent == 0:
+            self._send_end(c, [])
+            raise DeviceError(DEVICE, f"capture {capture_id}: none of {c.not_sent} pair(s) could be handed to "
+                                      f"the recorder (is the recorder running?); capture refused")
+        done = self._finish_recording(c, needed, pairs)
+        if done.get("errors"):
+            first = done["errors"][0]
+            raise DeviceError(DEVICE, f"capture {capture_id} refused: {first.get('message')}")
+        summary = _average(results, self.cfg.processing.sbr_threshold)
+        meta = c.first_on_meta or {}
+        settings = {
+            "exposure_us": meta.get("exposure_us"), "gain": meta.get("gain"), "fps": self.service.fps,
+            "width": meta.get("width"), "height": meta.get("height"), "laser_mw": meta.get("laser_mw"),
+            "laser_setpoint_mw": getattr(self.service.cart, "setpoint_mw", None),
+            "filter": filt, "frame_seqs": needed, "pairs_not_sent": c.not_sent,
+            "pairs_forwarded": c.sent + c.not_sent, "recording": done.get("gaps", {}),
+            "missing_pairs": done.get("missing_pairs", []),
+            "collect_s": round(time.monotonic() - started, 3),
+        }
+        first_result = results[0]
+        rois = first_result.get("roi") if isinstance(first_result.get("roi"), dict) else {}
+        stored = self.store.add_capture(
+            site, label, sbr=summary["sbr"], intensity=summary["intensity"], cnr=summary["cnr"],
+            positive=summary["positive"], threshold=summary["threshold"], pairs=len(results), rois=rois,
+            settings=settings, files=done["files"], t_ns=_capture_t_ns(results), capture_id=capture_id,
+            calibration_id=CALIBRATION_ID, clock_synchronised=wall_clock_synchronised(),
+            frames_lost=int(done.get("frames_lost", 0)))
+        reply = {"capture_id": capture_id, "sbr": summary["sbr"], "intensity": summary["intensity"],
+                 "cnr": summary["cnr"], "positive": summary["positive"], "threshold": summary["threshold"],
+                 "files": done["files"], "site": site, "label": label, "pairs": len(results),
+                 "frames_lost": stored["frames_lost"], "warnings": stored.get("warnings", [])}
+        self._event("capture", case_id=case_id, capture_id=capture_id, site=site, label=label,
+                    sbr=summary["sbr"], positive=summary["positive"], threshold=summary["threshold"],
+                    files=len(done["files"]), frames_lost=stored["frames_lost"],
+                    warnings=[w.get("kind") for w in stored.get("warnings", [])])
+        return reply
+
+    def _collect(self, c: _Collecting, pairs: int) -> list[dict]:
+        """The next ``pairs`` valid results of pairs forwarded to the recorder."""
+        fps = float(self.service.fps or 1.0)
+        timeout_s = RESULTS_MARGIN_S + 3.0 * pairs * 2.0 / max(fps, 1.0)
+        deadline = time.monotonic() + timeout_s
+        got: list[dict] = []
+        seen: set[int] = set()
+        while len(got) < pairs:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeviceTimeout("capture", f"only {len(got)} of {pairs} valid result(s) within "
+                                               f"{timeout_s:.1f} s (are results flagged invalid? check the "
+                                               f"result flags); capture refused")
+            # Short waits so a laser or acquisition stop ends the capture at once.
+            batch = self.service.wait_results(pairs - len(got), min(_POLL_S, remaining), valid_only=True)
+            for r in batch:
+                seq = r.get("frame_seq")
+                if not isinstance(seq, int) or seq in seen:
+                    continue
+                with c.cond:
+                    # A result of a pair sent before the capture started has no frames here.
+                    ours = seq in c.forwarded or (c.first_seq is not None and seq > c.first_seq)
+                if ours:
+                    seen.add(seq)
+                    got.append(r)
+                    if len(got) == pairs:
+                        break
+            if len(got) < pairs:
+                self._check_imaging()
+        return got
+
+    def _await_handover(self, c: _Collecting, needed: list[int]) -> None:
+        """A result can overtake the forwarding of its own pair by a hair; wait (bounded)
+        until every needed pair has gone through :meth:`on_pair`."""
+        deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+        with c.cond:
+            while not set(needed) <= c.forwarded:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("capture %s: pair(s) %s never came through the acquisition", c.capture_id,
+                                sorted(set(needed) - c.forwarded))
+                    return
+                c.cond.wait(remaining)
+
+    def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0) -> bool:
+        msg = [b"end", bus_mod.pack({"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
+                                     "frame_seqs": list(frame_seqs)})]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._send_lock:
+                if self._closed:
+                    return False
+                try:
+                    self._push.send_multipart(msg, zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
+            if time.monotonic() >= deadline:
+                log.error("capture %s: the recorder did not take the end message within %.1f s",
+                          c.capture_id, timeout_s)
+                return False
+            time.sleep(0.01)  # the queue to the recorder is full; it drains as it writes
+
+    def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int) -> dict:
+        timeout_s = RECORDER_BASE_TIMEOUT_S + RECORDER_PER_PAIR_S * pairs
+        if not self._send_end(c, needed, timeout_s=timeout_s / 2):
+            raise DeviceTimeout(DEVICE, f"capture {c.capture_id}: the recorder took no message within "
+                                        f"{timeout_s / 2:.1f} s (is it running?); capture refused")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeviceTimeout(DEVICE, f"capture {c.capture_id}: no answer from the recorder within "
+                                            f"{timeout_s:.1f} s (is it running?); capture refused")
+            if not self._acks.poll(int(min(remaining, _POLL_S) * 1000) + 1):
+                continue
+            frames = self._acks.recv_multipart()
+            try:
+                done = bus_mod.unpack(frames[1]) if len(frames) >= 2 and frames[0] == b"done" else None
+            except ValueError:
+                done = None
+            if not isinstance(done, dict) or done.get("capture_id") != c.capture_id:
+                continue  # a late answer to an earlier, abandoned capture
+            return done
+
+    def _drain_acks(self) -> None:
+        while self._acks.poll(0):
+            self._acks.recv_multipart()
+
+    # ------------------------------------------------------------------ folders
+    def _set_aside(self, folder: Path) -> None:
+        """Move a capture folder that no stored capture owns out of sight (hidden name)."""
+        if not folder.exists():
+            return
+        target = folder.with_name(f".orphan-{folder.name}-{time.time_ns()}")
+        try:
+            folder.rename(target)
+            log.warning("capture folder %s belongs to no stored capture (interrupted before it was "
+                        "stored); moved to %s", folder, target.name)
+        except OSError as err:
+            raise DeviceError(DEVICE, f"capture folder {folder} exists without a stored capture and "
+                                      f"cannot be moved aside: {err.strerror or err}") from err
+
+    def _set_orphans_aside(self) -> None:
+        root = self.state_dir / CAPTURES_FOLDER
+        if not root.is_dir():
+            return
+        for case_dir in root.iterdir():
+            if not case_dir.is_dir() or case_dir.name.startswith("."):
+                continue
+            for folder in case_dir.iterdir():
+                if not folder.is_dir() or folder.name.startswith("."):
+                    continue
+                try:
+                    self.store.get_capture(folder.name)
+                except InvalidArgument:
+                    try:
+                        self._set_aside(folder)
+                    except DeviceError as err:
+                        log.error("%s", err)
+
+    # ------------------------------------------------------------------ telemetry
+    def _event(self, kind: str, **detail) -> None:
+        try:
+            self.service.telemetry.publish("event", {"kind": kind, **detail})
+        except Exception:  # telemetry is best effort; the record is in the case store
+            log.exception("event %s not published", kind)
+        try:
+            self.service.audit.write(kind, **detail)
+        except Exception:
+            log.exception("event %s not audited", kind)
+
+
+def _only(args: dict, allowed: set, cmd: str) -> None:
+    extra = sorted(set(map(str, args)) - allowed)
+    if extra:
+        allowed_text = ", ".join(sorted(allowed)) or "none"
+        raise InvalidArgument(f"{cmd}: unknown argument {extra[0]!r}; allowed: {allowed_text}")
+
+
+def _contiguous(array):
+    import numpy as np
+
+    return np.ascontiguousarray(array)
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _average(results: list[dict], default_threshold: float) -> dict:
+    """One capture's figures from its results, as the pipeline averages: the mean of the
+    per-pair ROI means (the ROIs have the same pixels in every pair), SBR the ratio of the
+    averaged means (a mean of per-pair ratios would be biased upward by noise), CNR against
+    the mean background spread, intensity the mean."""
+    threshold = results[-1].get("threshold", default_threshold) if results else default_threshold
+    signal = _mean([r.get("signal_mean") for r in results])
+    background = _mean([r.get("background_mean") for r in results])
+    spread = _mean([r.get("background_std") for r in results])
+    if signal is not None and background is not None:
+        sbr = signal / background if background > 0 else None
+        cnr = (signal - background) / spread if spread else None
+    else:
+        sbr = _mean([r.get("sbr") for r in results])
+        cnr = _mean([r.get("cnr") for r in results])
+    return {"sbr": sbr, "intensity": _mean([r.get("intensity") for r in results]), "cnr": cnr,
+            "positive": None if sbr is None else bool(sbr >= threshold), "threshold": float(threshold)}
+
+
+def _capture_t_ns(results: list[dict]) -> int | None:
+    """The capture's wall time: the capture time of its last pair (else now)."""
+    times = [r.get("t_capture_ns") for r in results if isinstance(r.get("t_capture_ns"), int)]
+    return max(times) if times else None

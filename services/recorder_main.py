@@ -1,0 +1,513 @@
+"""The recorder service: its own process, writing the frames of each capture to disk.
+
+Why a process of its own: a slow or full disk, or a crash while writing, must never
+stall the controller's acquisition or touch laser safety (PRODUCT.md, processes).
+
+Sockets (both ``ipc://`` in the runtime folder; the controller binds, the recorder
+connects, so either side may restart):
+
+- ``record.ipc``: the controller PUSHes, the recorder PULLs;
+- ``record_ack.ipc``: the recorder PUSHes its answers, the controller PULLs.
+
+Messages to the recorder (multipart; every header is a msgpack map):
+
+``[b"pair", header, on_bytes, off_bytes]``
+    one laser-on/laser-off pair forwarded while a capture is collecting. ``header``::
+
+        {"capture_id": str,        # e.g. "DFSP-014-c003"
+         "case_id": str,           # e.g. "DFSP-014"
+         "folder": str,            # "captures/<case_id>/<capture_id>", relative to the state folder
+         "index": int,             # 0, 1, 2 ... pairs forwarded for this capture
+         "frame_seq": int,         # the pair's sequence number (the laser-on frame's MCU frame)
+         "on": {frame metadata},   # seq, mcu_frame, lit, t_start_ns, t_end_ns, exposure_us,
+         "off": {frame metadata},  #   gain, laser_mw, filter_position, bits, black_level, width, height
+         "extra": {...}}           # optional: site, label, filter_name ... embedded in the files
+
+    ``on_bytes`` and ``off_bytes`` are the raw frames: ``uint16``, native byte order,
+    ``height`` x ``width`` from the metadata.
+
+``[b"end", header]``
+    the capture's results are in. ``header``::
+
+        {"capture_id": str, "case_id": str, "folder": str,
+         "frame_seqs": [int, ...]}  # the pairs whose results were averaged; [] aborts
+
+The answer to ``end`` (on ``record_ack.ipc``)::
+
+    [b"done", {"capture_id": str, "case_id": str,
+               "files": [str, ...],      # relative to the state folder, on then off per pair
+               "frames_lost": int,       # frames of the capture's span that never reached the disk
+               "gaps": {...},            # SequenceGapCounter.summary() of that span
+               "missing_pairs": [int],   # requested frame_seqs the recorder never received
+               "bytes_written": int,
+               "errors": [{"code": "DISK_FULL" | "WRITE_FAILED" | "BAD_REQUEST", "message": str}]}]
+
+How a capture reaches the disk, so that nothing half-written is ever visible (D2): the
+recorder keeps the forwarded pairs in memory (bounded by ``[recorder] buffer_mb``) until
+``end``; it then writes the requested frames with :func:`services.tiff.write_tiff_atomic`
+into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
+that folder to ``captures/<case_id>/<capture_id>`` (atomic) once every file is on disk,
+then flushes the parent folder. A crash leaves at most a hidden staging folder, removed
+when the recorder starts again. A full disk (or less free space than
+``[recorder] reserve_mb`` would leave) refuses the whole capture: nothing is renamed
+into place and the staging folder is removed.
+
+Gaps (D3): every frame that arrives for a capture is accounted for with a
+:class:`~services.tiff.SequenceGapCounter`; the frames missing from the capture's span
+(first requested laser-on frame to last requested laser-off frame) are reported as
+``frames_lost``, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+import config as config_mod
+from hal.clock import Clock, SystemClock
+from hal.errors import NirfError
+from services import bus as bus_mod
+from services import sdnotify
+from services.tiff import RecorderDiskFull, RecorderError, SequenceGapCounter, write_tiff_atomic
+
+log = logging.getLogger(__name__)
+
+DEVICE = "recorder"
+CAPTURES_FOLDER = "captures"
+STAGING_SUFFIX = ".partial"
+# ids are the case store's pseudonymous codes: letters, digits, "_", "." and "-" only,
+# so they can never climb out of the captures folder.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# A capture whose "end" never comes (the controller died) is forgotten after this long.
+STALE_AFTER_S = 120.0
+_MB = 1024 * 1024
+_META_KEYS = ("seq", "mcu_frame", "lit", "t_start_ns", "t_end_ns", "exposure_us", "gain", "laser_mw",
+              "filter_position", "bits", "black_level", "width", "height")
+
+
+class BadMessage(ValueError):
+    """A message to the recorder did not have the documented shape."""
+
+
+def _need(header: dict, key: str, kind) -> Any:
+    value = header.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise BadMessage(f"{key} = {value!r}: expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _check_ids(header: dict) -> tuple[str, str, str]:
+    capture_id = _need(header, "capture_id", str)
+    case_id = _need(header, "case_id", str)
+    for name, value in (("capture_id", capture_id), ("case_id", case_id)):
+        if not _ID_RE.fullmatch(value) or value in (".", ".."):
+            raise BadMessage(f"{name} = {value!r}: not a study code (letters, digits, _ . -)")
+    folder = f"{CAPTURES_FOLDER}/{case_id}/{capture_id}"
+    if header.get("folder", folder) != folder:
+        raise BadMessage(f"folder = {header.get('folder')!r}: expected {folder!r}")
+    return capture_id, case_id, folder
+
+
+@dataclass
+class _Pair:
+    index: int
+    frame_seq: int
+    on_meta: dict
+    off_meta: dict
+    extra: dict
+    on: Any  # bytes-like
+    off: Any
+
+
+@dataclass
+class _Buffer:
+    """The pairs of one capture held until its end."""
+
+    capture_id: str
+    case_id: str
+    pairs: dict[int, _Pair] = field(default_factory=dict)
+    arrivals: list[int] = field(default_factory=list)  # frame numbers, in order of arrival
+    bytes_held: int = 0
+    dropped_pairs: int = 0  # not kept: buffer full or malformed frames
+    last_arrival_s: float = 0.0
+
+
+class Recorder:
+    """The recorder's logic, without sockets (so tests drive it in-process).
+
+    ``state_dir``: the cart's state folder; files go under ``<state_dir>/captures``.
+    ``reserve_bytes``: free space a capture may not eat into. ``max_buffer_bytes``: memory
+    for one capture's frames while it is collected; pairs beyond it are not kept and show
+    up as lost frames. ``clock``: for forgetting captures whose end never came.
+    ``on_progress``: called after every file written (feeds the service watchdog).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike, *, reserve_bytes: int = 256 * _MB,
+                 max_buffer_bytes: int = 1024 * _MB, stale_after_s: float = STALE_AFTER_S,
+                 clock: Clock | None = None, on_progress=None):
+        self.state_dir = Path(state_dir)
+        # called after each file written: a long capture must keep the service watchdog fed
+        self.on_progress = on_progress or (lambda: None)
+        self.captures_dir = self.state_dir / CAPTURES_FOLDER
+        self.reserve_bytes = int(reserve_bytes)
+        self.max_buffer_bytes = int(max_buffer_bytes)
+        self.stale_after_s = float(stale_after_s)
+        self.clock = clock or SystemClock()
+        self.buffers: dict[str, _Buffer] = {}
+        self.bad_messages = 0
+        self.captures_written = 0
+        self.captures_refused = 0
+
+    @classmethod
+    def from_config(cls, cfg, state_dir: str | os.PathLike | None = None, **kw) -> "Recorder":
+        """A recorder using the ``[recorder]`` section of a validated config."""
+        r = cfg.recorder
+        return cls(state_dir if state_dir is not None else cfg.state_dir(),
+                   reserve_bytes=r.reserve_mb * _MB, max_buffer_bytes=r.buffer_mb * _MB, **kw)
+
+    # ------------------------------------------------------------------ start-up
+    def remove_leftovers(self) -> list[Path]:
+        """Delete what a crash can leave behind: hidden staging folders and hidden
+        temporary files under the captures folder. Visible files are never touched.
+        Returns what was removed."""
+        removed: list[Path] = []
+        if not self.captures_dir.is_dir():
+            return removed
+        for case_dir in self.captures_dir.iterdir():
+            if not case_dir.is_dir() or case_dir.name.startswith("."):
+                continue
+            for entry in case_dir.iterdir():
+                if entry.name.startswith(".") and entry.name.endswith(STAGING_SUFFIX) and entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+                elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+                elif entry.is_dir() and not entry.name.startswith("."):
+                    for f in entry.iterdir():  # temporary files of an interrupted atomic write
+                        if f.name.startswith(".") and f.name.endswith(".tmp"):
+                            f.unlink(missing_ok=True)
+                            removed.append(f)
+        for path in removed:
+            log.warning("removed %s left by an interrupted recording", path)
+        return removed
+
+    # ------------------------------------------------------------------ messages
+    def handle(self, frames: list) -> list[bytes] | None:
+        """Handle one multipart message; returns the answer's frames for ``end``, else
+        ``None``. A malformed message is counted and logged, never raised."""
+        try:
+            if len(frames) < 2:
+                raise BadMessage(f"{len(frames)} frame(s); at least a topic and a header expected")
+            topic = bytes(frames[0])
+            try:
+                header = bus_mod.unpack(bytes(frames[1]))
+            except ValueError as err:
+                raise BadMessage(f"header is not msgpack: {err}") from err
+            if not isinstance(header, dict):
+                raise BadMessage(f"header must be a map, got {type(header).__name__}")
+            if topic == b"pair":
+                if len(frames) != 4:
+                    raise BadMessage(f"pair with {len(frames)} frames; expected 4")
+                self.add_pair(header, frames[2], frames[3])
+                return None
+            if topic == b"end":
+                try:
+                    done = self.finish(header)
+                except BadMessage:
+                    raise
+                except Exception as err:  # noqa: BLE001 - the controller must get an answer
+                    log.exception("recorder: capture could not be finished")
+                    done = {"capture_id": header.get("capture_id"), "files": [], "frames_lost": 0,
+                            "missing_pairs": [], "bytes_written": 0,
+                            "errors": [{"code": "WRITE_FAILED",
+                                        "message": f"{DEVICE}: internal error: {type(err).__name__}: {err}"}]}
+                return [b"done", bus_mod.pack(done)]
+            raise BadMessage(f"unknown topic {topic[:32]!r}")
+        except BadMessage as err:
+            self.bad_messages += 1
+            log.error("recorder: message refused: %s", err)
+            if frames and bytes(frames[0]) == b"end":
+                # The controller waits for an answer: give it one, naming the problem.
+                capture_id = None
+                try:
+                    capture_id = bus_mod.unpack(bytes(frames[1])).get("capture_id")
+                except Exception:  # noqa: BLE001 - already known to be malformed
+                    pass
+                return [b"done", bus_mod.pack({"capture_id": capture_id, "files": [], "frames_lost": 0,
+                                               "missing_pairs": [], "bytes_written": 0,
+                                               "errors": [{"code": "BAD_REQUEST", "message": str(err)}]})]
+            return None
+
+    def add_pair(self, header: dict, on, off) -> None:
+        """Keep one forwarded pair in the capture's buffer (or count it as dropped)."""
+        capture_id, case_id, _ = _check_ids(header)
+        seq = _need(header, "frame_seq", int)
+        index = header.get("index", 0)
+        on_meta, off_meta = header.get("on"), header.get("off")
+        if not isinstance(on_meta, dict) or not isinstance(off_meta, dict):
+            raise BadMessage("on and off must be frame metadata maps")
+        buf = self.buffers.get(capture_id)
+        if buf is None:
+            # One capture at a time: pairs of a new one mean any other will never end.
+            for old in list(self.buffers):
+                log.warning("recorder: capture %s never ended; its %d pair(s) are dropped", old,
+                            len(self.buffers[old].pairs))
+                del self.buffers[old]
+            buf = self.buffers[capture_id] = _Buffer(capture_id, case_id)
+        buf.last_arrival_s = self.clock.monotonic()
+        size = len(memoryview(on)) + len(memoryview(off))
+        for meta, data, role in ((on_meta, on, "on"), (off_meta, off, "off")):
+            w, h = meta.get("width"), meta.get("height")
+            if not isinstance(w, int) or not isinstance(h, int) or len(memoryview(data)) != w * h * 2:
+                buf.dropped_pairs += 1
+                log.error("recorder: capture %s pair %s: %s frame of %d bytes does not match %rx%r "
+                          "uint16; pair not recorded", capture_id, seq, role, len(memoryview(data)), w, h)
+                return
+        if buf.bytes_held + size > self.max_buffer_bytes:
+            buf.dropped_pairs += 1
+            log.error("recorder: capture %s: buffer full (%d of %d bytes); pair %d not kept",
+                      capture_id, buf.bytes_held, self.max_buffer_bytes, seq)
+            return
+        buf.pairs[seq] = _Pair(index, seq, on_meta, off_meta, header.get("extra") or {}, on, off)
+        buf.bytes_held += size
+        buf.arrivals.append(_frame_number(on_meta, seq))
+        buf.arrivals.append(_frame_number(off_meta, seq + 1))
+
+    def expire_stale(self) -> int:
+        """Forget captures whose end has not come within ``stale_after_s``; returns how
+        many (their memory would otherwise be held for ever)."""
+        now = self.clock.monotonic()
+        stale = [cid for cid, b in self.buffers.items() if now - b.last_arrival_s > self.stale_after_s]
+        for cid in stale:
+            log.warning("recorder: capture %s had no end within %.0f s; %d pair(s) dropped", cid,
+                        self.stale_after_s, len(self.buffers[cid].pairs))
+            del self.buffers[cid]
+        return len(stale)
+
+    # ------------------------------------------------------------------ committing
+    def finish(self, header: dict) -> dict:
+        """Write the requested pairs of a capture and answer with its files."""
+        capture_id, case_id, folder = _check_ids(header)
+        seqs = header.get("frame_seqs")
+        if not isinstance(seqs, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seqs):
+            raise BadMessage(f"frame_seqs = {seqs!r}: expected a list of whole numbers")
+        buf = self.buffers.pop(capture_id, None) or _Buffer(capture_id, case_id)
+        done: dict[str, Any] = {"capture_id": capture_id, "case_id": case_id, "files": [], "frames_lost": 0,
+                                "gaps": {}, "missing_pairs": [], "bytes_written": 0, "errors": []}
+        if not seqs:
+            log.info("recorder: capture %s aborted; %d pair(s) discarded", capture_id, len(buf.pairs))
+            return done
+        wanted = sorted(set(seqs))
+        done["frames_lost"], done["gaps"] = self._account(buf, wanted)
+        done["missing_pairs"] = [s for s in wanted if s not in buf.pairs]
+        present = [buf.pairs[s] for s in wanted if s in buf.pairs]
+
+        case_dir = self.captures_dir / case_id
+        final = case_dir / capture_id
+        staging = case_dir / f".{capture_id}{STAGING_SUFFIX}"
+        try:
+            if final.exists():
+                raise RecorderError(f"capture folder {folder} already exists; refusing to replace it")
+            case_dir.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                shutil.rmtree(staging)
+            self._check_space(case_dir, present, folder)
+            staging.mkdir()
+            files, written = [], 0
+            for pair in present:
+                for role, meta, data in (("on", pair.on_meta, pair.on), ("off", pair.off_meta, pair.off)):
+                    name = f"{pair.frame_seq}-{role}.tiff"
+                    array = np.frombuffer(data, dtype=np.uint16).reshape(meta["height"], meta["width"])
+                    written += write_tiff_atomic(staging / name, array,
+                                                 self._metadata(buf, pair, role, meta),
+                                                 reserve_bytes=self.reserve_bytes)
+                    files.append(f"{folder}/{name}")
+                    self.on_progress()
+            # The folder appears in one step, complete: there is no moment where a reader
+            # sees some files of the capture and not others.
+            os.rename(staging, final)
+            _fsync_folder(case_dir)
+        except RecorderError as err:
+            self._discard(staging)
+            self.captures_refused += 1
+            code = "DISK_FULL" if isinstance(err, RecorderDiskFull) else "WRITE_FAILED"
+            log.error("recorder: capture %s refused: %s", capture_id, err)
+            done["errors"].append({"code": code, "message": str(err)})
+            return done
+        except OSError as err:
+            self._discard(staging)
+            self.captures_refused += 1
+            full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+            message = (f"{DEVICE}: cannot commit capture {capture_id} in {folder}: "
+                       f"{err.strerror or err}; capture refused, nothing kept")
+            log.error("%s", message)
+            done["errors"].append({"code": "DISK_FULL" if full else "WRITE_FAILED", "message": message})
+            return done
+        self.captures_written += 1
+        done["files"], done["bytes_written"] = files, written
+        log.info("recorder: capture %s: %d file(s), %d bytes, %d frame(s) lost", capture_id, len(files),
+                 written, done["frames_lost"])
+        return done
+
+    def _check_space(self, folder: Path, pairs: list[_Pair], name: str) -> None:
+        # Refuse up front, before the first byte, when the whole capture cannot fit.
+        needed = sum(len(memoryview(p.on)) + len(memoryview(p.off)) + 2 * 4096 for p in pairs)
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return
+        if free - needed < self.reserve_bytes:
+            raise RecorderDiskFull(f"disk nearly full for capture {name}: {free} bytes free, need "
+                                   f"{needed} plus {self.reserve_bytes} in reserve; capture refused, "
+                                   f"nothing written")
+
+    @staticmethod
+    def _discard(staging: Path) -> None:
+        try:
+            shutil.rmtree(staging)
+        except FileNotFoundError:
+            pass
+        except OSError as err:  # a hidden folder; the next start removes it
+            log.error("recorder: could not remove %s: %s", staging, err)
+
+    @staticmethod
+    def _metadata(buf: _Buffer, pair: _Pair, role: str, meta: dict) -> dict:
+        out = {k: meta.get(k) for k in _META_KEYS}
+        out.update(pair.extra)
+        out.update(role=role, frame_seq=pair.frame_seq, pair_index=pair.index,
+                   capture_id=buf.capture_id, case_id=buf.case_id)
+        return out
+
+    @staticmethod
+    def _account(buf: _Buffer, wanted: list[int]) -> tuple[int, dict]:
+        """Frames of the span [first requested on, last requested off] that did not
+        reach the recorder: the counter sees what arrived, the edges are added."""
+        first = wanted[0]
+        last_pair = buf.pairs.get(wanted[-1])
+        last = _frame_number(last_pair.off_meta, wanted[-1] + 1) if last_pair else wanted[-1] + 1
+        counter = SequenceGapCounter(f"capture {buf.capture_id}")
+        for n in buf.arrivals:
+            if first <= n <= last:
+                counter.feed(n)
+        if counter.first_seq is None:
+            lost = last - first + 1
+        else:
+            lost = (counter.first_seq - first) + counter.missing + (last - counter.last_seq if
+                                                                   counter.last_seq < last else 0)
+        summary = counter.summary()
+        summary.update(span=[first, last], dropped_pairs=buf.dropped_pairs)
+        if lost:
+            log.warning("recorder: capture %s: %d frame(s) of %d..%d never reached the recorder",
+                        buf.capture_id, lost, first, last)
+        return lost, summary
+
+
+def _frame_number(meta: dict, default: int) -> int:
+    n = meta.get("mcu_frame")
+    return n if isinstance(n, int) and not isinstance(n, bool) else default
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RecorderService:
+    """The recorder's sockets around :class:`Recorder` (connects to the controller)."""
+
+    def __init__(self, recorder: Recorder, runtime_dir: str | os.PathLike, *,
+                 context: zmq.Context | None = None):
+        self.recorder = recorder
+        self.runtime_dir = Path(runtime_dir)
+        self.ctx = context or zmq.Context()
+        self.stop_event = threading.Event()
+        self.watchdog = sdnotify.WatchdogPinger()
+        recorder.on_progress = self.watchdog
+
+    def connect(self) -> None:
+        """Connect to the controller's recording sockets (they need not exist yet)."""
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.RCVHWM, 32)
+        self.pull.connect(f"ipc://{self.runtime_dir / 'record.ipc'}")
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 1000)  # let a last answer out when stopping
+        self.push.setsockopt(zmq.SNDHWM, 100)
+        self.push.connect(f"ipc://{self.runtime_dir / 'record_ack.ipc'}")
+
+    def serve_once(self, timeout_ms: int = 200) -> bool:
+        """Handle at most one message; returns whether one came."""
+        if not self.pull.poll(timeout_ms):
+            self.recorder.expire_stale()
+            return False
+        frames = self.pull.recv_multipart(copy=False)
+        reply = self.recorder.handle([f.buffer for f in frames])
+        if reply is not None:
+            try:
+                self.push.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.Again:
+                log.error("recorder: the controller is not there to take the answer")
+        return True
+
+    def serve(self) -> None:
+        """Serve until ``stop_event`` is set."""
+        while not self.stop_event.is_set():
+            self.watchdog()
+            try:
+                self.serve_once()
+            except Exception:  # one bad capture must not stop the recorder
+                log.exception("recorder: message could not be handled")
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="NIRF capture recorder")
+    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s recorder %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_mod.load(args.config)
+        state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        recorder = Recorder.from_config(cfg, state_dir)
+        recorder.remove_leftovers()
+    except (NirfError, OSError) as err:
+        log.error("cannot start: %s", err)
+        return 2
+    svc = RecorderService(recorder, runtime_dir)
+    svc.connect()
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    (runtime_dir / "recorder.pid").write_text(f"{os.getpid()}\n")
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
+    signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    log.info("recorder ready: captures in %s", recorder.captures_dir)
+    sdnotify.ready()
+    try:
+        svc.serve()
+    finally:
+        sdnotify.stopping()
+        svc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
