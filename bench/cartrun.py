@@ -36,6 +36,8 @@ CHILD_MODULES = {
     "hardware": "sim.hardware",
     "controller": "services.controller_main",
     "processing": "services.processing_main",
+    "recorder": "services.recorder_main",
+    "display": "services.display_main",
 }
 
 
@@ -134,6 +136,8 @@ preview_rate_hz = {float(preview_rate_hz)}
 [safety]
 emission_delay_s = {float(emission_delay_s)}
 heartbeat_timeout_ms = {int(heartbeat_timeout_ms)}
+[display]
+port = {free_port()}
 [camera]
 width = {int(width)}
 height = {int(height)}
@@ -237,8 +241,8 @@ exposure_us = {int(exposure_us)}
         return f"ipc://{self.runtime_dir / 'world.pub'}"
 
     def pids(self) -> dict[str, int]:
-        """Process ids by role: ``launcher``, ``hardware``, ``controller``, ``processing``
-        (those that are running)."""
+        """Process ids by role: ``launcher`` and its children (``hardware``, ``controller``,
+        ``processing``, ``recorder``, ``display``), those that are running."""
         found = {}
         if self.proc is not None and self.proc.poll() is None:
             found["launcher"] = self.proc.pid
@@ -297,6 +301,9 @@ def to_safe(client: CartClient, timeout_s: float = 10.0) -> None:
 def arm_and_emit(client: CartClient, power_mw: float, timeout_s: float = 15.0) -> None:
     """From SAFE: arm, wait for ARMED (the emission delay), turn the laser on and wait
     until the cart reports EMITTING."""
+    # forget queued telemetry: a status from an earlier round must not pass for this one
+    while client.receive(0) is not None:
+        pass
     client.call("arm", timeout_s=timeout_s)
     if client.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=timeout_s) is None:
         raise TimeoutError(f"not ARMED within {timeout_s} s")

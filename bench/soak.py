@@ -92,7 +92,9 @@ class CaptureWorker(threading.Thread):
         injected = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=24)
         try:
             client.call("case.open", {"case_id": f"SOAK-{int(time.time())}", "histology": "DFSP",
-                                      "arm": "control", "injection_time": injected.isoformat()},
+                                      # the fixed-dose arm: no weight needed; injected 24 h ago, inside
+                                      # the imaging window
+                                      "arm": "icg_25mg", "injection_time": injected.isoformat()},
                         timeout_s=10.0)
         except CartError as err:
             self.note = (f"captures skipped: case.open answered {err.code} ({err.message})"

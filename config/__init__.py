@@ -140,6 +140,11 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "fixed_dose_mg": _f(25.0, 0.1, 100.0),
         "dose_mg_per_kg": _f(0.25, 0.01, 5.0),
     },
+    "calibration": {
+        "qc_intensity_tolerance": _f(0.10, 0.01, 0.5, "daily QC passes with intensity within this fraction of the baseline"),
+        "qc_sbr_tolerance": _f(0.05, 0.01, 0.5, "daily QC passes with SBR within this fraction of the baseline"),
+        "qc_results": _i(16, 1, 256, "valid results averaged per QC measurement"),
+    },
     "recorder": {
         "reserve_mb": _i(256, 0, 100_000, "free disk space a capture may not eat into (keeps room for the case database)"),
         "buffer_mb": _i(1024, 16, 16_384, "memory holding one capture's frames until it is committed"),

@@ -585,8 +585,10 @@ class Cart:
                     "setpoint_mw": self.setpoint_mw,
                     "temp_c": None if st is None else round(st.temp_c, 2),
                 },
-                "interlock": "closed" if self.interlock_closed else "open",
-                "key": self.key_on,
+                # Either reading of an open loop or a key that is off counts: the MCU usually
+                # sees an edge a few milliseconds before the Pi's debounced input does.
+                "interlock": "closed" if self.interlock_closed and (st is None or st.interlock_closed) else "open",
+                "key": self.key_on and (st is None or st.key_on),
                 "footswitch": self.footswitch_pressed,
                 "indicator": self._indicator_on_since is not None,
             }

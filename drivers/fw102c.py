@@ -33,6 +33,15 @@ from hal.filter_wheel import FilterWheel
 
 log = logging.getLogger(__name__)
 
+try:  # pyserial's flush calls on a vanished tty raise termios.error, which is no OSError
+    from termios import error as _TermiosError
+except ImportError:  # pragma: no cover - not on Linux
+    class _TermiosError(Exception):
+        pass
+
+# What a port raises when its device vanishes (serial.SerialException is an OSError).
+_PORT_ERRORS = (OSError, _TermiosError)
+
 PROMPT = b">"
 ERROR_PREFIX = "Command error"
 # A reply longer than this without a prompt is not the wheel talking.
@@ -273,7 +282,7 @@ class Fw102cWheel(FilterWheel):
     def _io(self, call: Callable, *args: Any) -> Any:
         try:
             return call(*args)
-        except OSError as err:  # serial.SerialException is an OSError
+        except _PORT_ERRORS as err:
             name = getattr(self._port, "port", None) or "port"
             self._drop_port()
             raise DeviceDisconnected(self.device, f"{name} failed ({err}); the wheel's port is gone") from err

@@ -11,6 +11,12 @@ Examples::
     nirfctl call roi.set '{"auto": true}'
     nirfctl keys create alice --out ~/.nirf    # a key pair for a technician
     nirfctl keys authorise ~/.nirf/alice.key --role observer
+    nirfctl case open DFSP-014 --histology DFSP --arm icg_25mg --injection-time 2024-05-02T08:30:00+02:00
+    nirfctl capture tumor_bed --label "12 o'clock"
+    nirfctl pathology set DFSP-014-c002 negative
+    nirfctl case close
+    nirfctl report --histology DFSP
+    nirfctl export --case DFSP-014 --out DFSP-014.csv    # or the whole study without --case
 
 The endpoint and key come from flags, else from the configuration profile
 (``--config``, default ``sim``) and its state directory.
@@ -30,8 +36,12 @@ import config as config_mod
 from hal.errors import DeviceTimeout, NirfError
 from services import keys as keys_mod
 from services.client import CartClient, CartError
+from services.report import ARMS, HISTOLOGIES
+
+SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 
 EXIT_OK, EXIT_REFUSED, EXIT_NO_ANSWER, EXIT_USAGE = 0, 1, 3, 2
+CAPTURE_TIMEOUT_S = 90.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +102,36 @@ def _parser() -> argparse.ArgumentParser:
     ka.add_argument("public_key")
     ka.add_argument("--role", choices=keys_mod.ROLES, required=True)
     ka.add_argument("--name", help="name to file it under (default: the file's name)")
+    _add_clinical_commands(sub)
     return p
+
+
+def _add_clinical_commands(sub) -> None:
+    """``case``, ``capture``, ``pathology``, ``report`` and ``export``: the study workflow."""
+    case = sub.add_parser("case", help="open or close the study case")
+    csub = case.add_subparsers(dest="action", required=True)
+    co = csub.add_parser("open", help="open a case (pseudonymous study code only, never a name)")
+    co.add_argument("case_id", help="the study code, e.g. DFSP-014")
+    co.add_argument("--histology", required=True, choices=HISTOLOGIES)
+    co.add_argument("--arm", required=True, choices=ARMS)
+    co.add_argument("--weight-kg", type=float, help="needed for the per-kg arm")
+    co.add_argument("--injection-time", help="ISO 8601 with a time zone, e.g. 2024-05-02T08:30:00+02:00")
+    csub.add_parser("close", help="close the open case")
+    cap = sub.add_parser("capture", help="capture a site of the open case (laser emitting, fluorescence running)")
+    cap.add_argument("site", choices=SITES)
+    cap.add_argument("--label", default="", help="where, e.g. \"12 o'clock\" (no names)")
+    cap.add_argument("--pairs", type=int, default=8, help="valid results to average, 1-64 (default 8)")
+    path = sub.add_parser("pathology", help="enter pathology's finding for a capture")
+    psub = path.add_subparsers(dest="action", required=True)
+    ps = psub.add_parser("set")
+    ps.add_argument("capture_id")
+    ps.add_argument("margin", choices=["positive", "negative"], help="the margin's pathology finding")
+    rep = sub.add_parser("report", help="the diagnostic-accuracy report")
+    rep.add_argument("--histology", choices=HISTOLOGIES)
+    rep.add_argument("--arm", choices=ARMS)
+    exp = sub.add_parser("export", help="CSV of one case or the whole study, read from the case database")
+    exp.add_argument("--case", dest="case_id", help="one case (default: the whole study)")
+    exp.add_argument("--out", default="-", help="file to write (default: standard output)")
 
 
 def _request_for(args) -> tuple[str, dict]:
@@ -126,6 +165,21 @@ def _request_for(args) -> tuple[str, dict]:
         return "sim.set", _json_map(args.changes)
     if c == "call":
         return args.cmd, _json_map(args.args)
+    if c == "case":
+        if args.action == "close":
+            return "case.close", {}
+        a = {"case_id": args.case_id, "histology": args.histology, "arm": args.arm}
+        if args.weight_kg is not None:
+            a["weight_kg"] = args.weight_kg
+        if args.injection_time:
+            a["injection_time"] = args.injection_time
+        return "case.open", a
+    if c == "capture":
+        return "capture", {"site": args.site, "label": args.label, "pairs": args.pairs}
+    if c == "pathology":
+        return "pathology.set", {"capture_id": args.capture_id, "margin_positive": args.margin == "positive"}
+    if c == "report":
+        return "report", {k: v for k, v in (("histology", args.histology), ("arm", args.arm)) if v}
     raise SystemExit(f"nirfctl: unhandled command {c}")
 
 
@@ -165,6 +219,8 @@ def _print_result(cmd: str, result, as_json: bool) -> None:
         return
     if cmd == "status" and isinstance(result, dict):
         print(format_status(result))
+    elif cmd == "report" and isinstance(result, dict):
+        print(format_report(result))
     elif isinstance(result, dict):
         for k, v in result.items():
             print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
@@ -236,6 +292,46 @@ def watch(client: CartClient, seconds: float, as_json: bool, out=sys.stdout) -> 
     return EXIT_OK
 
 
+def format_report(report: dict) -> str:
+    """The report as a table: counts and each proportion with its 95 % intervals."""
+
+    def prop(m: dict) -> str:
+        if not m or m.get("value") is None:
+            return f"{'-':>7} ({m.get('k', 0)}/{m.get('n', 0)})"
+        lo, hi = m["clopper_pearson"]
+        return f"{m['value']:7.3f} ({m['k']}/{m['n']}, CP {lo:.3f}-{hi:.3f})"
+
+    lines = []
+    for g in report.get("groups", []):
+        n = g.get("counts", {})
+        met = g.get("metrics", {})
+        lines.append(f"{g.get('histology')} / {g.get('arm')}: tp {n.get('tp')} fp {n.get('fp')} tn {n.get('tn')} "
+                     f"fn {n.get('fn')}, positive margins {g.get('positive_margins')}")
+        for name in ("sensitivity", "specificity", "ppv", "npv"):
+            lines.append(f"    {name:<12} {prop(met.get(name, {}))}")
+    return "\n".join(lines) if lines else "(no data)"
+
+
+def export_command(args, cfg) -> int:
+    """CSV export straight from the case database in the state folder (no cart needed)."""
+    from services.casestore import CaseStore
+
+    state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
+    db = state_dir / "study.db"
+    if not db.exists():
+        print(f"nirfctl export: no case database at {db}; give --state-dir", file=sys.stderr)
+        return EXIT_USAGE
+    with CaseStore(db) as store:
+        if args.out == "-":
+            rows = store.export_csv(sys.stdout, case_id=args.case_id)
+        else:
+            rows = store.export_csv(args.out, case_id=args.case_id)
+    what = f"case {args.case_id}" if args.case_id else "the study"
+    print(f"exported {rows} capture row(s) of {what}" + ("" if args.out == "-" else f" to {args.out}"),
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def keys_command(args, cfg) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
     if args.action == "init":
@@ -257,6 +353,8 @@ def main(argv=None) -> int:
         cfg = config_mod.load(args.config)
         if args.command == "keys":
             return keys_command(args, cfg)
+        if args.command == "export":
+            return export_command(args, cfg)
         client = _client(args, cfg)
     except NirfError as err:
         print(f"nirfctl: {err}", file=sys.stderr)
@@ -266,7 +364,9 @@ def main(argv=None) -> int:
             return watch(client, args.seconds, args.json)
         cmd, cmd_args = _request_for(args)
         try:
-            result = client.call(cmd, cmd_args, timeout_s=args.timeout)
+            # a capture takes its pairs' time plus the writing; the cart bounds it itself
+            timeout_s = max(args.timeout, CAPTURE_TIMEOUT_S) if cmd == "capture" else args.timeout
+            result = client.call(cmd, cmd_args, timeout_s=timeout_s)
         except CartError as err:
             if args.json:
                 print(json.dumps({"ok": False, "error": {"code": err.code, "message": err.message}}))
@@ -274,7 +374,7 @@ def main(argv=None) -> int:
                 print(f"refused: {err.code}: {err.message}", file=sys.stderr)
             return EXIT_REFUSED
         except DeviceTimeout:
-            msg = f"no answer from the cart at {client.control} within {args.timeout} s (is it running? right endpoint and keys?)"
+            msg = f"no answer from the cart at {client.control} within {timeout_s} s (is it running? right endpoint and keys?)"
             if args.json:
                 print(json.dumps({"ok": False, "error": {"code": "TIMEOUT", "message": msg}}))
             else:

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import zmq
 
 from hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 DEVICE = "recorder"
 DEFAULT_PAIRS = 8
 MAX_PAIRS = 64
-CALIBRATION_ID = "nominal"  # until a calibration procedure names its tables
+CALIBRATION_ID = "nominal"  # when the controller names no stored calibration
 RECORD_SNDHWM = 32
 # A capture waits at most this long beyond the nominal time for its results, and for the
 # recorder this long plus a little per pair (each pair is two fsynced files).
@@ -262,11 +263,10 @@ class Clinical:
             self._await_handover(c, needed)
         except BaseException:
             self._collecting = None
-            self._send_end(c, [])
+            self._abandon(c)
             raise
         self._collecting = None
         if c.sent == 0:
-            self._send_end(c, [])
             raise DeviceError(DEVICE, f"capture {capture_id}: none of {c.not_sent} pair(s) could be handed to "
                                       f"the recorder (is the recorder running?); capture refused")
         done = self._finish_recording(c, needed, pairs)
@@ -290,7 +290,7 @@ class Clinical:
             site, label, sbr=summary["sbr"], intensity=summary["intensity"], cnr=summary["cnr"],
             positive=summary["positive"], threshold=summary["threshold"], pairs=len(results), rois=rois,
             settings=settings, files=done["files"], t_ns=_capture_t_ns(results), capture_id=capture_id,
-            calibration_id=CALIBRATION_ID, clock_synchronised=wall_clock_synchronised(),
+            calibration_id=self._calibration_id(), clock_synchronised=wall_clock_synchronised(),
             frames_lost=int(done.get("frames_lost", 0)))
         reply = {"capture_id": capture_id, "sbr": summary["sbr"], "intensity": summary["intensity"],
                  "cnr": summary["cnr"], "positive": summary["positive"], "threshold": summary["threshold"],
@@ -333,6 +333,16 @@ class Clinical:
                 self._check_imaging()
         return got
 
+    def _calibration_id(self) -> str:
+        """The calibration in use, when the controller has one; else "nominal"."""
+        calibration = getattr(self.service, "calibration", None)
+        try:
+            value = calibration.current_id() if calibration is not None else None
+        except Exception:  # a broken calibration store must not lose the capture
+            log.exception("calibration id unavailable")
+            value = None
+        return value if isinstance(value, str) and value else CALIBRATION_ID
+
     def _await_handover(self, c: _Collecting, needed: list[int]) -> None:
         """A result can overtake the forwarding of its own pair by a hair; wait (bounded)
         until every needed pair has gone through :meth:`on_pair`."""
@@ -345,6 +355,12 @@ class Clinical:
                                 sorted(set(needed) - c.forwarded))
                     return
                 c.cond.wait(remaining)
+
+    def _abandon(self, c: _Collecting) -> None:
+        """Tell the recorder to drop what it holds of a refused capture. Best effort and
+        brief: a recorder that misses it drops the pairs anyway at the next capture."""
+        if c.sent:
+            self._send_end(c, [], timeout_s=0.2)
 
     def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0) -> bool:
         msg = [b"end", bus_mod.pack({"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
@@ -443,8 +459,7 @@ def _only(args: dict, allowed: set, cmd: str) -> None:
 
 
 def _contiguous(array):
-    import numpy as np
-
+    # zero-copy sends need one contiguous buffer; camera frames already are (no copy then)
     return np.ascontiguousarray(array)
 
 

@@ -170,6 +170,10 @@ class ControllerService:
         self.telemetry = bus_mod.Telemetry(self.ctx, b.telemetry_endpoint, server_keys)
         self.server = bus_mod.CommandServer(self.ctx, b.control_endpoint, server_keys, self.ring, self.handlers,
                                             max_message_bytes=b.max_message_bytes, audit=self.audit)
+        # calibration procedures and the stored calibrations in use (services/calibration_service.py)
+        from services.calibration_service import Calibration
+        self.calibration = Calibration(self)
+        self.server.handlers.update(self.calibration.handlers())
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.frames_out = self.ctx.socket(zmq.PUB)
         self.frames_out.setsockopt(zmq.LINGER, 0)
@@ -180,6 +184,9 @@ class ControllerService:
         self.results_in.setsockopt(zmq.RCVHWM, 100)
         self.results_in.bind(f"ipc://{self.runtime_dir / 'results.ipc'}")
         self._frames_lock = threading.Lock()
+        from services.clinical import Clinical  # cases, captures and the recorder (issue 8)
+        self.clinical = Clinical(self)
+        self.server.handlers.update(self.clinical.handlers())
 
         self.cart.start()
         self.cart.tick()
@@ -215,6 +222,7 @@ class ControllerService:
             t.join(timeout=3.0)
         self.cart.shutdown()
         self.audit.write("stop")
+        self.clinical.close()
         try:
             self.auth.stop()
         except Exception:
@@ -241,7 +249,7 @@ class ControllerService:
                        "exposure_us": cam.exposure_us, "gain": cam.gain,
                        "width": cam.width, "height": cam.height},
             "acquisition": self.acquisition.mode,
-            "case": self.case_id,
+            "case": self.clinical.current_case_id(),
             "profile": self.cfg.profile,
             "roi": self.roi,
             "pairs": {"sent": self.acquisition.pairs, "incomplete": self.acquisition.pairs_incomplete},
@@ -293,7 +301,12 @@ class ControllerService:
             "on": _meta(on.meta), "off": _meta(off.meta),
             "roi": self.roi, "roi_version": self.roi_version,
             "threshold": self.cfg.processing.sbr_threshold,
+            # every result records the calibration; processing applies the named flat field
+            "calibration_id": self.calibration.current_id(),
+            "flat_field": self.calibration.flat_field_file(),
         }
+        self.calibration.on_pair(on, off, header)  # the flat-field procedure's tap
+        self.clinical.on_pair(on, off, header)  # to the recorder while a capture collects
         with self._frames_lock:
             try:
                 self.frames_out.send_multipart([b"pair", bus_mod.pack(header), on.data, off.data],
@@ -395,7 +408,7 @@ class ControllerService:
             raise InvalidArgument("filter.move needs exactly one of position (int) or name (str)")
         if "name" in args:
             by_name = {v: k for k, v in self.filter_names.items()}
-            if args["name"] not in by_name:
+            if not isinstance(args["name"], str) or args["name"] not in by_name:
                 raise InvalidArgument(f"filter name {args['name']!r}: known {', '.join(sorted(by_name))}")
             position = by_name[args["name"]]
         else:
@@ -425,7 +438,7 @@ class ControllerService:
         mode = args.get("mode")
         fw = self.cfg.filter_wheel
         positions = {"fluorescence": fw.emission_position, "white": fw.open_position, "dark": fw.blocked_position}
-        if mode not in positions:
+        if not isinstance(mode, str) or mode not in positions:
             raise InvalidArgument(f"mode {mode!r}: allowed fluorescence, white, dark")
         if mode == "fluorescence" and self.cart.state is not State.EMITTING:
             raise WrongState(f"fluorescence acquisition needs state EMITTING, state is {self.cart.state.value}")

@@ -35,6 +35,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 from collections import deque
 from http import HTTPStatus
@@ -199,7 +200,7 @@ class DisplayModel:
         """An ``event`` map; a capture's site becomes the site shown with the case."""
         kind = msg.get("kind")
         entry = {"kind": _clean(kind), "t_ns": _clean(msg.get("t_ns"))}
-        for key in ("message", "code", "state", "site", "label", "capture_id", "case_id"):
+        for key in ("message", "code", "from", "to", "reason", "site", "label", "capture_id", "case_id"):
             if key in msg:
                 entry[key] = _clean(msg[key])
         with self._cond:
@@ -268,7 +269,8 @@ class DisplayModel:
                 if self._preview["id"] != have_preview_id:
                     preview["png_b64"] = self._preview["png_b64"]
             status = self._status
-            acquiring = status.get("acquisition") == "fluorescence"
+            # fluorescence pairs (and so previews) come only while the laser may emit
+            acquiring = status.get("acquisition") == "fluorescence" and status.get("state") == "EMITTING"
             status_stale = status_age is None or status_age > self.stale_after_s
             image_stale = preview_age is None or preview_age > self.stale_after_s
             snap = {
@@ -393,6 +395,15 @@ class DisplayHTTPServer(ThreadingHTTPServer):
         self._streams_lock = threading.Lock()
         self.streams_open = 0
         super().__init__(address, DisplayRequestHandler)
+
+    def handle_error(self, request, client_address) -> None:
+        """A browser that goes away mid-answer is normal; anything else is logged (the
+        default prints to stderr, outside logging)."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            log.debug("display: %s went away: %s", client_address[0], err)
+        else:
+            log.exception("display: request from %s failed", client_address[0])
 
     def close_streams(self) -> None:
         self.stopping.set()

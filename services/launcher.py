@@ -74,6 +74,7 @@ class Launcher:
         self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
         self.spawn("controller", "services.controller_main")
         self.spawn("processing", "services.processing_main")
+        self.spawn("recorder", "services.recorder_main")
         self.spawn("display", "services.display_main")
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
@@ -103,7 +104,7 @@ class Launcher:
         """Stop the services first and the simulated hardware last, so the controller can
         still turn the laser and the indicator off through it."""
         self.stopping = True
-        for group in (("display", "processing", "controller"), ("hardware",)):
+        for group in (("display", "processing", "controller"), ("recorder",), ("hardware",)):
             procs = [self.children[n] for n in group if n in self.children]
             for p in procs:
                 if p.poll() is None:

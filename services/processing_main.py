@@ -49,6 +49,10 @@ class ProcessingService:
         self.pairs_missing = 0
         self._last_seq: int | None = None
         self.stop_event = threading.Event()
+        # calibration: the flat field the controller names in each pair header is loaded from
+        # here (services/calibration_service.py); (file name, processor) it was applied to
+        self.calibration_dir = cfg.state_dir() / "calibration"
+        self._flat_applied: tuple | None = None
         # systemd's watchdog, fed from the receive loop (no-op off systemd)
         self.watchdog = sdnotify.WatchdogPinger()
 
@@ -116,9 +120,12 @@ class ProcessingService:
             if signal_roi is not None:
                 self.proc.set_rois(signal_roi, background_roi)
                 self._roi_version = header["roi_version"]
+        flat_ok = self._apply_flat_field(header.get("flat_field"), w, h)
         meta_on = dict(m_on, frame_seq=seq)
         meta_off = dict(m_off, frame_seq=seq)
         result = self.proc.process(on, off, meta_on, meta_off)
+        result["calibration_id"] = header.get("calibration_id")  # every result records its calibration
+        result["flat_field_applied"] = flat_ok
         result["t_done_ns"] = time.time_ns()
         result["pairs_received"] = self.pairs_received
         result["pairs_missing"] = self.pairs_missing
@@ -130,6 +137,24 @@ class ProcessingService:
             self.push.send_multipart([b"preview", bus_mod.pack({"width": pw, "height": ph, "format": "rgb8",
                                                                 "frame_seq": seq}), rgb])
         return result
+
+    def _apply_flat_field(self, name: str | None, width: int, height: int) -> bool:
+        """Load and apply the named flat field when the name (or the processor) changed;
+        True when a flat field is applied. A map that cannot be used is logged and the
+        pairs are processed uncorrected (``flat_field_applied`` false in the result)."""
+        from services.calibration_service import load_flat_field
+
+        if self._flat_applied is None or self._flat_applied[:2] != (name, self.proc):
+            applied = False
+            try:
+                self.proc.set_flat_field(None if name is None else
+                                         load_flat_field(self.calibration_dir, name, width, height))
+                applied = name is not None
+            except NirfError as err:
+                log.error("flat field not applied: %s", err)
+                self.proc.set_flat_field(None)
+            self._flat_applied = (name, self.proc, applied)
+        return self._flat_applied[2]
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)

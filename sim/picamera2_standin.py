@@ -176,6 +176,9 @@ class Picamera2StandIn:
         self.world_view = world_view
         self.sensor = world_view.sensor
         self._renderer = renderer
+        # The built-in renderer clips to the sensor's full scale itself; an injected one
+        # may not, so only its frames pay for a clip when packed.
+        self._renderer_clips = renderer is None
         self._seed = int(seed)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self.left_aligned = bool(left_aligned)
@@ -583,9 +586,15 @@ class Picamera2StandIn:
             raise ValueError(f"renderer gave a {counts.shape} frame, sensor is {(h, w)}")
         full_scale = (1 << self.sensor.bits) - 1
         stride_px = self._stride_bytes() // 2
-        buf = np.zeros((h, stride_px), dtype="<u2")
+        # Only the row padding needs zeros: the pixels are all written below (np.zeros of
+        # the whole buffer and a uint16 minimum cost several ms a frame at full size).
+        buf = np.empty((h, stride_px), dtype="<u2")
+        buf[:, w:] = 0
         view = buf[:, :w]
-        np.minimum(counts, full_scale, out=view, casting="unsafe")
+        if self._renderer_clips and counts.dtype == np.uint16:
+            np.copyto(view, counts)
+        else:
+            np.minimum(counts, full_scale, out=view, casting="unsafe")
         if self.left_aligned:
             np.left_shift(view, 16 - self.sensor.bits, out=view)
         return buf.view(np.uint8)

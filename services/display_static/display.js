@@ -19,6 +19,7 @@
     images: 0,
     state: null,
     stateChangedAtMs: null,
+    imageRect: null,       // where the image sits on the canvas, in canvas pixels
     staleSinceMs: null,
     resultLatencyMs: [],   // capture of the pair -> numbers on the page
     imageLatencyMs: [],    // capture of the pair -> image drawn
@@ -68,6 +69,7 @@
     ctx.imageSmoothingEnabled = true;
     ctx.imageSmoothingQuality = "high";
     ctx.drawImage(bitmap, x0, y0, w, h);
+    stats.imageRect = { x0, y0, w, h };
     drawRois(x0, y0, w, h);
   }
 
@@ -152,9 +154,11 @@
       fault.hidden = true;
     }
     const laser = status.laser || {};
-    if (laser.on) {
-      setText("power", fmt(laser.power_mw, 0) + " mW");
-      setText("setpoint", "setpoint " + fmt(laser.setpoint_mw, 0) + " mW");
+    // While acquiring, the cart gates the laser on alternate frames, so "on" and the
+    // monitored power flicker; the setpoint is what the state EMITTING delivers.
+    if (state === "EMITTING" || laser.on) {
+      setText("power", fmt(laser.setpoint_mw, 0) + " mW");
+      setText("setpoint", laser.on ? "monitor " + fmt(laser.power_mw, 0) + " mW" : "gated");
     } else {
       setText("power", "OFF");
       setText("setpoint", "");
@@ -226,7 +230,9 @@
       imageNote = "STALE IMAGE";
     } else if (snap) {
       const since = (now - lastMessageMs) / 1000;
-      const acquiring = snap.status && snap.status.acquisition === "fluorescence";
+      // previews come from fluorescence pairs, which exist only while emitting
+      const acquiring = Boolean(snap.status) && snap.status.acquisition === "fluorescence" &&
+        snap.status.state === "EMITTING";
       if (snap.status_stale) {
         message = snap.status_age_s === null ? "STALE \u2014 no status from the cart yet"
           : `STALE \u2014 no status from the cart for ${fmt(snap.status_age_s + since, 1)} s`;
@@ -235,7 +241,8 @@
           : `STALE \u2014 no new image for ${fmt(snap.preview_age_s + since, 1)} s`;
       }
       if (!bitmap) {
-        imageNote = acquiring ? "WAITING FOR IMAGE" : "NO IMAGE \u2014 acquisition off";
+        imageNote = snap.status_stale ? "NO IMAGE" :
+          (acquiring ? "WAITING FOR IMAGE" : "NO IMAGE \u2014 acquisition off");
       } else if (snap.image_stale) {
         imageNote = snap.preview_age_s === null ? "STALE IMAGE" :
           `STALE IMAGE \u2014 ${fmt(snap.preview_age_s + since, 0)} s old`;

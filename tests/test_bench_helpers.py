@@ -1,0 +1,166 @@
+"""The benchmark's own arithmetic and process helpers (the benchmarks themselves start a
+full-size cart and take minutes; they are run by ``make bench`` and ``make soak``, never
+by the test suite)."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench.cartrun import fd_count, proc_children, proc_cmdline, rss_kib
+from bench.e2e import ResultWatcher, StreamStats, fixed_rois, percentile
+from bench.safety_latency import SafetyStats, off_for_good_ns, verdicts
+from bench.soak import ProcessSamples
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=1, max_size=200))
+def test_the_50th_percentile_is_the_median(values):
+    assert percentile(sorted(values), 50) == pytest.approx(statistics.median(values), abs=1e-6)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=2, max_size=200),
+       st.floats(min_value=0, max_value=100))
+def test_a_percentile_lies_between_the_extremes_and_grows_with_q(values, q):
+    s = sorted(values)
+    p = percentile(s, q)
+    assert s[0] <= p <= s[-1]
+    assert percentile(s, min(100.0, q + 1.0)) >= p
+
+
+def test_percentile_of_nothing_is_nan():
+    assert math.isnan(percentile([], 99))
+
+
+def test_output_off_for_good_is_the_last_zero_after_the_last_lit_change():
+    # modulation: lit and dark frames alternate, then the watchdog cuts the output
+    changes = [(100, 50.0), (200, 0.0), (300, 50.0), (400, 0.0)]
+    assert off_for_good_ns(changes, after_ns=0) == 400
+    # a later change to zero (e.g. drive 0 while already dark) does not move the time back
+    assert off_for_good_ns(changes + [(450, 0.0)], after_ns=0) == 400
+
+
+def test_output_still_lit_at_the_end_is_never_off():
+    assert off_for_good_ns([(100, 0.0), (200, 50.0)], after_ns=0) is None
+    assert off_for_good_ns([], after_ns=0) is None
+
+
+def test_output_already_off_counts_from_the_event_that_started_the_wait():
+    assert off_for_good_ns([(100, 0.0)], after_ns=500) == 500
+
+
+class _FakeClient:
+    """Hands out prepared telemetry messages as CartClient.receive does."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    def receive(self, timeout_s):
+        return self.messages.pop(0) if self.messages else None
+
+
+def _result(seq, t_capture_ns, valid=True, **extra):
+    return ("result", dict(seq=seq, t_capture_ns=t_capture_ns, valid=valid, frame_seq=2 * seq, **extra), [])
+
+
+def test_the_watcher_measures_latency_and_counts_telemetry_gaps():
+    now = time.time_ns()
+    client = _FakeClient([_result(0, now - 10_000_000), _result(1, now - 12_000_000, valid=False),
+                          _result(4, now - 8_000_000, t_done_ns=now - 5_000_000, t_ns=now - 4_000_000),
+                          ("event", {"kind": "fault", "code": "CAMERA_STALL", "message": "no frame"}, [])])
+    stats = StreamStats()
+    watcher = ResultWatcher(client, stats)
+    watcher.window_start_ns = 0  # everything counts
+    while watcher.poll(0) is not None:
+        pass
+    assert stats.results_total == stats.results_in_window == 3
+    assert stats.telemetry_seq_gaps == 2  # seq 2 and 3 never arrived
+    assert stats.invalid == 1
+    assert all(ms >= 8.0 for ms in stats.latencies_ms)
+    assert stats.stage_ms["capture_to_processed"] == [pytest.approx(3.0)]
+    assert stats.faults and "CAMERA_STALL" in stats.faults[0]
+
+
+def test_results_before_the_window_are_warm_up():
+    now = time.time_ns()
+    stats = StreamStats()
+    watcher = ResultWatcher(_FakeClient([_result(0, now - 1_000_000)]), stats)
+    watcher.window_start_ns = time.time_ns() + 10**12
+    watcher.poll(0)
+    assert stats.results_total == 1 and stats.results_in_window == 0 and not stats.latencies_ms
+
+
+def test_pairs_lost_and_merging_segments():
+    a = StreamStats(window_s=10.0, results_in_window=290, results_total=300, pairs_sent=302,
+                    latencies_ms=[1.0, 2.0])
+    b = StreamStats(window_s=5.0, results_in_window=150, results_total=150, pairs_sent=150,
+                    latencies_ms=[3.0], cpu_s={"controller": 1.5})
+    assert a.pairs_lost == 2 and b.pairs_lost == 0
+    a.merge(b)
+    assert a.pairs_lost == 2
+    assert a.results_per_s == pytest.approx(440 / 15.0)
+    assert a.latency_ms(50) == pytest.approx(2.0)
+    assert a.cpu_s == {"controller": 1.5}
+
+
+def test_fixed_rois_sit_inside_and_outside_the_phantom_disk():
+    width, height = 1456, 1088
+    rois = fixed_rois(width, height)
+    cx, cy, radius = width / 2, height / 2, height / 6
+    x, y, w, h = rois["signal"]
+    corners = [(x, y), (x + w, y), (x, y + h), (x + w, y + h)]
+    assert all((px - cx) ** 2 + (py - cy) ** 2 < radius ** 2 for px, py in corners)
+    bx, by, bw, bh = rois["background"]
+    nearest_x = min(max(cx, bx), bx + bw)
+    nearest_y = min(max(cy, by), by + bh)
+    assert (nearest_x - cx) ** 2 + (nearest_y - cy) ** 2 > radius ** 2
+    assert bx + bw <= width and by + bh <= height
+
+
+def test_safety_verdicts_follow_the_targets():
+    s = SafetyStats(heartbeat_timeout_ms=500, trip_ms=[40.0, 120.0], freeze_ms=[450.0],
+                    kill_off_ms=480.0, kill_stayed_off=True)
+    met = {name.split(" (")[0]: ok for name, _m, _t, ok in verdicts(s)}
+    assert met["P4 interlock open to FAULT"] is False  # the maximum counts
+    assert met["P4 frozen host to output off"] is True
+    assert met["P4 killed controller leaves output off"] is True
+    s.kill_stayed_off = False
+    assert verdicts(s)[-1][3] is False
+
+
+def test_nothing_measured_is_not_a_pass():
+    assert all(ok is False for *_rest, ok in verdicts(SafetyStats()))
+
+
+def test_process_helpers_see_a_child_its_memory_and_descriptors():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while child.pid not in proc_children(os.getpid()):
+            assert time.monotonic() < deadline, "the child never showed up in /proc"
+            time.sleep(0.01)
+        assert "time.sleep(30)" in proc_cmdline(child.pid)
+        assert rss_kib(child.pid) > 0
+        before = fd_count(os.getpid())
+        with open(__file__):
+            assert fd_count(os.getpid()) == before + 1
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert rss_kib(child.pid) is None and fd_count(child.pid) is None and proc_cmdline(child.pid) == ""
+
+
+def test_memory_growth_is_end_against_start():
+    p = ProcessSamples(pid=1, samples=[(0.0, 1000, 10), (5.0, 1200, 12), (10.0, 1050, 10)])
+    row = p.row()
+    assert row["rss_growth_pct"] == pytest.approx(5.0)
+    assert row["rss_max_mib"] == pytest.approx(round(1200 / 1024, 1))
+    assert (row["fds_start"], row["fds_end"], row["fds_max"]) == (10, 10, 12)
+    assert "rss_growth_pct" not in ProcessSamples(pid=1, samples=[(0.0, 1, 1)]).row()
