@@ -289,7 +289,10 @@ class Cart:
             self._link_ok = False
             self._last_reconnect = now
             self.mcu_status = None
-            self._trip(SERIAL_LINK, f"laser controller link failed: {err}")
+            # A silent or vanished MCU will not hear "off" either (its watchdog covers that);
+            # a garbled link might, so only then is it worth the time.
+            dead = isinstance(err, (TimeoutError, ConnectionError))
+            self._trip(SERIAL_LINK, f"laser controller link failed: {err}", force_off=not dead)
 
     def _check_inputs(self) -> None:
         """S3: in an active state an open interlock or a key that is off trips at once;
@@ -370,9 +373,10 @@ class Cart:
         self._emission_started = None
         self._emit("safety", message=f"emission stopped: {reason}")
 
-    def _trip(self, code: str, message: str, *, key_cycle: bool = False) -> None:
+    def _trip(self, code: str, message: str, *, key_cycle: bool = False, force_off: bool = True) -> None:
         """Latch a fault: laser off first, then the bookkeeping."""
-        self.laser.force_off()
+        if force_off:
+            self.laser.force_off()
         self._enabled_sent = False
         self._duty_sent = None
         if any(f.code == code for f in self.faults):
@@ -383,10 +387,14 @@ class Cart:
         fault = Fault(code, f"{message}; to recover: {recovery_hint(code)}", self.clock.time_ns())
         self.faults.append(fault)
         self._emission_started = None
-        self._set_indicator(False)
+        # State and event first: a failing indicator write must not hide the fault.
         self._set_state(State.FAULT, code)
         log.warning("FAULT %s: %s", code, fault.message)
         self._emit("fault", code=code, message=fault.message)
+        try:
+            self._set_indicator(False)
+        except NirfError as err:
+            log.error("emission indicator could not be turned off: %s", err)
 
     # ------------------------------------------------------------------ applying the decision
     def _set_indicator(self, on: bool) -> None:
@@ -562,33 +570,37 @@ class Cart:
 
     # ------------------------------------------------------------------ camera liveness
     def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
-        """The acquisition reports whether the camera is streaming and its latest frame."""
-        with self._lock:
-            self.camera_watch = watching
-            if last_frame_monotonic is not None:
-                self.camera_last_frame = last_frame_monotonic
-            elif not watching:
-                self.camera_last_frame = None
+        """The acquisition reports whether the camera is streaming and its latest frame.
+        Called for every frame, so it takes no lock: two plain attribute writes, read by the
+        supervisor on its next tick."""
+        if last_frame_monotonic is not None:
+            self.camera_last_frame = last_frame_monotonic
+        elif not watching:
+            self.camera_last_frame = None
+        self.camera_watch = watching
 
     # ------------------------------------------------------------------ status
     def safety_status(self) -> dict:
-        """The controller's part of the ``status`` telemetry map."""
-        with self._lock:
-            st = self.mcu_status
-            measured = self.calibration.photodiode_to_mw(st.photodiode_mw) if st else 0.0
-            return {
-                "state": self.state.value,
-                "faults": [f.to_dict() for f in self.faults],
-                "laser": {
-                    "on": bool(self._enabled_sent and st is not None and st.output_on),
-                    "power_mw": round(measured, 2),
-                    "setpoint_mw": self.setpoint_mw,
-                    "temp_c": None if st is None else round(st.temp_c, 2),
-                },
-                # Either reading of an open loop or a key that is off counts: the MCU usually
-                # sees an edge a few milliseconds before the Pi's debounced input does.
-                "interlock": "closed" if self.interlock_closed and (st is None or st.interlock_closed) else "open",
-                "key": self.key_on and (st is None or st.key_on),
-                "footswitch": self.footswitch_pressed,
-                "indicator": self._indicator_on_since is not None,
-            }
+        """The controller's part of the ``status`` telemetry map.
+
+        It reads without the cart's lock, so telemetry keeps flowing while the supervisor
+        waits on a slow or dead device; each field is read once, so at worst the map mixes
+        readings a tick apart."""
+        st = self.mcu_status
+        measured = self.calibration.photodiode_to_mw(st.photodiode_mw) if st else 0.0
+        return {
+            "state": self.state.value,
+            "faults": [f.to_dict() for f in list(self.faults)],
+            "laser": {
+                "on": bool(self._enabled_sent and st is not None and st.output_on),
+                "power_mw": round(measured, 2),
+                "setpoint_mw": self.setpoint_mw,
+                "temp_c": None if st is None else round(st.temp_c, 2),
+            },
+            # Either reading of an open loop or a key that is off counts: the MCU usually
+            # sees an edge a few milliseconds before the Pi's debounced input does.
+            "interlock": "closed" if self.interlock_closed and (st is None or st.interlock_closed) else "open",
+            "key": self.key_on and (st is None or st.key_on),
+            "footswitch": self.footswitch_pressed,
+            "indicator": self._indicator_on_since is not None,
+        }

@@ -27,7 +27,7 @@ from controller.cart import Cart
 from controller.state import State
 from hal.camera import CameraSettings
 from hal.clock import SystemClock
-from hal.errors import ConfigError, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
+from hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
 from services import bus as bus_mod
 from services import keys as keys_mod
 from services import sdnotify
@@ -177,7 +177,7 @@ class ControllerService:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.frames_out = self.ctx.socket(zmq.PUB)
         self.frames_out.setsockopt(zmq.LINGER, 0)
-        self.frames_out.setsockopt(zmq.SNDHWM, 4)  # live path: a slow consumer loses old pairs
+        self.frames_out.setsockopt(zmq.SNDHWM, 8)  # live path: a slow consumer loses old pairs (~40 MB at full size)
         self.frames_out.bind(f"ipc://{self.runtime_dir / 'frames.ipc'}")
         self.results_in = self.ctx.socket(zmq.PULL)
         self.results_in.setsockopt(zmq.LINGER, 0)
@@ -396,7 +396,12 @@ class ControllerService:
     def _move_filter(self, position: int) -> dict:
         self.filter["moving"] = True
         try:
-            reached = self.devices.wheel.move(position)
+            try:
+                reached = self.devices.wheel.move(position)
+            except DeviceDisconnected:
+                # the port came back under the same name (USB re-enumeration): reopen once
+                self.devices.wheel.connect()
+                reached = self.devices.wheel.move(position)
         finally:
             self.filter["moving"] = False
         self.filter.update(position=reached, name=self._filter_name(reached))

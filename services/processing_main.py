@@ -59,7 +59,7 @@ class ProcessingService:
     def connect(self) -> None:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 4)
+        self.sub.setsockopt(zmq.RCVHWM, 8)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"pair")
         self.sub.connect(f"ipc://{self.runtime_dir / 'frames.ipc'}")
         self.push = self.ctx.socket(zmq.PUSH)

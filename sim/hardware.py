@@ -72,7 +72,8 @@ class HardwareProcess:
                           max_on_s=self.cfg.sim.mcu_max_on_s, seed=self.cfg.sim.seed)
         wheel = Fw102cEmulator(self.world, self.clock, step_s=self.cfg.sim.wheel_step_s)
         self.links["mcu"] = PtyLink(mcu, "mcu", self.runtime_dir / "mcu.tty").start()
-        self.links["wheel"] = PtyLink(wheel, "wheel", self.runtime_dir / "wheel.tty").start()
+        # the wheel needs no millisecond timing (a move takes ~0.3 s a step): poll it gently
+        self.links["wheel"] = PtyLink(wheel, "wheel", self.runtime_dir / "wheel.tty", tick_s=0.005).start()
 
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)

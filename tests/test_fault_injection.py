@@ -256,11 +256,6 @@ def test_unplugged_wheel_port_is_reported_and_leaves_the_laser_alone(wheel_rig):
     wheel_rig.data.verify()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nothing reconnects the filter wheel after its port comes back: drivers/fw102c.py drops a "
-    "vanished port and (by its tested contract) needs connect() again, but services/"
-    "controller_main.py and controller/cart.py never call wheel.connect() after a "
-    "DeviceDisconnected, so filter.move keeps answering 'not connected' until the controller restarts"))
 def test_replugged_wheel_port_is_used_again(wheel_rig):
     wheel_rig.probe.unplug("wheel")
     try:
@@ -463,12 +458,6 @@ def test_frozen_hardware_faults_and_the_laser_is_off_after(rig):
     rig.data.verify()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "controller/cart.py Cart._trip appends the fault, then lights the indicator off before it "
-    "changes the state and emits the fault; when that GPIO write fails (here the simulated "
-    "world is unreachable, a 2 s timeout) the state change and the SERIAL_LINK fault event are "
-    "skipped, so telemetry and the audit log never show SERIAL_LINK (the supervisor's catch-all "
-    "trips SUPERVISOR_ERROR instead, 2 s late)"))
 def test_a_lost_hardware_link_is_published_and_audited_as_serial_link(rig):
     rig.op.emit(POWER_MW, fluorescence=False)
     rig.op.drain()
