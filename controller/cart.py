@@ -42,6 +42,8 @@ EventListener = Callable[[str, dict], None]
 INPUT_DISAGREE_GRACE_S = 0.25
 # MCU fault codes that mean the same as the controller's own input trips.
 MCU_INPUT_FAULTS = {"ILK": INTERLOCK_OPEN, "KEY": KEY_OFF}
+# How long a status report waits for the supervisor before reading without the lock.
+STATUS_LOCK_WAIT_S = 0.05
 # How often a dead MCU link is retried while in FAULT.
 RECONNECT_INTERVAL_S = 1.0
 
@@ -583,9 +585,17 @@ class Cart:
     def safety_status(self) -> dict:
         """The controller's part of the ``status`` telemetry map.
 
-        It reads without the cart's lock, so telemetry keeps flowing while the supervisor
-        waits on a slow or dead device; each field is read once, so at worst the map mixes
-        readings a tick apart."""
+        It waits briefly for the cart's lock, for a consistent view; when the supervisor is
+        stuck on a slow or dead device it reads without it, so telemetry keeps flowing (each
+        field is read once: at worst the map mixes readings a tick apart)."""
+        locked = self._lock.acquire(timeout=STATUS_LOCK_WAIT_S)
+        try:
+            return self._status_fields()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _status_fields(self) -> dict:
         st = self.mcu_status
         measured = self.calibration.photodiode_to_mw(st.photodiode_mw) if st else 0.0
         return {

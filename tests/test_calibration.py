@@ -587,19 +587,22 @@ def client(cart):
 
     ctx = zmq.Context()
     cl = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)
-    cl.subscribe("status", "result", "event")
-    assert cl.wait_for("status", timeout_s=60) is not None, cart.log_text()
-    cl.call("acquire.stop")
-    cl.call("sim.set", {"interlock": "closed", "key": True, "illumination": "uniform",
-                        "phantom": default_phantom()})
-    st = cl.call("status")
-    if st["state"] == "FAULT":
-        cl.call("fault.reset")
-    elif st["state"] != "SAFE":
-        cl.call("disarm")
-    yield cl
-    cl.close()
-    ctx.destroy(linger=0)
+    try:
+        cl.subscribe("status", "result", "event")
+        assert cl.wait_for("status", timeout_s=60) is not None, cart.log_text()
+        # every test starts from SAFE, uniform light and the default phantom
+        cl.call("acquire.stop")
+        cl.call("sim.set", {"interlock": "closed", "key": True, "illumination": "uniform",
+                            "phantom": default_phantom()})
+        st = cl.call("status")
+        if st["state"] == "FAULT":
+            cl.call("fault.reset")
+        elif st["state"] != "SAFE":
+            cl.call("disarm")
+        yield cl
+    finally:
+        cl.close()
+        ctx.destroy(linger=0)
 
 
 def emit_and_acquire(cl, power_mw=50.0):
@@ -666,7 +669,7 @@ def test_flat_field_through_the_cart_restores_sbr_and_results_carry_the_id(clien
 
     sbr_flat = statistics.mean(r["sbr"] for r in corrected)
     sbr_raw = statistics.mean(r["sbr"] for r in uncorrected)
-    assert sbr_flat == pytest.approx(4.0, rel=0.03)
+    assert sbr_flat == pytest.approx(4.0, rel=0.03), (sbr_flat, sbr_raw)
     assert abs(sbr_raw - 4.0) > 0.5 * 4.0  # the uncorrected SBR is far off under Gaussian light
     client.call("acquire.stop")
     client.call("disarm")
