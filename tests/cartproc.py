@@ -38,6 +38,14 @@ class RunningCart:
         except OSError:
             return ""
 
+    def wait_for_keys(self, timeout_s: float = 60.0) -> None:
+        """Wait until the launcher has created the keys (the first thing it does)."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.state_dir / "keys" / "local-operator.key_secret").exists():
+            assert self.proc.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, "the cart did not create its keys"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # the launcher stops its children in order

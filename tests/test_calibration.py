@@ -571,11 +571,7 @@ def cart(tmp_path_factory):
 
     c = start_cart(tmp_path_factory.mktemp("calibration"), width=WIDTH, height=HEIGHT)
     try:
-        deadline = time.monotonic() + 60
-        while not (c.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert c.proc.poll() is None, c.log_text()
-            assert time.monotonic() < deadline, "keys were not created"
-            time.sleep(0.05)
+        c.wait_for_keys()
         yield c
     finally:
         c.stop()

@@ -25,11 +25,8 @@ WIDTH, HEIGHT = 728, 544
 def cart(tmp_path_factory):
     c = start_cart(tmp_path_factory.mktemp("cli"), width=WIDTH, height=HEIGHT)
     try:
+        c.wait_for_keys()
         deadline = time.monotonic() + 60
-        while not (c.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert c.proc.poll() is None, c.log_text()
-            assert time.monotonic() < deadline, "the cart did not create its keys"
-            time.sleep(0.05)
         # ready once it answers (the CLI's own ping, retried until the deadline)
         while cli.main(["--config", str(c.config_path), "--state-dir", str(c.state_dir), "--timeout", "1",
                         "ping"]) != cli.EXIT_OK:

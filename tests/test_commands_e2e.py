@@ -40,11 +40,7 @@ not_implemented_yet = pytest.mark.xfail(raises=NotImplementedYet, strict=False, 
 def cart(tmp_path_factory):
     c = start_cart(tmp_path_factory.mktemp("commands"), width=WIDTH, height=HEIGHT)
     try:
-        deadline = time.monotonic() + 60
-        while not (c.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert c.proc.poll() is None, c.log_text()
-            assert time.monotonic() < deadline, "the cart did not create its keys"
-            time.sleep(0.05)
+        c.wait_for_keys()
         yield c
     finally:
         c.stop()

@@ -433,11 +433,7 @@ def live(tmp_path_factory):
     cart = start_cart(tmp_path_factory.mktemp("display"), width=WIDTH, height=HEIGHT)
     browser = client = None
     try:
-        deadline = time.monotonic() + 60
-        while not (cart.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert cart.proc.poll() is None, cart.log_text()
-            assert time.monotonic() < deadline, "keys were not created"
-            time.sleep(0.05)
+        cart.wait_for_keys()
         client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry)
         client.subscribe("status")
         assert client.wait_for("status", timeout_s=60) is not None, cart.log_text()

@@ -88,11 +88,7 @@ def cart(tmp_path_factory):
     c = start_cart(tmp_path_factory.mktemp("skeleton"), width=WIDTH, height=HEIGHT)
     client = None
     try:
-        deadline = time.monotonic() + 60
-        while not (c.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert c.proc.poll() is None, c.log_text()
-            assert time.monotonic() < deadline, "keys were not created"
-            time.sleep(0.05)
+        c.wait_for_keys()
         client = RawClient(c)
         # the cart is ready when it publishes its first status
         client.wait("status", timeout_s=60)

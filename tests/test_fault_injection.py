@@ -48,11 +48,7 @@ POWER_MW = 50.0
 def _boot(tmp) -> tuple:
     cart = start_cart(tmp, width=WIDTH, height=HEIGHT, extra=EXTRA)
     try:
-        deadline = time.monotonic() + 60
-        while not (cart.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert cart.proc.poll() is None, cart.log_text()
-            assert time.monotonic() < deadline, "keys were not created"
-            time.sleep(0.05)
+        cart.wait_for_keys()
         op = fi.Operator(cart)
         op.wait("status", timeout_s=60)
         assert wait_for_file(cart.runtime_dir / "hardware.json", 10)

@@ -183,11 +183,7 @@ def cart(tmp_path_factory):
     c = start_cart(tmp_path_factory.mktemp("roles"), width=WIDTH, height=HEIGHT)
     op = None
     try:
-        deadline = time.monotonic() + 60
-        while not (c.state_dir / "keys" / "local-operator.key_secret").exists():
-            assert c.proc.poll() is None, c.log_text()
-            assert time.monotonic() < deadline, "the cart did not create its keys"
-            time.sleep(0.05)
+        c.wait_for_keys()
         op = CartClient.from_state_dir(c.state_dir, c.control, c.telemetry, context=zmq.Context())
         op.subscribe("status")
         assert op.wait_for("status", timeout_s=60) is not None, c.log_text()
