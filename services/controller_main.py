@@ -9,12 +9,9 @@ acquisition (camera frames). Only the supervisor decides whether light may be em
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 from pathlib import Path
@@ -29,6 +26,7 @@ from hal.camera import CameraSettings
 from hal.clock import SystemClock
 from hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
 from services import bus as bus_mod
+from services import entry
 from services import keys as keys_mod
 from services import sdnotify
 from services.audit import AuditLog
@@ -536,12 +534,9 @@ def _meta(m) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="NIRF cart controller")
-    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"),
-                   help="profile name (sim, device) or TOML file")
+    p = entry.parser("NIRF cart controller")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s controller %(levelname)s %(name)s: %(message)s")
+    entry.configure_logging("controller")
     try:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
@@ -555,8 +550,7 @@ def main(argv=None) -> int:
     except zmq.ZMQError as err:
         log.error("cannot start: %s (is another cart already running on these endpoints?)", err)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    entry.stop_on_signals(svc.stop_event)
     # devices connected and SAFE reached: start-up is complete for systemd (Type=notify)
     sdnotify.ready()
     sdnotify.status(f"state {svc.cart.state.value}; control {cfg.bus.control_endpoint}")

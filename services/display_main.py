@@ -27,13 +27,10 @@ updates themselves stop (display service gone).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import logging
 import math
-import os
-import signal
 import socket
 import sys
 import threading
@@ -50,6 +47,7 @@ import config as config_mod
 from hal.clock import Clock, SystemClock
 from hal.errors import ConfigError, InvalidArgument, NirfError
 from services import bus as bus_mod
+from services import entry
 from services import keys as keys_mod
 from services import sdnotify
 from services.png import encode_png
@@ -588,15 +586,12 @@ class DisplayService:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="NIRF surgical display: a read-only live view in a browser")
-    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"))
+    p = entry.parser("NIRF surgical display: a read-only live view in a browser")
     p.add_argument("--port", type=int, default=None, help="override [display] port")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s display %(levelname)s %(name)s: %(message)s")
+    entry.configure_logging("display")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    entry.stop_on_signals(stop)
     try:
         cfg = config_mod.load(args.config)
         svc = DisplayService(cfg, cfg.state_dir(), port=args.port)

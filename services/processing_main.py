@@ -10,10 +10,7 @@ them on the telemetry endpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ import zmq
 import config as config_mod
 from hal.errors import NirfError
 from services import bus as bus_mod
+from services import entry
 from services import sdnotify
 
 log = logging.getLogger(__name__)
@@ -161,11 +159,9 @@ class ProcessingService:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="NIRF fluorescence processing service")
-    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"))
+    p = entry.parser("NIRF fluorescence processing service")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s processing %(levelname)s %(name)s: %(message)s")
+    entry.configure_logging("processing")
     try:
         cfg = config_mod.load(args.config)
     except NirfError as err:
@@ -173,8 +169,7 @@ def main(argv=None) -> int:
         return 2
     svc = ProcessingService(cfg, cfg.runtime_dir())
     svc.connect()
-    signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    entry.stop_on_signals(svc.stop_event)
     log.info("processing ready")
     sdnotify.ready()
     try:

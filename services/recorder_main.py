@@ -60,13 +60,11 @@ Gaps (D3): every frame that arrives for a capture is accounted for with a
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
 import re
 import shutil
-import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +77,7 @@ import config as config_mod
 from hal.clock import Clock, SystemClock
 from hal.errors import NirfError
 from services import bus as bus_mod
+from services import entry
 from services import sdnotify
 from services.tiff import RecorderDiskFull, RecorderError, SequenceGapCounter, write_tiff_atomic
 
@@ -188,15 +187,15 @@ class Recorder:
         for case_dir in self.captures_dir.iterdir():
             if not case_dir.is_dir() or case_dir.name.startswith("."):
                 continue
-            for entry in case_dir.iterdir():
-                if entry.name.startswith(".") and entry.name.endswith(STAGING_SUFFIX) and entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-                elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-                    entry.unlink(missing_ok=True)
-                    removed.append(entry)
-                elif entry.is_dir() and not entry.name.startswith("."):
-                    for f in entry.iterdir():  # temporary files of an interrupted atomic write
+            for item in case_dir.iterdir():
+                if item.name.startswith(".") and item.name.endswith(STAGING_SUFFIX) and item.is_dir():
+                    shutil.rmtree(item, ignore_errors=True)
+                    removed.append(item)
+                elif item.name.startswith(".") and item.name.endswith(".tmp") and item.is_file():
+                    item.unlink(missing_ok=True)
+                    removed.append(item)
+                elif item.is_dir() and not item.name.startswith("."):
+                    for f in item.iterdir():  # temporary files of an interrupted atomic write
                         if f.name.startswith(".") and f.name.endswith(".tmp"):
                             f.unlink(missing_ok=True)
                             removed.append(f)
@@ -479,11 +478,9 @@ class RecorderService:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="NIRF capture recorder")
-    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"))
+    p = entry.parser("NIRF capture recorder")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s recorder %(levelname)s %(name)s: %(message)s")
+    entry.configure_logging("recorder")
     try:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
@@ -497,8 +494,7 @@ def main(argv=None) -> int:
     svc.connect()
     runtime_dir.mkdir(parents=True, exist_ok=True)
     (runtime_dir / "recorder.pid").write_text(f"{os.getpid()}\n")
-    signal.signal(signal.SIGTERM, lambda *_: svc.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: svc.stop_event.set())
+    entry.stop_on_signals(svc.stop_event)
     log.info("recorder ready: captures in %s", recorder.captures_dir)
     sdnotify.ready()
     try:

@@ -5,7 +5,6 @@ pipeline, compared with the phantom's true SBR = (inclusion + autofluorescence) 
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from services.pipeline import PairProcessor, Roi, flat_field_from_uniform
 from services.roi import auto_rois
 from sim.render import FrameRenderer
-from sim.world import Inclusion, Phantom, SensorModel, World
+from sim.world import SensorModel, World
 from hal.clock import ManualClock
 
 W, H = 728, 544

@@ -6,7 +6,6 @@ cart is left exactly as it was - emitting at 50 mW, nothing else changed."""
 from __future__ import annotations
 
 import math
-import time
 
 import msgpack
 import pytest

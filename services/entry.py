@@ -1,0 +1,32 @@
+"""What every service's entry point does the same way: the ``--config`` option, logging
+(configured here and only in entry points) and stopping on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--config`` (a profile name or a TOML file; default
+    ``$NIRF_CONFIG``, else ``sim``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=os.environ.get("NIRF_CONFIG", "sim"),
+                   help="profile name (sim, device) or TOML file")
+    return p
+
+
+def configure_logging(process: str) -> None:
+    """Log lines name the process; the level comes from ``$NIRF_LOG_LEVEL`` (default INFO).
+    Under systemd the lines go to the journal."""
+    logging.basicConfig(level=os.environ.get("NIRF_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s")
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM (systemd, the launcher) and SIGINT (Ctrl-C) set ``stop``."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
