@@ -26,6 +26,9 @@ from services import sdnotify
 
 log = logging.getLogger(__name__)
 
+# How often the automatic ROI search runs again while the controller asks for "auto".
+AUTO_ROI_REFRESH_S = 1.0
+
 
 class ProcessingService:
     def __init__(self, cfg, runtime_dir: Path, *, context: zmq.Context | None = None):
@@ -43,6 +46,8 @@ class ProcessingService:
         self.preview_period_s = 1.0 / cfg.bus.preview_rate_hz
         self._next_preview = 0.0
         self._roi_version = None
+        self._auto_rois = None  # (signal, background) found by the automatic search
+        self._next_auto_roi = 0.0
         self.pairs_received = 0
         self.pairs_missing = 0
         self._last_seq: int | None = None
@@ -87,10 +92,9 @@ class ProcessingService:
                                   average_pairs=p.average_pairs)
         self._proc_shape = (height, width, bits)
         self._roi_version = None
+        self._auto_rois = None
 
     def handle(self, frames) -> dict:
-        from services.pipeline import Roi
-
         header = bus_mod.unpack(frames[1].bytes)
         m_on, m_off = header["on"], header["off"]
         h, w = m_on["height"], m_on["width"]
@@ -103,25 +107,14 @@ class ProcessingService:
             self.pairs_missing += (seq - self._last_seq) // 2 - 1
         self._last_seq = seq
 
-        if header["roi_version"] != self._roi_version:
-            roi = header["roi"]
-            if roi == "auto":
-                from services.roi import auto_rois
-
-                try:
-                    signal_roi, background_roi = auto_rois((on, off), w, h)
-                except NirfError as err:
-                    log.warning("automatic ROI failed: %s", err)
-                    signal_roi = background_roi = None
-            else:
-                signal_roi, background_roi = Roi(*roi["signal"]), Roi(*roi["background"])
-            if signal_roi is not None:
-                self.proc.set_rois(signal_roi, background_roi)
-                self._roi_version = header["roi_version"]
+        rois_ready = self._update_rois(header, on, off, w, h)
         flat_ok = self._apply_flat_field(header.get("flat_field"), w, h)
         meta_on = dict(m_on, frame_seq=seq)
         meta_off = dict(m_off, frame_seq=seq)
-        result = self.proc.process(on, off, meta_on, meta_off)
+        if rois_ready:
+            result = self.proc.process(on, off, meta_on, meta_off)
+        else:
+            result = self._result_without_rois(meta_on, meta_off)
         result["calibration_id"] = header.get("calibration_id")  # every result records its calibration
         result["flat_field_applied"] = flat_ok
         result["t_done_ns"] = time.time_ns()
@@ -135,6 +128,45 @@ class ProcessingService:
             self.push.send_multipart([b"preview", bus_mod.pack({"width": pw, "height": ph, "format": "rgb8",
                                                                 "frame_seq": seq}), rgb])
         return result
+
+    def _update_rois(self, header: dict, on, off, width: int, height: int) -> bool:
+        """Apply the ROIs the controller asks for. In automatic mode the search runs again
+        every ``AUTO_ROI_REFRESH_S`` (the field of view moves during surgery); an unchanged
+        answer keeps the running average. Returns whether ROIs are in place."""
+        from services.pipeline import Roi
+
+        roi = header["roi"]
+        now = time.monotonic()
+        if roi != "auto":
+            if header["roi_version"] != self._roi_version:
+                self.proc.set_rois(Roi(*roi["signal"]), Roi(*roi["background"]))
+                self._roi_version = header["roi_version"]
+            return True
+        if header["roi_version"] != self._roi_version or now >= self._next_auto_roi:
+            from services.roi import auto_rois
+
+            self._next_auto_roi = now + AUTO_ROI_REFRESH_S
+            if header["roi_version"] != self._roi_version:
+                self._auto_rois = None  # coming from boxes set by command: apply what is found
+                self._roi_version = header["roi_version"]
+            try:
+                found = auto_rois((on, off), width, height)
+            except NirfError as err:
+                if self._auto_rois is not None:
+                    log.info("automatic ROI: nothing found (%s)", err)
+                self._auto_rois = None
+            else:
+                if found != self._auto_rois:
+                    self.proc.set_rois(*found)
+                    self._auto_rois = found
+        return self._auto_rois is not None
+
+    def _result_without_rois(self, meta_on: dict, meta_off: dict) -> dict:
+        """A result that says why there is no number: no fluorescent region was found."""
+        return {"frame_seq": meta_on["frame_seq"], "t_capture_ns": max(meta_on["t_end_ns"], meta_off["t_end_ns"]),
+                "intensity": None, "signal_mean": None, "background_mean": None, "sbr": None, "cnr": None,
+                "saturated_fraction": None, "valid": False, "flags": ["no_roi"], "positive": False,
+                "threshold": self.cfg.processing.sbr_threshold, "roi": None}
 
     def _apply_flat_field(self, name: str | None, width: int, height: int) -> bool:
         """Load and apply the named flat field when the name (or the processor) changed;
