@@ -24,6 +24,12 @@ from services import keys as keys_mod
 
 log = logging.getLogger("nirf.launcher")
 
+# The recorder holds a capture's frames (megabytes each) only until they are written. With
+# glibc's default, freeing such buffers raises its mmap threshold, later ones come from the
+# heap and the memory is kept: a fixed threshold hands every frame buffer back when freed.
+# The systemd unit sets the same.
+RECORDER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 IPC_PATH_LIMIT = 100  # Unix socket paths are limited to 107 bytes
 
 
@@ -56,10 +62,10 @@ class Launcher:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def spawn(self, name: str, module: str, *args: str) -> None:
+    def spawn(self, name: str, module: str, *args: str, env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, "--config", self.config, *args]
         out = subprocess.DEVNULL if self.quiet_children else None
-        self.children[name] = subprocess.Popen(cmd, env=self.env(), stdout=out, stderr=None)
+        self.children[name] = subprocess.Popen(cmd, env={**self.env(), **(env or {})}, stdout=out, stderr=None)
         log.info("started %s (pid %d)", name, self.children[name].pid)
 
     def start(self) -> None:
@@ -74,7 +80,7 @@ class Launcher:
         self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
         self.spawn("controller", "services.controller_main")
         self.spawn("processing", "services.processing_main")
-        self.spawn("recorder", "services.recorder_main")
+        self.spawn("recorder", "services.recorder_main", env=RECORDER_ENV)
         self.spawn("display", "services.display_main")
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
