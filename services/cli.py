@@ -42,6 +42,8 @@ SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 
 EXIT_OK, EXIT_REFUSED, EXIT_NO_ANSWER, EXIT_USAGE = 0, 1, 3, 2
 CAPTURE_TIMEOUT_S = 90.0
+# Commands that take longer than a reply normally does: waited for at least this long.
+LONG_TIMEOUTS_S = {"capture": CAPTURE_TIMEOUT_S, "selftest": 30.0}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ping", help="is the cart there?")
     sub.add_parser("status", help="the cart's status")
+    sub.add_parser("selftest", help="check each device (SAFE, acquisition off; moves the wheel, flashes the indicator)")
     sub.add_parser("arm", help="arm the laser (indicator on, emission after the delay)")
     sub.add_parser("disarm", help="back to SAFE, laser off")
     laser = sub.add_parser("laser", help="laser on/set/off")
@@ -136,7 +139,7 @@ def _add_clinical_commands(sub) -> None:
 
 def _request_for(args) -> tuple[str, dict]:
     c = args.command
-    if c in ("ping", "status", "arm", "disarm"):
+    if c in ("ping", "status", "arm", "disarm", "selftest"):
         return c, {}
     if c == "laser":
         return f"laser.{args.action}", ({"power_mw": args.mw} if args.action != "off" else {})
@@ -365,7 +368,7 @@ def main(argv=None) -> int:
         cmd, cmd_args = _request_for(args)
         try:
             # a capture takes its pairs' time plus the writing; the cart bounds it itself
-            timeout_s = max(args.timeout, CAPTURE_TIMEOUT_S) if cmd == "capture" else args.timeout
+            timeout_s = max(args.timeout, LONG_TIMEOUTS_S[cmd]) if cmd in LONG_TIMEOUTS_S else args.timeout
             result = client.call(cmd, cmd_args, timeout_s=timeout_s)
         except CartError as err:
             if args.json:

@@ -27,6 +27,17 @@ def configure_logging(process: str) -> None:
 
 
 def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM (systemd, the launcher) and SIGINT (Ctrl-C) set ``stop``."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    """SIGTERM (systemd, the launcher) and SIGINT (Ctrl-C) set ``stop``.
+
+    Under the simulator's launcher, Ctrl-C reaches every process of the terminal at once;
+    the children then ignore it and let the launcher stop them in order (services first,
+    the simulated hardware last), so the controller can still turn the laser off."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if os.environ.get(UNDER_LAUNCHER):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+
+# Set by the launcher in its children's environment.
+UNDER_LAUNCHER = "NIRF_UNDER_LAUNCHER"

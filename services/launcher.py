@@ -20,6 +20,7 @@ from pathlib import Path
 
 import config as config_mod
 from hal.errors import NirfError
+from services import entry
 from services import keys as keys_mod
 
 log = logging.getLogger("nirf.launcher")
@@ -60,6 +61,7 @@ class Launcher:
         env["NIRF_STATE_DIR"] = str(self.state_dir)
         env["NIRF_RUNTIME_DIR"] = str(self.runtime_dir)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[entry.UNDER_LAUNCHER] = "1"  # Ctrl-C is the launcher's to handle
         return env
 
     def spawn(self, name: str, module: str, *args: str, env: dict | None = None) -> None:

@@ -175,7 +175,10 @@ def main(argv=None) -> int:
         return 2
     hw = HardwareProcess(cfg, Path(args.runtime_dir))
     signal.signal(signal.SIGTERM, lambda *_: hw._stop.set())
-    signal.signal(signal.SIGINT, lambda *_: hw._stop.set())
+    # Under the launcher, Ctrl-C is the launcher's: it stops the hardware last, after the
+    # controller has turned the laser off through it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if os.environ.get("NIRF_UNDER_LAUNCHER")
+                  else (lambda *_: hw._stop.set()))
     hw.start()
     try:
         hw.serve()

@@ -100,6 +100,13 @@ def test_json_output_is_one_document(nirfctl):
     assert doc["result"]["camera"]["width"] == WIDTH
 
 
+def test_selftest_reports_every_device(nirfctl):
+    doc = nirfctl.json("selftest")
+    assert doc["ok"] is True
+    assert set(doc["result"]["devices"]) == {"laser-mcu", "filter-wheel", "camera", "gpio"}
+    assert doc["result"]["ok"] is True
+
+
 def test_arm_laser_and_disarm(nirfctl):
     code, out, _ = nirfctl("arm")
     assert code == cli.EXIT_OK and "ARMING" in out
