@@ -147,12 +147,19 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         worker.start()
         segments = max(1, math.ceil(total_s / SEGMENT_MAX_S))
         done_s = 0.0
+        progress = {"minute": 0}
         for i in range(segments):
             seg_s = total_s / segments
 
             def sample(_watcher, elapsed_s, base=done_s):
                 for p in processes.values():
                     p.add(base + elapsed_s)
+                minute = int((base + elapsed_s) // 60)
+                if minute > progress["minute"]:  # a line a minute, so a long soak shows it is alive
+                    progress["minute"] = minute
+                    rss = ", ".join(f"{name} {p.samples[-1][1] / 1024:.0f}Mi" for name, p in processes.items()
+                                    if p.samples)
+                    print(f"  {minute:3d} min: captures {worker.done}, RSS {rss}", file=sys.stderr, flush=True)
 
             # the first segment's warm-up is the memory warm-up too; later ones only settle
             seg = stream(cart, seg_s, warmup_s=warmup_s if i == 0 else 3.0, on_tick=sample,
