@@ -9,6 +9,8 @@ import os
 import signal
 import threading
 
+from services import sdnotify
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with ``--config`` (a profile name or a TOML file; default
@@ -41,3 +43,17 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 # Set by the launcher in its children's environment.
 UNDER_LAUNCHER = "NIRF_UNDER_LAUNCHER"
+
+
+def serve(svc, ready_message: str) -> int:
+    """Run a service whose ``serve()`` loops until its ``stop_event`` is set: stop on
+    signals, tell systemd it is ready, and always tell it it is stopping and close."""
+    stop_on_signals(svc.stop_event)
+    logging.getLogger(type(svc).__module__).info("%s", ready_message)
+    sdnotify.ready()
+    try:
+        svc.serve()
+    finally:
+        sdnotify.stopping()
+        svc.close()
+    return 0

@@ -201,15 +201,7 @@ def main(argv=None) -> int:
         return 2
     svc = ProcessingService(cfg, cfg.runtime_dir())
     svc.connect()
-    entry.stop_on_signals(svc.stop_event)
-    log.info("processing ready")
-    sdnotify.ready()
-    try:
-        svc.serve()
-    finally:
-        sdnotify.stopping()
-        svc.close()
-    return 0
+    return entry.serve(svc, "processing ready")
 
 
 if __name__ == "__main__":

@@ -494,15 +494,7 @@ def main(argv=None) -> int:
     svc.connect()
     runtime_dir.mkdir(parents=True, exist_ok=True)
     (runtime_dir / "recorder.pid").write_text(f"{os.getpid()}\n")
-    entry.stop_on_signals(svc.stop_event)
-    log.info("recorder ready: captures in %s", recorder.captures_dir)
-    sdnotify.ready()
-    try:
-        svc.serve()
-    finally:
-        sdnotify.stopping()
-        svc.close()
-    return 0
+    return entry.serve(svc, f"recorder ready: captures in {recorder.captures_dir}")
 
 
 if __name__ == "__main__":
