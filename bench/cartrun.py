@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.client import CartClient
+from services.cli.client import CartClient
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # The launcher's children, told apart by the module each one runs.
 CHILD_MODULES = {
     "hardware": "sim.hardware",
-    "controller": "services.controller_main",
-    "processing": "services.processing_main",
-    "recorder": "services.recorder_main",
-    "display": "services.display_main",
+    "controller": "services.imaging.main",
+    "processing": "services.processing.main",
+    "recorder": "services.study.recorder",
+    "display": "services.display.main",
 }
 
 

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from services.pipeline import PairProcessor
-from services.roi import auto_rois
+from services.processing.pipeline import PairProcessor
+from services.processing.roi import auto_rois
 
 WIDTH, HEIGHT, BITS = 1456, 1088, 10
 P1_TARGET = 3.0

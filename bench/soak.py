@@ -86,7 +86,7 @@ class CaptureWorker(threading.Thread):
         self.note = ""
 
     def run(self) -> None:
-        from services.client import CartError
+        from services.cli.client import CartError
 
         client = self.cart.client()
         injected = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=24)

@@ -134,7 +134,7 @@ printf 'numpy==%s\n' "$SYSTEM_NUMPY" >"$CONSTRAINTS"
     --no-deps --force-reinstall "$SRC_DIR"
 "$VENV/bin/python" - <<'EOF' || die "the virtual environment is incomplete (see the error above)"
 import numpy, serial, zmq, msgpack
-import config, services.controller_main, services.processing_main
+import config, services.imaging.main, services.processing.main
 print(f"    numpy {numpy.__version__}, pyzmq {zmq.__version__}, pyserial {serial.__version__}")
 try:
     import RPi.GPIO, picamera2  # noqa: F401  (both only import on a Pi)
@@ -171,7 +171,7 @@ runuser -u "$SERVICE_USER" -- env NIRF_STATE_DIR="$STATE_DIR" \
 runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -c '
 import sys
 from pathlib import Path
-from services import keys
+from services.common import keys
 ensure = getattr(keys, "ensure_display_key", None)  # versions without a display have none
 if ensure is not None:
     ensure(Path(sys.argv[1]))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import config as config_mod
 from hal.errors import NirfError
-from services import entry
-from services import keys as keys_mod
+from services.common import entry
+from services.common import keys as keys_mod
 
 log = logging.getLogger("nirf.launcher")
 
@@ -80,13 +80,13 @@ class Launcher:
         except FileNotFoundError:
             pass
         self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
-        self.spawn("controller", "services.controller_main")
-        self.spawn("processing", "services.processing_main")
-        self.spawn("recorder", "services.recorder_main", env=RECORDER_ENV)
-        self.spawn("display", "services.display_main")
+        self.spawn("controller", "services.imaging.main")
+        self.spawn("processing", "services.processing.main")
+        self.spawn("recorder", "services.study.recorder", env=RECORDER_ENV)
+        self.spawn("display", "services.display.main")
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
-        from services.client import CartClient
+        from services.cli.client import CartClient
 
         client = CartClient.from_state_dir(self.state_dir, self.cfg.bus.control_endpoint,
                                            self.cfg.bus.telemetry_endpoint)

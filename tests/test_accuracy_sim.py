@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.pipeline import PairProcessor, Roi, flat_field_from_uniform
-from services.roi import auto_rois
+from services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
+from services.processing.roi import auto_rois
 from sim.render import FrameRenderer
 from sim.world import SensorModel, World
 from hal.clock import ManualClock

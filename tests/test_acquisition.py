@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from controller.acquisition import Acquisition, FrameTagger
+from services.imaging.acquisition import Acquisition, FrameTagger
 from hal.camera import Frame, FrameMeta
 from hal.laser import FrameTag
 

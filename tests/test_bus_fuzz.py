@@ -14,8 +14,8 @@ import zmq.auth
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from services.bus import MAX_ID_LEN, READ_ONLY
-from services.client import CartClient
+from services.gateway.bus import MAX_ID_LEN, READ_ONLY
+from services.cli.client import CartClient
 from tests.cartproc import start_cart
 
 pytestmark = pytest.mark.e2e

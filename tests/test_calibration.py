@@ -22,8 +22,8 @@ from controller.state import State
 from hal.camera import CameraSettings, Frame, FrameMeta
 from hal.clock import ManualClock
 from hal.errors import DeviceTimeout, InvalidArgument, WrongState
-from services import calibration_service as cs
-from services.calibration_service import Calibration
+from services.imaging import calibration as cs
+from services.imaging.calibration import Calibration
 
 CFG = config.load("sim")
 CALLER = SimpleNamespace(name="tech", role="operator")
@@ -504,9 +504,9 @@ class _Part:
 
 
 def test_processing_applies_the_named_flat_field_and_records_the_id(tmp_path, monkeypatch):
-    from services import bus as bus_mod
-    from services.pipeline import Roi
-    from services.processing_main import ProcessingService
+    from services.gateway import bus as bus_mod
+    from services.processing.pipeline import Roi
+    from services.processing.main import ProcessingService
 
     monkeypatch.setenv("NIRF_STATE_DIR", str(tmp_path))
     ctx = zmq.Context()
@@ -579,7 +579,7 @@ def cart(tmp_path_factory):
 
 @pytest.fixture
 def client(cart):
-    from services.client import CartClient
+    from services.cli.client import CartClient
 
     ctx = zmq.Context()
     cl = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)

@@ -15,7 +15,7 @@ import pytest
 
 from hal.clock import ManualClock
 from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.casestore import CSV_COLUMNS, SCHEMA_VERSION, CaseStore, validate_case_id
+from services.study.casestore import CSV_COLUMNS, SCHEMA_VERSION, CaseStore, validate_case_id
 
 WALL_START_NS = 1_700_000_000_000_000_000  # ManualClock's default wall time
 

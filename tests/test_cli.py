@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from services import cli
+from services.cli import main as cli
 from tests.cartproc import ROOT, free_port, start_cart
 
 pytestmark = pytest.mark.e2e
@@ -251,7 +251,7 @@ def test_watch_shows_live_status_as_a_separate_process(cart):
     """The installed entry point, as a technician runs it, for a second and a half."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(cart.config_path), "--state-dir",
+        [sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "--state-dir",
          str(cart.state_dir), "watch", "--seconds", "1.5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
@@ -260,7 +260,7 @@ def test_watch_shows_live_status_as_a_separate_process(cart):
 
 def test_watch_json_lines(cart):
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(cart.config_path), "--state-dir",
+        [sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "--state-dir",
          str(cart.state_dir), "--json", "watch", "--seconds", "1.5"],
         cwd=ROOT, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr

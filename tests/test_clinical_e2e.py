@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from services.casestore import CaseStore
-from services.client import CartClient, CartError
-from services.tiff import read_tiff
+from services.study.casestore import CaseStore
+from services.cli.client import CartClient, CartError
+from services.study.tiff import read_tiff
 from tests.cartproc import ROOT, start_cart
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ BACKGROUND_ROI = [20, 20, 150, 150]
 def nirfctl(cart, *args: str, timeout_s: float = 60.0) -> tuple[int, dict]:
     """Run the CLI as its own process with --json; returns (exit code, parsed reply)."""
     env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir))
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "--config", str(cart.config_path),
+    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path),
                            "--state-dir", str(cart.state_dir), "--json", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
                           stdin=subprocess.DEVNULL)
@@ -152,7 +152,7 @@ def test_the_study_workflow_through_the_cli(cart, tmp_path):
         assert all(r["frames_lost"] == "0" for r in rows)
 
         env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir))
-        study = subprocess.run([sys.executable, "-m", "services.cli", "--config", str(cart.config_path), "export"],
+        study = subprocess.run([sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "export"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                                stdin=subprocess.DEVNULL)
         assert study.returncode == 0, study.stderr
@@ -194,7 +194,7 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
         client.call("case.open", {"case_id": "SSCC-7", "histology": "sSCC", "arm": "control"})
         start_imaging(client)
         recorder_pid = int((cart.runtime_dir / "recorder.pid").read_text())
-        controller_pid = child_pid(cart.proc.pid, "services.controller_main")
+        controller_pid = child_pid(cart.proc.pid, "services.imaging.main")
         case_dir = cart.state_dir / "captures" / "SSCC-7"
         committed_replies: list[dict] = []
 
@@ -269,14 +269,14 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
 
 # ---------------------------------------------------------------------- export without a cart
 def test_export_without_a_case_database_is_a_usage_error(tmp_path, capsys):
-    from services import cli
+    from services.cli import main as cli
 
     assert cli.main(["--state-dir", str(tmp_path), "export"]) == cli.EXIT_USAGE
     assert "no case database" in capsys.readouterr().err
 
 
 def test_export_of_an_unknown_case_is_refused_and_writes_nothing(tmp_path, capsys):
-    from services import cli
+    from services.cli import main as cli
 
     CaseStore(tmp_path / "study.db").close()
     out = tmp_path / "x.csv"

@@ -16,8 +16,8 @@ import zmq
 import zmq.auth
 
 from hal.errors import ConfigError
-from services import keys
-from services.bus import CommandServer
+from services.common import keys
+from services.gateway.bus import CommandServer
 from tests.cartproc import free_port
 
 REPLY_TIMEOUT_S = 1.0

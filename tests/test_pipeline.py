@@ -1,4 +1,4 @@
-"""Tests of the fluorescence pipeline (services.pipeline) against frames synthesised here
+"""Tests of the fluorescence pipeline (services.processing.pipeline) against frames synthesised here
 with the simulator's physics (SIM.md "Physics of a frame")."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hal.errors import InvalidArgument, WrongState
-from services.pipeline import (
+from services.processing.pipeline import (
     COLOUR_LUT,
     PREVIEW_SATURATED_RGB,
     PairProcessor,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from services import bus as bus_mod
-from services import processing_main
-from services.processing_main import ProcessingService
+from services.gateway import bus as bus_mod
+from services.processing import main as processing_main
+from services.processing.main import ProcessingService
 from tests.safety_rig import make_config
 
 W, H = 256, 192

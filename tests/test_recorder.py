@@ -1,5 +1,5 @@
-"""The recorder (services/recorder_main.py) in-process, and the controller's clinical side
-(services/clinical.py) against a stand-in controller: atomic capture folders, embedded
+"""The recorder (services/study/recorder.py) in-process, and the controller's clinical side
+(services/study/clinical.py) against a stand-in controller: atomic capture folders, embedded
 metadata, gap accounting, full disks, crashes mid-write, and the capture command's
 refusals."""
 
@@ -21,10 +21,10 @@ import zmq
 from hal.camera import Frame, FrameMeta
 from hal.clock import ManualClock
 from hal.errors import DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
-from services import bus as bus_mod
-from services import tiff as tiff_mod
-from services.recorder_main import Recorder, RecorderService
-from services.tiff import read_tiff
+from services.gateway import bus as bus_mod
+from services.study import tiff as tiff_mod
+from services.study.recorder import Recorder, RecorderService
+from services.study.tiff import read_tiff
 
 W, H = 32, 24
 CASE = "DFSP-014"
@@ -203,7 +203,7 @@ def test_a_full_disk_mid_capture_refuses_it_and_leaves_nothing(rec, tmp_path, mo
 
 def test_too_little_free_space_refuses_before_writing(tmp_path, mocker):
     rec = Recorder(tmp_path, reserve_bytes=10_000_000)
-    mocker.patch("services.recorder_main.shutil.disk_usage",
+    mocker.patch("services.study.recorder.shutil.disk_usage",
                  return_value=SimpleNamespace(total=20_000_000, used=15_000_000, free=5_000_000))
     writes = mocker.spy(tiff_mod, "_write_all")
     feed(rec, [2])
@@ -373,7 +373,7 @@ class FakeController:
                                                     width=W, height=H, lit=True, mcu_frame=seq, laser_mw=50.0,
                                                     filter_position=1))
             off = Frame(pixels(seq, "off"), on.meta.with_(mcu_frame=seq + 1, lit=False, laser_mw=0.0))
-            from services.controller_main import _meta
+            from services.imaging.main import _meta
 
             self.clinical.on_pair(on, off, {"frame_seq": seq, "on": _meta(on.meta), "off": _meta(off.meta)})
             r = {"frame_seq": seq, "t_capture_ns": 1_700_000_000_000_000_000 + seq, "valid": self.valid(seq),
@@ -387,7 +387,7 @@ class FakeController:
 
 @pytest.fixture
 def clinical_rig(tmp_path, short_runtime):
-    from services.clinical import Clinical
+    from services.study.clinical import Clinical
 
     ctl = FakeController(tmp_path, short_runtime)
     ctl.clinical = Clinical(ctl)
@@ -462,7 +462,7 @@ def test_a_capture_is_recorded_and_stored(clinical_rig, tmp_path):
 
 
 def test_only_valid_results_count_and_only_their_frames_are_kept(tmp_path, short_runtime):
-    from services.clinical import Clinical
+    from services.study.clinical import Clinical
 
     ctl = FakeController(tmp_path, short_runtime, valid=lambda seq: seq % 4 == 0)
     ctl.clinical = Clinical(ctl)
@@ -496,7 +496,7 @@ def test_a_full_disk_refuses_the_capture_and_stores_nothing(clinical_rig, tmp_pa
 
 
 def test_no_recorder_gives_a_clear_error(tmp_path, short_runtime, mocker):
-    from services import clinical as clinical_mod
+    from services.study import clinical as clinical_mod
 
     mocker.patch.object(clinical_mod, "RECORDER_BASE_TIMEOUT_S", 0.5)
     mocker.patch.object(clinical_mod, "RECORDER_PER_PAIR_S", 0.0)
@@ -514,7 +514,7 @@ def test_no_recorder_gives_a_clear_error(tmp_path, short_runtime, mocker):
 
 
 def test_too_few_valid_results_time_out(tmp_path, short_runtime, mocker):
-    from services import clinical as clinical_mod
+    from services.study import clinical as clinical_mod
 
     mocker.patch.object(clinical_mod, "RESULTS_MARGIN_S", 0.0)
     ctl = FakeController(tmp_path, short_runtime, valid=lambda seq: False)
@@ -531,7 +531,7 @@ def test_too_few_valid_results_time_out(tmp_path, short_runtime, mocker):
 
 
 def test_an_uncommitted_capture_folder_is_set_aside_at_start(tmp_path, short_runtime):
-    from services.clinical import Clinical
+    from services.study.clinical import Clinical
 
     orphan = tmp_path / FOLDER
     orphan.mkdir(parents=True)

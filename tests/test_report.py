@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hal.errors import InvalidArgument
-from services import report
-from services.report import (betainc, betaincinv, build_report, clopper_pearson, proportion,
+from services.study import report
+from services.study.report import (betainc, betaincinv, build_report, clopper_pearson, proportion,
                              wilson)
 
 ALPHA = 0.05

@@ -1,4 +1,4 @@
-"""Tests of the automatic ROI choice (services.roi) on frames synthesised here with the
+"""Tests of the automatic ROI choice (services.processing.roi) on frames synthesised here with the
 simulator's physics (SIM.md "Physics of a frame")."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hal.errors import InvalidArgument, NotAvailable
-from services.pipeline import PairProcessor, Roi, flat_field_from_uniform
-from services.roi import auto_rois, chessboard_depth, label_components
+from services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
+from services.processing.roi import auto_rois, chessboard_depth, label_components
 from sim.world import DEFAULT_K_FLUO
 
 W, H = 728, 544

@@ -22,7 +22,7 @@ import pytest
 import zmq
 
 from hal.clock import ManualClock, SystemClock
-from services import sdnotify
+from services.common import sdnotify
 from tests.cartproc import start_cart
 from tests.safety_rig import Rig
 
@@ -132,13 +132,13 @@ def test_status_is_one_line(path_listener):
 
 def test_send_failure_is_logged_not_raised(short_dir, caplog):
     env = {"NOTIFY_SOCKET": str(short_dir / "nobody-listens-here")}
-    with caplog.at_level(logging.WARNING, logger="services.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="services.common.sdnotify"):
         assert sdnotify.ready(env) is False
     assert any("READY=1" in r.getMessage() and "nobody-listens-here" in r.getMessage() for r in caplog.records)
 
 
 def test_unusable_address_is_refused(caplog):
-    with caplog.at_level(logging.WARNING, logger="services.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="services.common.sdnotify"):
         assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "relative/path"}) is False
         assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "@"}) is False
     assert sum("NOTIFY_SOCKET" in r.getMessage() for r in caplog.records) == 2
@@ -296,7 +296,7 @@ def test_cart_ready_after_safe_then_watchdog_until_frozen(tmp_path, monkeypatch,
         kinds = [json.loads(line)["kind"] for line in audit_at_ready.splitlines() if line.strip()]
         assert "start" in kinds
 
-        from services.client import CartClient
+        from services.cli.client import CartClient
 
         client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)
         status = client.call("status", timeout_s=10.0)

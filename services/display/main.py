@@ -46,15 +46,15 @@ import zmq.auth
 import config as config_mod
 from hal.clock import Clock, SystemClock
 from hal.errors import ConfigError, InvalidArgument, NirfError
-from services import bus as bus_mod
-from services import entry
-from services import keys as keys_mod
-from services import sdnotify
-from services.png import encode_png
+from services.gateway import bus as bus_mod
+from services.common import entry
+from services.common import keys as keys_mod
+from services.common import sdnotify
+from services.processing.png import encode_png
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent / "display_static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 # path -> (file name, content type); nothing outside this list is ever served
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),

@@ -44,7 +44,7 @@ The answer to ``end`` (on ``record_ack.ipc``)::
 
 How a capture reaches the disk, so that nothing half-written is ever visible (D2): the
 recorder keeps the forwarded pairs in memory (bounded by ``[recorder] buffer_mb``) until
-``end``; it then writes the requested frames with :func:`services.tiff.write_tiff_atomic`
+``end``; it then writes the requested frames with :func:`services.study.tiff.write_tiff_atomic`
 into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
 that folder to ``captures/<case_id>/<capture_id>`` (atomic) once every file is on disk,
 then flushes the parent folder. A crash leaves at most a hidden staging folder, removed
@@ -53,7 +53,7 @@ when the recorder starts again. A full disk (or less free space than
 into place and the staging folder is removed.
 
 Gaps (D3): every frame that arrives for a capture is accounted for with a
-:class:`~services.tiff.SequenceGapCounter`; the frames missing from the capture's span
+:class:`~services.study.tiff.SequenceGapCounter`; the frames missing from the capture's span
 (first requested laser-on frame to last requested laser-off frame) are reported as
 ``frames_lost``, never dropped silently.
 """
@@ -76,10 +76,10 @@ import zmq
 import config as config_mod
 from hal.clock import Clock, SystemClock
 from hal.errors import NirfError
-from services import bus as bus_mod
-from services import entry
-from services import sdnotify
-from services.tiff import RecorderDiskFull, RecorderError, SequenceGapCounter, write_tiff_atomic
+from services.gateway import bus as bus_mod
+from services.common import entry
+from services.common import sdnotify
+from services.study.tiff import RecorderDiskFull, RecorderError, SequenceGapCounter, write_tiff_atomic
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ import zmq.auth
 
 import config as config_mod
 from hal.errors import DeviceTimeout, NirfError
-from services import keys as keys_mod
-from services.client import CartClient, CartError
-from services.report import ARMS, HISTOLOGIES
+from services.common import keys as keys_mod
+from services.cli.client import CartClient, CartError
+from services.study.report import ARMS, HISTOLOGIES
 
 SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 
@@ -317,7 +317,7 @@ def format_report(report: dict) -> str:
 
 def export_command(args, cfg) -> int:
     """CSV export straight from the case database in the state folder (no cart needed)."""
-    from services.casestore import CaseStore
+    from services.study.casestore import CaseStore
 
     state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
     db = state_dir / "study.db"

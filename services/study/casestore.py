@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from hal.clock import Clock, SystemClock
 from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.report import ARMS, HISTOLOGIES, build_report
+from services.study.report import ARMS, HISTOLOGIES, build_report
 
 log = logging.getLogger(__name__)
 

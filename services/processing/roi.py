@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from hal.errors import InvalidArgument, NotAvailable
-from services.pipeline import Roi, box_smooth
+from services.processing.pipeline import Roi, box_smooth
 
 log = logging.getLogger(__name__)
 

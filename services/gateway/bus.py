@@ -20,7 +20,7 @@ import msgpack
 import zmq
 
 from hal.errors import NirfError, NotPermitted, UnknownCommand
-from services.keys import OPERATOR, make_curve_server
+from services.common.keys import OPERATOR, make_curve_server
 
 log = logging.getLogger(__name__)
 

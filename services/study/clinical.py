@@ -1,7 +1,7 @@
 """The clinical workflow inside the controller: cases, site captures, pathology and the
 report (bus commands ``case.open``, ``case.close``, ``capture``, ``pathology.set``,
-``report``), with the case store (:mod:`services.casestore`, ``<state_dir>/study.db``) and
-the recorder process (:mod:`services.recorder_main`).
+``report``), with the case store (:mod:`services.study.casestore`, ``<state_dir>/study.db``) and
+the recorder process (:mod:`services.study.recorder`).
 
 A capture, step by step:
 
@@ -42,9 +42,9 @@ import numpy as np
 import zmq
 
 from hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
-from services import bus as bus_mod
-from services.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
-from services.recorder_main import CAPTURES_FOLDER
+from services.gateway import bus as bus_mod
+from services.study.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
+from services.study.recorder import CAPTURES_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class _Collecting:
 
 
 class Clinical:
-    """The clinical commands of a running :class:`~services.controller_main.ControllerService`.
+    """The clinical commands of a running :class:`~services.imaging.main.ControllerService`.
 
     Construct it after the service's ZeroMQ context exists (``service.start``); register
     :meth:`handlers` with the command server, call :meth:`on_pair` for every pair the

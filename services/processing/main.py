@@ -3,7 +3,7 @@ laser safety.
 
 It subscribes to laser-on/laser-off pairs from the controller (``frames.ipc``: topic
 ``pair``, a msgpack header, then the two raw uint16 frames), runs the pipeline
-(:mod:`services.pipeline`) and pushes one ``result`` per pair, and a false-colour
+(:mod:`services.processing.pipeline`) and pushes one ``result`` per pair, and a false-colour
 ``preview`` at a modest rate, back to the controller (``results.ipc``), which publishes
 them on the telemetry endpoint.
 """
@@ -20,9 +20,9 @@ import zmq
 
 import config as config_mod
 from hal.errors import NirfError
-from services import bus as bus_mod
-from services import entry
-from services import sdnotify
+from services.gateway import bus as bus_mod
+from services.common import entry
+from services.common import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ AUTO_ROI_REFRESH_S = 1.0
 
 class ProcessingService:
     def __init__(self, cfg, runtime_dir: Path, *, context: zmq.Context | None = None):
-        from services.pipeline import PairProcessor
+        from services.processing.pipeline import PairProcessor
 
         self.cfg = cfg
         self.runtime_dir = Path(runtime_dir)
@@ -53,7 +53,7 @@ class ProcessingService:
         self._last_seq: int | None = None
         self.stop_event = threading.Event()
         # calibration: the flat field the controller names in each pair header is loaded from
-        # here (services/calibration_service.py); (file name, processor) it was applied to
+        # here (services/imaging/calibration.py); (file name, processor) it was applied to
         self.calibration_dir = cfg.state_dir() / "calibration"
         self._flat_applied: tuple | None = None
         # systemd's watchdog, fed from the receive loop (no-op off systemd)
@@ -84,7 +84,7 @@ class ProcessingService:
     def _ensure_processor(self, width: int, height: int, bits: int) -> None:
         if self._proc_shape == (height, width, bits):
             return
-        from services.pipeline import PairProcessor
+        from services.processing.pipeline import PairProcessor
 
         p = self.cfg.processing
         self.proc = PairProcessor(width, height, bits, sbr_threshold=p.sbr_threshold,
@@ -133,7 +133,7 @@ class ProcessingService:
         """Apply the ROIs the controller asks for. In automatic mode the search runs again
         every ``AUTO_ROI_REFRESH_S`` (the field of view moves during surgery); an unchanged
         answer keeps the running average. Returns whether ROIs are in place."""
-        from services.pipeline import Roi
+        from services.processing.pipeline import Roi
 
         roi = header["roi"]
         now = time.monotonic()
@@ -143,7 +143,7 @@ class ProcessingService:
                 self._roi_version = header["roi_version"]
             return True
         if header["roi_version"] != self._roi_version or now >= self._next_auto_roi:
-            from services.roi import auto_rois
+            from services.processing.roi import auto_rois
 
             self._next_auto_roi = now + AUTO_ROI_REFRESH_S
             if header["roi_version"] != self._roi_version:
@@ -172,7 +172,7 @@ class ProcessingService:
         """Load and apply the named flat field when the name (or the processor) changed;
         True when a flat field is applied. A map that cannot be used is logged and the
         pairs are processed uncorrected (``flat_field_applied`` false in the result)."""
-        from services.calibration_service import load_flat_field
+        from services.imaging.calibration import load_flat_field
 
         if self._flat_applied is None or self._flat_applied[:2] != (name, self.proc):
             applied = False

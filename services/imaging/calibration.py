@@ -282,7 +282,7 @@ class _FlatCollector:
 class Calibration:
     """The calibration procedures of a running controller and the calibrations in use.
 
-    ``service`` is the :class:`services.controller_main.ControllerService` (or anything with
+    ``service`` is the :class:`services.imaging.main.ControllerService` (or anything with
     the same attributes: ``cfg``, ``state_dir``, ``clock``, ``cart``, ``acquisition``,
     ``filter``, ``_move_filter``, ``wait_results``, ``audit``, ``telemetry``, ``roi``).
     Construction reads ``current.json`` and applies a stored power calibration to
@@ -513,7 +513,7 @@ class Calibration:
     def cmd_flat(self, args, caller) -> dict:
         """``calibrate.flat {pairs}``: a flat-field map from N pairs of a uniform target.
         Needs fluorescence acquisition running (state EMITTING)."""
-        from services.pipeline import flat_field_from_uniform
+        from services.processing.pipeline import flat_field_from_uniform
 
         cmd = "calibrate.flat"
         _only(args, {"pairs"}, cmd)

@@ -19,17 +19,17 @@ from pathlib import Path
 import zmq
 
 import config as config_mod
-from controller.acquisition import Acquisition
+from services.imaging.acquisition import Acquisition
 from controller.cart import Cart
 from controller.state import State
 from hal.camera import CameraSettings
 from hal.clock import SystemClock
 from hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
-from services import bus as bus_mod
-from services import entry
-from services import keys as keys_mod
-from services import sdnotify
-from services.audit import AuditLog
+from services.gateway import bus as bus_mod
+from services.common import entry
+from services.common import keys as keys_mod
+from services.common import sdnotify
+from services.gateway.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class ControllerService:
         self.telemetry = bus_mod.Telemetry(self.ctx, b.telemetry_endpoint, server_keys)
         self.server = bus_mod.CommandServer(self.ctx, b.control_endpoint, server_keys, self.ring, self.handlers,
                                             max_message_bytes=b.max_message_bytes, audit=self.audit)
-        # calibration procedures and the stored calibrations in use (services/calibration_service.py)
-        from services.calibration_service import Calibration
+        # calibration procedures and the stored calibrations in use (services/imaging/calibration.py)
+        from services.imaging.calibration import Calibration
         self.calibration = Calibration(self)
         self.server.handlers.update(self.calibration.handlers())
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ class ControllerService:
         self.results_in.setsockopt(zmq.RCVHWM, 100)
         self.results_in.bind(f"ipc://{self.runtime_dir / 'results.ipc'}")
         self._frames_lock = threading.Lock()
-        from services.clinical import Clinical  # cases, captures and the recorder (issue 8)
+        from services.study.clinical import Clinical  # cases, captures and the recorder (issue 8)
         self.clinical = Clinical(self)
         self.server.handlers.update(self.clinical.handlers())
 
