@@ -14,6 +14,10 @@ from pathlib import Path
 
 from hal.errors import ConfigError, InvalidArgument
 
+MIN_POWER_POINTS = 2
+MAX_POWER_POINTS = 32
+MAX_CALIBRATED_MW = 1000.0
+
 
 @dataclass(frozen=True)
 class PowerCalibration:
@@ -70,3 +74,37 @@ def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return ys[-1]
+
+
+def validate_power_points(points) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``[[duty, mW], ...]`` checked: 2-32 points, duty 0-1, mW 0-1000, both strictly
+    rising. Returns ``(duties, powers_mw)``; raises :class:`InvalidArgument` naming the
+    point, the value and the limit."""
+    cmd = "calibrate.power"
+    if not isinstance(points, (list, tuple)):
+        raise InvalidArgument(f"{cmd}: points must be a list of [duty, mW] pairs, got {type(points).__name__}")
+    if not MIN_POWER_POINTS <= len(points) <= MAX_POWER_POINTS:
+        raise InvalidArgument(f"{cmd}: {len(points)} points given, allowed {MIN_POWER_POINTS} to "
+                              f"{MAX_POWER_POINTS}")
+    duties, powers = [], []
+    for i, p in enumerate(points):
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise InvalidArgument(f"{cmd}: point {i} = {p!r} is not a [duty, mW] pair")
+        duties.append(_finite(cmd, f"point {i} duty", p[0], 0.0, 1.0))
+        powers.append(_finite(cmd, f"point {i} mW", p[1], 0.0, MAX_CALIBRATED_MW))
+    for i in range(1, len(points)):
+        if duties[i] <= duties[i - 1]:
+            raise InvalidArgument(f"{cmd}: point {i} duty {duties[i]} is not above point {i - 1}'s "
+                                  f"{duties[i - 1]}; duty must rise strictly")
+        if powers[i] <= powers[i - 1]:
+            raise InvalidArgument(f"{cmd}: point {i} power {powers[i]} mW is not above point {i - 1}'s "
+                                  f"{powers[i - 1]} mW; power must rise strictly with duty")
+    return tuple(duties), tuple(powers)
+
+
+def _finite(cmd: str, name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(f"{cmd}: {name} = {value!r} is not a finite number")
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{cmd}: {name} = {value!r} outside {lo} to {hi}")
+    return float(value)

@@ -138,6 +138,27 @@ class Cart:
         self.camera_watch = False
         self.camera_last_frame: float | None = None
         self.ticks = 0
+        self._watches: list = []
+
+    # ------------------------------------------------------------------ extra rules
+    def add_watch(self, watch) -> None:
+        """An extra rule the supervisor checks on every tick, under the cart's lock.
+
+        ``watch.trips(now, state)`` returns ``(code, message)`` pairs to latch now (it is
+        asked only in ARMING, ARMED and EMITTING); ``watch.causes(now)`` returns what still
+        stands in the way of ``arm`` and ``fault.reset`` (e.g. a process that is silent)."""
+        self._watches.append(watch)
+
+    def _check_watches(self, now: float) -> None:
+        if not self.state.active:
+            return
+        for watch in self._watches:
+            for code, message in watch.trips(now, self.state):
+                self._trip(code, message)
+
+    def _watch_causes(self) -> list[str]:
+        now = self.clock.monotonic()
+        return [c for w in self._watches for c in w.causes(now)]
 
     # ------------------------------------------------------------------ events
     def add_listener(self, listener: EventListener) -> None:
@@ -264,6 +285,7 @@ class Cart:
             self._poll_mcu(now)
             self._check_inputs()
             self._check_rules(now)
+            self._check_watches(now)
             self._apply()
 
     def _poll_mcu(self, now: float) -> None:
@@ -468,6 +490,9 @@ class Cart:
                 raise KeyOff("turn the key off and on again at the cart before the first arm after boot")
             if not self._link_ok or self.mcu_status is None:
                 raise DeviceError("laser-mcu", "no status from the laser controller yet; try again")
+            causes = self._watch_causes()
+            if causes:
+                raise WrongState("cannot arm: " + "; ".join(causes))
             self._set_indicator(True)
             self._set_state(State.ARMING, "arm")
             self._apply()
@@ -533,6 +558,7 @@ class Cart:
         if self.camera_watch and self.camera_last_frame is not None and \
                 self.clock.monotonic() - self.camera_last_frame > self.cfg.safety.camera_stall_s:
             causes.append("camera still delivers no frames")
+        causes.extend(self._watch_causes())
         return causes
 
     def fault_reset(self) -> dict:

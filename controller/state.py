@@ -28,6 +28,9 @@ OVER_TEMP = "OVER_TEMP"
 OUTPUT_MISMATCH = "OUTPUT_MISMATCH"
 MCU_FAULT_PREFIX = "MCU_"
 INPUT_DISAGREE = "INPUT_DISAGREE"
+# A process the safety core watches (the gateway, imaging) went silent while the laser was
+# armed: nobody could turn it off or see what it lights (PRODUCT section 3).
+SERVICE_LOST = "SERVICE_LOST"
 
 RECOVERY = {
     INTERLOCK_OPEN: "close the interlock loop (door, connector, emergency stop), then fault.reset",
@@ -39,6 +42,8 @@ RECOVERY = {
                      "and its calibration before fault.reset",
     INPUT_DISAGREE: "the laser controller and the Pi read the safety inputs differently: check "
                     "the wiring, then fault.reset",
+    SERVICE_LOST: "the named process stopped answering and is being restarted; fault.reset once "
+                  "status shows it alive again",
 }
 
 

@@ -1,9 +1,12 @@
 """``make run``: start the simulated cart in the foreground.
 
-Starts the simulated hardware, the controller, the processing service and the surgical
-display as child processes, creates the keys on first start, waits until the cart
-publishes its first ``status`` and prints how to reach it. Ctrl-C (or SIGTERM) stops every process it started;
-if one of them dies, the others are stopped too and the exit status says so.
+Starts the simulated hardware and the cart's processes (the safety core, imaging, the bus
+gateway, study, processing, the recorder and the surgical display) as child processes,
+creates the keys on first start, waits until the cart publishes its first ``status`` and
+prints how to reach it. Like systemd on the cart, it restarts a process that dies (at most
+:data:`MAX_RESTARTS` times a minute each); if the simulated hardware dies, or a process keeps
+dying, it stops everything and the exit status says so. Ctrl-C (or SIGTERM) stops every
+process it started: the services first, then the safety core, the hardware last.
 """
 
 from __future__ import annotations
@@ -32,6 +35,23 @@ log = logging.getLogger("nirf.launcher")
 RECORDER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 IPC_PATH_LIMIT = 100  # Unix socket paths are limited to 107 bytes
+MAX_RESTARTS = 10  # per process and minute, as the units' StartLimitBurst
+RESTART_DELAY_S = 0.5  # as the units' RestartSec
+
+# name -> (module, extra environment); started in this order
+PROCESSES = {
+    "hardware": ("sim.hardware", {}),
+    "safety": ("controller.main", {}),
+    "imaging": ("services.imaging.main", {}),
+    "gateway": ("services.gateway.main", {}),
+    "study": ("services.study.main", {}),
+    "processing": ("services.processing.main", {}),
+    "recorder": ("services.study.recorder", RECORDER_ENV),
+    "display": ("services.display.main", {}),
+}
+# stopped in these groups, in order: the safety core after everything that could ask it for
+# light, the hardware last so the safety core can still turn the laser off through it
+STOP_ORDER = (("display", "processing", "study", "gateway", "recorder", "imaging"), ("safety",), ("hardware",))
 
 
 def runtime_dir_for(cfg) -> Path:
@@ -55,6 +75,7 @@ class Launcher:
         self.children: dict[str, subprocess.Popen] = {}
         self.quiet_children = quiet_children
         self.stopping = False
+        self.restarts: dict[str, list[float]] = {}
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -64,7 +85,11 @@ class Launcher:
         env[entry.UNDER_LAUNCHER] = "1"  # Ctrl-C is the launcher's to handle
         return env
 
-    def spawn(self, name: str, module: str, *args: str, env: dict | None = None) -> None:
+    def spawn(self, name: str, module: str | None = None, *args: str, env: dict | None = None) -> None:
+        if module is None:
+            module, env = PROCESSES[name]
+            if name == "hardware":
+                args = ("--runtime-dir", str(self.runtime_dir))
         cmd = [sys.executable, "-m", module, "--config", self.config, *args]
         out = subprocess.DEVNULL if self.quiet_children else None
         self.children[name] = subprocess.Popen(cmd, env={**self.env(), **(env or {})}, stdout=out, stderr=None)
@@ -79,11 +104,8 @@ class Launcher:
             (self.runtime_dir / "hardware.json").unlink()
         except FileNotFoundError:
             pass
-        self.spawn("hardware", "sim.hardware", "--runtime-dir", str(self.runtime_dir))
-        self.spawn("controller", "services.imaging.main")
-        self.spawn("processing", "services.processing.main")
-        self.spawn("recorder", "services.study.recorder", env=RECORDER_ENV)
-        self.spawn("display", "services.display.main")
+        for name in PROCESSES:
+            self.spawn(name)
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
         from services.cli.client import CartClient
@@ -108,11 +130,31 @@ class Launcher:
                 return name
         return None
 
+    def restart_dead(self, now: float | None = None) -> str | None:
+        """Restart every process that died, as systemd's ``Restart=on-failure`` would.
+        Returns the name of one that must not or cannot be restarted (the hardware, or a
+        process that died more than :data:`MAX_RESTARTS` times in a minute), else None."""
+        now = time.monotonic() if now is None else now
+        for name, p in list(self.children.items()):
+            if p.poll() is None:
+                continue
+            if name == "hardware":
+                return name
+            recent = [t for t in self.restarts.get(name, []) if now - t < 60.0]
+            if len(recent) >= MAX_RESTARTS:
+                return name
+            if recent and now - recent[-1] < RESTART_DELAY_S:
+                continue
+            log.warning("%s exited with status %s; restarting it", name, p.returncode)
+            self.restarts[name] = recent + [now]
+            self.spawn(name)
+        return None
+
     def stop(self) -> None:
         """Stop the services first and the simulated hardware last, so the controller can
         still turn the laser and the indicator off through it."""
         self.stopping = True
-        for group in (("display", "processing", "controller"), ("recorder",), ("hardware",)):
+        for group in STOP_ORDER:
             procs = [self.children[n] for n in group if n in self.children]
             for p in procs:
                 if p.poll() is None:
@@ -161,12 +203,13 @@ def main(argv=None) -> int:
             code = 1
             stop["flag"] = True
         while not stop["flag"]:
-            dead = launcher.dead()
+            dead = launcher.restart_dead()
             if dead:
-                log.error("%s exited with status %s; stopping the cart", dead, launcher.children[dead].returncode)
+                log.error("%s exited with status %s and is not restarted; stopping the cart", dead,
+                          launcher.children[dead].returncode)
                 code = 1
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         launcher.stop()
         log.info("stopped")

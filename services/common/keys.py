@@ -144,6 +144,9 @@ class KeyRing:
         self._roles: dict[bytes, tuple[str, str]] = {}
         self._stamp = None
         self._checked = -1e9
+        # Counts reloads that removed a key (or changed its role): whoever holds open
+        # connections (the telemetry publisher) drops them all when it changes (C7).
+        self.revocations = 0
         self.reload()
 
     def _folder_stamp(self):
@@ -174,6 +177,8 @@ class KeyRing:
                 if public not in roles or role == OPERATOR:
                     roles[public] = (role, path.stem)
         with self._lock:
+            if any(roles.get(k) != v for k, v in self._roles.items()):
+                self.revocations += 1
             self._roles = roles
             self._stamp = stamp
         log.info("key ring: %d operator(s), %d observer(s)",
@@ -187,6 +192,11 @@ class KeyRing:
         self._checked = now
         if self._folder_stamp() != self._stamp:
             self.reload()
+
+    def check(self) -> int:
+        """Re-read the folders if they changed (at most once a second); the revocation count."""
+        self._maybe_reload()
+        return self.revocations
 
     def lookup(self, z85_public: bytes) -> tuple[str, str] | None:
         """(role, key name) of an allowed key, else None."""

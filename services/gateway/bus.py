@@ -28,7 +28,7 @@ MAX_ID_LEN = 64
 # Arguments nested deeper than this are refused before any handler sees them.
 MAX_ARGS_DEPTH = 32
 # Commands an observer may call; everything else needs the operator role.
-READ_ONLY = frozenset({"ping", "status", "report"})
+from services.gateway.commands import READ_ONLY  # noqa: E402  (the one command table)
 
 UNPACK_LIMITS = dict(max_str_len=16 * 1024, max_bin_len=64 * 1024, max_array_len=4096, max_map_len=256)
 
@@ -85,6 +85,32 @@ def finite(obj, depth: int = 0) -> bool:
     if isinstance(obj, (list, tuple)):
         return all(finite(v, depth + 1) for v in obj)
     return True
+
+
+def decode_request(data: bytes) -> tuple[str, str, dict] | dict:
+    """``(id, cmd, args)`` of a request frame, or the error reply for a malformed one."""
+    try:
+        req = unpack(data)
+    except (ValueError, TypeError) as err:
+        return error_reply(None, "BAD_REQUEST", f"not a msgpack map of the request shape ({type(err).__name__})")
+    if not isinstance(req, dict):
+        return error_reply(None, "BAD_REQUEST", f"request must be a map, got {type(req).__name__}")
+    req_id = req.get("id")
+    if not isinstance(req_id, str) or len(req_id) > MAX_ID_LEN:
+        return error_reply(None, "BAD_REQUEST", f"'id' must be a string of at most {MAX_ID_LEN} characters")
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str):
+        return error_reply(req_id, "BAD_REQUEST", "'cmd' must be a string")
+    args = req.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return error_reply(req_id, "BAD_REQUEST", f"'args' must be a map, got {type(args).__name__}")
+    if nesting_depth(args) > MAX_ARGS_DEPTH:
+        return error_reply(req_id, "INVALID_ARGUMENT", f"arguments nest deeper than {MAX_ARGS_DEPTH} levels")
+    if not finite(args):
+        return error_reply(req_id, "INVALID_ARGUMENT", "arguments contain NaN or infinity")
+    return req_id, cmd, args
 
 
 class CommandServer:
@@ -154,27 +180,10 @@ class CommandServer:
         if known is None:
             log.warning("request from a key that is not (or no longer) authorised: dropped")
             return None
-        try:
-            req = unpack(data)
-        except (ValueError, TypeError) as err:
-            return error_reply(None, "BAD_REQUEST", f"not a msgpack map of the request shape ({type(err).__name__})")
-        if not isinstance(req, dict):
-            return error_reply(None, "BAD_REQUEST", f"request must be a map, got {type(req).__name__}")
-        req_id = req.get("id")
-        if not isinstance(req_id, str) or len(req_id) > MAX_ID_LEN:
-            return error_reply(None, "BAD_REQUEST", f"'id' must be a string of at most {MAX_ID_LEN} characters")
-        cmd = req.get("cmd")
-        if not isinstance(cmd, str):
-            return error_reply(req_id, "BAD_REQUEST", "'cmd' must be a string")
-        args = req.get("args", {})
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            return error_reply(req_id, "BAD_REQUEST", f"'args' must be a map, got {type(args).__name__}")
-        if nesting_depth(args) > MAX_ARGS_DEPTH:
-            return error_reply(req_id, "INVALID_ARGUMENT", f"arguments nest deeper than {MAX_ARGS_DEPTH} levels")
-        if not finite(args):
-            return error_reply(req_id, "INVALID_ARGUMENT", "arguments contain NaN or infinity")
+        decoded = decode_request(data)
+        if isinstance(decoded, dict):
+            return decoded
+        req_id, cmd, args = decoded
         caller = Caller(*known)
         try:
             # The role comes first: "anything else from an observer is NOT_PERMITTED", and an
@@ -205,13 +214,31 @@ class Telemetry:
     """The PUB endpoint. Thread-safe; every map gets ``seq`` (per topic) and ``t_ns``."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, server_keys: tuple[bytes, bytes]):
-        self.sock = ctx.socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never stalls us
-        make_curve_server(self.sock, *server_keys)
-        self.sock.bind(endpoint)
+        self.ctx, self.endpoint, self.server_keys = ctx, endpoint, server_keys
         self._lock = threading.Lock()
         self._seq: dict[str, int] = {}
+        self.sock = self._bind()
+
+    def _bind(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never stalls us
+        make_curve_server(sock, *self.server_keys)
+        sock.bind(self.endpoint)
+        return sock
+
+    def rebind(self, attempts: int = 50) -> None:
+        """Close the endpoint and open it again: every subscriber is disconnected and must
+        pass the authenticator again to reconnect (how a revoked key loses telemetry)."""
+        with self._lock:
+            self.sock.close(linger=0)
+            for i in range(attempts):
+                try:
+                    self.sock = self._bind()
+                    return
+                except zmq.ZMQError:
+                    time.sleep(0.01)  # the port is released asynchronously
+            self.sock = self._bind()
 
     def publish(self, topic: str, body: dict, extra: list | tuple = ()) -> dict:
         with self._lock:

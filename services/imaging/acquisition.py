@@ -164,6 +164,10 @@ class Acquisition:
         except DeviceError as err:
             log.warning("could not stop the camera: %s", err)
 
+    def running(self) -> bool:
+        """True while the acquisition thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     @property
     def measured_fps(self) -> float:
         w = self._fps_window

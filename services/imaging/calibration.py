@@ -1,13 +1,12 @@
 """Calibration procedures run by command, and the calibrations in use.
 
-Four procedures, each a command on the control endpoint (operators only):
+Procedures, each a command on the control endpoint (operators only):
 
 - ``calibrate.dark``: a master dark (the mean of N frames through the blocked filter) for
   the camera's current exposure and gain;
 - ``calibrate.flat``: a flat-field gain map from laser-on minus laser-off pairs of a
   uniform fluorescent target (the relative excitation at each pixel);
-- ``calibrate.power``: the PWM-duty-to-optical-mW table measured by the technician with a
-  power meter at the working distance, applied to the running cart at once;
+- (``calibrate.power``, the duty-to-mW table, belongs to the safety core: controller/main.py);
 - ``qc.baseline`` / ``qc.run``: the daily quality-control check against a reference target:
   mean intensity and SBR over N results compared with a stored baseline, pass or fail,
   appended to ``qc.jsonl`` and to the audit log.
@@ -39,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from controller.calibration import PowerCalibration
+from controller.calibration import validate_power_points  # noqa: F401 (re-exported for tests)
+from services.common.files import write_atomic
 from controller.state import State
 from hal.errors import (Busy, ConfigError, DeviceError, DeviceTimeout, InvalidArgument, NirfError,
                         WrongState)
@@ -87,35 +87,6 @@ def utc_iso(time_ns: int) -> str:
 def dark_key(exposure_us: int, gain: float) -> str:
     """The key of a master dark: the exposure and the analogue gain it was taken at."""
     return f"{int(exposure_us)}-{float(gain):g}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a
-    mixture: temporary file in the same folder, fsync, rename, fsync of the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise NirfError(f"calibration store: cannot write {path.name} in {path.parent} "
-                        f"({err.strerror or err}; {len(data)} bytes)") from err
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -168,32 +139,6 @@ def _number(cmd: str, name: str, value, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         raise InvalidArgument(f"{cmd}: {name} = {value!r} outside {lo} to {hi}")
     return float(value)
-
-
-def validate_power_points(points) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``[[duty, mW], ...]`` checked: 2-32 points, duty 0-1, mW 0-1000, both strictly
-    rising. Returns ``(duties, powers_mw)``; raises :class:`InvalidArgument` naming the
-    point, the value and the limit."""
-    cmd = "calibrate.power"
-    if not isinstance(points, (list, tuple)):
-        raise InvalidArgument(f"{cmd}: points must be a list of [duty, mW] pairs, got {type(points).__name__}")
-    if not MIN_POWER_POINTS <= len(points) <= MAX_POWER_POINTS:
-        raise InvalidArgument(f"{cmd}: {len(points)} points given, allowed {MIN_POWER_POINTS} to "
-                              f"{MAX_POWER_POINTS}")
-    duties, powers = [], []
-    for i, p in enumerate(points):
-        if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise InvalidArgument(f"{cmd}: point {i} = {p!r} is not a [duty, mW] pair")
-        duties.append(_number(cmd, f"point {i} duty", p[0], 0.0, 1.0))
-        powers.append(_number(cmd, f"point {i} mW", p[1], 0.0, MAX_CALIBRATED_MW))
-    for i in range(1, len(points)):
-        if duties[i] <= duties[i - 1]:
-            raise InvalidArgument(f"{cmd}: point {i} duty {duties[i]} is not above point {i - 1}'s "
-                                  f"{duties[i - 1]}; duty must rise strictly")
-        if powers[i] <= powers[i - 1]:
-            raise InvalidArgument(f"{cmd}: point {i} power {powers[i]} mW is not above point {i - 1}'s "
-                                  f"{powers[i - 1]} mW; power must rise strictly with duty")
-    return tuple(duties), tuple(powers)
 
 
 def qc_compare(measured: dict, baseline: dict, intensity_tolerance: float, sbr_tolerance: float) -> dict:
@@ -296,7 +241,6 @@ class Calibration:
         self.folder = Path(service.state_dir) / FOLDER_NAME
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._power: dict | None = None  # metadata of the stored power calibration in use
         self._flat: dict | None = None
         self._darks: dict[str, dict] = {}  # dark_key -> metadata
         self._flat_job: _FlatCollector | None = None
@@ -320,7 +264,6 @@ class Calibration:
             except (OSError, ValueError) as err:
                 self._problem(f"{path.name} cannot be read ({err}); running uncalibrated")
                 current = {}
-            self._load_power(current.get("power"))
             flat = current.get("flat")
             if flat is not None:
                 if self._file_ok(flat, "flat field"):
@@ -343,18 +286,6 @@ class Calibration:
             self._problem(f"{what} {name or meta!r} named in {CURRENT_FILE} is missing; not used")
             return False
         return True
-
-    def _load_power(self, meta) -> None:
-        if meta is None or not self._file_ok(meta, "power calibration"):
-            return
-        try:
-            cal = PowerCalibration.load(self.folder / meta["file"])
-        except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
-            self._problem(f"power calibration {meta['file']} cannot be used ({err}); the nominal table "
-                          "is in use")
-            return
-        self._power = meta
-        self.service.cart.calibration = cal
 
     def _last_qc_record(self) -> dict | None:
         path = self.folder / QC_LOG_FILE
@@ -385,7 +316,7 @@ class Calibration:
         of the camera's current exposure and gain); ``-`` where there is none."""
         s = self._camera_settings()
         with self._lock:
-            p = self._power["id"] if self._power else "nominal"
+            p = self.service.cart.power_calibration_id()
             f = self._flat["id"] if self._flat_usable(s) else "-"
             d = self._darks.get(dark_key(s.exposure_us, s.gain))
         return f"p:{p}|f:{f}|d:{d['id'] if d else '-'}"
@@ -414,7 +345,6 @@ class Calibration:
         return {
             "calibrate.dark": self.cmd_dark,
             "calibrate.flat": self.cmd_flat,
-            "calibrate.power": self.cmd_power,
             "calibrate.status": self.cmd_status,
             "qc.baseline": self.cmd_qc_baseline,
             "qc.run": self.cmd_qc_run,
@@ -441,7 +371,7 @@ class Calibration:
 
     def _save_current(self) -> None:
         with self._lock:
-            current = {"power": self._power, "flat": self._flat, "darks": dict(self._darks)}
+            current = {"flat": self._flat, "darks": dict(self._darks)}
         write_atomic(self.folder / CURRENT_FILE, _json_bytes(current))
 
     def _announce(self, what: str, meta: dict, caller) -> None:
@@ -561,43 +491,6 @@ class Calibration:
         self._announce("flat", meta, caller)
         return {**meta, "calibration_id": self.current_id()}
 
-    # --- laser power ------------------------------------------------------------------------
-    def cmd_power(self, args, caller) -> dict:
-        """``calibrate.power {points: [[duty, mW], ...], photodiode_factor}``: store the
-        technician's power-meter table and apply it. Not while emitting (the output would
-        jump)."""
-        cmd = "calibrate.power"
-        _only(args, {"points", "photodiode_factor"}, cmd)
-        if "points" not in args:
-            raise InvalidArgument(f"{cmd}: points is required, [[duty, mW], ...] from the power meter")
-        duties, powers = validate_power_points(args["points"])
-        factor = _number(cmd, "photodiode_factor", args.get("photodiode_factor", 1.0), *PHOTODIODE_FACTOR_RANGE)
-        svc = self.service
-        if svc.cart.state is State.EMITTING:
-            raise WrongState(f"{cmd} is refused while EMITTING (the output would change under the "
-                             "operator); laser.off first")
-        cal_id, name, t_ns = self._new_name("power", ".json")
-        cal = PowerCalibration(duties, powers, factor, cal_id,
-                               {"created": utc_iso(t_ns), "by": getattr(caller, "name", None)})
-        write_atomic(self.folder / name, _json_bytes(cal.to_dict()))
-        lc = svc.cfg.laser
-        reachable_mw = cal.power_for(lc.duty_ceiling)
-        warnings = []
-        if reachable_mw < lc.max_power_mw:
-            warnings.append(f"at the MCU's duty ceiling {lc.duty_ceiling} the table gives {reachable_mw:.1f} mW, "
-                            f"below laser.max_power_mw {lc.max_power_mw}: higher setpoints will be refused")
-        meta = {"id": cal_id, "file": name, "created": utc_iso(t_ns), "created_ns": t_ns,
-                "by": getattr(caller, "name", None), "points": [[d, p] for d, p in zip(duties, powers)],
-                "photodiode_factor": factor}
-        with self._lock:
-            self._power = meta
-        # the supervisor reads this on its next tick; a plain attribute swap is atomic
-        svc.cart.calibration = cal
-        self._save_current()
-        self._announce("power", meta, caller)
-        return {**meta, "max_calibrated_mw": powers[-1], "reachable_mw_at_ceiling": round(reachable_mw, 2),
-                "warnings": warnings, "calibration_id": self.current_id()}
-
     # --- status -------------------------------------------------------------------------------
     def cmd_status(self, args, caller) -> dict:
         """``calibrate.status``: the ids and dates of what is in use, the stored darks, the QC
@@ -605,7 +498,7 @@ class Calibration:
         _only(args, set(), "calibrate.status")
         s = self._camera_settings()
         with self._lock:
-            power = dict(self._power) if self._power else {"id": "nominal"}
+            power = {"id": self.service.cart.power_calibration_id()}
             flat = dict(self._flat) if self._flat else None
             flat_in_use = self._flat_usable(s)
             darks = sorted((dict(d) for d in self._darks.values()), key=lambda d: (d["exposure_us"], d["gain"]))

@@ -1,17 +1,21 @@
-"""The controller process: owns the hardware, runs the safety supervisor, serves the
-control and telemetry endpoints and streams frame pairs to the processing service.
+"""The imaging process: the camera, the filter wheel, frame tagging and distribution, the
+ROIs, and the long camera procedures (dark and flat-field calibration, QC, the device
+self-test).
 
-Threads: the supervisor loop (the safety decision, fixed rate); the command server (one
-request at a time); the status publisher (2 Hz and on every change); the result relay
-(results and previews from the processing service onto the telemetry endpoint); the
-acquisition (camera frames). Only the supervisor decides whether light may be emitted.
+It never decides about the laser. The safety core times the camera (the MCU triggers each
+exposure), so frame timing is asked of it over its internal socket, and its frame record
+(counter, lit or dark) arrives on its publisher; imaging pairs frames from it. Imaging sends
+the safety core a heartbeat every 100 ms and a notice per frame (the camera-stall rule);
+when it goes silent while the laser is armed, the safety core turns the laser off.
+
+Threads: the command server (quick commands inline, long ones in its worker), the
+acquisition, the followers of the safety core's state and of the results, and the heartbeat.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -19,108 +23,169 @@ from pathlib import Path
 import zmq
 
 import config as config_mod
-from services.imaging.acquisition import Acquisition
-from controller.cart import Cart
 from controller.state import State
 from hal.camera import CameraSettings
 from hal.clock import SystemClock
 from hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
-from services.gateway import bus as bus_mod
-from services.common import entry
-from services.common import keys as keys_mod
-from services.common import sdnotify
-from services.gateway.audit import AuditLog
+from hal.laser import FrameTag, McuNotice
+from services.common import entry, ipc, sdnotify
+from services.common.follow import Follower, LatestState, Results
+from services.imaging.acquisition import Acquisition
+from services.imaging.record_tap import RecordTap
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
-SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
+VERSION = "0.2.0"
+HEARTBEAT_S = 0.1
+STATE_PERIOD_S = 0.2
+LONG_COMMANDS = frozenset({"calibrate.dark", "calibrate.flat", "qc.baseline", "qc.run", "selftest"})
+
+
+# ---------------------------------------------------------------------- the safety core, as imaging sees it
+class SafetyLink:
+    """What imaging knows of and asks from the safety core.
+
+    Reads (``state``, ``setpoint_mw``, ``emission_enabled``) come from its latest published
+    state; frame timing is asked over its internal socket; frame records arrive on its
+    publisher and are handed to the acquisition by :meth:`poll`, like a laser driver's."""
+
+    def __init__(self, ctx: zmq.Context, runtime_dir: Path):
+        self.client = ipc.InternalClient(ctx, ipc.endpoint(runtime_dir, "safety"), name="safety")
+        self.notifier = ipc.Notifier(ctx, ipc.endpoint(runtime_dir, "safety_in"))
+        self._tags: collections.deque = collections.deque(maxlen=1024)
+        self._notices: collections.deque = collections.deque(maxlen=256)
+        self._lock = threading.Lock()
+        self.latest = LatestState(ctx, ipc.endpoint(runtime_dir, "safety_pub"), name="safety-state")
+        self.frames = Follower(ctx, ipc.endpoint(runtime_dir, "safety_pub"), ("frame", "notice"), self._on,
+                               name="safety-frames")
+
+    def _on(self, topic: str, body: dict) -> None:
+        if topic == "frame":
+            c, lit, us, host = body.get("counter"), body.get("lit"), body.get("mcu_time_us"), body.get("host_time_ns")
+            if isinstance(c, int) and isinstance(lit, bool) and isinstance(us, int) and isinstance(host, int):
+                with self._lock:
+                    self._tags.append(FrameTag(c, lit, us, host))
+        elif topic == "notice" and isinstance(body.get("kind"), str):
+            with self._lock:
+                self._notices.append(McuNotice(body["kind"], tuple(map(str, body.get("detail") or ()))))
+
+    # -- laser-driver surface used by the acquisition
+    def poll(self) -> tuple[list[FrameTag], list[McuNotice]]:
+        with self._lock:
+            tags, notices = list(self._tags), list(self._notices)
+            self._tags.clear()
+            self._notices.clear()
+        return tags, notices
+
+    def start_frames(self, fps: float, exposure_us: int, modulate: bool) -> None:
+        self.client.call("frames.start", {"fps": float(fps), "exposure_us": int(exposure_us),
+                                          "modulate": bool(modulate)})
+
+    def stop_frames(self) -> None:
+        self.client.call("frames.stop")
+
+    # -- reads
+    @property
+    def state(self) -> State:
+        try:
+            return State(self.latest.get().get("state", "FAULT"))
+        except ValueError:
+            return State.FAULT
+
+    @property
+    def setpoint_mw(self) -> float:
+        v = self.latest.get().get("laser", {}).get("setpoint_mw", 0.0)
+        return float(v) if ipc.finite_number(v) else 0.0
+
+    @property
+    def emission_enabled(self) -> bool:
+        return self.latest.get().get("emission_enabled") is True
+
+    def lit_power_mw(self) -> float:
+        s = self.latest.get()
+        if s.get("state") == State.EMITTING.value and s.get("emission_enabled") is True:
+            v = s.get("laser", {}).get("setpoint_mw", 0.0)
+            return float(v) if ipc.finite_number(v) else 0.0
+        return 0.0
+
+    def power_calibration_id(self) -> str:
+        v = self.latest.get().get("power_calibration")
+        return v if isinstance(v, str) else "nominal"
+
+    # -- notices
+    def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
+        self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": last_frame_monotonic is not None})
+
+    def heartbeat(self) -> None:
+        self.notifier.send({"kind": "hb", "process": "imaging"})
+
+    def alive(self) -> bool:
+        return self.latest.follower.alive() and self.frames.alive()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.frames.close()
+        self.client.close()
+        self.notifier.close()
+
+
+class Publishing:
+    """``telemetry.publish`` and ``audit.write`` for the parts moved here from the old
+    single process: events go out on imaging's publisher; the gateway relays them to
+    telemetry and writes them to the audit log."""
+
+    def __init__(self, pub: ipc.Publisher):
+        self.pub = pub
+
+    def publish(self, topic: str, body: dict, extra=()) -> dict:
+        self.pub.publish(topic, body)
+        return body
+
+    def write(self, kind: str, **fields) -> None:
+        self.pub.publish("audit", {"kind": kind, **fields})
 
 
 # ---------------------------------------------------------------------- devices per profile
 class Devices:
-    """The device objects a profile picks. The controller sees only the hal interfaces."""
+    """The device objects a profile picks. Imaging sees only the hal interfaces."""
 
-    def __init__(self, laser, wheel, io, camera, world=None):
-        self.laser, self.wheel, self.io, self.camera, self.world = laser, wheel, io, camera, world
-
-
-def _serial_factory(port: str, baudrate: int):
-    import serial
-
-    def open_port():
-        try:
-            return serial.Serial(port, baudrate, timeout=0.05, write_timeout=0.5)
-        except (serial.SerialException, OSError) as err:
-            raise DeviceError("serial", f"cannot open {port}: {err}") from err
-
-    return open_port
+    def __init__(self, wheel, camera, world=None):
+        self.wheel, self.camera, self.world = wheel, camera, world
 
 
-def build_sim_devices(cfg, runtime_dir: Path, wait_s: float = 15.0) -> Devices:
+def build_sim_devices(cfg, runtime_dir: Path) -> Devices:
+    from controller.main import _serial_factory, remote_world
     from drivers.camera import PiCamera
     from drivers.fw102c import Fw102cWheel
-    from drivers.gpio import GpioSafetyIO
-    from drivers.laser_mcu import McuLaser
-    from sim.gpio_standin import GpioStandIn
     from sim.picamera2_standin import Picamera2StandIn
-    from sim.remote import RemoteWorldView
-    from sim.world import SensorModel
 
-    info_path = runtime_dir / "hardware.json"
-    deadline = time.monotonic() + wait_s
-    while not info_path.exists():
-        if time.monotonic() > deadline:
-            raise DeviceError("sim-hardware", f"the simulated hardware did not start within {wait_s} s "
-                                              f"(no {info_path})")
-        time.sleep(0.05)
-    info = json.loads(info_path.read_text())
-    cam = cfg.camera
-    sensor = SensorModel(width=cam.width, height=cam.height, bits=cam.bits, black_level=cam.black_level)
-    world = RemoteWorldView(info["world_pub"], info["world_ctl"], sensor)
-    return _build_common(cfg, world=world,
-                         laser_port=_serial_factory(info["mcu_port"], cfg.laser.baudrate),
-                         wheel_port=_serial_factory(info["wheel_port"], cfg.filter_wheel.baudrate),
-                         gpio=GpioStandIn(world, _pins(cfg)),
-                         camera_factory=lambda: Picamera2StandIn(world, seed=cfg.sim.seed),
-                         classes=(McuLaser, Fw102cWheel, GpioSafetyIO, PiCamera))
+    world, info = remote_world(cfg, runtime_dir)
+    wheel = Fw102cWheel(_serial_factory(info["wheel_port"], cfg.filter_wheel.baudrate),
+                        move_timeout_s=cfg.filter_wheel.move_timeout_s)
+    camera = PiCamera(lambda: Picamera2StandIn(world, seed=cfg.sim.seed), bits=cfg.camera.bits,
+                      black_level=cfg.camera.black_level, colour=cfg.camera.colour,
+                      stall_timeout_s=cfg.safety.camera_stall_s)
+    return Devices(wheel, camera, world)
 
 
 def build_device_devices(cfg) -> Devices:
+    from controller.main import _serial_factory
     from drivers.camera import PiCamera, picamera2_factory
     from drivers.fw102c import Fw102cWheel
-    from drivers.gpio import GpioSafetyIO, import_rpi_gpio
-    from drivers.laser_mcu import McuLaser
 
-    if not cfg.laser.port or not cfg.filter_wheel.port:
-        raise ConfigError(f"{cfg.source}: [laser] port and [filter_wheel] port must be set in the device profile")
-    return _build_common(cfg, world=None,
-                         laser_port=_serial_factory(cfg.laser.port, cfg.laser.baudrate),
-                         wheel_port=_serial_factory(cfg.filter_wheel.port, cfg.filter_wheel.baudrate),
-                         gpio=import_rpi_gpio(), camera_factory=picamera2_factory,
-                         classes=(McuLaser, Fw102cWheel, GpioSafetyIO, PiCamera))
-
-
-def _pins(cfg) -> dict:
-    g = cfg.gpio
-    return {"key": g.key_pin, "interlock": g.interlock_pin, "footswitch": g.footswitch_pin,
-            "indicator": g.indicator_pin, "white_light": g.white_light_pin}
-
-
-def _build_common(cfg, *, world, laser_port, wheel_port, gpio, camera_factory, classes) -> Devices:
-    McuLaser, Fw102cWheel, GpioSafetyIO, PiCamera = classes
-    laser = McuLaser(laser_port, timeout_s=cfg.laser.command_timeout_s, retries=cfg.laser.command_retries,
-                     heartbeat_timeout_ms=cfg.safety.heartbeat_timeout_ms)
-    wheel = Fw102cWheel(wheel_port, move_timeout_s=cfg.filter_wheel.move_timeout_s)
-    io = GpioSafetyIO(gpio, _pins(cfg), debounce_ms=cfg.gpio.debounce_ms)
-    camera = PiCamera(camera_factory, bits=cfg.camera.bits, black_level=cfg.camera.black_level,
+    if not cfg.filter_wheel.port:
+        raise ConfigError(f"{cfg.source}: [filter_wheel] port must be set in the device profile")
+    wheel = Fw102cWheel(_serial_factory(cfg.filter_wheel.port, cfg.filter_wheel.baudrate),
+                        move_timeout_s=cfg.filter_wheel.move_timeout_s)
+    camera = PiCamera(picamera2_factory, bits=cfg.camera.bits, black_level=cfg.camera.black_level,
                       colour=cfg.camera.colour, stall_timeout_s=cfg.safety.camera_stall_s)
-    return Devices(laser, wheel, io, camera, world)
+    return Devices(wheel, camera, None)
 
 
 # ---------------------------------------------------------------------- the service
-class ControllerService:
-    def __init__(self, cfg, devices: Devices, *, state_dir: Path, runtime_dir: Path, clock=None):
+class ImagingService:
+    def __init__(self, cfg, devices: Devices, *, state_dir: Path, runtime_dir: Path, clock=None,
+                 ctx: zmq.Context | None = None):
         self.cfg = cfg
         self.devices = devices
         self.state_dir = Path(state_dir)
@@ -128,87 +193,91 @@ class ControllerService:
         self.clock = clock or SystemClock()
         self.started_monotonic = time.monotonic()
         self.stop_event = threading.Event()
-        self.audit = AuditLog(self.state_dir / "audit.jsonl")
-        self.cart = Cart(cfg, laser=devices.laser, wheel=devices.wheel, inputs=devices.io,
-                         indicators=devices.io, clock=self.clock)
-        self._changes: queue.Queue = queue.Queue(maxsize=1000)
-        self.cart.add_listener(self._on_cart_event)
+        self.ctx = ctx or zmq.Context()
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.cart = SafetyLink(self.ctx, self.runtime_dir)
+        self.pub = ipc.Publisher(self.ctx, ipc.endpoint(self.runtime_dir, "imaging_pub"))
+        self.telemetry = self.audit = Publishing(self.pub)
+        self.results = Results(self.ctx, ipc.endpoint(self.runtime_dir, "gateway_pub"), name="imaging-results")
         fw = cfg.filter_wheel
         self.filter_names = {fw.emission_position: "icg_emission", fw.open_position: "open",
                              fw.blocked_position: "blocked"}
+        self._filter_lock = threading.Lock()  # one wheel move at a time; readers copy under it
         self.filter = {"position": None, "name": None, "moving": False}
         cam = cfg.camera
         self.camera_settings = CameraSettings(cam.exposure_us, cam.gain, cam.width, cam.height)
         self.acquisition = Acquisition(
-            devices.camera, devices.laser, clock=self.clock, on_pair=self._send_pair,
-            laser_mw=self._lit_power_mw, on_liveness=self.cart.note_camera,
+            devices.camera, self.cart, clock=self.clock, on_pair=self._send_pair,
+            laser_mw=self.cart.lit_power_mw, on_liveness=self.cart.note_camera,
             stall_timeout_s=cfg.safety.camera_stall_s,
             filter_position=lambda: self.filter["position"] or 0)
         self.fps = cam.fps
         p = cfg.processing
+        self._roi_lock = threading.Lock()
         self.roi: dict | str = ({"signal": list(p.signal_roi), "background": list(p.background_roi)}
                                 if p.signal_roi and p.background_roi else "auto")
         self.roi_version = 1
-        self.last_result: dict | None = None
-        self._result_cond = threading.Condition()
-        self._results_seen = 0
-        self.case_id: str | None = None
-        self.handlers = self._handlers()
-        # systemd's watchdog, fed from the supervisor's healthy ticks only (no-op off systemd)
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
+        self._threads: list[threading.Thread] = []
+
+    def wait_results(self, count: int, timeout_s: float, valid_only: bool = True) -> list[dict]:
+        return self.results.wait_results(count, timeout_s, valid_only)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        keys_mod.ensure_sim_keys(self.state_dir) if self.cfg.profile == "sim" else None
-        self.ctx = zmq.Context()
-        self.ring = keys_mod.KeyRing(self.state_dir)
-        self.auth = keys_mod.start_authenticator(self.ctx, self.ring)
-        server_keys = keys_mod.load_server_keys(self.state_dir)
-        b = self.cfg.bus
-        self.telemetry = bus_mod.Telemetry(self.ctx, b.telemetry_endpoint, server_keys)
-        self.server = bus_mod.CommandServer(self.ctx, b.control_endpoint, server_keys, self.ring, self.handlers,
-                                            max_message_bytes=b.max_message_bytes, audit=self.audit)
-        # calibration procedures and the stored calibrations in use (services/imaging/calibration.py)
         from services.imaging.calibration import Calibration
+
         self.calibration = Calibration(self)
-        self.server.handlers.update(self.calibration.handlers())
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.frames_out = self.ctx.socket(zmq.PUB)
         self.frames_out.setsockopt(zmq.LINGER, 0)
         self.frames_out.setsockopt(zmq.SNDHWM, 8)  # live path: a slow consumer loses old pairs (~40 MB at full size)
-        self.frames_out.bind(f"ipc://{self.runtime_dir / 'frames.ipc'}")
-        self.results_in = self.ctx.socket(zmq.PULL)
-        self.results_in.setsockopt(zmq.LINGER, 0)
-        self.results_in.setsockopt(zmq.RCVHWM, 100)
-        self.results_in.bind(f"ipc://{self.runtime_dir / 'results.ipc'}")
+        self.frames_out.bind(ipc.endpoint(self.runtime_dir, "frames"))
         self._frames_lock = threading.Lock()
-        from services.study.clinical import Clinical  # cases, captures and the recorder (issue 8)
-        self.clinical = Clinical(self)
-        self.server.handlers.update(self.clinical.handlers())
-
-        self.cart.start()
-        self.cart.tick()
+        self.record = RecordTap(self.ctx, ipc.endpoint(self.runtime_dir, "record"))
+        handlers = self._handlers()
+        handlers.update(self.calibration.handlers())
+        handlers.update(self.record.handlers())
+        self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "imaging"), handlers,
+                                         long_commands=LONG_COMMANDS, clock=self.clock, name="imaging")
+        self.devices.wheel.connect()
         try:
-            self.filter["position"] = self.devices.wheel.position()
-            self.filter["name"] = self._filter_name(self.filter["position"])
+            position = self.devices.wheel.position()
+            self.filter.update(position=position, name=self._filter_name(position))
         except DeviceError as err:
             log.error("filter wheel: %s", err)
         try:
             self.acquisition.configure(self.camera_settings, self.fps)
         except NirfError as err:
             log.error("camera: %s", err)
-        self.audit.write("start", profile=self.cfg.profile, version=VERSION, config_sha256=self.cfg.sha256)
         self._threads = [
-            threading.Thread(target=self.cart.run, args=(self.stop_event,), kwargs={"on_healthy_tick": self.watchdog},
-                             name="supervisor", daemon=True),
             threading.Thread(target=self.server.serve, args=(self.stop_event,), name="commands", daemon=True),
-            threading.Thread(target=self._status_loop, name="status", daemon=True),
-            threading.Thread(target=self._relay_loop, name="results", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
         for t in self._threads:
             t.start()
-        log.info("controller ready: control %s, telemetry %s", self.cfg.bus.control_endpoint,
-                 self.cfg.bus.telemetry_endpoint)
+        log.info("imaging ready")
+
+    def alive(self) -> bool:
+        """Every thread this process depends on is running (feeds the heartbeat and systemd)."""
+        return (all(t.is_alive() for t in self._threads) and self.server.worker_alive()
+                and self.cart.alive() and self.results.follower.alive()
+                and (self.acquisition.mode == "off" or self.acquisition.running()))
+
+    def _heartbeat_loop(self) -> None:
+        next_state = 0.0
+        while not self.stop_event.wait(HEARTBEAT_S):
+            if not self.alive():
+                log.error("a thread of the imaging process died; heartbeats stop so the laser goes off")
+                continue
+            self.cart.heartbeat()
+            self.watchdog()
+            now = time.monotonic()
+            if now >= next_state:
+                try:
+                    self.pub.publish("state", self.state_snapshot())
+                except Exception:
+                    log.exception("imaging state not published")
+                next_state = now + STATE_PERIOD_S
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -216,151 +285,67 @@ class ControllerService:
             self.acquisition.stop()
         except NirfError:
             log.exception("stopping acquisition")
-        for t in getattr(self, "_threads", []):
+        for t in self._threads:
             t.join(timeout=3.0)
-        self.cart.shutdown()
-        self.audit.write("stop")
-        self.clinical.close()
         try:
-            self.auth.stop()
-        except Exception:
+            self.devices.wheel.close()
+        except NirfError:
             pass
-        self.ctx.destroy(linger=0)
+        self.server.close()
+        self.record.close()
+        self.results.close()
+        self.cart.close()
+        self.pub.close()
         if self.devices.world is not None:
             self.devices.world.close()
-        self.audit.close()
+        self.ctx.destroy(linger=0)
 
-    # ------------------------------------------------------------------ events and status
-    def _on_cart_event(self, kind: str, detail: dict) -> None:
-        try:
-            self._changes.put_nowait((kind, detail))
-        except queue.Full:
-            pass
+    # ------------------------------------------------------------------ status
+    def state_snapshot(self) -> dict:
+        acq = self.acquisition
+        cam = acq.camera.settings if acq else self.camera_settings
+        with self._filter_lock:
+            filt = dict(self.filter)
+        with self._roi_lock:
+            roi = self.roi
+        return {
+            "filter": filt,
+            "camera": {"streaming": acq.mode != "off",
+                       "fps": round(acq.measured_fps, 2) if acq.mode != "off" else 0.0, "set_fps": self.fps,
+                       "exposure_us": cam.exposure_us, "gain": cam.gain, "width": cam.width, "height": cam.height},
+            "acquisition": acq.mode,
+            "roi": roi,
+            "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete},
+            "calibration_id": self.calibration.current_id(),
+            "fps": self.fps,
+        }
 
-    def status(self) -> dict:
-        s = self.cart.safety_status()
-        cam = self.acquisition.camera.settings if self.acquisition else self.camera_settings
-        s.update({
-            "filter": dict(self.filter),
-            "camera": {"streaming": self.acquisition.mode != "off", "fps": round(self.acquisition.measured_fps, 2)
-                       if self.acquisition.mode != "off" else 0.0, "set_fps": self.fps,
-                       "exposure_us": cam.exposure_us, "gain": cam.gain,
-                       "width": cam.width, "height": cam.height},
-            "acquisition": self.acquisition.mode,
-            "case": self.clinical.current_case_id(),
-            "profile": self.cfg.profile,
-            "roi": self.roi,
-            "pairs": {"sent": self.acquisition.pairs, "incomplete": self.acquisition.pairs_incomplete},
-        })
-        if self.devices.world is not None:
-            s["sim"] = self.devices.world.values
-        return s
-
-    def _status_loop(self) -> None:
-        period = 1.0 / self.cfg.bus.status_rate_hz
-        next_t = 0.0
-        while not self.stop_event.is_set():
-            try:
-                kind, detail = self._changes.get(timeout=max(0.0, min(period, next_t - time.monotonic())))
-            except queue.Empty:
-                kind = None
-            if kind is not None:
-                if kind in ("state", "fault", "safety", "info"):
-                    self.telemetry.publish("event", {"kind": kind, **detail})
-                    self.audit.write(kind, **detail)
-                if kind == "input":
-                    self.audit.write("input", **detail)
-                # drain what else queued up, then publish one status
-                while True:
-                    try:
-                        k2, d2 = self._changes.get_nowait()
-                    except queue.Empty:
-                        break
-                    if k2 in ("state", "fault", "safety", "info"):
-                        self.telemetry.publish("event", {"kind": k2, **d2})
-                        self.audit.write(k2, **d2)
-                    elif k2 == "input":
-                        self.audit.write("input", **d2)
-            if kind is not None or time.monotonic() >= next_t:
-                try:
-                    self.telemetry.publish("status", self.status())
-                except Exception:
-                    log.exception("status publish failed")
-                next_t = time.monotonic() + period
-
-    # ------------------------------------------------------------------ frames and results
-    def _lit_power_mw(self) -> float:
-        c = self.cart
-        return c.setpoint_mw if c.state is State.EMITTING and c.emission_enabled else 0.0
-
+    # ------------------------------------------------------------------ frames
     def _send_pair(self, on, off) -> None:
+        with self._roi_lock:
+            roi, roi_version = self.roi, self.roi_version
         header = {
             "frame_seq": on.meta.mcu_frame,
             "on": _meta(on.meta), "off": _meta(off.meta),
-            "roi": self.roi, "roi_version": self.roi_version,
+            "roi": roi, "roi_version": roi_version,
             "threshold": self.cfg.processing.sbr_threshold,
             # every result records the calibration; processing applies the named flat field
             "calibration_id": self.calibration.current_id(),
             "flat_field": self.calibration.flat_field_file(),
         }
         self.calibration.on_pair(on, off, header)  # the flat-field procedure's tap
-        self.clinical.on_pair(on, off, header)  # to the recorder while a capture collects
+        self.record.on_pair(on, off, header)  # to the recorder while a capture collects
         with self._frames_lock:
             try:
-                self.frames_out.send_multipart([b"pair", bus_mod.pack(header), on.data, off.data],
+                self.frames_out.send_multipart([b"pair", ipc.pack(header), on.data, off.data],
                                                zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass
 
-    def _relay_loop(self) -> None:
-        while not self.stop_event.is_set():
-            if not self.results_in.poll(100):
-                continue
-            frames = self.results_in.recv_multipart()
-            topic = frames[0].decode("ascii", "replace")
-            try:
-                body = bus_mod.unpack(frames[1])
-            except ValueError:
-                continue
-            if topic == "result":
-                if isinstance(body.get("roi"), dict) and self.roi == "auto":
-                    body["roi_auto"] = True
-                msg = self.telemetry.publish("result", body)
-                with self._result_cond:
-                    self.last_result = msg
-                    self._results_seen += 1
-                    self._result_cond.notify_all()
-            elif topic == "preview":
-                self.telemetry.publish("preview", body, frames[2:3])
-
-    def wait_results(self, count: int, timeout_s: float, valid_only: bool = True) -> list[dict]:
-        """The next ``count`` results (valid ones only by default) published after now."""
-        got: list[dict] = []
-        deadline = time.monotonic() + timeout_s
-        with self._result_cond:
-            seen = self._results_seen
-            while len(got) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._result_cond.wait(remaining)
-                if self._results_seen != seen:
-                    seen = self._results_seen
-                    r = self.last_result
-                    if r is not None and (r.get("valid") or not valid_only):
-                        got.append(r)
-        return got
-
     # ------------------------------------------------------------------ commands
     def _handlers(self) -> dict:
         return {
-            "ping": self.cmd_ping, "status": lambda a, c: self.status(),
-            "arm": lambda a, c: self._noargs(a, "arm") or self.cart.arm(),
-            "disarm": lambda a, c: self._noargs(a, "disarm") or self.cart.disarm(),
-            "laser.on": lambda a, c: self.cart.laser_on(self._power(a)),
-            "laser.set": lambda a, c: self.cart.laser_set(self._power(a)),
-            "laser.off": lambda a, c: self._noargs(a, "laser.off") or self.cart.laser_off(),
-            "fault.reset": lambda a, c: self._noargs(a, "fault.reset") or self.cart.fault_reset(),
+            "imaging.ping": lambda a, c: {"version": VERSION},
             "filter.move": self.cmd_filter_move,
             "camera.set": self.cmd_camera_set,
             "acquire.start": self.cmd_acquire_start,
@@ -375,24 +360,14 @@ class ControllerService:
         if args:
             raise InvalidArgument(f"{cmd} takes no arguments, got {', '.join(sorted(map(str, args)))}")
 
-    @staticmethod
-    def _power(args: dict) -> float:
-        _only(args, {"power_mw"}, "laser")
-        if "power_mw" not in args:
-            raise InvalidArgument("power_mw is required (a number of milliwatts)")
-        return args["power_mw"]
-
-    def cmd_ping(self, args, caller) -> dict:
-        return {"version": VERSION, "profile": self.cfg.profile,
-                "uptime_s": round(time.monotonic() - self.started_monotonic, 3)}
-
     def _filter_name(self, position: int | None) -> str | None:
         if position is None:
             return None
         return self.filter_names.get(position, f"spare{position}")
 
     def _move_filter(self, position: int) -> dict:
-        self.filter["moving"] = True
+        with self._filter_lock:
+            self.filter["moving"] = True
         try:
             try:
                 reached = self.devices.wheel.move(position)
@@ -401,9 +376,11 @@ class ControllerService:
                 self.devices.wheel.connect()
                 reached = self.devices.wheel.move(position)
         finally:
-            self.filter["moving"] = False
-        self.filter.update(position=reached, name=self._filter_name(reached))
-        return {"position": reached, "name": self.filter["name"]}
+            with self._filter_lock:
+                self.filter["moving"] = False
+        with self._filter_lock:
+            self.filter.update(position=reached, name=self._filter_name(reached))
+            return {"position": reached, "name": self.filter["name"]}
 
     def cmd_filter_move(self, args, caller) -> dict:
         _only(args, {"position", "name"}, "filter.move")
@@ -446,29 +423,32 @@ class ControllerService:
         if mode == "fluorescence" and self.cart.state is not State.EMITTING:
             raise WrongState(f"fluorescence acquisition needs state EMITTING, state is {self.cart.state.value}")
         self._move_filter(positions[mode])
-        self.devices.io.set_white_light(mode == "white")
+        self.cart.client.call("light.white", {"on": mode == "white"})
         self.acquisition.start(mode)
-        return {"mode": mode, "filter": dict(self.filter)}
+        with self._filter_lock:
+            return {"mode": mode, "filter": dict(self.filter)}
 
     def cmd_acquire_stop(self, args, caller) -> dict:
         self._noargs(args, "acquire.stop")
         self.acquisition.stop()
-        self.devices.io.set_white_light(False)
+        self.cart.client.call("light.white", {"on": False})
         return {"mode": "off"}
 
     def cmd_roi_set(self, args, caller) -> dict:
         _only(args, {"signal", "background", "auto"}, "roi.set")
         cam = self.acquisition.camera.settings
         if args.get("auto") is True and not ({"signal", "background"} & set(args)):
-            self.roi = "auto"
+            roi = "auto"
         elif "auto" in args and args["auto"] is not False:
             raise InvalidArgument("roi.set: give auto: true alone, or signal and background boxes")
         else:
             if not {"signal", "background"} <= set(args):
                 raise InvalidArgument("roi.set needs signal and background as [x, y, w, h], or auto: true")
-            self.roi = {k: _box(k, args[k], cam.width, cam.height) for k in ("signal", "background")}
-        self.roi_version += 1
-        return {"roi": self.roi}
+            roi = {k: _box(k, args[k], cam.width, cam.height) for k in ("signal", "background")}
+        with self._roi_lock:
+            self.roi = roi
+            self.roi_version += 1
+        return {"roi": roi}
 
     def cmd_selftest(self, args, caller) -> dict:
         """Each device checked and reported on its own; SAFE and acquisition off only."""
@@ -479,13 +459,9 @@ class ControllerService:
             raise WrongState(f"selftest needs state SAFE with acquisition off; state is {self.cart.state.value}, "
                              f"acquisition {self.acquisition.mode}")
         fw = self.cfg.filter_wheel
-        devices = {
-            "laser-mcu": selftest._check("laser", lambda: selftest.check_laser(self.devices.laser,
-                                                                               self.cfg.laser.max_temp_c)),
-            "filter-wheel": selftest._check("wheel", lambda: selftest.check_wheel(
-                self.devices.wheel, [fw.emission_position, fw.open_position, fw.blocked_position],
-                fw.move_timeout_s)),
-        }
+        devices = dict(self.cart.client.call("safety.selftest", timeout_s=10.0))
+        devices["filter-wheel"] = selftest._check("wheel", lambda: selftest.check_wheel(
+            self.devices.wheel, [fw.emission_position, fw.open_position, fw.blocked_position], fw.move_timeout_s))
         start = self.filter["position"]
 
         def camera():
@@ -498,7 +474,8 @@ class ControllerService:
                     self._move_filter(start)
 
         devices["camera"] = selftest._check("camera", camera)
-        devices["gpio"] = selftest._check("gpio", lambda: selftest.check_gpio(self.devices.io))
+        order = ("laser-mcu", "filter-wheel", "camera", "gpio")
+        devices = {k: devices[k] for k in order if k in devices}
         result = {"ok": all(d["ok"] for d in devices.values()), "devices": devices}
         self.telemetry.publish("event", {"kind": "selftest", "ok": result["ok"]})
         return result
@@ -534,26 +511,24 @@ def _meta(m) -> dict:
 
 
 def main(argv=None) -> int:
-    p = entry.parser("NIRF cart controller")
+    p = entry.parser("NIRF cart imaging (camera, filter wheel, frames)")
     args = p.parse_args(argv)
-    entry.configure_logging("controller")
+    entry.configure_logging("imaging")
     try:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
-        devices = (build_sim_devices(cfg, runtime_dir) if cfg.profile == "sim" else build_device_devices(cfg))
-        svc = ControllerService(cfg, devices, state_dir=state_dir, runtime_dir=runtime_dir)
+        devices = build_sim_devices(cfg, runtime_dir) if cfg.profile == "sim" else build_device_devices(cfg)
+        svc = ImagingService(cfg, devices, state_dir=state_dir, runtime_dir=runtime_dir)
         svc.start()
     except NirfError as err:
         log.error("cannot start: %s", err)
         return 2
     except zmq.ZMQError as err:
-        log.error("cannot start: %s (is another cart already running on these endpoints?)", err)
+        log.error("cannot start: %s (is another cart already running in this runtime folder?)", err)
         return 2
     entry.stop_on_signals(svc.stop_event)
-    # devices connected and SAFE reached: start-up is complete for systemd (Type=notify)
     sdnotify.ready()
-    sdnotify.status(f"state {svc.cart.state.value}; control {cfg.bus.control_endpoint}")
     try:
         while not svc.stop_event.wait(0.5):
             pass

@@ -1,4 +1,4 @@
-"""The clinical workflow inside the controller: cases, site captures, pathology and the
+"""The clinical workflow of the study process: cases, site captures, pathology and the
 report (bus commands ``case.open``, ``case.close``, ``capture``, ``pathology.set``,
 ``report``), with the case store (:mod:`services.study.casestore`, ``<state_dir>/study.db``) and
 the recorder process (:mod:`services.study.recorder`).
@@ -7,9 +7,9 @@ A capture, step by step:
 
 1. checks: a case is open (``NO_CASE``), fluorescence acquisition runs while the laser
    emits (``WRONG_STATE``), no other capture runs (``BUSY``);
-2. from now on every laser-on/laser-off pair the acquisition produces is forwarded to the
-   recorder (``on_pair``, never blocking: a pair the socket cannot take at once is counted
-   and shows up as lost frames);
+2. from now on every laser-on/laser-off pair the acquisition produces is forwarded by the
+   imaging process to the recorder (``record.begin``; services/imaging/record_tap.py, never
+   blocking: a pair the socket cannot take at once is counted and shows up as lost frames);
 3. the next ``pairs`` valid results of pairs forwarded in step 2 are collected and averaged;
 4. the recorder is told which pairs those were (``end``); it writes exactly their frames
    and answers with the files, the frames lost and any error (a full disk refuses the
@@ -17,10 +17,9 @@ A capture, step by step:
 5. the capture is stored in the case store (one transaction) and announced on telemetry
    (``event`` of kind ``capture``).
 
-The command server handles one request at a time, so a capture holds other commands back
-for its duration (about ``pairs`` x 2 / fps seconds plus the writing). Safety does not
-wait for it: the supervisor runs in its own thread, and a capture stops at once, refused
-with ``WRONG_STATE``, when the laser stops emitting or acquisition stops.
+A capture is a long command: it runs in the study process's worker and blocks only the
+request that started it (PRODUCT S14); the safety core never waits for it, and a capture
+stops, refused with ``WRONG_STATE``, when the laser stops emitting or acquisition stops.
 
 Files: ``<state_dir>/captures/<case_id>/<capture_id>/<frame_seq>-on.tiff`` and ``-off.tiff``.
 A capture folder appears complete or not at all (the recorder renames it into place). A
@@ -38,11 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import zmq
 
 from hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
-from services.gateway import bus as bus_mod
+from services.common import ipc
 from services.study.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
 from services.study.recorder import CAPTURES_FOLDER
 
@@ -52,7 +50,6 @@ DEVICE = "recorder"
 DEFAULT_PAIRS = 8
 MAX_PAIRS = 64
 CALIBRATION_ID = "nominal"  # when the controller names no stored calibration
-RECORD_SNDHWM = 32
 # A capture waits at most this long beyond the nominal time for its results, and for the
 # recorder this long plus a little per pair (each pair is two fsynced files).
 RESULTS_MARGIN_S = 5.0
@@ -64,21 +61,29 @@ _POLL_S = 0.2
 
 
 class _Collecting:
-    """The capture that is currently collecting pairs (shared with the acquisition thread)."""
+    """The capture that is currently collecting pairs; the pairs themselves go from the
+    imaging process to the recorder (services/imaging/record_tap.py)."""
 
     def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict):
         self.capture_id = capture_id
         self.case_id = case_id
         self.folder = folder
         self.extra = extra
-        self.cond = threading.Condition()
         self.forwarded: set[int] = set()
         self.first_seq: int | None = None
-        self.last_seq: int | None = None
-        self.index = 0
         self.first_on_meta: dict | None = None
         self.sent = 0
         self.not_sent = 0
+
+    def update(self, status: dict) -> None:
+        seqs = [s for s in status.get("forwarded") or [] if isinstance(s, int)]
+        self.forwarded = set(seqs)
+        if seqs and self.first_seq is None:
+            self.first_seq = seqs[0]
+        self.sent = int(status.get("sent") or 0)
+        self.not_sent = int(status.get("not_sent") or 0)
+        if self.first_on_meta is None and isinstance(status.get("first_on_meta"), dict):
+            self.first_on_meta = status["first_on_meta"]
 
 
 class Clinical:
@@ -101,10 +106,6 @@ class Clinical:
         self._closed = False
         self.pairs_not_sent = 0  # over the service's life, for diagnostics
         ctx: zmq.Context = service.ctx
-        self._push = ctx.socket(zmq.PUSH)
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.setsockopt(zmq.SNDHWM, RECORD_SNDHWM)
-        self._push.bind(f"ipc://{self.runtime_dir / 'record.ipc'}")
         self._acks = ctx.socket(zmq.PULL)
         self._acks.setsockopt(zmq.LINGER, 0)
         self._acks.bind(f"ipc://{self.runtime_dir / 'record_ack.ipc'}")
@@ -132,47 +133,12 @@ class Clinical:
                 return
             self._closed = True
             self._collecting = None
-            for s in (self._push, self._acks):
+            for s in (self._acks,):
                 try:
                     s.close(linger=0)
                 except zmq.ZMQError:
                     pass
         self.store.close()
-
-    # ------------------------------------------------------------------ the acquisition side
-    def on_pair(self, on, off, header: dict) -> None:
-        """Forward a pair to the recorder while a capture collects. Called from the
-        acquisition thread: never blocks, never raises."""
-        c = self._collecting
-        if c is None:
-            return
-        try:
-            seq = header["frame_seq"]
-            msg = {"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
-                   "index": c.index, "frame_seq": seq, "on": header["on"], "off": header["off"],
-                   "extra": c.extra}
-            c.index += 1
-            if c.first_on_meta is None:
-                c.first_on_meta = header["on"]
-            with self._send_lock:
-                if self._closed:
-                    return
-                try:
-                    self._push.send_multipart([b"pair", bus_mod.pack(msg), _contiguous(on.data),
-                                               _contiguous(off.data)], zmq.NOBLOCK, copy=False)
-                    c.sent += 1
-                except zmq.Again:
-                    # The recorder is slow or absent: counted, and it will show as lost frames.
-                    c.not_sent += 1
-                    self.pairs_not_sent += 1
-            with c.cond:
-                c.forwarded.add(seq)
-                if c.first_seq is None:
-                    c.first_seq = seq
-                c.last_seq = seq
-                c.cond.notify_all()
-        except Exception:  # the acquisition thread must carry on whatever happens here
-            log.exception("forwarding a pair to the recorder failed")
 
     # ------------------------------------------------------------------ commands
     def cmd_case_open(self, args: dict, caller=None) -> dict:
@@ -256,13 +222,21 @@ class Clinical:
         c = _Collecting(capture_id, case_id, folder, extra)
         started = time.monotonic()
         self._drain_acks()
+        imaging = self.service.imaging
+        imaging.call("record.begin", {"capture_id": capture_id, "case_id": case_id, "folder": folder,
+                                      "extra": extra})
         self._collecting = c
         try:
             results = self._collect(c, pairs)
             needed = [r["frame_seq"] for r in results]
             self._await_handover(c, needed)
+            c.update(imaging.call("record.stop", {"capture_id": capture_id}))
         except BaseException:
             self._collecting = None
+            try:
+                c.update(imaging.call("record.stop", {"capture_id": capture_id}))
+            except Exception:
+                log.exception("capture %s: the recording could not be stopped", capture_id)
             self._abandon(c)
             raise
         self._collecting = None
@@ -321,9 +295,10 @@ class Clinical:
                 seq = r.get("frame_seq")
                 if not isinstance(seq, int) or seq in seen:
                     continue
-                with c.cond:
-                    # A result of a pair sent before the capture started has no frames here.
-                    ours = seq in c.forwarded or (c.first_seq is not None and seq > c.first_seq)
+                if seq not in c.forwarded and (c.first_seq is None or seq <= c.first_seq):
+                    c.update(self.service.imaging.call("record.status", {"capture_id": c.capture_id}))
+                # A result of a pair sent before the capture started has no frames here.
+                ours = seq in c.forwarded or (c.first_seq is not None and seq > c.first_seq)
                 if ours:
                     seen.add(seq)
                     got.append(r)
@@ -345,16 +320,16 @@ class Clinical:
 
     def _await_handover(self, c: _Collecting, needed: list[int]) -> None:
         """A result can overtake the forwarding of its own pair by a hair; wait (bounded)
-        until every needed pair has gone through :meth:`on_pair`."""
+        until imaging has forwarded every needed pair."""
         deadline = time.monotonic() + HANDOVER_TIMEOUT_S
-        with c.cond:
-            while not set(needed) <= c.forwarded:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("capture %s: pair(s) %s never came through the acquisition", c.capture_id,
-                                sorted(set(needed) - c.forwarded))
-                    return
-                c.cond.wait(remaining)
+        while not set(needed) <= c.forwarded:
+            if time.monotonic() > deadline:
+                log.warning("capture %s: pair(s) %s never came through the acquisition", c.capture_id,
+                            sorted(set(needed) - c.forwarded))
+                return
+            c.update(self.service.imaging.call("record.status", {"capture_id": c.capture_id}))
+            if not set(needed) <= c.forwarded:
+                time.sleep(0.02)
 
     def _abandon(self, c: _Collecting) -> None:
         """Tell the recorder to drop what it holds of a refused capture. Best effort and
@@ -363,23 +338,15 @@ class Clinical:
             self._send_end(c, [], timeout_s=0.2)
 
     def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0) -> bool:
-        msg = [b"end", bus_mod.pack({"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
-                                     "frame_seqs": list(frame_seqs)})]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._send_lock:
-                if self._closed:
-                    return False
-                try:
-                    self._push.send_multipart(msg, zmq.NOBLOCK)
-                    return True
-                except zmq.Again:
-                    pass
-            if time.monotonic() >= deadline:
-                log.error("capture %s: the recorder did not take the end message within %.1f s",
-                          c.capture_id, timeout_s)
-                return False
-            time.sleep(0.01)  # the queue to the recorder is full; it drains as it writes
+        """Queue the end message behind the capture's pairs (imaging holds the socket)."""
+        try:
+            self.service.imaging.call("record.end", {"capture_id": c.capture_id, "case_id": c.case_id,
+                                                     "folder": c.folder, "frame_seqs": list(frame_seqs),
+                                                     "timeout_s": timeout_s}, timeout_s=timeout_s + 2.0)
+            return True
+        except Exception as err:
+            log.error("capture %s: the end message was not queued: %s", c.capture_id, err)
+            return False
 
     def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int) -> dict:
         timeout_s = RECORDER_BASE_TIMEOUT_S + RECORDER_PER_PAIR_S * pairs
@@ -396,7 +363,7 @@ class Clinical:
                 continue
             frames = self._acks.recv_multipart()
             try:
-                done = bus_mod.unpack(frames[1]) if len(frames) >= 2 and frames[0] == b"done" else None
+                done = ipc.unpack_map(frames[1]) if len(frames) >= 2 and frames[0] == b"done" else None
             except ValueError:
                 done = None
             if not isinstance(done, dict) or done.get("capture_id") != c.capture_id:
@@ -456,11 +423,6 @@ def _only(args: dict, allowed: set, cmd: str) -> None:
     if extra:
         allowed_text = ", ".join(sorted(allowed)) or "none"
         raise InvalidArgument(f"{cmd}: unknown argument {extra[0]!r}; allowed: {allowed_text}")
-
-
-def _contiguous(array):
-    # zero-copy sends need one contiguous buffer; camera frames already are (no copy then)
-    return np.ascontiguousarray(array)
 
 
 def _mean(values: list) -> float | None:

@@ -1,0 +1,466 @@
+"""The safety core process: the laser MCU link, the safety inputs and indicators, the state
+machine and its supervisor, and the validated power table. Nothing else.
+
+It never touches frames, the case store or the network: the bus gateway relays operators'
+commands over an internal socket (checked like network input), and the imaging process asks
+for frame timing over the same socket. What it tells the others goes out on one publisher:
+
+* ``state``: the safety part of ``status`` (10 Hz and on every change);
+* ``event``: state changes, faults, safety refusals;
+* ``frame``: the MCU's record of each camera trigger (counter, lit or dark, times), which
+  imaging pairs frames from.
+
+It watches two processes (PRODUCT section 3): the gateway and imaging send a heartbeat every
+100 ms; when either is silent for ``services_timeout_s`` while ARMING, ARMED or EMITTING, the
+laser goes off and the cart goes to FAULT ``SERVICE_LOST`` naming it. Imaging also sends a
+notice per camera frame, which feeds the camera-stall rule (S9).
+
+Threads: the supervisor (fixed rate, the only one that grants emission), the command server,
+the notices and publications loop, and the frame-record relay. systemd's watchdog is fed from
+the supervisor's healthy ticks only while all four are alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+import config as config_mod
+from controller import selftest
+from controller.calibration import PowerCalibration, validate_power_points
+from controller.cart import Cart
+from controller.state import SERVICE_LOST, State
+from hal.clock import Clock, SystemClock
+from hal.errors import DeviceError, InvalidArgument, NirfError, WrongState
+from services.common import entry, ipc, sdnotify
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.2.0"
+# Processes whose silence while armed turns the laser off.
+WATCHED = ("gateway", "imaging")
+SERVICES_TIMEOUT_S = 0.5
+STATE_PERIOD_S = 0.1
+FRAME_POLL_S = 0.005
+POWER_FOLDER = "calibration"
+POWER_CURRENT = "power-current.json"
+PHOTODIODE_FACTOR_RANGE = (0.01, 100.0)
+
+
+class ServiceWatch:
+    """Heartbeats of the processes the safety core depends on (a :meth:`Cart.add_watch`
+    rule): silent for longer than ``timeout_s`` while armed is ``SERVICE_LOST``."""
+
+    def __init__(self, names: tuple[str, ...], timeout_s: float, clock: Clock):
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.last: dict[str, float | None] = {n: None for n in names}
+
+    def beat(self, name: str) -> None:
+        if name in self.last:
+            self.last[name] = self.clock.monotonic()
+
+    def silent(self, now: float) -> list[tuple[str, float | None]]:
+        return [(n, None if t is None else now - t) for n, t in self.last.items()
+                if t is None or now - t > self.timeout_s]
+
+    def trips(self, now: float, state: State) -> list[tuple[str, str]]:
+        return [(SERVICE_LOST, f"{name} process silent "
+                 f"{'since start' if age is None else f'for {age * 1000:.0f} ms'} "
+                 f"(limit {self.timeout_s * 1000:.0f} ms) while {state.value}")
+                for name, age in self.silent(now)]
+
+    def causes(self, now: float) -> list[str]:
+        return [f"the {name} process is not running" for name, _ in self.silent(now)]
+
+    def ages_ms(self) -> dict:
+        now = self.clock.monotonic()
+        return {n: None if t is None else round((now - t) * 1000) for n, t in self.last.items()}
+
+
+# ---------------------------------------------------------------------- devices
+def _serial_factory(port: str, baudrate: int):
+    import serial
+
+    def open_port():
+        try:
+            return serial.Serial(port, baudrate, timeout=0.05, write_timeout=0.5)
+        except (serial.SerialException, OSError) as err:
+            raise DeviceError("serial", f"cannot open {port}: {err}") from err
+
+    return open_port
+
+
+def pins(cfg) -> dict:
+    g = cfg.gpio
+    return {"key": g.key_pin, "interlock": g.interlock_pin, "footswitch": g.footswitch_pin,
+            "indicator": g.indicator_pin, "white_light": g.white_light_pin}
+
+
+def wait_hardware_info(runtime_dir: Path, wait_s: float = 15.0) -> dict:
+    """The simulated hardware's ports and sockets, once its process has written them."""
+    info_path = Path(runtime_dir) / "hardware.json"
+    deadline = time.monotonic() + wait_s
+    while not info_path.exists():
+        if time.monotonic() > deadline:
+            raise DeviceError("sim-hardware", f"the simulated hardware did not start within {wait_s} s "
+                                              f"(no {info_path})")
+        time.sleep(0.05)
+    return json.loads(info_path.read_text())
+
+
+def remote_world(cfg, runtime_dir: Path):
+    from sim.remote import RemoteWorldView
+    from sim.world import SensorModel
+
+    info = wait_hardware_info(runtime_dir)
+    cam = cfg.camera
+    sensor = SensorModel(width=cam.width, height=cam.height, bits=cam.bits, black_level=cam.black_level)
+    return RemoteWorldView(info["world_pub"], info["world_ctl"], sensor), info
+
+
+def build_devices(cfg, runtime_dir: Path):
+    """(laser, safety io, world or None) for the profile."""
+    from drivers.gpio import GpioSafetyIO
+    from drivers.laser_mcu import McuLaser
+
+    world = None
+    if cfg.profile == "sim":
+        from sim.gpio_standin import GpioStandIn
+
+        world, info = remote_world(cfg, runtime_dir)
+        laser_port = _serial_factory(info["mcu_port"], cfg.laser.baudrate)
+        gpio = GpioStandIn(world, pins(cfg))
+    else:
+        from drivers.gpio import import_rpi_gpio
+
+        if not cfg.laser.port:
+            raise config_mod.ConfigError(f"{cfg.source}: [laser] port must be set in the device profile")
+        laser_port = _serial_factory(cfg.laser.port, cfg.laser.baudrate)
+        gpio = import_rpi_gpio()
+    laser = McuLaser(laser_port, timeout_s=cfg.laser.command_timeout_s, retries=cfg.laser.command_retries,
+                     heartbeat_timeout_ms=cfg.safety.heartbeat_timeout_ms)
+    io = GpioSafetyIO(gpio, pins(cfg), debounce_ms=cfg.gpio.debounce_ms)
+    return laser, io, world
+
+
+# ---------------------------------------------------------------------- the power table
+class PowerStore:
+    """The validated power table the safety core uses, kept in the state folder."""
+
+    def __init__(self, state_dir: Path, clock: Clock):
+        self.folder = Path(state_dir) / POWER_FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.meta: dict | None = None
+        self.problems: list[str] = []
+
+    def load(self) -> PowerCalibration | None:
+        path = self.folder / POWER_CURRENT
+        if not path.exists():
+            return None
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            cal = PowerCalibration.load(self.folder / meta["file"])
+        except (OSError, ValueError, KeyError, TypeError, NirfError) as err:
+            msg = f"power calibration {path.name} cannot be used ({err}); the nominal table is in use"
+            log.error("%s", msg)
+            self.problems.append(msg)
+            return None
+        self.meta = meta
+        return cal
+
+    def save(self, cal: PowerCalibration, meta: dict) -> None:
+        from services.common.files import write_atomic
+
+        write_atomic(self.folder / meta["file"], json.dumps(cal.to_dict()).encode())
+        write_atomic(self.folder / POWER_CURRENT, json.dumps(meta).encode())
+        self.meta = meta
+
+
+# ---------------------------------------------------------------------- the process
+class SafetyCore:
+    def __init__(self, cfg, laser, io, *, state_dir: Path, runtime_dir: Path, world=None,
+                 clock: Clock | None = None, ctx: zmq.Context | None = None):
+        self.cfg = cfg
+        self.laser, self.io, self.world = laser, io, world
+        self.state_dir, self.runtime_dir = Path(state_dir), Path(runtime_dir)
+        self.clock = clock or SystemClock()
+        self.started = time.monotonic()
+        self.stop_event = threading.Event()
+        self.power = PowerStore(self.state_dir, self.clock)
+        self.cart = Cart(cfg, laser=laser, wheel=None, inputs=io, indicators=io, clock=self.clock,
+                         calibration=self.power.load())
+        self.watch = ServiceWatch(WATCHED, SERVICES_TIMEOUT_S, self.clock)
+        self.cart.add_watch(self.watch)
+        self._events: queue.Queue = queue.Queue(maxsize=1000)
+        self.cart.add_listener(self._on_cart_event)
+        self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
+        self.ctx = ctx or zmq.Context()
+        self.notices_bad = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- commands (all quick; the long ones live elsewhere)
+    def handlers(self) -> dict:
+        c = self.cart
+        return {
+            "ping": lambda a, who: {"version": VERSION, "uptime_s": round(time.monotonic() - self.started, 3)},
+            "safety.status": lambda a, who: self.state_snapshot(),
+            "arm": lambda a, who: _noargs(a, "arm") or c.arm(),
+            "disarm": lambda a, who: _noargs(a, "disarm") or c.disarm(),
+            "laser.on": lambda a, who: c.laser_on(_power(a)),
+            "laser.set": lambda a, who: c.laser_set(_power(a)),
+            "laser.off": lambda a, who: _noargs(a, "laser.off") or c.laser_off(),
+            "fault.reset": lambda a, who: _noargs(a, "fault.reset") or c.fault_reset(),
+            "calibrate.power": self.cmd_calibrate_power,
+            "frames.start": self.cmd_frames_start,
+            "frames.stop": lambda a, who: self.laser.stop_frames() or {"frame_timing": False},
+            "light.white": self.cmd_white_light,
+            "safety.selftest": self.cmd_selftest,
+        }
+
+    def cmd_frames_start(self, args, who) -> dict:
+        _only(args, {"fps", "exposure_us", "modulate"}, "frames.start")
+        fps, exposure, modulate = args.get("fps"), args.get("exposure_us"), args.get("modulate", False)
+        if not ipc.finite_number(fps) or not isinstance(exposure, int) or isinstance(exposure, bool) \
+                or not isinstance(modulate, bool):
+            raise InvalidArgument("frames.start needs fps (number), exposure_us (int) and modulate (bool)")
+        self.laser.start_frames(float(fps), exposure, modulate)
+        return {"frame_timing": True, "fps": fps, "exposure_us": exposure, "modulate": modulate}
+
+    def cmd_white_light(self, args, who) -> dict:
+        _only(args, {"on"}, "light.white")
+        if not isinstance(args.get("on"), bool):
+            raise InvalidArgument("light.white needs on: true or false")
+        self.io.set_white_light(args["on"])
+        return {"white_light": args["on"]}
+
+    def cmd_selftest(self, args, who) -> dict:
+        _noargs(args, "safety.selftest")
+        if self.cart.state is not State.SAFE:
+            raise WrongState(f"selftest needs state SAFE; state is {self.cart.state.value}")
+        return {"laser-mcu": selftest._check("laser", lambda: selftest.check_laser(self.laser, self.cfg.laser.max_temp_c)),
+                "gpio": selftest._check("gpio", lambda: selftest.check_gpio(self.io))}
+
+    def cmd_calibrate_power(self, args, who) -> dict:
+        """``calibrate.power {points: [[duty, mW], ...], photodiode_factor}``: the technician's
+        power-meter table, applied at once. Not while emitting (the output would jump)."""
+        cmd = "calibrate.power"
+        _only(args, {"points", "photodiode_factor"}, cmd)
+        if "points" not in args:
+            raise InvalidArgument(f"{cmd}: points is required, [[duty, mW], ...] from the power meter")
+        duties, powers = validate_power_points(args["points"])
+        factor = args.get("photodiode_factor", 1.0)
+        lo, hi = PHOTODIODE_FACTOR_RANGE
+        if not ipc.finite_number(factor) or not lo <= factor <= hi:
+            raise InvalidArgument(f"{cmd}: photodiode_factor {factor!r} outside {lo}-{hi}")
+        if self.cart.state is State.EMITTING:
+            raise WrongState(f"{cmd} is refused while EMITTING (the output would change under the "
+                             "operator); laser.off first")
+        t_ns = self.clock.time_ns()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t_ns / 1e9)) + f"{(t_ns // 1_000_000) % 1000:03d}Z"
+        cal_id = f"power-{stamp}"
+        cal = PowerCalibration(duties, powers, float(factor), cal_id,
+                               {"created_ns": t_ns, "by": getattr(who, "name", None)})
+        lc = self.cfg.laser
+        reachable_mw = cal.power_for(lc.duty_ceiling)
+        warnings = []
+        if reachable_mw < lc.max_power_mw:
+            warnings.append(f"at the MCU's duty ceiling {lc.duty_ceiling} the table gives {reachable_mw:.1f} mW, "
+                            f"below laser.max_power_mw {lc.max_power_mw}: higher setpoints will be refused")
+        meta = {"id": cal_id, "file": f"{cal_id}.json", "created_ns": t_ns, "by": getattr(who, "name", None),
+                "points": [[d, p] for d, p in zip(duties, powers)], "photodiode_factor": float(factor)}
+        self.power.save(cal, meta)
+        self.cart.calibration = cal  # read by the supervisor on its next tick; an atomic swap
+        self._publish_event({"kind": "calibration", "what": "power", "id": cal_id, "by": meta["by"]})
+        return {**meta, "max_calibrated_mw": powers[-1], "reachable_mw_at_ceiling": round(reachable_mw, 2),
+                "warnings": warnings}
+
+    # -- what the others learn
+    def state_snapshot(self) -> dict:
+        s = self.cart.safety_status()
+        s["emission_enabled"] = self.cart.emission_enabled
+        s["power_calibration"] = self.power.meta["id"] if self.power.meta else "nominal"
+        s["power_problems"] = list(self.power.problems)
+        s["services"] = self.watch.ages_ms()
+        if self.world is not None:
+            s["sim"] = self.world.values
+        return s
+
+    def _on_cart_event(self, kind: str, detail: dict) -> None:
+        try:
+            self._events.put_nowait((kind, detail))
+        except queue.Full:
+            pass
+
+    def _publish_event(self, body: dict) -> None:
+        self.pub.publish("event", body)
+
+    # -- threads
+    def _notices_loop(self) -> None:
+        """Heartbeats and camera notices in; state and events out."""
+        poller = zmq.Poller()
+        poller.register(self.notices, zmq.POLLIN)
+        next_state = 0.0
+        while not self.stop_event.is_set():
+            try:
+                if poller.poll(20):
+                    while True:
+                        try:
+                            data = self.notices.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_notice(ipc.unpack_map(data))
+                changed = False
+                while True:
+                    try:
+                        kind, detail = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    changed = True
+                    if kind in ("state", "fault", "safety", "info", "input"):
+                        self._publish_event({"kind": kind, **detail})
+                now = time.monotonic()
+                if changed or now >= next_state:
+                    self.pub.publish("state", self.state_snapshot())
+                    next_state = now + STATE_PERIOD_S
+            except zmq.ZMQError as err:
+                if err.errno == zmq.ETERM:
+                    return
+                log.exception("notices loop")
+            except Exception:
+                log.exception("notices loop: unexpected error")
+
+    def _on_notice(self, msg: dict | None) -> None:
+        kind = msg.get("kind") if msg else None
+        if kind == "hb" and isinstance(msg.get("process"), str):
+            self.watch.beat(msg["process"])
+        elif kind == "camera" and isinstance(msg.get("watching"), bool):
+            self.watch.beat("imaging")
+            self.cart.note_camera(msg["watching"], self.clock.monotonic() if msg.get("frame") is True else None)
+        else:
+            self.notices_bad += 1
+
+    def _frames_loop(self) -> None:
+        """The MCU's frame records (and its other notices), relayed to imaging as they come."""
+        while not self.stop_event.wait(FRAME_POLL_S):
+            try:
+                tags, notices = self.laser.poll()
+            except NirfError:
+                continue  # the supervisor handles a failed link
+            except Exception:
+                log.exception("frame relay: poll failed")
+                continue
+            for t in tags:
+                self.pub.publish("frame", {"counter": t.counter, "lit": t.lit, "mcu_time_us": t.mcu_time_us,
+                                           "host_time_ns": t.host_time_ns})
+            for n in notices:
+                self.pub.publish("notice", {"kind": n.kind, "detail": list(n.detail)})
+
+    def threads_alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads) and self.server.worker_alive()
+
+    def _healthy_tick(self) -> None:
+        if self.threads_alive():
+            self.watchdog()
+
+    def start(self) -> None:
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.pub = ipc.Publisher(self.ctx, ipc.endpoint(self.runtime_dir, "safety_pub"))
+        self.notices = self.ctx.socket(zmq.PULL)
+        self.notices.setsockopt(zmq.LINGER, 0)
+        self.notices.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.notices.bind(ipc.endpoint(self.runtime_dir, "safety_in"))
+        self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "safety"), self.handlers(),
+                                         clock=self.clock, name="safety")
+        self.cart.start()
+        self.cart.tick()
+        self._threads = [
+            threading.Thread(target=self.cart.run, args=(self.stop_event,),
+                             kwargs={"on_healthy_tick": self._healthy_tick}, name="supervisor", daemon=True),
+            threading.Thread(target=self.server.serve, args=(self.stop_event,), name="commands", daemon=True),
+            threading.Thread(target=self._notices_loop, name="notices", daemon=True),
+            threading.Thread(target=self._frames_loop, name="frames", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        log.info("safety core ready (state %s)", self.cart.state.value)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self._threads:
+            t.join(timeout=3.0)
+        try:
+            self.laser.stop_frames()
+        except NirfError:
+            pass
+        self.cart.shutdown()
+        try:
+            self.io.close()
+        except NirfError:
+            log.exception("gpio close")
+        self.server.close()
+        self.pub.close()
+        self.notices.close(linger=0)
+        if self.world is not None:
+            self.world.close()
+        self.ctx.destroy(linger=0)
+
+
+def _only(args: dict, allowed: set, cmd: str) -> None:
+    extra = sorted(set(map(str, args)) - allowed)
+    if extra:
+        raise InvalidArgument(f"{cmd}: unknown argument {extra[0]!r}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
+
+def _noargs(args: dict, cmd: str) -> None:
+    if args:
+        raise InvalidArgument(f"{cmd} takes no arguments, got {', '.join(sorted(map(str, args)))}")
+
+
+def _power(args: dict):
+    _only(args, {"power_mw"}, "laser")
+    if "power_mw" not in args:
+        raise InvalidArgument("power_mw is required (a number of milliwatts)")
+    return args["power_mw"]
+
+
+def main(argv=None) -> int:
+    p = entry.parser("NIRF cart safety core (laser, safety inputs, state machine)")
+    args = p.parse_args(argv)
+    entry.configure_logging("safety")
+    try:
+        cfg = config_mod.load(args.config)
+        state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        laser, io, world = build_devices(cfg, runtime_dir)
+        core = SafetyCore(cfg, laser, io, state_dir=state_dir, runtime_dir=runtime_dir, world=world)
+        core.start()
+    except NirfError as err:
+        log.error("cannot start: %s", err)
+        return 2
+    except zmq.ZMQError as err:
+        log.error("cannot start: %s (is another cart already running in %s?)", err, os.environ.get(
+            "NIRF_RUNTIME_DIR", "this runtime folder"))
+        return 2
+    entry.stop_on_signals(core.stop_event)
+    sdnotify.ready()
+    sdnotify.status(f"state {core.cart.state.value}")
+    try:
+        while not core.stop_event.wait(0.5):
+            pass
+    finally:
+        sdnotify.stopping()
+        core.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
