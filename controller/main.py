@@ -205,6 +205,7 @@ class SafetyCore:
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
         self.ctx = ctx or zmq.Context()
         self.notices_bad = 0
+        self._rev = ipc.Revision()
         self._threads: list[threading.Thread] = []
 
     # -- commands (all quick; the long ones live elsewhere)
@@ -286,6 +287,7 @@ class SafetyCore:
     # -- what the others learn
     def state_snapshot(self) -> dict:
         s = self.cart.safety_status()
+        s["rev"] = self._rev.next()
         s["emission_enabled"] = self.cart.emission_enabled
         s["power_calibration"] = self.power.meta["id"] if self.power.meta else "nominal"
         s["power_problems"] = list(self.power.problems)
@@ -309,6 +311,7 @@ class SafetyCore:
         poller = zmq.Poller()
         poller.register(self.notices, zmq.POLLIN)
         next_state = 0.0
+        last = None
         while not self.stop_event.is_set():
             try:
                 if poller.poll(20):
@@ -328,9 +331,14 @@ class SafetyCore:
                     if kind in ("state", "fault", "safety", "info", "input"):
                         self._publish_event({"kind": kind, **detail})
                 now = time.monotonic()
-                if changed or now >= next_state:
-                    self.pub.publish("state", self.state_snapshot())
+                snap = self.state_snapshot()
+                key = {k: v for k, v in snap.items() if k not in ("services", "sim", "rev")}
+                # On every change of what status shows (a tick after laser.on the MCU reports
+                # its output on), and at 10 Hz whatever happens.
+                if changed or key != last or now >= next_state:
+                    self.pub.publish("state", snap)
                     next_state = now + STATE_PERIOD_S
+                    last = key
             except zmq.ZMQError as err:
                 if err.errno == zmq.ETERM:
                     return
@@ -379,7 +387,7 @@ class SafetyCore:
         self.notices.setsockopt(zmq.MAXMSGSIZE, 4096)
         self.notices.bind(ipc.endpoint(self.runtime_dir, "safety_in"))
         self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "safety"), self.handlers(),
-                                         clock=self.clock, name="safety")
+                                         clock=self.clock, name="safety", state=self.state_snapshot)
         self.cart.start()
         self.cart.tick()
         self._threads = [

@@ -134,7 +134,7 @@ printf 'numpy==%s\n' "$SYSTEM_NUMPY" >"$CONSTRAINTS"
     --no-deps --force-reinstall "$SRC_DIR"
 "$VENV/bin/python" - <<'EOF' || die "the virtual environment is incomplete (see the error above)"
 import numpy, serial, zmq, msgpack
-import config, services.imaging.main, services.processing.main
+import config, controller.main, services.imaging.main, services.gateway.main, services.study.main, services.processing.main
 print(f"    numpy {numpy.__version__}, pyzmq {zmq.__version__}, pyserial {serial.__version__}")
 try:
     import RPi.GPIO, picamera2  # noqa: F401  (both only import on a Pi)
@@ -220,7 +220,7 @@ cat <<EOF
     Next steps (docs/operations.md, 'First start' and 'Bring-up checklist'):
       1. edit $CONF_FILE: serial ports (ls -l /dev/serial/by-id/) and GPIO pins
       2. sudo systemctl start nirf.target
-      3. journalctl -u nirf-controller -f       and       systemctl status nirf.target
+      3. journalctl -u nirf-safety -f           and       systemctl status nirf.target
     After an update of a running cart:  sudo systemctl restart nirf.target
     (never while a patient is being imaged: a restart turns the laser off).
 EOF

@@ -39,7 +39,7 @@ LONG = os.environ.get("NIRF_FAULTS_LONG", "") not in ("", "0")
 
 # Module names the launcher runs its children under (what /proc/<pid>/cmdline shows).
 HARDWARE = "sim.hardware"
-CONTROLLER = "services.imaging.main"
+CONTROLLER = "controller.main"  # the safety core: it owns the laser link
 PROCESSING = "services.processing.main"
 
 # Generous bounds: this machine is shared and noisy. The product targets are tighter

@@ -18,7 +18,8 @@ import config as config_mod
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 INSTALL_SCRIPT = ROOT / "install" / "install-pi.sh"
-SERVICES = ("nirf-controller.service", "nirf-processing.service", "nirf-recorder.service")
+SERVICES = ("nirf-safety.service", "nirf-imaging.service", "nirf-gateway.service", "nirf-study.service",
+            "nirf-processing.service", "nirf-recorder.service")
 TARGET = "nirf.target"
 # every service shipped, the core ones and optional ones (a display) alike
 ALL_SERVICES = tuple(sorted(p.name for p in UNIT_DIR.glob("nirf-*.service")))
@@ -111,19 +112,27 @@ def test_service_script_is_declared_in_pyproject(name):
     assert script in scripts, f"{script} is not a console script of the project"
 
 
-def test_only_the_controller_reaches_devices(units):
-    ctl = units["nirf-controller.service"]["Service"]
-    allowed = " ".join(ctl["DeviceAllow"])
-    # serial ports, GPIO, and every device libcamera opens
-    for group in ("ttyUSB", "ttyACM", "ttyAMA", "gpiochip", "video4linux", "media", "dma_heap"):
-        assert f"char-{group} rw" in allowed, f"controller cannot open char-{group}"
-    assert set(ctl["SupplementaryGroups"][-1].split()) == {"dialout", "gpio", "video"}
-    assert "PrivateDevices" not in ctl  # it would hide the camera, serial ports and GPIO
-    for name in ("nirf-processing.service", "nirf-recorder.service"):
+def test_each_process_reaches_only_its_devices(units):
+    """The safety core: the MCU's serial port and GPIO; imaging: the wheel's serial port and
+    every device libcamera opens; nobody else any device. Only the gateway faces a network."""
+    wanted = {"nirf-safety.service": (("ttyUSB", "ttyACM", "ttyAMA", "gpiochip"), {"dialout", "gpio"}),
+              "nirf-imaging.service": (("ttyUSB", "ttyACM", "video4linux", "media", "dma_heap"), {"dialout", "video"})}
+    for name, (groups, supplementary) in wanted.items():
+        s = units[name]["Service"]
+        allowed = " ".join(s["DeviceAllow"])
+        for group in groups:
+            assert f"char-{group} rw" in allowed, f"{name} cannot open char-{group}"
+        assert set(s["SupplementaryGroups"][-1].split()) == supplementary
+        assert "PrivateDevices" not in s  # it would hide the serial ports, GPIO and the camera
+        assert s["PrivateNetwork"][-1] == "yes"  # Unix sockets only
+    assert "char-video4linux rw" not in " ".join(units["nirf-safety.service"]["Service"]["DeviceAllow"])
+    assert "char-gpiochip rw" not in " ".join(units["nirf-imaging.service"]["Service"]["DeviceAllow"])
+    for name in ("nirf-gateway.service", "nirf-study.service", "nirf-processing.service", "nirf-recorder.service"):
         s = units[name]["Service"]
         assert "DeviceAllow" not in s and "SupplementaryGroups" not in s
         assert s["PrivateDevices"][-1] == "yes"
-        assert s["PrivateNetwork"][-1] == "yes"  # ipc sockets only
+        if name != "nirf-gateway.service":
+            assert s["PrivateNetwork"][-1] == "yes"  # ipc sockets only
 
 
 def test_target_pulls_in_the_core_services(units):

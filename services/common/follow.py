@@ -105,6 +105,19 @@ class LatestState:
         with self._lock:
             return dict(self.value or {})
 
+    def fresh(self, timeout_s: float = 0.3) -> dict:
+        """The first state that arrives after this call (so it reflects every command that
+        was answered before the call), or the latest one after ``timeout_s``."""
+        asked = time.monotonic()
+        with self._lock:
+            deadline = asked + timeout_s
+            while self.received is None or self.received <= asked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            return dict(self.value or {})
+
     def age_s(self) -> float | None:
         with self._lock:
             return None if self.received is None else time.monotonic() - self.received

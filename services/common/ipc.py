@@ -78,6 +78,31 @@ def unpack_map(data) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+class Revision:
+    """Orders a process's state snapshots: ``(process start time, counter)``, so a reader
+    keeps the newest even when a reply and a publication arrive out of order, and a
+    restarted process's snapshots win over its predecessor's."""
+
+    def __init__(self):
+        import itertools
+
+        self._start = time.time_ns()
+        self._count = itertools.count(1)
+
+    def next(self) -> list[int]:
+        return [self._start, next(self._count)]
+
+
+def newer(candidate: dict, current: dict | None) -> bool:
+    """True when the snapshot ``candidate`` is at least as new as ``current``."""
+    if current is None:
+        return True
+    a, b = candidate.get("rev"), current.get("rev")
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return True
+    return a >= b
+
+
 def finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -152,8 +177,11 @@ class InternalServer:
 
     def __init__(self, ctx: zmq.Context, address: str, handlers: dict[str, Handler], *,
                  long_commands: frozenset[str] | set[str] = frozenset(), clock: Clock | None = None,
-                 name: str = "internal"):
+                 name: str = "internal", state: Callable[[], dict] | None = None):
         self.handlers = dict(handlers)
+        # Every reply carries the process's state as it is after the command, so the gateway
+        # answers a status asked right after a reply with the command's effect in it.
+        self.state = state
         self.long_commands = frozenset(long_commands)
         self.clock = clock or SystemClock()
         self.name = name
@@ -213,6 +241,11 @@ class InternalServer:
             log.warning("%s: reply not sent: %s", self.name, err)
 
     def _reply(self, envelope: list, reply: dict) -> None:
+        if self.state is not None and reply.get("id") is not None:
+            try:
+                reply["state"] = self.state()
+            except Exception:
+                log.exception("%s: state for the reply failed", self.name)
         try:
             body = pack(reply)
         except (TypeError, ValueError, OverflowError) as err:

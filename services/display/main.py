@@ -31,9 +31,11 @@ import base64
 import json
 import logging
 import math
+import re
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -370,11 +372,25 @@ class TelemetryListener:
             self._thread.join(timeout_s)
 
 
+# C8: idle connections time out, connections are capped (at the cap the oldest idle one is
+# closed to make room), and the Host header must name this display.
+IDLE_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+LISTEN_BACKLOG = 256
+
+
 class DisplayHTTPServer(ThreadingHTTPServer):
-    """Serves the page and one update stream per browser, each in its own thread."""
+    """Serves the page and one update stream per browser, each in its own thread.
+
+    A connection is *idle* from its accept until its request line has arrived, and between
+    requests of a kept-alive connection; the live stream is never idle. Idle connections are
+    closed after :data:`IDLE_TIMEOUT_S`, and when :data:`MAX_CONNECTIONS` are open the oldest
+    idle one is closed for the newcomer, so a flood of silent connections cannot starve
+    the page."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], model: DisplayModel, *, max_update_hz: float = 25.0,
                  max_clients: int = 8, static_dir: Path = STATIC_DIR, clock: Clock | None = None):
@@ -392,7 +408,65 @@ class DisplayHTTPServer(ThreadingHTTPServer):
                 raise ConfigError(f"display: page file {name} missing from {static_dir}: {err.strerror}") from err
         self._streams_lock = threading.Lock()
         self.streams_open = 0
+        self._conn_lock = threading.Lock()
+        self._conns: dict = {}  # socket -> [accepted monotonic, idle]
+        self.max_connections = MAX_CONNECTIONS
+        self.closed_for_room = 0
+        host, port = address
+        self.allowed_hosts = {f"{h}:{port}" for h in (host, "localhost", "127.0.0.1", "[::1]")} | \
+            {h for h in (host, "localhost", "127.0.0.1", "[::1]")}
         super().__init__(address, DisplayRequestHandler)
+        real_port = self.server_address[1]
+        self.allowed_hosts |= {f"{h}:{real_port}" for h in (host, "localhost", "127.0.0.1", "[::1]")}
+
+    # -- connection bookkeeping (C8)
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            if len(self._conns) >= self.max_connections:
+                idle = [(since, s) for s, (since, is_idle) in self._conns.items() if is_idle]
+                if idle:
+                    _, oldest = min(idle, key=lambda x: x[0])
+                    self._conns.pop(oldest, None)
+                    self.closed_for_room += 1
+                    try:
+                        oldest.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                else:  # every connection is busy (live streams): refuse the newcomer
+                    self.shutdown_request(request)
+                    return
+            self._conns[request] = [time.monotonic(), True]
+        super().process_request(request, client_address)
+
+    def mark(self, request, idle: bool) -> None:
+        with self._conn_lock:
+            entry = self._conns.get(request)
+            if entry is not None:
+                entry[0], entry[1] = time.monotonic(), idle
+
+    def shutdown_request(self, request):
+        with self._conn_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def host_allowed(self, host: str) -> bool:
+        """The Host header names this display: its address, localhost, or (bound to every
+        interface) an IP address or this machine's name. Anything else is a page from
+        another site asking through the browser (DNS rebinding): refused."""
+        if host in self.allowed_hosts:
+            return True
+        if self.server_address[0] not in ("0.0.0.0", "::"):
+            return False
+        name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if port and port != str(self.server_address[1]):
+            return False
+        names = {socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+        return bool(re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", name)) or name in names
+
+    @property
+    def connections_open(self) -> int:
+        with self._conn_lock:
+            return len(self._conns)
 
     def handle_error(self, request, client_address) -> None:
         """A browser that goes away mid-answer is normal; anything else is logged (the
@@ -414,6 +488,21 @@ class DisplayRequestHandler(BaseHTTPRequestHandler):
     server: DisplayHTTPServer
     server_version = "nirf-display"
     sys_version = ""
+    timeout = IDLE_TIMEOUT_S  # a connection that sends nothing is closed (C8)
+
+    def handle_one_request(self) -> None:
+        self.server.mark(self.request, idle=True)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            self.server.mark(self.request, idle=False)
+            host = (self.headers.get("Host") or "").strip().lower()
+            if not self.server.host_allowed(host):
+                self.send_error(HTTPStatus.MISDIRECTED_REQUEST, "unknown Host")
+                return False
+        return ok
 
     # Browsers probe with several methods; none of them may change anything.
     def _refuse(self) -> None:

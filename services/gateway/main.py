@@ -188,8 +188,9 @@ class Gateway:
             self.internal_dropped += 1
             return
         if topic == b"state":
-            self.states[process] = body
             self.state_at[process] = time.monotonic()
+            if ipc.newer(body, self.states.get(process)):
+                self.states[process] = body
         elif topic == b"event" and isinstance(body.get("kind"), str):
             self.telemetry.publish("event", body)
             self.audit.write(body["kind"], process=process, **{k: v for k, v in body.items() if k != "kind"})
@@ -225,6 +226,8 @@ class Gateway:
             return  # a late reply to a request already answered with TIMEOUT
         if self.long_running is p:
             self.long_running = None
+        if isinstance(reply.get("state"), dict) and ipc.newer(reply["state"], self.states.get(p.cmd.owner)):
+            self.states[p.cmd.owner] = reply["state"]
         ok = reply.get("ok") is True
         out = {"id": p.client_id, "ok": ok}
         if ok:
@@ -385,14 +388,14 @@ class Gateway:
         imaging = self.states.get("imaging") or {}
         study = self.states.get("study") or {}
         ages = {n: None if n not in self.state_at else round((now - self.state_at[n]) * 1000) for n in PROCESS_STATES}
-        s = {k: v for k, v in safety.items() if k not in ("emission_enabled", "power_problems", "services")}
+        s = {k: v for k, v in safety.items() if k not in ("emission_enabled", "power_problems", "services", "rev")}
         s.setdefault("state", "FAULT")
         s.setdefault("faults", [])
         if ages["safety"] is None or ages["safety"] > STALE_SAFETY_S * 1000:
             s["faults"] = list(s["faults"]) + [{"code": "SERVICE_LOST", "message": (
                 "the safety core is not reporting" + ("" if ages["safety"] is None else f" ({ages['safety']} ms)")
                 + "; the laser controller turns the laser off by itself")}]
-        for k in ("filter", "camera", "acquisition", "roi", "pairs"):
+        for k in ("filter", "camera", "acquisition", "roi", "pairs"):  # not "rev"
             if k in imaging:
                 s[k] = imaging[k]
         s.setdefault("acquisition", "off")

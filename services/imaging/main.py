@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.2.0"
 HEARTBEAT_S = 0.1
-STATE_PERIOD_S = 0.2
+STATE_PERIOD_S = 0.1
 LONG_COMMANDS = frozenset({"calibrate.dark", "calibrate.flat", "qc.baseline", "qc.run", "selftest"})
 
 
@@ -87,8 +87,10 @@ class SafetyLink:
     # -- reads
     @property
     def state(self) -> State:
+        """The safety core's state as of now (for commands: waits for the next publication,
+        at most a few hundred milliseconds, so a command right after laser.on sees EMITTING)."""
         try:
-            return State(self.latest.get().get("state", "FAULT"))
+            return State(self.latest.fresh().get("state", "FAULT"))
         except ValueError:
             return State.FAULT
 
@@ -219,6 +221,7 @@ class ImagingService:
         self.roi_version = 1
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
         self._threads: list[threading.Thread] = []
+        self._rev = ipc.Revision()
 
     def wait_results(self, count: int, timeout_s: float, valid_only: bool = True) -> list[dict]:
         return self.results.wait_results(count, timeout_s, valid_only)
@@ -238,7 +241,8 @@ class ImagingService:
         handlers.update(self.calibration.handlers())
         handlers.update(self.record.handlers())
         self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "imaging"), handlers,
-                                         long_commands=LONG_COMMANDS, clock=self.clock, name="imaging")
+                                         long_commands=LONG_COMMANDS, clock=self.clock, name="imaging",
+                                         state=self.state_snapshot)
         self.devices.wheel.connect()
         try:
             position = self.devices.wheel.position()
@@ -309,6 +313,7 @@ class ImagingService:
         with self._roi_lock:
             roi = self.roi
         return {
+            "rev": self._rev.next(),
             "filter": filt,
             "camera": {"streaming": acq.mode != "off",
                        "fps": round(acq.measured_fps, 2) if acq.mode != "off" else 0.0, "set_fps": self.fps,
@@ -452,7 +457,7 @@ class ImagingService:
 
     def cmd_selftest(self, args, caller) -> dict:
         """Each device checked and reported on its own; SAFE and acquisition off only."""
-        from controller import selftest
+        from services.imaging import selftest
 
         self._noargs(args, "selftest")
         if self.cart.state is not State.SAFE or self.acquisition.mode != "off":

@@ -39,8 +39,10 @@ class _SafetyView:
 
     @property
     def state(self) -> State:
+        """The safety core's state as of now (for commands: waits for the next publication,
+        at most a few hundred milliseconds, so a command right after laser.on sees EMITTING)."""
         try:
-            return State(self.latest.get().get("state", "FAULT"))
+            return State(self.latest.fresh().get("state", "FAULT"))
         except ValueError:
             return State.FAULT
 
@@ -57,7 +59,7 @@ class _ImagingView:
 
     @property
     def mode(self) -> str:
-        v = self.latest.get().get("acquisition", "off")
+        v = self.latest.fresh(0.4).get("acquisition", "off")
         return v if isinstance(v, str) else "off"
 
     def current_id(self) -> str:
@@ -102,6 +104,7 @@ class StudyService:
         self.store_error: str | None = None
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
         self._threads: list[threading.Thread] = []
+        self._rev = ipc.Revision()
 
     # the attributes the capture code reads from the imaging process's state
     @property
@@ -129,7 +132,8 @@ class StudyService:
             handlers = {name: self._refuse for name in ("case.open", "case.close", "capture", "pathology.set",
                                                         "report")}
         self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "study"), handlers,
-                                         long_commands=LONG_COMMANDS, clock=self.clock, name="study")
+                                         long_commands=LONG_COMMANDS, clock=self.clock, name="study",
+                                         state=self.state_snapshot)
         self._threads = [threading.Thread(target=self.server.serve, args=(self.stop_event,), name="commands",
                                           daemon=True),
                          threading.Thread(target=self._state_loop, name="state", daemon=True)]
@@ -142,7 +146,7 @@ class StudyService:
 
     def state_snapshot(self) -> dict:
         case = self.clinical.current_case_id() if self.clinical is not None else None
-        return {"case": case, "store": {"ok": self.store_error is None, "error": self.store_error}}
+        return {"rev": self._rev.next(), "case": case, "store": {"ok": self.store_error is None, "error": self.store_error}}
 
     def alive(self) -> bool:
         return (all(t.is_alive() for t in self._threads) and self.server.worker_alive()

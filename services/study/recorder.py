@@ -477,6 +477,32 @@ class RecorderService:
         self.ctx.destroy(linger=0)
 
 
+LOCK_FILE = "recorder.lock"
+
+
+def take_lock(state_dir: Path):
+    """One recorder per state folder (D4): an exclusive lock held for the process's life.
+    Two recorders would split every capture between them. Returns the open lock file;
+    raises NirfError naming the holder when another recorder runs."""
+    import fcntl
+
+    path = Path(state_dir) / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise NirfError(f"another recorder (pid {holder}) already records into {state_dir}; "
+                        "only one may run") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def main(argv=None) -> int:
     p = entry.parser("NIRF capture recorder")
     args = p.parse_args(argv)
@@ -485,6 +511,7 @@ def main(argv=None) -> int:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
+        lock = take_lock(state_dir)  # noqa: F841 (held until the process ends)
         recorder = Recorder.from_config(cfg, state_dir)
         recorder.remove_leftovers()
     except (NirfError, OSError) as err:
