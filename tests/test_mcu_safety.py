@@ -475,3 +475,63 @@ def value_at(events: list[tuple[int, float]], t_ns: int) -> float:
         else:
             break
     return v
+
+
+def test_client_over_the_pty_cannot_exceed_the_budget_by_reissuing_enables(tmp_path):
+    """A test client heartbeating the emulator directly over its pseudo-terminal, as a
+    hostile or buggy host would, re-issuing EN 1 and cycling EN 0 / EN 1."""
+    import time
+
+    import serial
+
+    from hal.clock import SystemClock
+    from sim.serial_link import PtyLink
+
+    budget_s = 1.0
+    clock = SystemClock()
+    world = World(clock)
+    world.laser_history_s = 1e6
+    emu = McuEmulator(world, clock, full_scale_mw=FULL_SCALE_MW, heartbeat_timeout_ms=500,
+                      factory=factory_for(FULL_SCALE_MW, MAX_MW, budget_s))
+    link = PtyLink(emu, "mcu", tmp_path / "mcu.tty").start()
+    port = serial.Serial(link.port, 115200, timeout=0.05)
+    rng = random.Random(3)
+    replies: list[str] = []
+    try:
+        seq = 30000
+
+        def send(command: str) -> None:
+            nonlocal seq
+            seq += 1
+            port.write(line(f"{seq} {command}"))
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                raw = port.readline().decode("ascii", "replace").strip()
+                if raw.startswith(f"{seq} "):
+                    replies.append(raw.rpartition("*")[0].partition(" ")[2])
+                    return
+            raise AssertionError(f"no reply to {command!r}")
+
+        send("DUTY 0.1 50")
+        t_end = time.monotonic() + 5.5
+        next_toggle = 0.0
+        while time.monotonic() < t_end:
+            send("HB")
+            if time.monotonic() >= next_toggle:
+                next_toggle = time.monotonic() + 0.1
+                for command in rng.choice([["EN 1 50"], ["EN 0", "EN 1 50"], ["CLR", "EN 1 50"]]):
+                    send(command)
+            time.sleep(0.03)
+        send("EN 0")
+    finally:
+        port.close()
+        link.stop()
+    on = lit_intervals(world.laser_events(), clock.time_ns())
+    used = max_in_window(on, 2 * budget_s * 1e9) / 1e9
+    total = sum(b - a for a, b in on) / 1e9
+    print(f"pty client: lit {total:.3f} s in 5.5 s, most in any {2 * budget_s:.0f} s window {used:.4f} s "
+          f"(budget {budget_s} s); refusals {sum(r.startswith('ERR REFUSED BUDGET') for r in replies)}")
+    assert total > 1.5 * budget_s  # the client did get light whenever the budget allowed
+    assert any(r.startswith("ERR REFUSED BUDGET") for r in replies)
+    # one control-loop pass of slack (1 ms ticks; allow for a loaded machine)
+    assert used <= budget_s + 0.05
