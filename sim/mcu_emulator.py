@@ -314,7 +314,8 @@ class McuEmulator:
         if kind != "inputs":
             return
         with self._lock:
-            self._advance()
+            # frames due before the edge first, so the record stays in time order
+            self._run_frames(self.clock.time_ns())
             ilk, key = bool(payload["interlock_closed"]), bool(payload["key"])
             new: list[str] = []
             if ilk != self._ilk_closed:
