@@ -345,7 +345,7 @@ class World:
                 # a clock that does not move by itself (a manual test clock): just step it
                 self._clock.sleep(remaining)
                 continue
-            time.sleep(0)  # yield the interpreter, keep the core
+            pass  # spin: keep the core and the interpreter for these last moments
 
     # -- filter --------------------------------------------------------------------------------
     def set_filter(self, position: int, moving: bool) -> None:
