@@ -214,6 +214,7 @@ class McuEmulator:
         self._key_offs = 0
         # S7a: emission-permitted intervals (start_s, end_s) within the sliding window
         self._on_intervals: collections.deque[tuple[float, float]] = collections.deque()
+        self._closed_on_s = 0.0  # the total length of _on_intervals, kept as they come and go
         self._permit_since: float | None = None
         # thermal model
         self._temp_c = AMBIENT_C
@@ -481,8 +482,13 @@ class McuEmulator:
             return 0.0
         window_start = now_s - 2.0 * self._factory.budget_s
         while self._on_intervals and self._on_intervals[0][1] <= window_start:
-            self._on_intervals.popleft()
-        used = sum(min(end, now_s) - max(start, window_start) for start, end in self._on_intervals)
+            start, end = self._on_intervals.popleft()
+            self._closed_on_s -= end - start
+        # Intervals are in time order and never overlap: only the oldest can straddle the
+        # window's start. A running total keeps this cheap however many on/off cycles.
+        used = self._closed_on_s
+        if self._on_intervals and self._on_intervals[0][0] < window_start:
+            used -= window_start - self._on_intervals[0][0]
         if self._permit_since is not None:
             used += now_s - max(self._permit_since, window_start)
         return max(0.0, used)
@@ -536,7 +542,9 @@ class McuEmulator:
         self._pd_held_valid = False
         self._xmw_since = None
         if was and self._permit_since is not None:
-            self._on_intervals.append((self._permit_since, self.clock.monotonic()))
+            end = self.clock.monotonic()
+            self._on_intervals.append((self._permit_since, end))
+            self._closed_on_s += end - self._permit_since
         self._permit_since = None
         self._apply_drive(now_ns)
 
@@ -663,13 +671,14 @@ class McuEmulator:
             raise _Reply("ERR REFUSED KEY")
         self._check_expected(self._duty, mw)
         now_s = self.clock.monotonic()
+        # an accepted EN 1 feeds the watchdog (on turning on: arms it with a full timeout)
+        self._last_feed_s = now_s
         if not self._enabled:
             wait_s = self._wait_for_free_s(now_s)
             if wait_s > 0:
                 raise _Reply(f"ERR REFUSED BUDGET {math.ceil(wait_s)}")
             self._on_since_s = now_s  # MAXON: continuous on-time from the off -> on transition
             self._permit_since = now_s  # S7a: accumulates across every on period
-            self._last_feed_s = now_s  # enabling arms the watchdog with a full timeout
             self._enabled = True
             self._frame_lit = False  # while modulating, light starts at the next lit trigger
             self._pd_held_valid = False

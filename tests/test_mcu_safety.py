@@ -422,6 +422,11 @@ def test_budget_used_in_any_2x_window_never_exceeds_budget_under_random_toggles(
     on = lit_intervals(world.laser_events(), clock.time_ns())
     assert sum(b - a for a, b in on) > 1.5 * BUDGET_S * 1e9  # the budget was really used
     assert max_in_window(on, 2 * BUDGET_S * 1e9) <= BUDGET_S * 1e9 + 5_000_000
+    # the MCU's own count is the true lit time of the window that ends now
+    now = clock.time_ns()
+    start = now - 2 * BUDGET_S * 1e9
+    true_s = sum(max(0, min(b, now) - max(a, start)) for a, b in on) / 1e9
+    assert float(host.status()["ont"]) == pytest.approx(true_s, abs=0.002)
 
 
 def lit_intervals(events: list[tuple[int, float]], end_ns: int) -> list[tuple[int, int]]:
