@@ -13,7 +13,8 @@ from this process over two local sockets (see :mod:`sim.remote`):
   (an ``inputs`` message for each input edge carries the edge's ``t_ns``; the periodic
   one does not);
 * ``world.ctl`` (ROUTER): requests ``get``, ``set`` (sim.set), ``output``, ``unplug``,
-  ``replug``.
+  ``replug``, ``record`` (the world's record of laser steps, trigger windows and input
+  edges since ``since_ns``, for tests that judge the true output; see ``World.record``).
 
 When ready it writes ``<runtime>/hardware.json`` with the port paths and endpoints.
 """
@@ -124,6 +125,12 @@ class HardwareProcess:
             if op == "get":
                 return {"ok": True, "scene": scene_to_dict(self.world.scene()), "inputs": self.world.inputs(),
                         "laser": self.world.laser_events(), "values": self.world.values()}
+            if op == "record":
+                # for tests that judge the true optical output over the bus (S15, S7a)
+                since = req.get("since_ns", 0)
+                if isinstance(since, bool) or not isinstance(since, int):
+                    return {"ok": False, "error": f"record since_ns {since!r} is not a whole number of ns"}
+                return {"ok": True, **self.world.record(since)}
             if op == "set":
                 changes = simset.validate(req.get("changes"), self.sensor.width, self.sensor.height)
                 return {"ok": True, "values": self.world.apply(changes)}

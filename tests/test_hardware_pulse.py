@@ -108,6 +108,12 @@ def test_pulse_edges_are_published_with_their_times_and_latch_the_mcu(hw):
         counted = (st.interlock_openings - before.interlock_openings, st.key_offs - before.key_offs)
         assert counted == ((1, 0) if name == "interlock" else (0, 1))
         print(f"{name} {ms} ms pulse measured {length_ms:.3f} ms")
+    # the same edges, and the light they ended, in the world's record over the ctl socket
+    rec = request({"op": "record", "since_ns": 0})
+    assert rec["ok"]
+    assert [value for _, _, value in rec["edges"]] == [False, True] * 3
+    assert rec["laser"][-1][1] == 0.0 and max(mw for _, mw in rec["laser"]) == pytest.approx(fc.mw_at(0.1))
+    assert not request({"op": "record", "since_ns": "x"})["ok"]
 
 
 def test_service_jumper_and_pulse_arguments_validated():

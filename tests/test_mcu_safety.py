@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hal.clock import ManualClock
 from hal.laser import FactoryCalibration
 from sim.mcu_emulator import McuEmulator, factory_for
-from sim.world import World
+from sim.world import World, judge_frames
 
 FULL_SCALE_MW = 500.0
 MAX_MW = 200.0
@@ -496,6 +496,20 @@ def test_600_random_toggles_during_modulated_frames_respect_frame_boundaries():
     cuts = {int(n.split()[2]) for n in host.notices if n.startswith("! CUT ")}
     assert lit_frames > 50 and cut_expected  # the run did exercise turn-offs inside exposures
     assert cuts == cut_expected  # every cut frame marked, and only those
+    # the world's own judge (what bus-level tests use) agrees with the one above
+    rec = world.record()
+    verdict = judge_frames(rec["laser"], rec["triggers"])
+    assert verdict["frames"] == len(triggers) and verdict["lit"] == lit_frames
+    assert verdict["dark_lit"] == [] and verdict["rose"] == [] and set(verdict["cut"]) == cut_expected
+    print(f"S15: {len(triggers)} frames, {lit_frames} lit, {len(offs)} turn-offs, {len(cuts)} cut and marked")
+
+
+def test_frame_judge_sees_light_in_a_dark_frame_and_a_rise_mid_exposure():
+    laser = [[0, 0.0], [1_000, 50.0], [15_000, 80.0], [30_000, 0.0], [45_000, 10.0]]
+    triggers = [[0, 0, 10_000, True], [1, 10_000, 10_000, True], [2, 20_000, 5_000, True],
+                [3, 40_000, 10_000, False]]
+    v = judge_frames(laser, triggers)
+    assert v["rose"] == [0, 1] and v["dark_lit"] == [3] and v["cut"] == []
 
 
 
