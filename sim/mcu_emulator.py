@@ -671,8 +671,6 @@ class McuEmulator:
             raise _Reply("ERR REFUSED KEY")
         self._check_expected(self._duty, mw)
         now_s = self.clock.monotonic()
-        # an accepted EN 1 feeds the watchdog (on turning on: arms it with a full timeout)
-        self._last_feed_s = now_s
         if not self._enabled:
             wait_s = self._wait_for_free_s(now_s)
             if wait_s > 0:
@@ -684,6 +682,8 @@ class McuEmulator:
             self._pd_held_valid = False
             if not self._modulating():
                 self._applied_duty = self._duty
+        # an accepted EN 1 feeds the watchdog (on turning on: arms it with a full timeout)
+        self._last_feed_s = now_s
         self._set_level(self._duty, mw)
         return "OK out=1"
 
