@@ -261,7 +261,7 @@ _COMMANDS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_COMMANDS, min_size=1, max_size=60))
 def test_no_command_sequence_gets_true_output_above_1_1_max_for_5_ms(commands):
     clock, world, emu, host = make()
