@@ -437,10 +437,10 @@ class Cart:
             if permitted:
                 duty = self.calibration.duty_for(self.setpoint_mw)
                 if self._duty_sent != duty:
-                    self.laser.set_duty(duty)
+                    self.laser.set_duty(duty, self.setpoint_mw)
                     self._duty_sent = duty
                 if self._enabled_sent is not True:
-                    self.laser.set_enabled(True)
+                    self.laser.set_enabled(True, self.setpoint_mw)
                     self._enabled_sent = True
             elif self._enabled_sent is not False or (self.mcu_status and self.mcu_status.output_on):
                 self.laser.set_enabled(False)

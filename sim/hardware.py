@@ -9,9 +9,12 @@ stable ``/dev/serial/by-id`` name; the real drivers open them with pyserial.
 The stand-ins that live in the controller's process (RPi.GPIO, picamera2) learn the world
 from this process over two local sockets (see :mod:`sim.remote`):
 
-* ``world.pub`` (PUB): ``laser``, ``trigger``, ``inputs``, ``scene`` and ``values`` messages;
+* ``world.pub`` (PUB): ``laser``, ``trigger``, ``inputs``, ``scene`` and ``values`` messages
+  (an ``inputs`` message for each input edge carries the edge's ``t_ns``; the periodic
+  one does not);
 * ``world.ctl`` (ROUTER): requests ``get``, ``set`` (sim.set), ``output``, ``unplug``,
-  ``replug``.
+  ``replug``, ``record`` (the world's record of laser steps, trigger windows and input
+  edges since ``since_ns``, for tests that judge the true output; see ``World.record``).
 
 When ready it writes ``<runtime>/hardware.json`` with the port paths and endpoints.
 """
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +45,7 @@ from sim.world import SensorModel, World
 log = logging.getLogger(__name__)
 
 VALUES_PERIOD_S = 0.5
+PULSE_SWITCH_INTERVAL_S = 0.0005
 
 
 class HardwareProcess:
@@ -63,13 +68,18 @@ class HardwareProcess:
     # -------------------------------------------------------------- setup
     def start(self) -> dict:
         from sim.fw102c_emulator import Fw102cEmulator
-        from sim.mcu_emulator import McuEmulator
+        from sim.mcu_emulator import McuEmulator, factory_from_config
 
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         lc = self.cfg.laser
-        mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw, duty_ceiling=lc.duty_ceiling,
+        # The MCU's flash holds the record the factory wrote (S6a): the diode's true curve,
+        # measured, and the limits of the configuration it was built for. The service
+        # jumper stays open, so no command over the link can change it.
+        mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw,
                           heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms,
-                          max_on_s=self.cfg.sim.mcu_max_on_s, seed=self.cfg.sim.seed)
+                          max_on_s=self.cfg.sim.mcu_max_on_s, seed=self.cfg.sim.seed,
+                          factory=factory_from_config(self.cfg))
+        self.mcu = mcu
         wheel = Fw102cEmulator(self.world, self.clock, step_s=self.cfg.sim.wheel_step_s)
         self.links["mcu"] = PtyLink(mcu, "mcu", self.runtime_dir / "mcu.tty").start()
         # the wheel needs no millisecond timing (a move takes ~0.3 s a step): poll it gently
@@ -103,6 +113,7 @@ class HardwareProcess:
         if kind == "scene":
             self._publish("scene", scene_to_dict(self.world.scene()))
         elif kind in ("laser", "trigger", "inputs", "outputs"):
+            # inputs: one message per edge, both edges of a pulse (S3a), published at once
             self._publish(kind, payload)
 
     # -------------------------------------------------------------- requests
@@ -114,6 +125,12 @@ class HardwareProcess:
             if op == "get":
                 return {"ok": True, "scene": scene_to_dict(self.world.scene()), "inputs": self.world.inputs(),
                         "laser": self.world.laser_events(), "values": self.world.values()}
+            if op == "record":
+                # for tests that judge the true optical output over the bus (S15, S7a)
+                since = req.get("since_ns", 0)
+                if isinstance(since, bool) or not isinstance(since, int):
+                    return {"ok": False, "error": f"record since_ns {since!r} is not a whole number of ns"}
+                return {"ok": True, **self.world.record(since)}
             if op == "set":
                 changes = simset.validate(req.get("changes"), self.sensor.width, self.sensor.height)
                 return {"ok": True, "values": self.world.apply(changes)}
@@ -173,6 +190,9 @@ def main(argv=None) -> int:
     except NirfError as err:
         log.error("%s", err)
         return 2
+    # Hand the interpreter between threads every 0.5 ms rather than 5 ms, so a pulse's timer
+    # thread is not kept waiting past its edge by another thread's Python work.
+    sys.setswitchinterval(PULSE_SWITCH_INTERVAL_S)
     hw = HardwareProcess(cfg, Path(args.runtime_dir))
     signal.signal(signal.SIGTERM, lambda *_: hw._stop.set())
     # Under the launcher, Ctrl-C is the launcher's: it stops the hardware last, after the

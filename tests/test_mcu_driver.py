@@ -14,6 +14,7 @@ from drivers.laser_mcu import McuLaser
 from hal.clock import ManualClock, SystemClock
 from hal.errors import (
     DeviceDisconnected,
+    DeviceError,
     DeviceRejected,
     DeviceTimeout,
     InvalidArgument,
@@ -69,7 +70,7 @@ class Rig:
 
     def enable_behind_the_drivers_back(self, duty: float = 0.2) -> None:
         """Another host (or a previous run) left the MCU emitting."""
-        for i, cmd in enumerate((f"DUTY {duty}", "EN 1")):
+        for i, cmd in enumerate((f"DUTY {duty} {duty * FULL_SCALE_MW:.1f}", f"EN 1 {duty * FULL_SCALE_MW:.1f}")):
             self.emu.feed(raw_line(f"{60000 + i} {cmd}"))
         self.emu.take_output()
 
@@ -93,7 +94,7 @@ def test_off_after_connect_even_if_left_enabled(rig):
     st = rig.laser.status()
     assert not st.output_on and st.duty == 0.0
     # the first commands on the link force the output off
-    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0 0"]
 
 
 def test_constructing_does_no_io(rig):
@@ -103,8 +104,8 @@ def test_constructing_does_no_io(rig):
 def test_identity_status_and_emission(connected):
     laser, world = connected.laser, connected.world
     assert "model=NIRF-LMCU" in laser.identity()
-    laser.set_duty(0.2)
-    laser.set_enabled(True)
+    laser.set_duty(0.2, 100.0)
+    laser.set_enabled(True, 100.0)
     laser.heartbeat()
     st = laser.status()
     assert isinstance(st, LaserStatus)
@@ -123,7 +124,7 @@ def test_watchdog_timeout_set_at_connect():
     rig = Rig(heartbeat_timeout_ms=300)
     rig.laser.connect()
     assert any(command_of(ln) == "WDT 300" for ln in written_lines(rig.port))
-    rig.laser.set_enabled(True)
+    rig.laser.set_enabled(True, 0.0)
     rig.clock.advance(0.35)
     st = rig.laser.status()
     assert "WDOG" in st.faults and not st.output_on
@@ -131,10 +132,10 @@ def test_watchdog_timeout_set_at_connect():
 
 def test_duty_above_ceiling_rejected_at_once(connected):
     laser = connected.laser
-    laser.set_duty(0.3)
+    laser.set_duty(0.3, 150.0)
     before = len(written_lines(connected.port))
     with pytest.raises(DeviceRejected) as info:
-        laser.set_duty(0.9)
+        laser.set_duty(0.9, 450.0)
     msg = str(info.value)
     assert "laser-mcu" in msg and "0.9" in msg and "0.8" in msg
     assert len(written_lines(connected.port)) == before + 1  # no retry of a refusal
@@ -144,12 +145,12 @@ def test_duty_above_ceiling_rejected_at_once(connected):
 def test_enable_refused_names_the_cause(connected):
     connected.world.apply({"interlock": "open"})
     with pytest.raises(DeviceRejected, match="interlock"):
-        connected.laser.set_enabled(True)
+        connected.laser.set_enabled(True, 0.0)
 
 
 def test_clear_faults_refused_then_accepted(connected):
     laser, world = connected.laser, connected.world
-    laser.set_enabled(True)
+    laser.set_enabled(True, 0.0)
     world.apply({"key": False})
     _, notices = laser.poll()
     assert any(n.kind == "FAULT" and "KEY" in n.detail for n in notices)
@@ -218,8 +219,8 @@ def test_retried_command_not_applied_twice(connected, mocker):
 
 def test_vanished_port_then_reconnect_forces_off(connected):
     rig = connected
-    rig.laser.set_duty(0.2)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.2, 100.0)
+    rig.laser.set_enabled(True, 100.0)
     assert rig.world.laser_output_mw() > 0
     old = rig.port
     old.close()  # the USB device went away
@@ -229,15 +230,15 @@ def test_vanished_port_then_reconnect_forces_off(connected):
     rig.laser.reconnect(attempts=3)
     assert rig.port is not old
     assert rig.factory_calls == 3  # connect, one failure, the fresh port
-    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0 0"]
     assert rig.world.laser_output_mw() == 0.0
     assert not rig.laser.status().output_on
 
 
 def test_automatic_reconnect_on_next_call(connected):
     rig = connected
-    rig.laser.set_duty(0.2)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.2, 100.0)
+    rig.laser.set_enabled(True, 100.0)
     rig.port.close()
     with pytest.raises(DeviceDisconnected):
         rig.laser.status()
@@ -272,8 +273,8 @@ def test_commands_before_connect_raise_disconnected(rig):
 
 def test_close_forces_off_and_closes(connected):
     rig = connected
-    rig.laser.set_duty(0.1)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.1, 50.0)
+    rig.laser.set_enabled(True, 50.0)
     rig.laser.close()
     assert rig.world.laser_output_mw() == 0.0
     assert not rig.port.is_open
@@ -284,8 +285,8 @@ def test_close_forces_off_and_closes(connected):
 def test_frame_tags_from_poll(connected):
     rig = connected
     laser = rig.laser
-    laser.set_duty(0.2)
-    laser.set_enabled(True)
+    laser.set_duty(0.2, 100.0)
+    laser.set_enabled(True, 100.0)
     laser.start_frames(50.0, 5_000, True)
     tags, notices = [], []
     for _ in range(10):
@@ -380,8 +381,8 @@ def test_over_a_real_pty(pty_rig):
     laser.connect()
     assert not emu.output_enabled
     assert "NIRF-LMCU" in laser.identity()
-    laser.set_duty(0.1)
-    laser.set_enabled(True)
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
     assert laser.status().output_on
     laser.start_frames(100.0, 2_000, True)
     tags = []
@@ -398,3 +399,99 @@ def test_over_a_real_pty(pty_rig):
     laser.force_off()
     assert world.laser_output_mw() == 0.0
     assert not laser.status().output_on
+
+
+# -- protocol 2: factory record, expected mW, counts, notices ------------------------------
+def test_factory_record_read_at_connect_and_cached(rig):
+    from sim.mcu_emulator import factory_for
+
+    rig.emu = McuEmulator(rig.world, rig.clock, full_scale_mw=FULL_SCALE_MW, seed=3,
+                          factory=factory_for(FULL_SCALE_MW, 200.0, 301.0))
+    rig.laser.connect()
+    fc = rig.laser.factory()
+    assert fc == rig.emu.factory  # every field, read over the link
+    assert fc.duty_ceiling == pytest.approx(0.44) and fc.optical_trip_mw == pytest.approx(220.0)
+    assert fc.mw_at(fc.duty_ceiling) <= 220.0 and fc.duty_for(100.0) == pytest.approx(0.2)
+    sent = [command_of(ln) for ln in written_lines(rig.port)]
+    assert sent[:5] == ["EN 0", "DUTY 0 0", "ID", "WDT 500", "FAC"]
+    assert sent[5:] == ["FACR 0", "FACR 1"]
+    rig.laser.status()
+    rig.laser.factory()
+    assert [command_of(ln) for ln in written_lines(rig.port)][-1] == "ST"  # cached, not re-read
+
+
+def test_blank_mcu_connects_but_has_no_factory_record(rig):
+    rig.emu = McuEmulator(rig.world, rig.clock, full_scale_mw=FULL_SCALE_MW, seed=3, factory=None)
+    rig.laser.connect()
+    with pytest.raises(DeviceError, match="no factory record"):
+        rig.laser.factory()
+    with pytest.raises(DeviceRejected, match="no factory record"):
+        rig.laser.set_enabled(True, 0.0)
+
+
+def test_write_factory_needs_the_service_jumper(connected):
+    from hal.laser import FactoryCalibration
+
+    laser, world = connected.laser, connected.world
+    before = laser.factory()
+    new = FactoryCalibration.build(((0.0, 0.0), (0.5, 150.0), (1.0, 400.0)), 1.0, 200.0, 600.0)
+    with pytest.raises(DeviceRejected, match="service jumper"):
+        laser.write_factory(new)
+    assert laser.read_factory() == before
+    world.apply({"service_jumper": True})
+    laser.write_factory(new)
+    world.apply({"service_jumper": False})
+    assert laser.factory() == new == connected.emu.factory
+    # 220 mW lies on the 150 -> 400 mW segment at 0.5 + 0.5 x 70/250
+    assert laser.factory().duty_ceiling == pytest.approx(0.64)
+    with pytest.raises(InvalidArgument):
+        laser.write_factory("not a record")
+
+
+def test_every_on_and_set_line_carries_expected_mw(connected):
+    laser = connected.laser
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
+    laser.set_enabled(False)
+    sent = [command_of(ln) for ln in written_lines(connected.port)][-3:]
+    assert sent == ["DUTY 0.100000 50.000", "EN 1 50.000", "EN 0"]
+    for bad in (-1.0, float("nan"), 1e9, True):
+        with pytest.raises(InvalidArgument, match="expected power"):
+            laser.set_duty(0.1, bad)
+    with pytest.raises(DeviceRejected, match="factory table"):
+        laser.set_duty(0.4, 20.0)  # the version-1 lie: 20 mW claimed, 200 mW true
+
+
+def test_status_carries_edge_counts_and_on_time(connected):
+    laser, world, clock = connected.laser, connected.world, connected.clock
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
+    clock.advance(0.3)
+    laser.heartbeat()
+    world.set_inputs({"key": False})
+    world.set_inputs({"key": True})
+    world.set_inputs({"interlock": "open"})
+    world.set_inputs({"interlock": "closed"})
+    world.set_inputs({"interlock": "open"})
+    world.set_inputs({"interlock": "closed"})
+    st = laser.status()
+    assert (st.key_offs, st.interlock_openings) == (1, 2)
+    assert st.on_time_s == pytest.approx(0.3, abs=0.01)
+    assert st.budget_s == connected.emu.factory.budget_s
+    assert "KEY" in st.faults and not st.output_on
+    _, notices = laser.poll()
+    inputs = [n.detail for n in notices if n.kind == "INPUT"]
+    assert inputs == [("KEY", "0"), ("KEY", "1"), ("ILK", "0"), ("ILK", "1"), ("ILK", "0"), ("ILK", "1")]
+
+
+def test_cut_notice_for_a_lit_frame_turned_off_mid_exposure(connected):
+    laser, clock = connected.laser, connected.clock
+    laser.set_duty(0.1, 50.0)
+    laser.start_frames(10.0, 50_000, modulate=True)
+    laser.set_enabled(True, 50.0)
+    clock.advance(0.21)  # frame 2 (lit) began at 0.2 s; its exposure runs to 0.25 s
+    laser.heartbeat()
+    laser.set_enabled(False)
+    frames, notices = laser.poll()
+    assert [n.detail for n in notices if n.kind == "CUT"] == [("2",)]
+    assert [(f.counter, f.lit) for f in frames][:3] == [(0, False), (1, False), (2, True)]
