@@ -34,7 +34,7 @@ import zmq
 
 import config as config_mod
 from controller import selftest
-from controller.calibration import PowerCalibration, validate_power_points
+from controller.power import PowerCalibrations
 from controller.cart import Cart
 from controller.state import SERVICE_LOST, State
 from hal.clock import Clock, SystemClock
@@ -49,9 +49,6 @@ WATCHED = ("gateway", "imaging")
 SERVICES_TIMEOUT_S = 0.5
 STATE_PERIOD_S = 0.1
 FRAME_POLL_S = 0.005
-POWER_FOLDER = "calibration"
-POWER_CURRENT = "power-current.json"
-PHOTODIODE_FACTOR_RANGE = (0.01, 100.0)
 
 
 class ServiceWatch:
@@ -151,40 +148,6 @@ def build_devices(cfg, runtime_dir: Path):
     return laser, io, world
 
 
-# ---------------------------------------------------------------------- the power table
-class PowerStore:
-    """The validated power table the safety core uses, kept in the state folder."""
-
-    def __init__(self, state_dir: Path, clock: Clock):
-        self.folder = Path(state_dir) / POWER_FOLDER
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.clock = clock
-        self.meta: dict | None = None
-        self.problems: list[str] = []
-
-    def load(self) -> PowerCalibration | None:
-        path = self.folder / POWER_CURRENT
-        if not path.exists():
-            return None
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            cal = PowerCalibration.load(self.folder / meta["file"])
-        except (OSError, ValueError, KeyError, TypeError, NirfError) as err:
-            msg = f"power calibration {path.name} cannot be used ({err}); the nominal table is in use"
-            log.error("%s", msg)
-            self.problems.append(msg)
-            return None
-        self.meta = meta
-        return cal
-
-    def save(self, cal: PowerCalibration, meta: dict) -> None:
-        from services.common.files import write_atomic
-
-        write_atomic(self.folder / meta["file"], json.dumps(cal.to_dict()).encode())
-        write_atomic(self.folder / POWER_CURRENT, json.dumps(meta).encode())
-        self.meta = meta
-
-
 # ---------------------------------------------------------------------- the process
 class SafetyCore:
     def __init__(self, cfg, laser, io, *, state_dir: Path, runtime_dir: Path, world=None,
@@ -195,7 +158,8 @@ class SafetyCore:
         self.clock = clock or SystemClock()
         self.started = time.monotonic()
         self.stop_event = threading.Event()
-        self.power = PowerStore(self.state_dir, self.clock)
+        self.power = PowerCalibrations(cfg, self.state_dir, self.clock,
+                                       on_change=lambda body: self._publish_event(body))
         self.cart = Cart(cfg, laser=laser, wheel=None, inputs=io, indicators=io, clock=self.clock,
                          calibration=self.power.load())
         self.watch = ServiceWatch(WATCHED, SERVICES_TIMEOUT_S, self.clock)
@@ -220,7 +184,7 @@ class SafetyCore:
             "laser.set": lambda a, who: c.laser_set(_power(a)),
             "laser.off": lambda a, who: _noargs(a, "laser.off") or c.laser_off(),
             "fault.reset": lambda a, who: _noargs(a, "fault.reset") or c.fault_reset(),
-            "calibrate.power": self.cmd_calibrate_power,
+            "calibrate.power": lambda a, who: self.power.command(a, who, self.cart),
             "frames.start": self.cmd_frames_start,
             "frames.stop": lambda a, who: self.laser.stop_frames() or {"frame_timing": False},
             "light.white": self.cmd_white_light,
@@ -250,40 +214,6 @@ class SafetyCore:
         return {"laser-mcu": selftest._check("laser", lambda: selftest.check_laser(self.laser, self.cfg.laser.max_temp_c)),
                 "gpio": selftest._check("gpio", lambda: selftest.check_gpio(self.io))}
 
-    def cmd_calibrate_power(self, args, who) -> dict:
-        """``calibrate.power {points: [[duty, mW], ...], photodiode_factor}``: the technician's
-        power-meter table, applied at once. Not while emitting (the output would jump)."""
-        cmd = "calibrate.power"
-        _only(args, {"points", "photodiode_factor"}, cmd)
-        if "points" not in args:
-            raise InvalidArgument(f"{cmd}: points is required, [[duty, mW], ...] from the power meter")
-        duties, powers = validate_power_points(args["points"])
-        factor = args.get("photodiode_factor", 1.0)
-        lo, hi = PHOTODIODE_FACTOR_RANGE
-        if not ipc.finite_number(factor) or not lo <= factor <= hi:
-            raise InvalidArgument(f"{cmd}: photodiode_factor {factor!r} outside {lo}-{hi}")
-        if self.cart.state is State.EMITTING:
-            raise WrongState(f"{cmd} is refused while EMITTING (the output would change under the "
-                             "operator); laser.off first")
-        t_ns = self.clock.time_ns()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t_ns / 1e9)) + f"{(t_ns // 1_000_000) % 1000:03d}Z"
-        cal_id = f"power-{stamp}"
-        cal = PowerCalibration(duties, powers, float(factor), cal_id,
-                               {"created_ns": t_ns, "by": getattr(who, "name", None)})
-        lc = self.cfg.laser
-        reachable_mw = cal.power_for(lc.duty_ceiling)
-        warnings = []
-        if reachable_mw < lc.max_power_mw:
-            warnings.append(f"at the MCU's duty ceiling {lc.duty_ceiling} the table gives {reachable_mw:.1f} mW, "
-                            f"below laser.max_power_mw {lc.max_power_mw}: higher setpoints will be refused")
-        meta = {"id": cal_id, "file": f"{cal_id}.json", "created_ns": t_ns, "by": getattr(who, "name", None),
-                "points": [[d, p] for d, p in zip(duties, powers)], "photodiode_factor": float(factor)}
-        self.power.save(cal, meta)
-        self.cart.calibration = cal  # read by the supervisor on its next tick; an atomic swap
-        self._publish_event({"kind": "calibration", "what": "power", "id": cal_id, "by": meta["by"]})
-        return {**meta, "max_calibrated_mw": powers[-1], "reachable_mw_at_ceiling": round(reachable_mw, 2),
-                "warnings": warnings}
-
     # -- what the others learn
     def state_snapshot(self) -> dict:
         s = self.cart.safety_status()
@@ -304,6 +234,8 @@ class SafetyCore:
 
     def _publish_event(self, body: dict) -> None:
         self.pub.publish("event", body)
+        if body.get("kind") not in ("state", "fault", "safety", "info", "input"):
+            self.pub.publish("audit", body)
 
     # -- threads
     def _notices_loop(self) -> None:

@@ -18,6 +18,7 @@ import zmq
 
 import config
 from controller.calibration import PowerCalibration
+from controller.power import PowerCalibrations
 from controller.state import State
 from hal.camera import CameraSettings, Frame, FrameMeta
 from hal.clock import ManualClock
@@ -91,7 +92,13 @@ class FakeService:
         self.cfg = CFG
         self.state_dir = state_dir
         self.clock = HookClock()
-        self.cart = SimpleNamespace(state=State.SAFE, calibration=PowerCalibration.nominal(500.0), setpoint_mw=0.0)
+        self.cart = SimpleNamespace(state=State.SAFE, calibration=PowerCalibration.nominal(500.0), setpoint_mw=0.0,
+                                    power_calibration_id=lambda: self.power.current_id)
+        self.power = PowerCalibrations(CFG, state_dir, self.clock, on_change=lambda body: self.audit.write(
+            body["kind"], **{k: v for k, v in body.items() if k != "kind"}))
+        loaded = self.power.load()
+        if loaded is not None:
+            self.cart.calibration = loaded
         self.acquisition = FakeAcquisition(settings or CameraSettings(10_000, 1.0, W, H))
         self.clock.hooks.append(self.acquisition.tick)
         self.filter = {"position": 1, "name": "icg_emission", "moving": False}
@@ -196,18 +203,23 @@ def test_power_points_are_validated_with_the_value_and_limit(points, needle):
     assert needle in str(err.value)
 
 
+def power(svc, args):
+    """calibrate.power as the safety core runs it (controller/power.py)."""
+    return svc.power.command(args, CALLER, svc.cart)
+
+
 def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
     cal = Calibration(svc)
     nominal_duty = svc.cart.calibration.duty_for(50.0)
-    r = cal.cmd_power({"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1}, CALLER)
-    assert r["id"].startswith("power-") and (cal.folder / r["file"]).is_file()
+    r = power(svc, {"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1})
+    assert r["id"].startswith("power-") and (svc.power.folder / r["file"]).is_file()
     assert svc.cart.calibration.calibration_id == r["id"]
     assert svc.cart.calibration.duty_for(50.0) == pytest.approx(50.0 / 550.0)
     assert svc.cart.calibration.duty_for(50.0) != pytest.approx(nominal_duty)
     assert svc.cart.calibration.photodiode_to_mw(10.0) == pytest.approx(11.0)
     assert cal.current_id().startswith(f"p:{r['id']}|")
-    stored = json.loads((cal.folder / "current.json").read_text())
-    assert stored["power"]["id"] == r["id"]
+    stored = json.loads((svc.power.folder / "power-current.json").read_text())
+    assert stored["id"] == r["id"]
     assert ("calibration", ) == tuple(k for k, f in svc.audit.items if f.get("id") == r["id"])
 
     # a restarted controller (new cart with the nominal table) picks it up again
@@ -218,7 +230,7 @@ def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
 
 
 def test_calibrate_power_warns_when_the_ceiling_cannot_reach_the_maximum(svc):
-    r = Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 220.0]]}, CALLER)
+    r = power(svc, {"points": [[0.0, 0.0], [1.0, 220.0]]})
     # 0.8 x 220 = 176 mW < laser.max_power_mw 200
     assert r["reachable_mw_at_ceiling"] == pytest.approx(176.0)
     assert any("max_power_mw" in w for w in r["warnings"])
@@ -228,7 +240,7 @@ def test_calibrate_power_is_refused_while_emitting(svc):
     svc.cart.state = State.EMITTING
     before = svc.cart.calibration
     with pytest.raises(WrongState, match="EMITTING"):
-        Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 500.0]]}, CALLER)
+        power(svc, {"points": [[0.0, 0.0], [1.0, 500.0]]})
     assert svc.cart.calibration is before
     assert not list(Path(svc.state_dir, "calibration").glob("power-*"))
 
@@ -242,23 +254,22 @@ def test_unknown_arguments_and_bad_counts_are_refused(svc):
     with pytest.raises(InvalidArgument, match="pairs = 300"):
         cal.cmd_flat({"pairs": 300}, CALLER)
     with pytest.raises(InvalidArgument, match="points is required"):
-        cal.cmd_power({}, CALLER)
+        power(svc, {})
 
 
 def test_a_broken_power_file_is_reported_and_the_nominal_table_used(svc):
-    cal = Calibration(svc)
-    r = cal.cmd_power({"points": [[0.0, 0.0], [1.0, 450.0]]}, CALLER)
-    (cal.folder / r["file"]).write_text("{ not json")
+    r = power(svc, {"points": [[0.0, 0.0], [1.0, 450.0]]})
+    (svc.power.folder / r["file"]).write_text("{ not json")
     svc2 = FakeService(svc.state_dir)
     cal2 = Calibration(svc2)
     assert cal2.current_id().startswith("p:nominal|")
     assert svc2.cart.calibration.calibration_id == "nominal"
-    assert any(r["file"] in p for p in cal2.cmd_status({}, CALLER)["problems"])
+    assert any(r["file"] in p for p in svc2.power.problems)
 
 
 def test_an_unreadable_current_file_means_uncalibrated_with_a_problem(svc):
     folder = svc.state_dir / "calibration"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "current.json").write_text("[1, 2")
     cal = Calibration(svc)
     assert cal.current_id() == "p:nominal|f:-|d:-"

@@ -341,9 +341,23 @@ class FakeAudit:
         self.records.append((kind, fields))
 
 
+class FakeImaging:
+    """The imaging process as the study process reaches it: its internal record.* commands,
+    served in-process by the real RecordTap (which holds the socket to the recorder)."""
+
+    def __init__(self, ctx, runtime_dir: Path):
+        from services.imaging.record_tap import RecordTap
+
+        self.tap = RecordTap(ctx, f"ipc://{runtime_dir / 'record.ipc'}")
+        self.handlers = self.tap.handlers()
+
+    def call(self, cmd, args=None, **kw):
+        return self.handlers[cmd](args or {}, None)
+
+
 class FakeController:
-    """What Clinical uses of ControllerService, with a recorder thread on real sockets and
-    results made up from the pairs it is fed."""
+    """What Clinical uses of the study process's service, with the imaging side's tap and a
+    recorder thread on real sockets, and results made up from the pairs it is fed."""
 
     def __init__(self, state_dir: Path, runtime_dir: Path, valid=lambda seq: True):
         from config import validate, Config
@@ -362,9 +376,10 @@ class FakeController:
         self._results: list[dict] = []
         self.clinical = None
         self.seq = 100
+        self.imaging = FakeImaging(self.ctx, runtime_dir)
 
     def wait_results(self, count, timeout_s, valid_only=True):
-        """Feeds pairs through clinical.on_pair and answers with their results."""
+        """Feeds pairs through the imaging tap and answers with their results."""
         out = []
         for _ in range(count):
             seq = self.seq
@@ -375,7 +390,7 @@ class FakeController:
             off = Frame(pixels(seq, "off"), on.meta.with_(mcu_frame=seq + 1, lit=False, laser_mw=0.0))
             from services.imaging.main import _meta
 
-            self.clinical.on_pair(on, off, {"frame_seq": seq, "on": _meta(on.meta), "off": _meta(off.meta)})
+            self.imaging.tap.on_pair(on, off, {"frame_seq": seq, "on": _meta(on.meta), "off": _meta(off.meta)})
             r = {"frame_seq": seq, "t_capture_ns": 1_700_000_000_000_000_000 + seq, "valid": self.valid(seq),
                  "signal_mean": 40.0, "background_mean": 10.0, "background_std": 5.0, "sbr": 4.0, "cnr": 6.0,
                  "intensity": 123.0, "threshold": 2.0,
@@ -401,12 +416,13 @@ def clinical_rig(tmp_path, short_runtime):
     svc.stop_event.set()
     thread.join(timeout=5)
     ctl.clinical.close()
+    ctl.imaging.tap.close()
     ctl.ctx.destroy(linger=0)
 
 
 def wait_connected(ctl):
     # A PUSH socket is writable once a peer is connected: the recorder is there.
-    assert ctl.clinical._push.poll(5000, zmq.POLLOUT), "the recorder did not connect"
+    assert ctl.imaging.tap._push.poll(5000, zmq.POLLOUT), "the recorder did not connect"
 
 
 def open_case(clinical, case_id=CASE):

@@ -38,6 +38,7 @@ KEY_CHECK_S = 0.5
 STALE_SAFETY_S = 1.0
 ALWAYS = frozenset(name for name, c in COMMANDS.items() if c.always)
 PROCESS_STATES = ("safety", "imaging", "study")
+AUDITED_EVENTS = frozenset({"state", "fault", "safety", "info", "input"})
 
 
 @dataclass
@@ -193,7 +194,10 @@ class Gateway:
                 self.states[process] = body
         elif topic == b"event" and isinstance(body.get("kind"), str):
             self.telemetry.publish("event", body)
-            self.audit.write(body["kind"], process=process, **{k: v for k, v in body.items() if k != "kind"})
+            # State changes and safety events go to the audit log as they come; the other
+            # events (a capture, a QC) are audited by their process with the full record.
+            if body["kind"] in AUDITED_EVENTS:
+                self.audit.write(body["kind"], process=process, **{k: v for k, v in body.items() if k != "kind"})
         elif topic == b"audit" and isinstance(body.get("kind"), str):
             self.audit.write(body["kind"], process=process, **{k: v for k, v in body.items() if k != "kind"})
         else:
