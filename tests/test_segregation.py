@@ -325,3 +325,63 @@ def test_a_damaged_case_store_leaves_the_laser_controller_working(tmp_path):
             w.close()
     finally:
         c.stop()
+
+
+def test_with_the_audit_log_unwritable_state_changes_are_refused_but_disarm_and_laser_off_are_not(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "audit.jsonl").symlink_to("/dev/full")  # every write fails: No space left on device
+    c = start_cart(tmp_path, width=WIDTH, height=HEIGHT)
+    try:
+        c.wait_for_keys()
+        o = Operator(c)
+        try:
+            status = o.wait("status", timeout_s=60)
+            assert status["audit"]["ok"] is False and "space" in status["audit"]["error"], status["audit"]
+            for cmd, args in (("arm", None), ("filter.move", {"position": 2}), ("acquire.stop", None)):
+                code, message = o.error_code(cmd, args)
+                assert code == "AUDIT_UNAVAILABLE" and "audit" in message, (cmd, code, message)
+            assert o.call("disarm")["ok"] is True
+            reply = o.call("laser.off")
+            assert reply.get("error", {}).get("code") != "AUDIT_UNAVAILABLE", reply  # reaches the safety core
+            assert o.call("status")["ok"] and o.call("ping")["ok"]
+        finally:
+            o.close()
+    finally:
+        c.stop()
+
+
+def test_two_thousand_idle_connections_leave_the_display_answering(cart, op):
+    import resource
+    import socket
+    import tomllib
+    import urllib.request
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2_000 + 200
+    if soft < want:
+        if hard < want:
+            pytest.skip(f"this machine allows {hard} open files per process; the test needs {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    port = tomllib.loads(cart.config_path.read_text())["display"]["port"]
+    url = f"http://127.0.0.1:{port}/"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        assert r.status == 200
+    idle = []
+    try:
+        for _ in range(2_000):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            idle.append(s)
+        t0 = time.monotonic()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
+        dt = time.monotonic() - t0
+        print(f"page answered in {dt * 1000:.0f} ms with 2,000 idle connections open")
+        assert dt < 1.0
+        req = urllib.request.Request(url, headers={"Host": "evil.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 421
+    finally:
+        for s in idle:
+            s.close()

@@ -396,9 +396,14 @@ class Gateway:
         s.setdefault("state", "FAULT")
         s.setdefault("faults", [])
         if ages["safety"] is None or ages["safety"] > STALE_SAFETY_S * 1000:
+            # A silent safety core sends the MCU no heartbeat: its watchdog has turned the
+            # laser off by now (500 ms). What the core said last is history, not the state.
+            s["state"] = "FAULT"
             s["faults"] = list(s["faults"]) + [{"code": "SERVICE_LOST", "message": (
                 "the safety core is not reporting" + ("" if ages["safety"] is None else f" ({ages['safety']} ms)")
-                + "; the laser controller turns the laser off by itself")}]
+                + "; the laser controller's watchdog turns the laser off by itself")}]
+            if isinstance(s.get("laser"), dict):
+                s["laser"] = dict(s["laser"], on=False)
         for k in ("filter", "camera", "acquisition", "roi", "pairs"):  # not "rev"
             if k in imaging:
                 s[k] = imaging[k]

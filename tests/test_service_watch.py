@@ -1,0 +1,84 @@
+"""The safety core watches the gateway and imaging (PRODUCT section 3): silent for 500 ms
+while ARMING, ARMED or EMITTING is FAULT SERVICE_LOST with the laser off (judged on the
+world's optical output); arm and fault.reset are refused while one of them is silent; in
+SAFE a silent process changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.main import SERVICES_TIMEOUT_S, ServiceWatch
+from controller.state import SERVICE_LOST, State
+from hal.errors import FaultActive, WrongState
+from tests.safety_rig import Rig
+
+
+class WatchedRig(Rig):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.watch = ServiceWatch(("gateway", "imaging"), SERVICES_TIMEOUT_S, self.clock)
+        self.cart.add_watch(self.watch)
+        self.silent: set[str] = set()
+
+    def advance(self, seconds: float, **kw) -> None:
+        steps = max(1, int(round(seconds / self.TICK_S)))
+        for _ in range(steps):
+            for name in ("gateway", "imaging"):
+                if name not in self.silent:
+                    self.watch.beat(name)
+            super().advance(self.TICK_S, **kw)
+
+
+@pytest.fixture
+def rig():
+    r = WatchedRig(safety={"emission_delay_s": 1.0})
+    r.advance(0.1)
+    return r
+
+
+@pytest.mark.parametrize("process", ["gateway", "imaging"])
+@pytest.mark.parametrize("state", ["ARMING", "ARMED", "EMITTING"])
+def test_a_silent_process_while_armed_turns_the_laser_off(rig, process, state):
+    rig.cart.arm()
+    if state != "ARMING":
+        rig.advance(1.1)
+    if state == "EMITTING":
+        rig.cart.laser_on(50.0)
+        rig.advance(0.1)
+        assert rig.output_mw > 0
+    assert rig.cart.state.value == state
+    rig.silent.add(process)
+    rig.advance(SERVICES_TIMEOUT_S - 0.1)
+    assert rig.cart.state.value == state  # 400 ms of silence is not yet lost
+    rig.advance(0.2)
+    assert rig.cart.state is State.FAULT
+    assert [f.code for f in rig.cart.faults] == [SERVICE_LOST]
+    assert process in rig.cart.faults[0].message
+    assert rig.output_mw == 0.0
+    # no reset while it is silent; once it is back, reset and a new arm with the full delay
+    with pytest.raises(FaultActive, match=process):
+        rig.cart.fault_reset()
+    rig.silent.clear()
+    rig.advance(0.1)
+    rig.cart.fault_reset()
+    assert rig.cart.state is State.SAFE
+
+
+def test_arm_is_refused_while_a_watched_process_is_silent(rig):
+    rig.silent.add("imaging")
+    rig.advance(1.0)
+    assert rig.cart.state is State.SAFE  # in SAFE a silent process changes nothing
+    with pytest.raises(WrongState, match="imaging"):
+        rig.cart.arm()
+    rig.silent.clear()
+    rig.advance(0.1)
+    rig.cart.arm()
+    assert rig.cart.state is State.ARMING
+
+
+def test_a_process_never_seen_counts_as_silent():
+    r = WatchedRig(safety={"emission_delay_s": 1.0})
+    r.silent.add("gateway")
+    r.advance(0.1)
+    with pytest.raises(WrongState, match="gateway"):
+        r.cart.arm()
