@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # The launcher's children, told apart by the module each one runs.
 CHILD_MODULES = {
     "hardware": "sim.hardware",
-    "controller": "services.imaging.main",
+    # "controller": the process that owns the laser link (the safety core since the split)
+    "controller": "controller.main",
+    "imaging": "services.imaging.main",
+    "gateway": "services.gateway.main",
+    "study": "services.study.main",
     "processing": "services.processing.main",
     "recorder": "services.study.recorder",
     "display": "services.display.main",
@@ -241,8 +245,9 @@ exposure_us = {int(exposure_us)}
         return f"ipc://{self.runtime_dir / 'world.pub'}"
 
     def pids(self) -> dict[str, int]:
-        """Process ids by role: ``launcher`` and its children (``hardware``, ``controller``,
-        ``processing``, ``recorder``, ``display``), those that are running."""
+        """Process ids by role: ``launcher`` and its children (``hardware``, ``controller`` (the
+        safety core), ``imaging``, ``gateway``, ``study``, ``processing``, ``recorder``,
+        ``display``), those that are running."""
         found = {}
         if self.proc is not None and self.proc.poll() is None:
             found["launcher"] = self.proc.pid

@@ -55,10 +55,15 @@ class ServiceWatch:
     """Heartbeats of the processes the safety core depends on (a :meth:`Cart.add_watch`
     rule): silent for longer than ``timeout_s`` while armed is ``SERVICE_LOST``."""
 
+    # A gap this long between two checks means the safety core itself did not run (frozen,
+    # starved): heartbeats may be waiting unread, so silence is measured from the resume.
+    STALL_S = 0.2
+
     def __init__(self, names: tuple[str, ...], timeout_s: float, clock: Clock):
         self.timeout_s = timeout_s
         self.clock = clock
         self.last: dict[str, float | None] = {n: None for n in names}
+        self._checked: float | None = None
 
     def beat(self, name: str) -> None:
         if name in self.last:
@@ -69,6 +74,9 @@ class ServiceWatch:
                 if t is None or now - t > self.timeout_s]
 
     def trips(self, now: float, state: State) -> list[tuple[str, str]]:
+        if self._checked is not None and now - self._checked > self.STALL_S:
+            self.last = {n: (t if t is None else max(t, now - self.STALL_S)) for n, t in self.last.items()}
+        self._checked = now
         return [(SERVICE_LOST, f"{name} process silent "
                  f"{'since start' if age is None else f'for {age * 1000:.0f} ms'} "
                  f"(limit {self.timeout_s * 1000:.0f} ms) while {state.value}")

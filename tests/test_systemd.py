@@ -265,3 +265,16 @@ def test_install_script_steps_are_guarded():
     for unit in (*SERVICES, TARGET):
         assert (UNIT_DIR / unit).exists()
 
+
+
+def test_the_display_sees_no_secret_key_but_its_own(units):
+    """C5: the display faces the network without authentication; its unit lays an empty
+    folder over keys/ and puts back only its own pair and the cart's public key."""
+    s = units["nirf-display.service"]["Service"]
+    assert any(v.startswith("%S/nirf/keys") for v in s["TemporaryFileSystem"])
+    shown = " ".join(s["BindReadOnlyPaths"]).split()
+    assert sorted(p.rsplit("/", 1)[-1] for p in shown) == ["display.key", "display.key_secret", "server.key"]
+    for name in ALL_SERVICES:
+        if name != "nirf-display.service":
+            assert "BindReadOnlyPaths" not in units[name]["Service"] or "keys" not in " ".join(
+                units[name]["Service"]["BindReadOnlyPaths"])

@@ -71,6 +71,7 @@ class Gateway:
         self.internal_dropped = 0
         self.watchdog = sdnotify.WatchdogPinger()
         self._last_status_key = None
+        self._started: dict[str, int] = {}
 
     # ------------------------------------------------------------------ sockets
     def start(self) -> None:
@@ -190,6 +191,7 @@ class Gateway:
             return
         if topic == b"state":
             self.state_at[process] = time.monotonic()
+            self._note_start(process, body)
             if ipc.newer(body, self.states.get(process)):
                 self.states[process] = body
         elif topic == b"event" and isinstance(body.get("kind"), str):
@@ -202,6 +204,18 @@ class Gateway:
             self.audit.write(body["kind"], process=process, **{k: v for k, v in body.items() if k != "kind"})
         else:
             self.internal_dropped += 1
+
+    def _note_start(self, process: str, body: dict) -> None:
+        """A process's first state after it (re)started goes to the audit log (S11, S12)."""
+        rev = body.get("rev")
+        started = rev[0] if isinstance(rev, list) and rev else None
+        if started is None or self._started.get(process) == started:
+            return
+        restarted = process in self._started
+        self._started[process] = started
+        self.audit.write("start", process=process, restarted=restarted)
+        if restarted:
+            log.warning("%s restarted", process)
 
     def _on_result(self, frames) -> None:
         if len(frames) < 2:
