@@ -22,7 +22,8 @@ for its duration (about ``pairs`` x 2 / fps seconds plus the writing). Safety do
 wait for it: the supervisor runs in its own thread, and a capture stops at once, refused
 with ``WRONG_STATE``, when the laser stops emitting or acquisition stops.
 
-Files: ``<state_dir>/captures/<case_id>/<capture_id>/<frame_seq>-on.tiff`` and ``-off.tiff``.
+Files: ``<state_dir>/captures/<case_id>/<capture_id>/pair<index>-frame<frame_seq>.ome.tiff``,
+one OME-TIFF per pair (laser-on plane, laser-off plane), plus the DICOM files when enabled.
 A capture folder appears complete or not at all (the recorder renames it into place). A
 folder whose capture never reached the case store (the controller died in between) is
 moved aside to a hidden ``.orphan-...`` name at the next start, so every visible capture
@@ -269,11 +270,15 @@ class Clinical:
         if c.sent == 0:
             raise DeviceError(DEVICE, f"capture {capture_id}: none of {c.not_sent} pair(s) could be handed to "
                                       f"the recorder (is the recorder running?); capture refused")
-        done = self._finish_recording(c, needed, pairs)
+        summary = _average(results, self.cfg.processing.sbr_threshold)
+        first_roi = results[0].get("roi") if isinstance(results[0].get("roi"), dict) else {}
+        # What the recorder's DICOM report carries (PRODUCT.md section 9).
+        measurements = {"sbr": summary["sbr"], "intensity": summary["intensity"], "cnr": summary["cnr"],
+                        "rois": first_roi, "site": site, "label": label, "t_ns": _capture_t_ns(results)}
+        done = self._finish_recording(c, needed, pairs, measurements)
         if done.get("errors"):
             first = done["errors"][0]
             raise DeviceError(DEVICE, f"capture {capture_id} refused: {first.get('message')}")
-        summary = _average(results, self.cfg.processing.sbr_threshold)
         meta = c.first_on_meta or {}
         settings = {
             "exposure_us": meta.get("exposure_us"), "gain": meta.get("gain"), "fps": self.service.fps,
@@ -362,9 +367,13 @@ class Clinical:
         if c.sent:
             self._send_end(c, [], timeout_s=0.2)
 
-    def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0) -> bool:
-        msg = [b"end", bus_mod.pack({"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
-                                     "frame_seqs": list(frame_seqs)})]
+    def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0,
+                  measurements: dict | None = None) -> bool:
+        header = {"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
+                  "frame_seqs": list(frame_seqs)}
+        if measurements is not None:
+            header["measurements"] = measurements
+        msg = [b"end", bus_mod.pack(header)]
         deadline = time.monotonic() + timeout_s
         while True:
             with self._send_lock:
@@ -381,9 +390,10 @@ class Clinical:
                 return False
             time.sleep(0.01)  # the queue to the recorder is full; it drains as it writes
 
-    def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int) -> dict:
+    def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int,
+                          measurements: dict | None = None) -> dict:
         timeout_s = RECORDER_BASE_TIMEOUT_S + RECORDER_PER_PAIR_S * pairs
-        if not self._send_end(c, needed, timeout_s=timeout_s / 2):
+        if not self._send_end(c, needed, timeout_s=timeout_s / 2, measurements=measurements):
             raise DeviceTimeout(DEVICE, f"capture {c.capture_id}: the recorder took no message within "
                                         f"{timeout_s / 2:.1f} s (is it running?); capture refused")
         deadline = time.monotonic() + timeout_s
