@@ -120,7 +120,7 @@ class Clinical:
         """The bus commands this class serves."""
         return {"case.open": self.cmd_case_open, "case.close": self.cmd_case_close,
                 "capture": self.cmd_capture, "pathology.set": self.cmd_pathology_set,
-                "report": self.cmd_report}
+                "report": self.cmd_report, "backup": self.cmd_backup}
 
     def current_case_id(self) -> str | None:
         """The open case's id (for the status map), or ``None``."""
@@ -212,6 +212,16 @@ class Clinical:
         """``report``: the diagnostic-accuracy report, optionally for one histology/arm."""
         _only(args, {"histology", "arm"}, "report")
         return self.store.report(histology=args.get("histology"), arm=args.get("arm"))
+
+    def cmd_backup(self, args: dict, caller=None) -> dict:
+        """``backup``: a consistent online copy of the case store (services.study.backup)."""
+        from services.study.backup import BACKUPS_FOLDER, backup
+
+        _only(args, {"dest"}, "backup")
+        dest = args.get("dest", str(self.state_dir / BACKUPS_FOLDER))
+        if not isinstance(dest, str) or not dest:
+            raise InvalidArgument(f"backup: dest = {dest!r}: a folder path (str)")
+        return backup(self.store.path, dest)
 
     def cmd_capture(self, args: dict, caller=None) -> dict:
         """``capture``: average the next valid results, record their frames, store it."""
