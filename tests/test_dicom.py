@@ -348,3 +348,49 @@ def test_a_capture_reaches_the_pacs_as_pydicom_reads_it(tmp_path, orthanc):
     sr = copies["1.2.840.10008.5.1.4.1.1.88.33"]
     assert {n: float(it.MeasuredValueSequence[0].NumericValue) for n, it in items(sr) if it.ValueType == "NUM"}[
         "Signal-to-background ratio"] == 3.25
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
+    """The whole path once: the simulated cart captures, its recorder writes the DICOM
+    files and its outbox sends them to Orthanc."""
+    import datetime as dt
+
+    from services.client import CartClient
+    from tests.cartproc import start_cart
+
+    orthanc.start()
+    extra = (f'[dicom]\nenabled = true\nuid_root = "{ROOT}"\npacs_port = {orthanc.dicom_port}\n'
+             f'pacs_ae_title = "{orthanc.ae_title}"\nretry_initial_s = 0.5\nretry_max_s = 2.0\n')
+    cart = start_cart(tmp_path / "cart", width=364, height=272, extra=extra)
+    client = None
+    try:
+        cart.wait_for_keys()
+        client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry)
+        client.subscribe("status")
+        assert client.wait_for("status", timeout_s=60) is not None, cart.log_text()
+        injected = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=20)).isoformat(timespec="seconds")
+        client.call("case.open", {"case_id": "SSCC-42", "histology": "sSCC", "arm": "icg_25mg",
+                                  "injection_time": injected})
+        client.call("roi.set", {"signal": [152, 106, 60, 60], "background": [10, 10, 60, 60]})
+        client.call("arm")
+        assert client.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=15), "never ARMED"
+        client.call("laser.on", {"power_mw": 50})
+        assert client.wait_for("status", lambda m: m["state"] == "EMITTING", timeout_s=15), "never EMITTING"
+        client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
+        reply = client.call("capture", {"site": "tumor_bed", "label": "e2e", "pairs": 2}, timeout_s=90)
+        client.call("laser.off")
+        folder = cart.state_dir / "captures" / "SSCC-42" / reply["capture_id"]
+        local = sorted(folder.glob("*.dcm"))
+        assert [p.name.rsplit("-", 1)[1] for p in local] == ["frames.dcm", "sr.dcm"]
+        uids = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in local)
+        wait_until(lambda: sorted(orthanc.sop_instance_uids()) == uids, 60, "both instances in the PACS")
+        sr = pydicom.dcmread([p for p in local if p.name.endswith("sr.dcm")][0])
+        sbr = {n: float(it.MeasuredValueSequence[0].NumericValue) for n, it in items(sr) if it.ValueType == "NUM"}
+        assert sbr["Signal-to-background ratio"] == pytest.approx(reply["sbr"], rel=1e-6)
+        assert sr.PatientID == "SSCC-42"
+    finally:
+        if client is not None:
+            client.close()
+        cart.stop()
