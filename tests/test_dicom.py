@@ -394,3 +394,58 @@ def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
         if client is not None:
             client.close()
         cart.stop()
+
+
+# ---------------------------------------------------------------------- the recorder's side
+def test_without_measurements_the_capture_is_kept_and_the_missing_dicom_named(tmp_path):
+    box = Outbox(tmp_path / "outbox", FakePacs().send, clock=ManualClock())
+    rec = Recorder(tmp_path, reserve_bytes=0, dicom=SETTINGS, outbox=box)
+    for i, s in enumerate((2, 4)):
+        rec.handle(pair_msg(f"{CASE}-c001", s, i))
+    end = {"capture_id": f"{CASE}-c001", "case_id": CASE, "folder": f"captures/{CASE}/{CASE}-c001",
+           "frame_seqs": [2, 4]}
+    done = bus_mod.unpack(rec.handle([b"end", bus_mod.pack(end)])[1])
+    assert done["errors"] == [] and len(done["files"]) == 2 and done["dicom"] == []
+    assert "no measurements" in done["dicom_errors"][0] and box.pending() == []
+
+
+def test_a_full_disk_while_writing_dicom_refuses_the_capture_and_queues_nothing(tmp_path, mocker):
+    from services import tiff as tiff_mod
+
+    box = Outbox(tmp_path / "outbox", FakePacs().send, clock=ManualClock())
+    rec = Recorder(tmp_path, reserve_bytes=0, dicom=SETTINGS, outbox=box)
+    real = tiff_mod._write_all
+    calls = {"n": 0}
+
+    def fill_on_dicom(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 3:  # two OME-TIFFs went through; the first DICOM file fails
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    mocker.patch.object(tiff_mod, "_write_all", side_effect=fill_on_dicom)
+    for i, s in enumerate((2, 4)):
+        rec.handle(pair_msg(f"{CASE}-c001", s, i))
+    end = {"capture_id": f"{CASE}-c001", "case_id": CASE, "folder": f"captures/{CASE}/{CASE}-c001",
+           "frame_seqs": [2, 4], "measurements": MEASURED}
+    done = bus_mod.unpack(rec.handle([b"end", bus_mod.pack(end)])[1])
+    assert done["errors"][0]["code"] == "DISK_FULL" and done["files"] == []
+    assert box.pending() == [] and not (tmp_path / "captures" / CASE / f"{CASE}-c001").exists()
+
+
+def test_dicom_settings_in_the_configuration_are_checked():
+    import config as config_mod
+    from hal.errors import ConfigError
+
+    ok = config_mod.validate({"dicom": {"enabled": True, "uid_root": ROOT, "pacs_port": 11112}})
+    assert ok["dicom"]["uid_root"] == ROOT and ok["dicom"]["pacs_port"] == 11112
+    for bad, words in (({"enabled": True}, "required when enabled"),
+                       ({"uid_root": "1.2.03"}, "leading zeros"),
+                       ({"uid_root": "1." * 25 + "1"}, "at most 40"),
+                       ({"ae_title": "A" * 17}, "1 to 16"),
+                       ({"pacs_ae_title": "back\\slash"}, "backslash"),
+                       ({"retry_initial_s": 50.0, "retry_max_s": 10.0}, "must not exceed"),
+                       ({"pacs_port": 0}, "1 to 65535")):
+        with pytest.raises(ConfigError, match=words) as err:
+            config_mod.validate({"dicom": bad}, "cart.toml")
+        assert "cart.toml: [dicom]" in str(err.value)
