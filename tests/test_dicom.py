@@ -100,6 +100,29 @@ def test_frames_and_report_read_back_with_pydicom():
     assert len(set(trackers)) == 2 and all(t.startswith(ROOT) for t in trackers)
 
 
+def test_highdicom_reads_the_report_as_a_tid_1500_measurement_report():
+    """highdicom (an independent implementation of the SR templates) parses the report
+    as TID 1500 with two TID 1410 planar ROI groups and finds every value."""
+    hd = pytest.importorskip("highdicom")
+    f, m = frames()
+    objs = dicom.capture_files(f, m, MEASURED, case_id=CASE, capture_id=f"{CASE}-c003", settings=SETTINGS)
+    sc, ds = read(objs[0][2]), read(objs[1][2])
+    report = hd.sr.ComprehensiveSR.from_dataset(ds)
+    assert report.SOPInstanceUID == ds.SOPInstanceUID
+    measurement_report = hd.sr.MeasurementReport.from_sequence([ds], is_root=True)
+    groups = measurement_report.get_planar_roi_measurement_groups()
+    assert [g.finding_type.value for g in groups] == ["SIGNAL", "BACKGROUND"]
+    signal, background = groups
+    np.testing.assert_array_equal(signal.roi.value, [[10, 8], [22, 8], [22, 18], [10, 18], [10, 8]])
+    np.testing.assert_array_equal(background.roi.value, [[0, 0], [8, 0], [8, 6], [0, 6], [0, 0]])
+    assert signal.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sc.SOPInstanceUID
+    got = {x.name.meaning: (x.value, x.unit.value) for x in signal.get_measurements()}
+    assert got == {"Signal-to-background ratio": (3.25, "1"), "Mean fluorescence intensity": (1234.5, "[arb'U]"),
+                   "Contrast-to-noise ratio": (7.5, "1")}
+    assert background.get_measurements() == []
+    assert signal.tracking_uid != background.tracking_uid
+
+
 def test_a_missing_measurement_is_an_empty_value_with_its_reason():
     f, m = frames(1)
     objs = dicom.capture_files(f, m, dict(MEASURED, cnr=None), case_id=CASE, capture_id=f"{CASE}-c004",
@@ -284,7 +307,10 @@ def test_captures_made_while_the_pacs_is_down_all_arrive_once_across_a_sender_re
                      describe=sender.describe())
         return Recorder(state, reserve_bytes=0, dicom=SETTINGS, outbox=box)
 
-    # The PACS is down for three captures; the sender tries and backs off meanwhile.
+    # The PACS runs, then goes down for three captures; the sender tries and backs off.
+    orthanc.start()
+    assert orthanc.sop_instance_uids() == []
+    orthanc.stop()
     rec = recorder()
     stop = threading.Event()
     loop = threading.Thread(target=rec.outbox.run, args=(stop,), daemon=True)
