@@ -578,6 +578,8 @@ def main(argv=None) -> int:
     p = entry.parser("NIRF capture recorder")
     args = p.parse_args(argv)
     entry.configure_logging("recorder")
+    # pynetdicom narrates every association at INFO; the outbox logs what matters.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()

@@ -475,3 +475,24 @@ def test_dicom_settings_in_the_configuration_are_checked():
         with pytest.raises(ConfigError, match=words) as err:
             config_mod.validate({"dicom": bad}, "cart.toml")
         assert "cart.toml: [dicom]" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_damaged_file_in_the_outbox_is_set_aside_and_the_rest_arrive(tmp_path, orthanc):
+    orthanc.start()
+    f, m = frames(1)
+    good = tmp_path / "good.dcm"
+    good.write_bytes(dicom.capture_files(f, m, MEASURED, case_id=CASE, capture_id=f"{CASE}-c009",
+                                         settings=SETTINGS)[1][2])
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not DICOM at all")
+    clock = ManualClock()
+    box = Outbox(tmp_path / "outbox", sender_for(orthanc).send, retry_initial_s=1.0, retry_max_s=1.0,
+                 max_refusals=2, clock=clock)
+    box.add(bad)
+    box.add(good)
+    assert box.send_due() == 1
+    clock.advance(1.0)
+    assert box.send_due() == 0 and box.pending() == []
+    assert box.status()["refused"] == 1 and "unreadable" in box.last_error
+    assert orthanc.sop_instance_uids() == [str(read(good.read_bytes()).SOPInstanceUID)]

@@ -70,9 +70,16 @@ class CStoreSender:
         from pynetdicom import AE
 
         classes: dict[str, set[str]] = {}
+        unreadable: dict[Path, SendResult] = {}
         for p in paths:
-            ds = dcmread(p, stop_before_pixels=True)
-            classes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+            try:
+                ds = dcmread(p, stop_before_pixels=True)
+                classes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+            except Exception as err:  # noqa: BLE001 - a damaged file is refused, not fatal
+                unreadable[p] = SendResult(False, refused=True, message=f"unreadable: {type(err).__name__}: {err}")
+        sendable = [p for p in paths if p not in unreadable]
+        if not sendable:
+            return [unreadable[p] for p in paths]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
@@ -81,29 +88,30 @@ class CStoreSender:
         assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-            return [SendResult(False, message=f"association with {self.describe()}: {why}")] * len(paths)
-        results = []
+            failed = SendResult(False, message=f"association with {self.describe()}: {why}")
+            return [unreadable.get(p, failed) for p in paths]
+        results = {}
         try:
-            for p in paths:
+            for p in sendable:
                 if not assoc.is_established:
-                    results.append(SendResult(False, message=f"association with {self.describe()} lost"))
+                    results[p] = SendResult(False, message=f"association with {self.describe()} lost")
                     continue
                 try:
                     status = assoc.send_c_store(p)
                 except Exception as err:  # noqa: BLE001 - a broken file or a dropped link
-                    results.append(SendResult(False, message=f"{type(err).__name__}: {err}"))
+                    results[p] = SendResult(False, message=f"{type(err).__name__}: {err}")
                     continue
                 code = getattr(status, "Status", None)
                 if code is None:
-                    results.append(SendResult(False, message="no answer (timeout or abort)"))
+                    results[p] = SendResult(False, message="no answer (timeout or abort)")
                 elif code in _STORED:
-                    results.append(SendResult(True, message=f"status 0x{code:04X}"))
+                    results[p] = SendResult(True, message=f"status 0x{code:04X}")
                 else:
-                    results.append(SendResult(False, refused=True, message=f"refused with status 0x{code:04X}"))
+                    results[p] = SendResult(False, refused=True, message=f"refused with status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
-        return results
+        return [unreadable.get(p) or results[p] for p in paths]
 
 
 class Outbox:
