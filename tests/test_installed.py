@@ -9,6 +9,7 @@ the package index (numpy, pyzmq ...), a minute or more."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,38 @@ def test_pypi_config_still_imports_beside_the_cart(installed):
         pytest.xfail("the cart still installs a top-level 'config' package over PyPI's; "
                      "fixed when its packages move under one namespace")
     assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr
+
+
+def test_the_installed_simulated_cart_starts_answers_and_stops(installed, tmp_path):
+    import signal
+    import time
+
+    from tests.cartproc import write_config
+
+    env = dict(installed["env"], PYTHONUNBUFFERED="1")
+    cfg_path, control, telemetry = write_config(tmp_path, width=364, height=272)
+    before = files_under(installed["site"])
+    log_path = tmp_path / "cart.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(installed["bin"] / "nirf-sim"), "--config", str(cfg_path)], env=env,
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"simulated cart is up" not in log_path.read_bytes():
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        ping = run([str(installed["bin"] / "nirfctl"), "--config", str(cfg_path), "--json", "ping"], env)
+        assert json.loads(ping.stdout)["result"]["profile"] == "sim"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    state = installed["home"] / ".local" / "state" / "nirf" / "sim"
+    assert (state / "study.db").is_file() and (state / "keys" / "server.key").is_file()
+    new = {f for f in files_under(installed["site"]) - before if "__pycache__" not in f}
+    assert not new, f"the installed cart wrote into site-packages: {sorted(new)[:10]}"
