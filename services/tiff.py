@@ -332,7 +332,7 @@ def ome_xml(shape: tuple[int, int], on_meta: Mapping[str, Any], off_meta: Mappin
                                  f"{{{OME_XSI}}}schemaLocation": f"{OME_NS} {OME_NS}/ome.xsd"})
     instrument = ET.SubElement(root, q("Instrument"), ID="Instrument:0")
     laser = {"ID": "LightSource:0", "Manufacturer": "nirf-cart", "Model": "785 nm diode",
-             "Type": "SemiconductorLaser", "Wavelength": str(LASER_WAVELENGTH_NM), "WavelengthUnit": "nm"}
+             "Type": "Semiconductor", "Wavelength": str(LASER_WAVELENGTH_NM), "WavelengthUnit": "nm"}
     power = _num(on_meta.get("laser_mw"))
     if power is not None:
         laser.update(Power=power, PowerUnit="mW")

@@ -336,6 +336,32 @@ def test_a_pair_is_one_ome_tiff_whose_metadata_tifffile_reads_back(tmp_path):
     np.testing.assert_array_equal(a_off, off)
 
 
+@pytest.fixture(scope="module")
+def ome_schema():
+    xmlschema = pytest.importorskip("xmlschema")
+    ome_types = pytest.importorskip("ome_types")
+    xsd = os.path.join(os.path.dirname(ome_types.__file__), "ome-2016-06.xsd")
+    if not os.path.exists(xsd):
+        pytest.skip("ome-types ships no OME 2016-06 schema in this version")
+    return xmlschema.XMLSchema(xsd)
+
+
+@pytest.mark.parametrize("on_meta, off_meta, pixel_size", [(ON_META, OFF_META, 52.5), ({}, {}, None)])
+def test_the_ome_xml_is_valid_against_the_ome_schema(tmp_path, ome_schema, on_meta, off_meta, pixel_size):
+    """Checked with xmlschema against the OME 2016-06 schema (the copy ome-types ships),
+    with every metadata field and with none."""
+    import tifffile
+
+    path = tmp_path / "p.ome.tiff"
+    tiff.write_pair_atomic(path, frame(), frame(seed=2), on_meta, off_meta, pixel_size_um=pixel_size)
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    errors = [f"{e.reason} at {e.path}" for e in ome_schema.iter_errors(xml)]
+    assert errors == []
+    # and the validator does catch a broken document
+    assert list(ome_schema.iter_errors(xml.replace('Name="laser-on"', 'Name="laser-on" Bogus="1"')))
+
+
 def test_pixel_size_is_left_out_when_not_configured(tmp_path):
     path = tmp_path / "p.ome.tiff"
     tiff.write_pair_atomic(path, frame(), frame(seed=2), ON_META, OFF_META)
