@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from services import cli
 from services.casestore import CaseStore

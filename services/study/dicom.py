@@ -119,7 +119,7 @@ def _common(ds, *, case_id: str, study_uid: str, series_uid: str, sop_class: str
 
 def _save(ds) -> bytes:
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID  # noqa: F401
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
