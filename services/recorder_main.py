@@ -385,6 +385,7 @@ class Recorder:
                 self.outbox.wake()
         except RecorderError as err:
             self._discard(staging)
+            done["dicom"] = []
             self.captures_refused += 1
             code = "DISK_FULL" if isinstance(err, RecorderDiskFull) else "WRITE_FAILED"
             log.error("recorder: capture %s refused: %s", capture_id, err)
@@ -392,6 +393,7 @@ class Recorder:
             return done
         except OSError as err:
             self._discard(staging)
+            done["dicom"] = []
             self.captures_refused += 1
             full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
             message = (f"{DEVICE}: cannot commit capture {capture_id} in {folder}: "
@@ -438,6 +440,8 @@ class Recorder:
     def _check_space(self, folder: Path, pairs: list[_Pair], name: str) -> None:
         # Refuse up front, before the first byte, when the whole capture cannot fit.
         needed = sum(len(memoryview(p.on)) + len(memoryview(p.off)) + 2 * 4096 for p in pairs)
+        if self.dicom is not None and self.outbox is not None:
+            needed *= 2  # the DICOM frames hold the same pixels again (the outbox only links them)
         try:
             free = shutil.disk_usage(folder).free
         except OSError:

@@ -455,7 +455,7 @@ def test_a_full_disk_while_writing_dicom_refuses_the_capture_and_queues_nothing(
     end = {"capture_id": f"{CASE}-c001", "case_id": CASE, "folder": f"captures/{CASE}/{CASE}-c001",
            "frame_seqs": [2, 4], "measurements": MEASURED}
     done = bus_mod.unpack(rec.handle([b"end", bus_mod.pack(end)])[1])
-    assert done["errors"][0]["code"] == "DISK_FULL" and done["files"] == []
+    assert done["errors"][0]["code"] == "DISK_FULL" and done["files"] == [] and done["dicom"] == []
     assert box.pending() == [] and not (tmp_path / "captures" / CASE / f"{CASE}-c001").exists()
 
 
