@@ -46,6 +46,7 @@ def wait_for(path: Path, timeout_s: float) -> str:
     pytest.fail(f"{path} never appeared")
 
 
+@pytest.mark.slow  # starts a pytest run of its own
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see processes")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_leaves_no_process(tmp_path, sig):
