@@ -251,7 +251,7 @@ def auto_rois(image, width: int, height: int, *, block_px: int = 8, smooth_block
     background = _square(int(rx[j]), int(ry[j]), side_px, block_px, width, height)
     # DEBUG: the search runs every second while automatic ROIs are on
     log.debug("auto ROIs: signal %s, background %s (blob %d blocks, %.1f sigma)",
-             signal.to_list(), background.to_list(), int(blob.sum()), snr)
+              signal.to_list(), background.to_list(), int(blob.sum()), snr)
     return signal, background
 
 
