@@ -27,7 +27,8 @@ Conventions: ``--json`` anywhere on the line prints machine-readable JSON on sta
 output (errors too, as ``{"ok": false, "error": {...}}``); ``--version``; human messages and
 errors go to standard error; a reader that closes the pipe early (``nirfctl watch | head``)
 ends the program quietly. Exit codes: 0 done, 1 refused by the cart, 2 usage or
-configuration error, 3 no answer from the cart, 130 interrupted (Ctrl-C).
+configuration error (missing key files included), 3 no answer from the cart, 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -440,6 +441,15 @@ def main(argv=None) -> int:
     it quietly (no traceback)."""
     try:
         return _main(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise  # argparse's own exits (--help, --version, usage) keep their status
+        # A usage problem found after parsing: exit 2 like argparse's, JSON too with --json.
+        argv_given = sys.argv[1:] if argv is None else argv
+        if "--json" in split_anywhere_flags(list(argv_given))[1]:
+            print(json.dumps({"ok": False, "error": {"code": "USAGE", "message": exc.code.removeprefix("nirfctl: ")}}))
+        print(exc.code, file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (``| head``): nothing more can be said on standard output.
         # Point it at /dev/null so the interpreter's final flush does not complain.

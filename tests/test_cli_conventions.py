@@ -102,3 +102,12 @@ def test_backup_passes_an_absolute_folder(tmp_path, monkeypatch):
     args = cli._parser().parse_args(["backup", "--dest", "usb"])
     assert cli._request_for(args) == ("backup", {"dest": str(tmp_path / "usb")})
     assert cli._request_for(cli._parser().parse_args(["backup"])) == ("backup", {})
+
+
+def test_a_usage_problem_found_after_parsing_exits_2_and_says_why(tmp_path, capsys):
+    # no keys in this state folder: named, exit 2, and a JSON error with --json
+    code = cli.main(["--state-dir", str(tmp_path), "status", "--json"])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_USAGE and "server.key" in err
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["error"]["code"] == "USAGE" and "server.key" in doc["error"]["message"]
