@@ -1,10 +1,15 @@
 # Two commands do everything on a fresh machine:
 #   make run   - set up and run the simulated cart (Ctrl-C stops it all)
 #   make test  - set up and run the whole test suite
+# And:
+#   make run CONFIG=my-cart.toml   - the simulated cart with another configuration
+#                                    (other ports, another state folder ...)
+#   make test-quick                - the tests that need no running cart (no e2e, no slow)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+CONFIG ?=
 
 .PHONY: run test test-quick bench soak clean venv
 
@@ -18,10 +23,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m services.launcher --profile sim
+	$(PY) -m services.launcher $(if $(CONFIG),--config $(CONFIG),--profile sim)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e and not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -148,6 +148,19 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     "recorder": {
         "reserve_mb": _i(256, 0, 100_000, "free disk space a capture may not eat into (keeps room for the case database)"),
         "buffer_mb": _i(1024, 16, 16_384, "memory holding one capture's frames until it is committed"),
+        "pixel_size_um": _f(0.0, 0.0, 10_000.0, "size of one pixel in the field (micrometres); 0: not calibrated, left out of the files"),
+    },
+    "dicom": {
+        "enabled": _b(False, "write each capture as DICOM and send it to the research PACS"),
+        "uid_root": _s("", doc="the cart's DICOM UID root (digits and dots); required when enabled"),
+        "pacs_host": _s("127.0.0.1", doc="research PACS address"),
+        "pacs_port": _i(104, 1, 65535, "research PACS DICOM port"),
+        "pacs_ae_title": _s("ORTHANC", doc="the PACS's application entity title"),
+        "ae_title": _s("NIRFCART", doc="the cart's own application entity title"),
+        "institution": _s("", doc="InstitutionName written in the files; empty: left out"),
+        "retry_initial_s": _f(2.0, 0.1, 600.0, "first wait after a failed send; doubles per failure"),
+        "retry_max_s": _f(300.0, 1.0, 3600.0, "longest wait between two attempts"),
+        "timeout_s": _f(10.0, 1.0, 120.0, "network timeout of one association"),
     },
     "display": {
         "bind_address": _s("127.0.0.1", doc="the surgical display's HTTP address; 0.0.0.0 on the device"),
@@ -206,7 +219,10 @@ class Config:
 
     def state_dir(self) -> Path:
         """``$NIRF_STATE_DIR`` when set, else the configured one, else the profile's
-        default (``/var/lib/nirf`` on the device, ``var/sim`` in the checkout)."""
+        default: ``/var/lib/nirf`` on the device; for the simulator ``var/sim`` in a
+        source checkout, and the user's state folder (``$XDG_STATE_HOME/nirf/sim``, else
+        ``~/.local/state/nirf/sim``) when the cart is installed, so an installed cart never
+        writes into its own installation."""
         env = os.environ.get("NIRF_STATE_DIR")
         if env:
             return Path(env)
@@ -214,7 +230,9 @@ class Config:
             return Path(self.cart.state_dir)
         if self.profile == "device":
             return Path("/var/lib/nirf")
-        return PROJECT_ROOT / "var" / "sim"
+        if running_from_checkout():
+            return PROJECT_ROOT / "var" / "sim"
+        return user_state_home() / "nirf" / "sim"
 
     def runtime_dir(self) -> Path:
         env = os.environ.get("NIRF_RUNTIME_DIR")
@@ -225,6 +243,21 @@ class Config:
         if self.profile == "device":
             return Path("/run/nirf")
         return self.state_dir() / "run"
+
+
+def running_from_checkout(root: Path = PROJECT_ROOT) -> bool:
+    """Whether this code runs from a source checkout (the project file sits beside the
+    packages) rather than from an installation (site-packages has no pyproject.toml)."""
+    return (root / "pyproject.toml").is_file() and (root / "Makefile").is_file()
+
+
+def user_state_home() -> Path:
+    """The user's state folder: ``$XDG_STATE_HOME`` when it is an absolute path (the XDG
+    base directory rule), else ``~/.local/state``."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    return Path.home() / ".local" / "state"
 
 
 def _check(file: str, section: str, key: str, spec: Spec, value: Any) -> Any:
@@ -269,6 +302,33 @@ def _check_rois(file: str, values: dict) -> None:
         raise ConfigError(f"{file}: [study] imaging_window_h = {win!r}: expected [earliest, latest] hours, 0 <= earliest < latest <= 96")
 
 
+_UID_ROOT_MAX = 40  # leaves 24 characters of the 64 for the cart's own suffixes
+_AE_TITLE_MAX = 16
+
+
+def _check_dicom(file: str, d: dict) -> None:
+    """A UID root is dot-separated numbers without leading zeros (PS3.5 9.1); AE titles
+    are 1-16 printable characters without backslash."""
+    root = d["uid_root"]
+    if root or d["enabled"]:
+        parts = root.split(".")
+        if (not root or len(root) > _UID_ROOT_MAX
+                or not all(p.isdigit() and p.isascii() and (p == "0" or not p.startswith("0")) for p in parts)):
+            raise ConfigError(
+                f"{file}: [dicom] uid_root = {root!r}: expected dot-separated numbers without leading zeros "
+                f"(such as '1.2.826.0.1.3680043.10.1234'), at most {_UID_ROOT_MAX} characters"
+                + ("; required when enabled = true" if d["enabled"] else ""))
+    for key in ("pacs_ae_title", "ae_title"):
+        ae = d[key]
+        if not 1 <= len(ae.strip()) <= _AE_TITLE_MAX or len(ae) > _AE_TITLE_MAX or "\\" in ae \
+                or not all(32 <= ord(ch) < 127 for ch in ae):
+            raise ConfigError(f"{file}: [dicom] {key} = {ae!r}: expected 1 to {_AE_TITLE_MAX} printable "
+                              f"ASCII characters without backslash")
+    if d["retry_initial_s"] > d["retry_max_s"]:
+        raise ConfigError(f"{file}: [dicom] retry_initial_s = {d['retry_initial_s']!r}: must not exceed "
+                          f"retry_max_s ({d['retry_max_s']})")
+
+
 def _check_consistency(file: str, v: dict) -> None:
     """Rules that tie keys together."""
     laser = v["laser"]
@@ -283,6 +343,7 @@ def _check_consistency(file: str, v: dict) -> None:
         raise ConfigError(
             f"{file}: [safety] heartbeat_interval_ms = {s['heartbeat_interval_ms']!r}: must be at most half of "
             f"heartbeat_timeout_ms ({s['heartbeat_timeout_ms']})")
+    _check_dicom(file, v["dicom"])
     cam = v["camera"]
     if cam["exposure_us"] >= 1e6 / cam["fps"]:
         raise ConfigError(

@@ -192,11 +192,17 @@ def main(argv=None) -> int:
     try:
         if launcher.wait_ready(should_stop=lambda: stop["flag"]):
             b = launcher.cfg.bus
+            # The hint names this cart's configuration and keys: the defaults could reach
+            # another cart (another user's on the same machine, say).
+            flags = f" --config {os.path.abspath(launcher.cfg.source)}" if args.config else ""
+            if os.environ.get("NIRF_STATE_DIR"):
+                flags += f" --state-dir {launcher.state_dir}"
             print(f"\nThe simulated cart is up.\n"
                   f"  control:   {b.control_endpoint}\n  telemetry: {b.telemetry_endpoint}\n"
                   f"  keys:      {launcher.state_dir / 'keys'}\n"
                   f"  display:   http://{launcher.cfg.display.bind_address}:{launcher.cfg.display.port}/\n"
-                  f"Try, in another terminal:  .venv/bin/nirfctl status   or   .venv/bin/nirfctl watch\n"
+                  f"Try, in another terminal:  .venv/bin/nirfctl{flags} status   or   "
+                  f".venv/bin/nirfctl{flags} watch\n"
                   f"Press Ctrl-C to stop.\n", flush=True)
         elif not stop["flag"]:
             log.error("the cart did not publish its status in time (dead: %s)", launcher.dead())

@@ -167,16 +167,16 @@ def test_acquire_start_stop(nirfctl):
     assert result["mode"] == "dark" and result["filter"]["name"] == "blocked"
     assert nirfctl.json("status")["result"]["acquisition"] == "dark"
     assert nirfctl.json("acquire", "stop")["result"] == {"mode": "off"}
-    with pytest.raises(SystemExit, match="give a mode"):
-        nirfctl("acquire", "start")
+    code, _, err = nirfctl("acquire", "start")
+    assert code == cli.EXIT_USAGE and "give a mode" in err
 
 
 def test_roi_set(nirfctl):
     assert nirfctl.json("roi", "set", "--signal", "334", "242", "60", "60",
                         "--background", "20", "20", "150", "150")["result"]["roi"]["signal"] == [334, 242, 60, 60]
     assert nirfctl.json("roi", "set", "--auto")["result"]["roi"] == "auto"
-    with pytest.raises(SystemExit, match="--signal"):
-        nirfctl("roi", "set", "--signal", "1", "2", "3", "4")
+    code, _, err = nirfctl("roi", "set", "--signal", "1", "2", "3", "4")
+    assert code == cli.EXIT_USAGE and "--signal" in err
 
 
 def test_sim_set_and_call(nirfctl):
@@ -189,10 +189,10 @@ def test_sim_set_and_call(nirfctl):
     assert nirfctl.json("call", "roi.set", '{"auto": true}')["result"]["roi"] == "auto"
     code, _, err = nirfctl("call", "no.such")
     assert code == cli.EXIT_REFUSED and "UNKNOWN_COMMAND" in err
-    with pytest.raises(SystemExit, match="not valid JSON"):
-        nirfctl("sim", "set", "{interlock: open}")
-    with pytest.raises(SystemExit, match="JSON map"):
-        nirfctl("call", "roi.set", "[1, 2]")
+    code, _, err = nirfctl("sim", "set", "{interlock: open}")
+    assert code == cli.EXIT_USAGE and "not valid JSON" in err
+    code, _, err = nirfctl("call", "roi.set", "[1, 2]")
+    assert code == cli.EXIT_USAGE and "JSON map" in err
 
 
 def test_no_answer_exits_3(nirfctl):
@@ -205,8 +205,8 @@ def test_no_answer_exits_3(nirfctl):
 
 
 def test_a_missing_key_file_is_named(nirfctl, tmp_path):
-    with pytest.raises(SystemExit, match="your secret key not found"):
-        nirfctl("ping", extra=("--key", str(tmp_path / "nobody.key_secret")))
+    code, _, err = nirfctl("ping", extra=("--key", str(tmp_path / "nobody.key_secret")))
+    assert code == cli.EXIT_USAGE and "your secret key not found" in err
 
 
 def test_a_technician_creates_authorises_and_uses_a_key(nirfctl, tmp_path):
@@ -245,6 +245,54 @@ def test_keys_init_makes_a_fresh_state_folder(nirfctl, tmp_path):
     for name in ("server.key_secret", "local-operator.key_secret"):
         assert stat.S_IMODE(os.stat(state / "keys" / name).st_mode) == 0o600
     assert (state / "keys" / "operators" / "local-operator.key").exists()
+    for name in ("server.key", "local-operator.key"):  # public: meant to be handed out
+        assert stat.S_IMODE(os.stat(state / "keys" / name).st_mode) == 0o644
+
+
+def test_json_after_the_subcommand(nirfctl):
+    nirfctl.capsys.readouterr()
+    code = cli.main([*nirfctl.base(), "status", "--json"])
+    doc = json.loads(nirfctl.capsys.readouterr().out)
+    assert code == cli.EXIT_OK and doc["ok"] is True and doc["result"]["state"] == "SAFE"
+    code = cli.main([*nirfctl.base(), "capture", "tumor_bed", "--json"])  # no case open
+    doc = json.loads(nirfctl.capsys.readouterr().out)
+    assert code == cli.EXIT_REFUSED and doc["ok"] is False and doc["error"]["code"] == "NO_CASE"
+
+
+def test_selftest_for_people_is_a_line_per_device(nirfctl):
+    code, out, _ = nirfctl("selftest")
+    lines = out.splitlines()
+    assert code == cli.EXIT_OK and lines[0].split() == ["self-test", "PASS"]
+    assert sorted(line.split()[0] for line in lines[1:]) == ["camera", "filter-wheel", "gpio", "laser-mcu"]
+    assert all(line.split()[1] == "ok" for line in lines[1:])
+
+
+def test_backup_to_a_named_folder_is_a_checked_copy(nirfctl, tmp_path):
+    import sqlite3
+
+    doc = nirfctl.json("backup", "--dest", str(tmp_path / "usb"))
+    result = doc["result"]
+    assert result["integrity"] == "ok" and result["path"].startswith(str(tmp_path / "usb") + "/")
+    assert os.path.getsize(result["path"]) == result["bytes"]
+    conn = sqlite3.connect(result["path"])
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    assert {"cases", "captures"} <= tables
+    default = nirfctl.json("backup")["result"]  # default folder: <state>/backups
+    assert default["path"].startswith(str(nirfctl.cart.state_dir / "backups") + "/") and default["same_device"]
+
+
+def test_watch_into_a_pipe_closed_early_ends_quietly(cart):
+    script = (f"{sys.executable} -m services.cli.main --config {cart.config_path} --state-dir {cart.state_dir} "
+              f"--json watch --seconds 20 | head -n 3; exit ${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
 
 
 def test_watch_shows_live_status_as_a_separate_process(cart):

@@ -117,13 +117,13 @@ def test_the_study_workflow_through_the_cli(cart, tmp_path):
             # the phantom's disk over its surround: SBR 4, a positive call at threshold 2
             assert cap["sbr"] == pytest.approx(4.0, rel=0.1), (site, cap)
             assert cap["positive"] is True and cap["threshold"] == 2.0
-            assert len(cap["files"]) == 8
-            on_files = [f for f in cap["files"] if f.endswith("-on.tiff")]
-            array, meta = read_tiff(cart.state_dir / on_files[0])
+            assert len(cap["files"]) == 4  # one OME-TIFF per pair
+            on_files = [f for f in cap["files"] if f.endswith(".ome.tiff")]
+            array, meta = read_tiff(cart.state_dir / on_files[0])  # the pair's laser-on plane
             assert array.shape == (HEIGHT, WIDTH)
             assert meta["capture_id"] == cap["capture_id"] and meta["case_id"] == "DFSP-101"
             assert meta["lit"] is True and meta["laser_mw"] > 0 and meta["exposure_us"] > 0
-            assert meta["site"] == site and f"/{meta['frame_seq']}-on.tiff" in on_files[0]
+            assert meta["site"] == site and f"-frame{meta['frame_seq']:012d}.ome.tiff" in on_files[0]
 
         bed = captures["tumor_bed"]["capture_id"]
         ok(cart, "pathology", "set", bed, "negative")
@@ -248,7 +248,7 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
     assert {c["capture_id"] for c in committed_replies} <= {c["capture_id"] for c in stored}
     committed_files = set()
     for cap in stored:
-        assert len(cap["files"]) == 2 * cap["pairs"]
+        assert len(cap["files"]) == cap["pairs"]
         for rel in cap["files"]:
             array, meta = read_tiff(cart.state_dir / rel)
             assert array.shape == (HEIGHT, WIDTH) and meta["capture_id"] == cap["capture_id"]

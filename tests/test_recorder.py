@@ -24,7 +24,7 @@ from hal.errors import DeviceError, DeviceTimeout, InvalidArgument, NoCase, Wron
 from services.gateway import bus as bus_mod
 from services.study import tiff as tiff_mod
 from services.study.recorder import Recorder, RecorderService
-from services.study.tiff import read_tiff
+from services.study.tiff import pair_file_name, read_pair, read_tiff
 
 W, H = 32, 24
 CASE = "DFSP-014"
@@ -52,9 +52,16 @@ def pair_msg(seq: int, index: int = 0, capture_id: str = CAP, case_id: str = CAS
     return [b"pair", bus_mod.pack(header), pixels(seq, "on").tobytes(), pixels(seq, "off").tobytes()]
 
 
-def end_msg(seqs, capture_id: str = CAP, case_id: str = CASE) -> list[bytes]:
-    return [b"end", bus_mod.pack({"capture_id": capture_id, "case_id": case_id,
-                                  "folder": f"captures/{case_id}/{capture_id}", "frame_seqs": list(seqs)})]
+def end_msg(seqs, capture_id: str = CAP, case_id: str = CASE, measurements: dict | None = None) -> list[bytes]:
+    header = {"capture_id": capture_id, "case_id": case_id, "folder": f"captures/{case_id}/{capture_id}",
+              "frame_seqs": list(seqs)}
+    if measurements is not None:
+        header["measurements"] = measurements
+    return [b"end", bus_mod.pack(header)]
+
+
+def names(done: dict) -> list[str]:
+    return [f.rsplit("/", 1)[1] for f in done["files"]]
 
 
 def answer(reply) -> dict:
@@ -92,24 +99,42 @@ def test_requested_pairs_are_written_with_metadata_and_nothing_else(rec, tmp_pat
     feed(rec, [10, 12, 14, 16, 18])
     done = answer(rec.handle(end_msg([12, 16])))
     assert done["errors"] == []
-    expected = [f"{FOLDER}/12-on.tiff", f"{FOLDER}/12-off.tiff", f"{FOLDER}/16-on.tiff", f"{FOLDER}/16-off.tiff"]
+    expected = [f"{FOLDER}/pair0000-frame000000000012.ome.tiff", f"{FOLDER}/pair0001-frame000000000016.ome.tiff"]
     assert done["files"] == expected
     assert visible_files(tmp_path) == sorted(expected)
     assert all_entries(tmp_path) == sorted(expected)  # no temporary or staging file left
     assert done["frames_lost"] == 0
     assert done["bytes_written"] == sum((tmp_path / f).stat().st_size for f in expected)
 
-    array, m = read_tiff(tmp_path / FOLDER / "16-off.tiff")
-    np.testing.assert_array_equal(array, pixels(16, "off"))
+    on, off, m_on, m = read_pair(tmp_path / expected[1])
+    np.testing.assert_array_equal(on, pixels(16, "on"))
+    np.testing.assert_array_equal(off, pixels(16, "off"))
     assert m["role"] == "off" and m["frame_seq"] == 16 and m["mcu_frame"] == 17
     assert m["capture_id"] == CAP and m["case_id"] == CASE
     assert m["exposure_us"] == 10_000 and m["gain"] == 2.0 and m["laser_mw"] == 0.0
     assert m["filter_position"] == 1 and m["filter_name"] == "icg_emission"
     assert m["t_start_ns"] == meta(17, False)["t_start_ns"] and m["t_end_ns"] == meta(17, False)["t_end_ns"]
     assert m["site"] == "tumor_bed" and m["label"] == "12 o'clock"
-    _, m_on = read_tiff(tmp_path / FOLDER / "12-on.tiff")
-    assert m_on["lit"] is True and m_on["laser_mw"] == 50.0 and m_on["seq"] == meta(12, True)["seq"]
+    assert m_on["lit"] is True and m_on["laser_mw"] == 50.0 and m_on["seq"] == meta(16, True)["seq"]
+    assert m_on["pair_index"] == 3 and m_on["role"] == "on"  # the 4th pair forwarded, the 2nd kept
     assert rec.buffers == {}  # memory released
+
+
+def test_file_names_sort_in_acquisition_order_past_a_thousand(tmp_path):
+    rec = Recorder(tmp_path, reserve_bytes=0)
+    seqs = [996, 998, 1000, 1002]  # unpadded, "1000-..." would sort before "996-..."
+    feed(rec, seqs)
+    done = answer(rec.handle(end_msg(seqs)))
+    assert names(done) == sorted(names(done))
+    assert [read_pair(tmp_path / f)[2]["frame_seq"] for f in sorted(done["files"])] == seqs
+
+
+def test_pair_file_names_refuse_what_cannot_be_padded():
+    assert pair_file_name(3, 42) == "pair0003-frame000000000042.ome.tiff"
+    with pytest.raises(InvalidArgument, match="10000"):
+        pair_file_name(10000, 1)
+    with pytest.raises(InvalidArgument, match="frame_seq"):
+        pair_file_name(0, -1)
 
 
 def test_an_aborted_capture_writes_nothing(rec, tmp_path):
@@ -136,7 +161,7 @@ def test_a_pair_missing_inside_the_span_is_counted(rec):
     done = answer(rec.handle(end_msg([10, 12, 16, 18])))
     assert done["frames_lost"] == 2
     assert done["gaps"]["gaps"] == 1 and done["gaps"]["gap_ranges"] == [[14, 15]]
-    assert len(done["files"]) == 8
+    assert len(done["files"]) == 4
 
 
 def test_requested_pairs_that_never_arrived_are_lost_and_named(rec):
@@ -144,7 +169,7 @@ def test_requested_pairs_that_never_arrived_are_lost_and_named(rec):
     done = answer(rec.handle(end_msg([10, 12, 14, 16])))  # first and last never came
     assert done["missing_pairs"] == [10, 16]
     assert done["frames_lost"] == 4
-    assert [f.rsplit("/", 1)[1] for f in done["files"]] == ["12-on.tiff", "12-off.tiff", "14-on.tiff", "14-off.tiff"]
+    assert names(done) == ["pair0000-frame000000000012.ome.tiff", "pair0001-frame000000000014.ome.tiff"]
 
 
 def test_nothing_received_loses_the_whole_span(rec, tmp_path):
@@ -160,7 +185,7 @@ def test_pairs_beyond_the_memory_bound_are_dropped_and_counted(tmp_path):
     done = answer(rec.handle(end_msg([2, 4, 6, 8])))
     assert done["gaps"]["dropped_pairs"] == 2
     assert done["frames_lost"] == 4 and done["missing_pairs"] == [6, 8]
-    assert len(done["files"]) == 4
+    assert len(done["files"]) == 2
 
 
 def test_a_capture_that_never_ends_is_forgotten(tmp_path):
@@ -186,17 +211,17 @@ def test_a_full_disk_mid_capture_refuses_it_and_leaves_nothing(rec, tmp_path, mo
 
     def write_then_fill(fd, data):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(fd, data)
 
     mocker.patch.object(tiff_mod, "_write_all", side_effect=write_then_fill)
     feed(rec, [2, 4, 6])
     done = answer(rec.handle(end_msg([2, 4, 6])))
-    assert calls["n"] == 3
+    assert calls["n"] == 2
     assert done["files"] == [] and done["errors"][0]["code"] == "DISK_FULL"
-    assert "disk full" in done["errors"][0]["message"] and "2-on.tiff" not in done["errors"][0]["message"]
-    assert "4-on.tiff" in done["errors"][0]["message"]  # names the file it failed on
+    assert "disk full" in done["errors"][0]["message"] and "frame000000000002" not in done["errors"][0]["message"]
+    assert "pair0001-frame000000000004.ome.tiff" in done["errors"][0]["message"]  # names the file it failed on
     assert all_entries(tmp_path) == []  # the two files already written went with the staging folder
     assert rec.captures_refused == 1
 
@@ -227,7 +252,7 @@ def test_a_crash_mid_write_leaves_only_hidden_files_that_the_next_start_removes(
 
     def die_on_third(fd, data):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             real_write(fd, data[: len(data) // 2])  # half a file on disk
             raise Killed()
         real_write(fd, data)
@@ -256,10 +281,10 @@ def test_a_crash_mid_write_leaves_only_hidden_files_that_the_next_start_removes(
 def test_leftover_temporary_files_inside_a_capture_folder_are_removed(tmp_path):
     folder = tmp_path / FOLDER
     folder.mkdir(parents=True)
-    (folder / "2-on.tiff").write_bytes(b"kept")
-    (folder / ".2-off.tiff.abc.tmp").write_bytes(b"half")
+    (folder / "pair0000-frame000000000002.ome.tiff").write_bytes(b"kept")
+    (folder / ".pair0001-frame000000000004.ome.tiff.abc.tmp").write_bytes(b"half")
     Recorder(tmp_path).remove_leftovers()
-    assert all_entries(tmp_path) == [f"{FOLDER}/2-on.tiff"]
+    assert all_entries(tmp_path) == [f"{FOLDER}/pair0000-frame000000000002.ome.tiff"]
 
 
 @pytest.mark.parametrize("bad", [
@@ -318,7 +343,7 @@ def test_the_service_answers_over_its_sockets(tmp_path, short_runtime):
         assert acks.poll(5000)
         topic, body = acks.recv_multipart()
         done = bus_mod.unpack(body)
-        assert topic == b"done" and done["capture_id"] == CAP and len(done["files"]) == 4
+        assert topic == b"done" and done["capture_id"] == CAP and len(done["files"]) == 2
     finally:
         ctx.destroy(linger=0)
 
@@ -467,7 +492,7 @@ def test_a_capture_is_recorded_and_stored(clinical_rig, tmp_path):
     assert reply["capture_id"] == CAP
     assert reply["sbr"] == pytest.approx(4.0) and reply["positive"] is True and reply["threshold"] == 2.0
     assert reply["cnr"] == pytest.approx(6.0) and reply["intensity"] == pytest.approx(123.0)
-    assert len(reply["files"]) == 6 and all((tmp_path / f).is_file() for f in reply["files"])
+    assert len(reply["files"]) == 3 and all((tmp_path / f).is_file() for f in reply["files"])
     stored = ctl.clinical.store.get_capture(CAP)
     assert stored["files"] == reply["files"] and stored["frames_lost"] == 0 and stored["pairs"] == 3
     assert stored["calibration_id"] == "nominal" and stored["config_hash"] == ctl.cfg.sha256
@@ -490,7 +515,7 @@ def test_only_valid_results_count_and_only_their_frames_are_kept(tmp_path, short
         wait_connected(ctl)
         open_case(ctl.clinical)
         reply = ctl.clinical.cmd_capture({"site": "gross_tumor", "pairs": 2})
-        kept = sorted({int(Path(f).name.split("-")[0]) for f in reply["files"]})
+        kept = sorted({int(Path(f).name.split("frame")[1].split(".")[0]) for f in reply["files"]})
         assert kept and all(s % 4 == 0 for s in kept) and len(kept) == 2
         assert visible_files(tmp_path / "captures") == sorted(f.split("/", 1)[1] for f in reply["files"])
     finally:

@@ -118,6 +118,7 @@ def _overlapping_batch_variance(roi_means: np.ndarray, k: int, mean: float) -> f
     return float(np.mean((window_means - mean) ** 2))
 
 
+@pytest.mark.slow  # many renders; kept out of the quick run
 def test_variance_of_roi_mean_falls_as_one_over_k():
     """The variance of a 200x200 ROI mean averaged over K frames is the single-frame
     variance / K for K = 1, 4, 16, within 10 %.

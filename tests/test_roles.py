@@ -254,11 +254,13 @@ def _to_emitting(op: CartClient, power_mw: float = 50.0) -> dict:
     return st
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_a_key_authorised_while_the_cart_runs_connects_within_seconds(observer):
     # the ring looks at its folders once a second; a few seconds is the promise
     assert observer["connected_after_s"] < 5.0
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_an_observer_cannot_change_the_running_cart(cart, observer):
     op, obs = cart.op, observer["client"]
     _to_emitting(op, 50.0)
@@ -280,6 +282,7 @@ def test_an_observer_cannot_change_the_running_cart(cart, observer):
         op.call("disarm")
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_an_observer_reads_status_and_telemetry(cart, observer):
     obs = observer["client"]
     assert obs.call("ping")["profile"] == "sim"
@@ -288,6 +291,7 @@ def test_an_observer_reads_status_and_telemetry(cart, observer):
     assert obs.wait_for("status", timeout_s=10) is not None
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_an_unknown_key_gets_no_answer_and_no_telemetry(cart, tmp_path):
     _, secret = keys.create_keypair(tmp_path, "stranger")
     stranger = _client(cart, secret)
@@ -301,6 +305,7 @@ def test_an_unknown_key_gets_no_answer_and_no_telemetry(cart, tmp_path):
         _close(stranger)
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_the_carts_secret_key_files_are_private(cart):
     secrets = list((cart.state_dir / "keys").rglob("*_secret"))
     assert secrets, "no secret key files found"
@@ -309,6 +314,7 @@ def test_the_carts_secret_key_files_are_private(cart):
         assert path.parent == cart.state_dir / "keys", f"{path}: a secret key inside a role folder"
 
 
+@pytest.mark.e2e  # starts the simulated cart
 def test_a_removed_key_no_longer_connects(cart, observer):
     """Runs last in the module: it takes the observer's access away."""
     assert _answers(cart, observer["secret"], timeout_s=2.0)

@@ -5,6 +5,7 @@ the emission delay, and no fault latched."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -130,3 +131,5 @@ class CartSafety(RuleBasedStateMachine):
 CartSafety.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
 TestCartSafety = CartSafety.TestCase
+# Hundreds of stateful steps: in the full run, not the quick one.
+TestCartSafety = pytest.mark.slow(TestCartSafety)

@@ -264,3 +264,142 @@ def test_gap_counter_rejects_non_integers():
         c.feed(1.5)
     c.feed(np.uint32(3))
     assert c.last_seq == 3
+
+
+# ---------------------------------------------------------------------- OME-TIFF pairs
+# tifffile is the reference reader (PRODUCT.md section 9); every value is read back from
+# the OME-XML that tifffile hands out, never from our own parser.
+
+ON_META = {"seq": 41, "mcu_frame": 82, "lit": True, "t_start_ns": 1_764_580_000_123_456_789,
+           "t_end_ns": 1_764_580_000_133_456_789, "exposure_us": 10_000, "gain": 2.5, "laser_mw": 120.5,
+           "filter_position": 1, "filter_name": "ICG 832/37", "bits": 12, "width": 64, "height": 48,
+           "capture_id": "DFSP-014-c003", "site": "tumor_bed", "label": "12 o'clock \u00e9"}
+OFF_META = dict(ON_META, seq=42, mcu_frame=83, lit=False, laser_mw=0.0,
+                t_start_ns=ON_META["t_start_ns"] + 33_333_333, t_end_ns=ON_META["t_end_ns"] + 33_333_333)
+
+
+def _ome(path):
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return (tif.is_ome, tif.series[0].axes, tif.asarray(), tifffile.xml2dict(tif.ome_metadata)["OME"],
+                {t.name: t.value for t in tif.pages.first.tags.values()})
+
+
+def test_a_pair_is_one_ome_tiff_whose_metadata_tifffile_reads_back(tmp_path):
+    import datetime
+
+    on, off = frame(seed=3), frame(seed=4)
+    on[0, 0], off[-1, -1] = 65535, 0
+    path = tmp_path / tiff.pair_file_name(0, 41)
+    n = tiff.write_pair_atomic(path, on, off, ON_META, OFF_META, name="DFSP-014-c003 pair 0",
+                               pixel_size_um=52.5)
+    assert n == path.stat().st_size and visible(tmp_path) == [path.name]
+    is_ome, axes, stack, ome, tags = _ome(path)
+    assert is_ome and axes == "CYX" and stack.dtype == np.uint16
+    np.testing.assert_array_equal(stack[0], on)
+    np.testing.assert_array_equal(stack[1], off)
+
+    image = ome["Image"]
+    pixels = image["Pixels"]
+    assert [c["Name"] for c in pixels["Channel"]] == ["laser-on", "laser-off"]
+    assert (pixels["SizeC"], pixels["SizeX"], pixels["SizeY"], pixels["Type"]) == (2, 64, 48, "uint16")
+    assert pixels["SignificantBits"] == 12
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"]) == (52.5, 52.5)
+    assert pixels["PhysicalSizeXUnit"] == "\u00b5m"
+    # the acquisition time, from the laser-on frame's start (worked out here independently)
+    want = datetime.datetime.fromtimestamp(ON_META["t_start_ns"] // 10**9, datetime.timezone.utc)
+    assert image["AcquisitionDate"] == want.strftime("%Y-%m-%dT%H:%M:%S") + ".123456Z"
+    planes = sorted(pixels["Plane"], key=lambda p: p["TheC"])
+    assert [p["ExposureTime"] for p in planes] == [10_000, 10_000]
+    assert {p["ExposureTimeUnit"] for p in planes} == {"\u00b5s"}
+    assert planes[1]["DeltaT"] == pytest.approx(0.033333333) and planes[0]["DeltaT"] == 0
+    assert [c["DetectorSettings"]["Gain"] for c in pixels["Channel"]] == [2.5, 2.5]
+    laser = ome["Instrument"]["Laser"]
+    assert (laser["Power"], laser["PowerUnit"], laser["Wavelength"]) == (120.5, "mW", 785)
+    assert pixels["Channel"][0]["LightSourceSettings"]["ID"] == laser["ID"]
+    assert "LightSourceSettings" not in pixels["Channel"][1]  # the laser is off for that plane
+    filt = ome["Instrument"]["Filter"]
+    assert filt["Model"] == "ICG 832/37"
+    assert {c["LightPath"]["EmissionFilterRef"]["ID"] for c in pixels["Channel"]} == {filt["ID"]}
+    # the plain TIFF tags too, for readers that skip OME-XML
+    assert tags["Make"] == "nirf-cart" and tags["DateTime"] == want.strftime("%Y:%m:%d %H:%M:%S")
+    assert tags["XResolution"][0] / tags["XResolution"][1] == pytest.approx(1e4 / 52.5)
+    assert tags["ResolutionUnit"] == 3  # centimetre
+    # and the complete frame metadata of each plane, as JSON in the map annotation
+    values = {m["K"]: m["value"] for m in ome["StructuredAnnotations"]["MapAnnotation"]["Value"]["M"]}
+    import json
+
+    assert json.loads(values["nirf:on"]) == ON_META and json.loads(values["nirf:off"]) == OFF_META
+    a_on, a_off, m_on, m_off = tiff.read_pair(path)
+    assert m_on == ON_META and m_off == OFF_META
+    np.testing.assert_array_equal(a_off, off)
+
+
+@pytest.fixture(scope="module")
+def ome_schema():
+    xmlschema = pytest.importorskip("xmlschema")
+    ome_types = pytest.importorskip("ome_types")
+    xsd = os.path.join(os.path.dirname(ome_types.__file__), "ome-2016-06.xsd")
+    if not os.path.exists(xsd):
+        pytest.skip("ome-types ships no OME 2016-06 schema in this version")
+    return xmlschema.XMLSchema(xsd)
+
+
+@pytest.mark.parametrize("on_meta, off_meta, pixel_size", [(ON_META, OFF_META, 52.5), ({}, {}, None)])
+def test_the_ome_xml_is_valid_against_the_ome_schema(tmp_path, ome_schema, on_meta, off_meta, pixel_size):
+    """Checked with xmlschema against the OME 2016-06 schema (the copy ome-types ships),
+    with every metadata field and with none."""
+    import tifffile
+
+    path = tmp_path / "p.ome.tiff"
+    tiff.write_pair_atomic(path, frame(), frame(seed=2), on_meta, off_meta, pixel_size_um=pixel_size)
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    errors = [f"{e.reason} at {e.path}" for e in ome_schema.iter_errors(xml)]
+    assert errors == []
+    # and the validator does catch a broken document
+    assert list(ome_schema.iter_errors(xml.replace('Name="laser-on"', 'Name="laser-on" Bogus="1"')))
+
+
+def test_pixel_size_is_left_out_when_not_configured(tmp_path):
+    path = tmp_path / "p.ome.tiff"
+    tiff.write_pair_atomic(path, frame(), frame(seed=2), ON_META, OFF_META)
+    _, _, _, ome, tags = _ome(path)
+    assert "PhysicalSizeX" not in ome["Image"]["Pixels"] and tags.get("ResolutionUnit", 1) == 1  # none
+
+
+def test_a_pair_is_written_atomically(tmp_path, mocker):
+    fsync = mocker.spy(tiff.os, "fsync")
+    rename = mocker.spy(tiff.os, "rename")
+    path = tmp_path / "p.ome.tiff"
+    tiff.write_pair_atomic(path, frame(), frame(seed=2), ON_META, OFF_META)
+    (src, dst), _ = rename.call_args
+    assert os.path.basename(src).startswith(".p.ome.tiff.") and dst == str(path)
+    assert fsync.call_count == 2  # the file, then its folder
+
+
+def test_a_full_disk_leaves_no_pair_behind(tmp_path, mocker):
+    mocker.patch("services.study.tiff.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(RecorderDiskFull, match="p.ome.tiff"):
+        tiff.write_pair_atomic(tmp_path / "p.ome.tiff", frame(), frame(seed=2), ON_META, OFF_META)
+    assert visible(tmp_path) == []
+
+
+@pytest.mark.parametrize("on, off, match", [
+    (frame(), frame(24, 32), "differ in size"),
+    (frame().astype(np.uint8), frame(), "uint16"),
+    (np.zeros((0, 4), np.uint16), np.zeros((0, 4), np.uint16), "non-empty"),
+])
+def test_a_bad_pair_is_refused_with_its_shape(tmp_path, on, off, match):
+    with pytest.raises(InvalidArgument, match=match):
+        tiff.write_pair_atomic(tmp_path / "p.ome.tiff", on, off, ON_META, OFF_META)
+
+
+def test_read_tiff_reads_the_laser_on_plane_of_a_pair(tmp_path):
+    path = tmp_path / "p.ome.tiff"
+    on = frame(seed=9)
+    tiff.write_pair_atomic(path, on, frame(seed=2), ON_META, OFF_META)
+    array, meta = read_tiff(path)
+    np.testing.assert_array_equal(array, on)
+    assert meta == ON_META

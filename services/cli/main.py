@@ -17,15 +17,25 @@ Examples::
     nirfctl case close
     nirfctl report --histology DFSP
     nirfctl export --case DFSP-014 --out DFSP-014.csv    # or the whole study without --case
+    nirfctl backup --dest /media/usb    # a consistent copy of the case database
+    nirfctl status --json               # --json may stand anywhere on the line
 
 The endpoint and key come from flags, else from the configuration profile
 (``--config``, default ``sim``) and its state directory.
+
+Conventions: ``--json`` anywhere on the line prints machine-readable JSON on standard
+output (errors too, as ``{"ok": false, "error": {...}}``); ``--version``; human messages and
+errors go to standard error; a reader that closes the pipe early (``nirfctl watch | head``)
+ends the program quietly. Exit codes: 0 done, 1 refused by the cart, 2 usage or
+configuration error (missing key files included), 3 no answer from the cart, 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +50,10 @@ from services.study.report import ARMS, HISTOLOGIES
 
 SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 
-EXIT_OK, EXIT_REFUSED, EXIT_NO_ANSWER, EXIT_USAGE = 0, 1, 3, 2
+EXIT_OK, EXIT_REFUSED, EXIT_NO_ANSWER, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 3, 2, 130
+# Flags that may stand anywhere on the line, after the subcommand too.
+ANYWHERE_FLAGS = ("--json",)
+ANYWHERE_OPTIONS = ("--config", "--endpoint", "--telemetry", "--state-dir", "--server-key", "--key", "--timeout")
 CAPTURE_TIMEOUT_S = 90.0
 # Commands that take longer than a reply normally does: waited for at least this long.
 LONG_TIMEOUTS_S = {"capture": CAPTURE_TIMEOUT_S, "selftest": 30.0}
@@ -54,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="the cart's state folder (for keys/server.key)")
     p.add_argument("--server-key", help="the cart's public key file (default: <state>/keys/server.key)")
     p.add_argument("--key", help="your secret key file (default: <state>/keys/local-operator.key_secret)")
-    p.add_argument("--json", action="store_true", help="print replies as JSON, for scripts")
+    p.add_argument("--json", action="store_true", help="print replies as JSON, for scripts (anywhere on the line)")
+    p.add_argument("--version", action="version", version=f"nirfctl {_version()}")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -106,7 +120,45 @@ def _parser() -> argparse.ArgumentParser:
     ka.add_argument("--role", choices=keys_mod.ROLES, required=True)
     ka.add_argument("--name", help="name to file it under (default: the file's name)")
     _add_clinical_commands(sub)
+    bk = sub.add_parser("backup", help="a consistent copy of the case database, to a folder on the cart")
+    bk.add_argument("--dest", help="folder on the cart, such as a USB stick (default: <state>/backups)")
     return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nirf-cart")
+    except Exception:  # noqa: BLE001 - a checkout without installed metadata
+        return "unknown"
+
+
+def split_anywhere_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """Take the flags that may stand anywhere (``--json``) out of the line, and move the
+    global options that take a value (``--config FILE`` ...) to its front, up to a ``--``,
+    so every subcommand accepts them without declaring them; returns the new line and
+    the flags found."""
+    front, rest, found = [], [], set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if arg in ANYWHERE_FLAGS:
+            found.add(arg)
+        elif name in ANYWHERE_OPTIONS and rest:
+            if "=" in arg:
+                front.append(arg)
+            else:
+                front += argv[i:i + 2]
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest, found
 
 
 def _add_clinical_commands(sub) -> None:
@@ -183,6 +235,9 @@ def _request_for(args) -> tuple[str, dict]:
         return "pathology.set", {"capture_id": args.capture_id, "margin_positive": args.margin == "positive"}
     if c == "report":
         return "report", {k: v for k, v in (("histology", args.histology), ("arm", args.arm)) if v}
+    if c == "backup":
+        # A relative folder means one relative to here (nirfctl runs on the cart).
+        return "backup", ({"dest": os.path.abspath(args.dest)} if args.dest else {})
     raise SystemExit(f"nirfctl: unhandled command {c}")
 
 
@@ -222,6 +277,8 @@ def _print_result(cmd: str, result, as_json: bool) -> None:
         return
     if cmd == "status" and isinstance(result, dict):
         print(format_status(result))
+    elif cmd == "selftest" and isinstance(result, dict):
+        print(format_selftest(result))
     elif cmd == "report" and isinstance(result, dict):
         print(format_report(result))
     elif isinstance(result, dict):
@@ -248,6 +305,20 @@ def format_status(s: dict) -> str:
     ]
     for f in s.get("faults", []):
         lines.append(f"FAULT        {f.get('code')}: {f.get('message')}")
+    return "\n".join(lines)
+
+
+def format_selftest(result: dict) -> str:
+    """One line per device: PASS or FAIL, then what was checked or what failed."""
+    lines = [f"self-test    {'PASS' if result.get('ok') else 'FAIL'}"]
+    for name, detail in (result.get("devices") or {}).items():
+        detail = dict(detail) if isinstance(detail, dict) else {"detail": detail}
+        ok = detail.pop("ok", False)
+        error = detail.pop("error", None)
+        parts = [f"{k} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
+                 for k, v in detail.items()]
+        text = f"error: {error}" if error else ", ".join(parts)
+        lines.append(f"  {name:<12} {'ok  ' if ok else 'FAIL'}  {text}")
     return "\n".join(lines)
 
 
@@ -325,10 +396,25 @@ def export_command(args, cfg) -> int:
         print(f"nirfctl export: no case database at {db}; give --state-dir", file=sys.stderr)
         return EXIT_USAGE
     with CaseStore(db) as store:
+        if args.json and args.out == "-":
+            # JSON on standard output: the rows as maps (the CSV's columns as keys).
+            import csv
+            import io
+
+            buf = io.StringIO()
+            rows = store.export_csv(buf, case_id=args.case_id)
+            records = list(csv.DictReader(io.StringIO(buf.getvalue())))
+            print(json.dumps({"ok": True, "result": {"rows": rows, "case_id": args.case_id,
+                                                     "captures": records}}))
+            return EXIT_OK
         if args.out == "-":
             rows = store.export_csv(sys.stdout, case_id=args.case_id)
         else:
             rows = store.export_csv(args.out, case_id=args.case_id)
+    if args.json:
+        print(json.dumps({"ok": True, "result": {"rows": rows, "case_id": args.case_id,
+                                                 "out": os.path.abspath(args.out)}}))
+        return EXIT_OK
     what = f"case {args.case_id}" if args.case_id else "the study"
     print(f"exported {rows} capture row(s) of {what}" + ("" if args.out == "-" else f" to {args.out}"),
           file=sys.stderr)
@@ -351,7 +437,37 @@ def keys_command(args, cfg) -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command line; returns the exit code. A closed output pipe and Ctrl-C end
+    it quietly (no traceback)."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise  # argparse's own exits (--help, --version, usage) keep their status
+        # A usage problem found after parsing: exit 2 like argparse's, JSON too with --json.
+        argv_given = sys.argv[1:] if argv is None else argv
+        if "--json" in split_anywhere_flags(list(argv_given))[1]:
+            print(json.dumps({"ok": False, "error": {"code": "USAGE", "message": exc.code.removeprefix("nirfctl: ")}}))
+        print(exc.code, file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing more can be said on standard output.
+        # Point it at /dev/null so the interpreter's final flush does not complain.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, anywhere = split_anywhere_flags(argv)
     args = _parser().parse_args(argv)
+    args.json = args.json or "--json" in anywhere
     try:
         cfg = config_mod.load(args.config)
         if args.command == "keys":
@@ -360,6 +476,8 @@ def main(argv=None) -> int:
             return export_command(args, cfg)
         client = _client(args, cfg)
     except NirfError as err:
+        if args.json:
+            print(json.dumps({"ok": False, "error": {"code": getattr(err, "code", "ERROR"), "message": str(err)}}))
         print(f"nirfctl: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:

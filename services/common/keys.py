@@ -6,7 +6,7 @@
 * ``local-operator.key`` / ``.key_secret``: the identity the CLI on the cart uses by default.
 
 Files are pyzmq certificate files. Secret key files are written with mode 0600 and never
-logged. :class:`KeyRing` answers the ZAP authenticator's question "is this key allowed?"
+logged; public ones 0644. :class:`KeyRing` answers the ZAP authenticator's question "is this key allowed?"
 and the command server's "which role has it?", and re-reads the folders when they change.
 """
 
@@ -44,7 +44,8 @@ def _secure(path: Path) -> None:
 
 
 def create_keypair(folder: Path, name: str) -> tuple[Path, Path]:
-    """Create ``name.key`` and ``name.key_secret`` in ``folder`` (secret 0600)."""
+    """Create ``name.key`` and ``name.key_secret`` in ``folder`` (secret 0600, public
+    0644: a public key is meant to be handed out)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     old = os.umask(0o077)
@@ -53,6 +54,7 @@ def create_keypair(folder: Path, name: str) -> tuple[Path, Path]:
     finally:
         os.umask(old)
     _secure(Path(secret))
+    os.chmod(public, 0o644)
     return Path(public), Path(secret)
 
 

@@ -70,6 +70,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     _c("pathology.set", "study", "quick", args=None),
     _c("report", "study", "quick", OBSERVER, args=None, reply_timeout_s=60.0),
     _c("capture", "study", "long", args=None, expires=True, reply_timeout_s=LONG_TIMEOUT_S),
+    # an online copy of the case store: runs beside captures (it must not wait for them)
+    _c("backup", "study", "quick", args={"dest"}, reply_timeout_s=300.0),
 )}
 
 READ_ONLY = frozenset(name for name, c in COMMANDS.items() if c.role == OBSERVER)

@@ -123,8 +123,11 @@ class RecordTap:
         timeout_s = args.get("timeout_s", 2.0)
         if not ipc.finite_number(timeout_s) or not 0 < timeout_s <= 30:
             raise InvalidArgument("record.end: timeout_s must be a number in (0, 30]")
-        msg = [b"end", ipc.pack({"capture_id": args["capture_id"], "case_id": args["case_id"],
-                                 "folder": args["folder"], "frame_seqs": seqs})]
+        header = {"capture_id": args["capture_id"], "case_id": args["case_id"], "folder": args["folder"],
+                  "frame_seqs": seqs}
+        if isinstance(args.get("measurements"), dict):
+            header["measurements"] = args["measurements"]  # for the capture's DICOM report
+        msg = [b"end", ipc.pack(header)]
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:

@@ -249,8 +249,9 @@ def auto_rois(image, width: int, height: int, *, block_px: int = 8, smooth_block
     ry, rx = np.nonzero(regions == largest)
     j = int(np.argmin((ry - cy) ** 2 + (rx - cx) ** 2))
     background = _square(int(rx[j]), int(ry[j]), side_px, block_px, width, height)
-    log.info("auto ROIs: signal %s, background %s (blob %d blocks, %.1f sigma)",
-             signal.to_list(), background.to_list(), int(blob.sum()), snr)
+    # DEBUG: the search runs every second while automatic ROIs are on
+    log.debug("auto ROIs: signal %s, background %s (blob %d blocks, %.1f sigma)",
+              signal.to_list(), background.to_list(), int(blob.sum()), snr)
     return signal, background
 
 

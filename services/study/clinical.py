@@ -21,7 +21,8 @@ A capture is a long command: it runs in the study process's worker and blocks on
 request that started it (PRODUCT S14); the safety core never waits for it, and a capture
 stops, refused with ``WRONG_STATE``, when the laser stops emitting or acquisition stops.
 
-Files: ``<state_dir>/captures/<case_id>/<capture_id>/<frame_seq>-on.tiff`` and ``-off.tiff``.
+Files: ``<state_dir>/captures/<case_id>/<capture_id>/pair<index>-frame<frame_seq>.ome.tiff``,
+one OME-TIFF per pair (laser-on plane, laser-off plane), plus the DICOM files when enabled.
 A capture folder appears complete or not at all (the recorder renames it into place). A
 folder whose capture never reached the case store (the controller died in between) is
 moved aside to a hidden ``.orphan-...`` name at the next start, so every visible capture
@@ -120,7 +121,7 @@ class Clinical:
         """The bus commands this class serves."""
         return {"case.open": self.cmd_case_open, "case.close": self.cmd_case_close,
                 "capture": self.cmd_capture, "pathology.set": self.cmd_pathology_set,
-                "report": self.cmd_report}
+                "report": self.cmd_report, "backup": self.cmd_backup}
 
     def current_case_id(self) -> str | None:
         """The open case's id (for the status map), or ``None``."""
@@ -177,6 +178,16 @@ class Clinical:
         """``report``: the diagnostic-accuracy report, optionally for one histology/arm."""
         _only(args, {"histology", "arm"}, "report")
         return self.store.report(histology=args.get("histology"), arm=args.get("arm"))
+
+    def cmd_backup(self, args: dict, caller=None) -> dict:
+        """``backup``: a consistent online copy of the case store (services.study.backup)."""
+        from services.study.backup import BACKUPS_FOLDER, backup
+
+        _only(args, {"dest"}, "backup")
+        dest = args.get("dest", str(self.state_dir / BACKUPS_FOLDER))
+        if not isinstance(dest, str) or not dest:
+            raise InvalidArgument(f"backup: dest = {dest!r}: a folder path (str)")
+        return backup(self.store.path, dest)
 
     def cmd_capture(self, args: dict, caller=None) -> dict:
         """``capture``: average the next valid results, record their frames, store it."""
@@ -243,11 +254,15 @@ class Clinical:
         if c.sent == 0:
             raise DeviceError(DEVICE, f"capture {capture_id}: none of {c.not_sent} pair(s) could be handed to "
                                       f"the recorder (is the recorder running?); capture refused")
-        done = self._finish_recording(c, needed, pairs)
+        summary = _average(results, self.cfg.processing.sbr_threshold)
+        first_roi = results[0].get("roi") if isinstance(results[0].get("roi"), dict) else {}
+        # What the recorder's DICOM report carries (PRODUCT.md section 9).
+        measurements = {"sbr": summary["sbr"], "intensity": summary["intensity"], "cnr": summary["cnr"],
+                        "rois": first_roi, "site": site, "label": label, "t_ns": _capture_t_ns(results)}
+        done = self._finish_recording(c, needed, pairs, measurements)
         if done.get("errors"):
             first = done["errors"][0]
             raise DeviceError(DEVICE, f"capture {capture_id} refused: {first.get('message')}")
-        summary = _average(results, self.cfg.processing.sbr_threshold)
         meta = c.first_on_meta or {}
         settings = {
             "exposure_us": meta.get("exposure_us"), "gain": meta.get("gain"), "fps": self.service.fps,
@@ -337,20 +352,24 @@ class Clinical:
         if c.sent:
             self._send_end(c, [], timeout_s=0.2)
 
-    def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0) -> bool:
+    def _send_end(self, c: _Collecting, frame_seqs: list[int], timeout_s: float = 2.0,
+                  measurements: dict | None = None) -> bool:
         """Queue the end message behind the capture's pairs (imaging holds the socket)."""
+        args = {"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder,
+                "frame_seqs": list(frame_seqs), "timeout_s": timeout_s}
+        if measurements is not None:
+            args["measurements"] = measurements
         try:
-            self.service.imaging.call("record.end", {"capture_id": c.capture_id, "case_id": c.case_id,
-                                                     "folder": c.folder, "frame_seqs": list(frame_seqs),
-                                                     "timeout_s": timeout_s}, timeout_s=timeout_s + 2.0)
+            self.service.imaging.call("record.end", args, timeout_s=timeout_s + 2.0)
             return True
         except Exception as err:
             log.error("capture %s: the end message was not queued: %s", c.capture_id, err)
             return False
 
-    def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int) -> dict:
+    def _finish_recording(self, c: _Collecting, needed: list[int], pairs: int,
+                          measurements: dict | None = None) -> dict:
         timeout_s = RECORDER_BASE_TIMEOUT_S + RECORDER_PER_PAIR_S * pairs
-        if not self._send_end(c, needed, timeout_s=timeout_s / 2):
+        if not self._send_end(c, needed, timeout_s=timeout_s / 2, measurements=measurements):
             raise DeviceTimeout(DEVICE, f"capture {c.capture_id}: the recorder took no message within "
                                         f"{timeout_s / 2:.1f} s (is it running?); capture refused")
         deadline = time.monotonic() + timeout_s

@@ -30,12 +30,18 @@ Messages to the recorder (multipart; every header is a msgpack map):
     the capture's results are in. ``header``::
 
         {"capture_id": str, "case_id": str, "folder": str,
-         "frame_seqs": [int, ...]}  # the pairs whose results were averaged; [] aborts
+         "frame_seqs": [int, ...],  # the pairs whose results were averaged; [] aborts
+         "measurements": {...}}     # optional: sbr, intensity, cnr (number or null), rois
+                                    #   {"signal": [x, y, w, h], "background": [...]},
+                                    #   site, t_ns: what the DICOM report carries
 
 The answer to ``end`` (on ``record_ack.ipc``)::
 
     [b"done", {"capture_id": str, "case_id": str,
-               "files": [str, ...],      # relative to the state folder, on then off per pair
+               "files": [str, ...],      # relative to the state folder: one OME-TIFF per pair,
+                                         #   pair<index>-frame<frame_seq>.ome.tiff, in acquisition order
+               "dicom": [str, ...],      # the capture's DICOM files (frames, report), when enabled
+               "dicom_errors": [str],    # why no DICOM was made (the capture itself is kept)
                "frames_lost": int,       # frames of the capture's span that never reached the disk
                "gaps": {...},            # SequenceGapCounter.summary() of that span
                "missing_pairs": [int],   # requested frame_seqs the recorder never received
@@ -44,8 +50,9 @@ The answer to ``end`` (on ``record_ack.ipc``)::
 
 How a capture reaches the disk, so that nothing half-written is ever visible (D2): the
 recorder keeps the forwarded pairs in memory (bounded by ``[recorder] buffer_mb``) until
-``end``; it then writes the requested frames with :func:`services.study.tiff.write_tiff_atomic`
-into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
+``end``; it then writes each requested pair as one OME-TIFF with
+:func:`services.study.tiff.write_pair_atomic` (and, with ``[dicom] enabled``, the capture's DICOM
+files, queued in the durable outbox of :mod:`services.study.outbox`) into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
 that folder to ``captures/<case_id>/<capture_id>`` (atomic) once every file is on disk,
 then flushes the parent folder. A crash leaves at most a hidden staging folder, removed
 when the recorder starts again. A full disk (or less free space than
@@ -79,7 +86,8 @@ from hal.errors import NirfError
 from services.gateway import bus as bus_mod
 from services.common import entry
 from services.common import sdnotify
-from services.study.tiff import RecorderDiskFull, RecorderError, SequenceGapCounter, write_tiff_atomic
+from services.study.tiff import (RecorderDiskFull, RecorderError, SequenceGapCounter, pair_file_name,
+                           write_bytes_atomic, write_pair_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +163,13 @@ class Recorder:
 
     def __init__(self, state_dir: str | os.PathLike, *, reserve_bytes: int = 256 * _MB,
                  max_buffer_bytes: int = 1024 * _MB, stale_after_s: float = STALE_AFTER_S,
-                 clock: Clock | None = None, on_progress=None):
+                 clock: Clock | None = None, on_progress=None, pixel_size_um: float | None = None,
+                 dicom=None, outbox=None):
         self.state_dir = Path(state_dir)
+        self.pixel_size_um = pixel_size_um or None
+        # services.study.dicom.DicomSettings and services.study.outbox.Outbox, or None
+        self.dicom = dicom
+        self.outbox = outbox
         # called after each file written: a long capture must keep the service watchdog fed
         self.on_progress = on_progress or (lambda: None)
         self.captures_dir = self.state_dir / CAPTURES_FOLDER
@@ -173,8 +186,15 @@ class Recorder:
     def from_config(cls, cfg, state_dir: str | os.PathLike | None = None, **kw) -> "Recorder":
         """A recorder using the ``[recorder]`` section of a validated config."""
         r = cfg.recorder
-        return cls(state_dir if state_dir is not None else cfg.state_dir(),
-                   reserve_bytes=r.reserve_mb * _MB, max_buffer_bytes=r.buffer_mb * _MB, **kw)
+        state_dir = state_dir if state_dir is not None else cfg.state_dir()
+        if cfg.dicom.enabled and "dicom" not in kw:
+            from services.study.dicom import DicomSettings
+            from services.study.outbox import Outbox
+
+            kw["dicom"] = DicomSettings.from_config(cfg, software_version=_software_version())
+            kw.setdefault("outbox", Outbox.from_config(cfg, state_dir))
+        return cls(state_dir, reserve_bytes=r.reserve_mb * _MB, max_buffer_bytes=r.buffer_mb * _MB,
+                   pixel_size_um=r.pixel_size_um or None, **kw)
 
     # ------------------------------------------------------------------ start-up
     def remove_leftovers(self) -> list[Path]:
@@ -305,7 +325,9 @@ class Recorder:
             raise BadMessage(f"frame_seqs = {seqs!r}: expected a list of whole numbers")
         buf = self.buffers.pop(capture_id, None) or _Buffer(capture_id, case_id)
         done: dict[str, Any] = {"capture_id": capture_id, "case_id": case_id, "files": [], "frames_lost": 0,
-                                "gaps": {}, "missing_pairs": [], "bytes_written": 0, "errors": []}
+                                "gaps": {}, "missing_pairs": [], "bytes_written": 0, "errors": [],
+                                "dicom": [], "dicom_errors": []}
+        measurements = header.get("measurements")
         if not seqs:
             log.info("recorder: capture %s aborted; %d pair(s) discarded", capture_id, len(buf.pairs))
             return done
@@ -326,21 +348,44 @@ class Recorder:
             self._check_space(case_dir, present, folder)
             staging.mkdir()
             files, written = [], 0
-            for pair in present:
+            frames, frame_meta = [], []
+            for i, pair in enumerate(present):
+                # Names carry the position in the capture, zero-padded: they sort in
+                # acquisition order.
+                name = pair_file_name(i, pair.frame_seq)
+                arrays, metas = [], []
                 for role, meta, data in (("on", pair.on_meta, pair.on), ("off", pair.off_meta, pair.off)):
-                    name = f"{pair.frame_seq}-{role}.tiff"
-                    array = np.frombuffer(data, dtype=np.uint16).reshape(meta["height"], meta["width"])
-                    written += write_tiff_atomic(staging / name, array,
-                                                 self._metadata(buf, pair, role, meta),
-                                                 reserve_bytes=self.reserve_bytes)
-                    files.append(f"{folder}/{name}")
-                    self.on_progress()
-            # The folder appears in one step, complete: there is no moment where a reader
-            # sees some files of the capture and not others.
-            os.rename(staging, final)
+                    arrays.append(np.frombuffer(data, dtype=np.uint16).reshape(meta["height"], meta["width"]))
+                    metas.append(self._metadata(buf, pair, role, meta))
+                written += write_pair_atomic(staging / name, arrays[0], arrays[1], metas[0], metas[1],
+                                             name=f"{capture_id} pair {i}", pixel_size_um=self.pixel_size_um,
+                                             reserve_bytes=self.reserve_bytes)
+                files.append(f"{folder}/{name}")
+                frames += arrays
+                frame_meta += metas
+                self.on_progress()
+            queued = self._write_dicom(staging, folder, capture_id, case_id, frames, frame_meta,
+                                       measurements, done)
+            written += sum(q[1] for q in queued)
+            # The DICOM files are queued before the folder is committed: a crash in between
+            # may send a capture the archive lacks, but never loses one.
+            entries = []
+            try:
+                for path, _size in queued:
+                    entries.append(self.outbox.add(path))
+                # The folder appears in one step, complete: there is no moment where a reader
+                # sees some files of the capture and not others.
+                os.rename(staging, final)
+            except BaseException:
+                for e in entries:
+                    e.unlink(missing_ok=True)
+                raise
             _fsync_folder(case_dir)
+            if entries:
+                self.outbox.wake()
         except RecorderError as err:
             self._discard(staging)
+            done["dicom"] = []
             self.captures_refused += 1
             code = "DISK_FULL" if isinstance(err, RecorderDiskFull) else "WRITE_FAILED"
             log.error("recorder: capture %s refused: %s", capture_id, err)
@@ -348,6 +393,7 @@ class Recorder:
             return done
         except OSError as err:
             self._discard(staging)
+            done["dicom"] = []
             self.captures_refused += 1
             full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
             message = (f"{DEVICE}: cannot commit capture {capture_id} in {folder}: "
@@ -361,9 +407,41 @@ class Recorder:
                  written, done["frames_lost"])
         return done
 
+    def _write_dicom(self, staging: Path, folder: str, capture_id: str, case_id: str, frames: list,
+                     frame_meta: list, measurements: Any, done: dict) -> list[tuple[Path, int]]:
+        """The capture as DICOM into the staging folder; returns ``[(path, bytes)]``. A
+        failure to build the objects is reported (``dicom_errors``), never refuses the
+        capture: the OME-TIFF archive is complete without them. A failure to write them
+        (disk full) refuses it like any other write."""
+        if self.dicom is None or self.outbox is None or not frames:
+            return []
+        if not isinstance(measurements, dict):
+            done["dicom_errors"].append("no measurements in the end message; no DICOM made")
+            log.error("recorder: capture %s: no measurements came with it; no DICOM made", capture_id)
+            return []
+        from services.study import dicom as dicom_mod
+
+        try:
+            objects = dicom_mod.capture_files(frames, frame_meta, measurements, case_id=case_id,
+                                              capture_id=capture_id, settings=self.dicom)
+        except Exception as err:  # noqa: BLE001 - the archive must not depend on the DICOM encoder
+            log.exception("recorder: capture %s: DICOM could not be made", capture_id)
+            done["dicom_errors"].append(f"{type(err).__name__}: {err}")
+            return []
+        out = []
+        for kind, _uid, data in objects:
+            name = f"{capture_id}-{kind}.dcm"
+            size = write_bytes_atomic(staging / name, data, reserve_bytes=self.reserve_bytes)
+            out.append((staging / name, size))
+            done["dicom"].append(f"{folder}/{name}")
+            self.on_progress()
+        return out
+
     def _check_space(self, folder: Path, pairs: list[_Pair], name: str) -> None:
         # Refuse up front, before the first byte, when the whole capture cannot fit.
         needed = sum(len(memoryview(p.on)) + len(memoryview(p.off)) + 2 * 4096 for p in pairs)
+        if self.dicom is not None and self.outbox is not None:
+            needed *= 2  # the DICOM frames hold the same pixels again (the outbox only links them)
         try:
             free = shutil.disk_usage(folder).free
         except OSError:
@@ -412,6 +490,15 @@ class Recorder:
             log.warning("recorder: capture %s: %d frame(s) of %d..%d never reached the recorder",
                         buf.capture_id, lost, first, last)
         return lost, summary
+
+
+def _software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nirf-cart")
+    except Exception:  # noqa: BLE001 - a checkout without metadata
+        return ""
 
 
 def _frame_number(meta: dict, default: int) -> int:
@@ -465,7 +552,21 @@ class RecorderService:
         return True
 
     def serve(self) -> None:
-        """Serve until ``stop_event`` is set."""
+        """Serve until ``stop_event`` is set (and send the DICOM outbox meanwhile)."""
+        outbox = self.recorder.outbox
+        sender = None
+        if outbox is not None:
+            sender = threading.Thread(target=outbox.run, args=(self.stop_event,), name="dicom-outbox",
+                                      daemon=True)
+            sender.start()
+        try:
+            self._serve()
+        finally:
+            if sender is not None:
+                outbox.wake()
+                sender.join(timeout=15.0)
+
+    def _serve(self) -> None:
         while not self.stop_event.is_set():
             self.watchdog()
             try:
@@ -507,6 +608,8 @@ def main(argv=None) -> int:
     p = entry.parser("NIRF capture recorder")
     args = p.parse_args(argv)
     entry.configure_logging("recorder")
+    # pynetdicom narrates every association at INFO; the outbox logs what matters.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
         cfg = config_mod.load(args.config)
         state_dir, runtime_dir = cfg.state_dir(), cfg.runtime_dir()

@@ -1,16 +1,23 @@
 """Recorded frames as TIFF files, written so that a crash or a full disk never leaves a
 partial file behind (PRODUCT.md D2), and the recording path's gap counter (D3).
 
-The writer produces a minimal baseline TIFF: little-endian, one image, 16-bit unsigned
-grayscale, uncompressed, one strip. The frame's metadata (exposure, gain, laser power,
-filter, timestamps, sequence numbers, capture id ...) travels inside the file as JSON in
-the ImageDescription tag, so the research archive needs no side files. Any TIFF reader
-opens the pixels; :func:`read_tiff` also returns the metadata.
+The research archive holds one OME-TIFF per fluorescence pair (:func:`write_pair_atomic`):
+two 16-bit planes, laser-on then laser-off, written by tifffile. Its OME-XML (in the first
+page's ImageDescription, where Fiji's Bio-Formats and napari look) names the channels
+``laser-on`` and ``laser-off`` and carries the acquisition time, each plane's exposure
+and time offset, the detector gain, the laser (785 nm) and its measured power, the
+emission filter and, when configured, the pixel size. Each plane's complete frame
+metadata also travels as JSON in a map annotation (keys ``nirf:on`` and ``nirf:off``),
+so nothing the cart knew about a frame is lost. :func:`read_pair` reads a pair back.
+
+:func:`write_tiff_atomic` still writes a single frame as a minimal baseline TIFF with
+its metadata as JSON in the ImageDescription; :func:`read_tiff` reads either kind.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -19,6 +26,7 @@ import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+from xml.etree import ElementTree as ET
 
 import numpy as np
 
@@ -225,8 +233,14 @@ def write_tiff_atomic(path: str | os.PathLike, array: np.ndarray,
     removed and ``RecorderError`` (``RecorderDiskFull`` for ENOSPC/EDQUOT) is raised.
     Returns the number of bytes written.
     """
+    return write_bytes_atomic(path, tiff_bytes(array, metadata), overwrite=overwrite,
+                              reserve_bytes=reserve_bytes)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False,
+                       reserve_bytes: int = 0) -> int:
+    """Write a file image atomically (see :func:`write_tiff_atomic`); returns its size."""
     path = os.fspath(path)
-    data = tiff_bytes(array, metadata)
     folder = os.path.dirname(os.path.abspath(path))
     if not overwrite and os.path.lexists(path):
         raise InvalidArgument(f"recording {path} already exists; refusing to replace it")
@@ -267,13 +281,202 @@ def write_tiff_atomic(path: str | os.PathLike, array: np.ndarray,
     return len(data)
 
 
+# --- OME-TIFF pairs ---------------------------------------------------------------
+
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+OME_XSI = "http://www.w3.org/2001/XMLSchema-instance"
+CHANNEL_NAMES = ("laser-on", "laser-off")
+ANNOTATION_NAMESPACE = "nirf-cart/frame-metadata"
+LASER_WAVELENGTH_NM = 785
+PAIR_SUFFIX = ".ome.tiff"
+
+
+def pair_file_name(index: int, frame_seq: int) -> str:
+    """The file name of a capture's pair: zero-padded so that names sort in acquisition
+    order (pair index first, then the laser-on frame's sequence number)."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 9999:
+        raise InvalidArgument(f"pair index {index!r}: a whole number from 0 to 9999")
+    if isinstance(frame_seq, bool) or not isinstance(frame_seq, int) or not 0 <= frame_seq < 10**12:
+        raise InvalidArgument(f"frame_seq {frame_seq!r}: a whole number from 0 to 10^12 - 1")
+    return f"pair{index:04d}-frame{frame_seq:012d}{PAIR_SUFFIX}"
+
+
+def _iso_utc(t_ns: int) -> str:
+    import datetime as _dt
+
+    dt = _dt.datetime.fromtimestamp(t_ns // 1_000_000_000, tz=_dt.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{(t_ns % 1_000_000_000) // 1000:06d}Z"
+
+
+def _num(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    value = float(value)
+    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def _t_ns(meta: Mapping[str, Any]) -> int | None:
+    t = meta.get("t_start_ns")
+    return int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0 else None
+
+
+def ome_xml(shape: tuple[int, int], on_meta: Mapping[str, Any], off_meta: Mapping[str, Any], *,
+            name: str = "", pixel_size_um: float | None = None, software: str = "nirf-cart") -> str:
+    """The OME-XML document of one pair (two planes of ``shape`` = (height, width))."""
+    height, width = shape
+    ET.register_namespace("", OME_NS)
+    q = lambda tag: f"{{{OME_NS}}}{tag}"  # noqa: E731 - a local shorthand
+    import uuid as _uuid
+
+    root = ET.Element(q("OME"), {"UUID": f"urn:uuid:{_uuid.uuid4()}", "Creator": software,
+                                 f"{{{OME_XSI}}}schemaLocation": f"{OME_NS} {OME_NS}/ome.xsd"})
+    instrument = ET.SubElement(root, q("Instrument"), ID="Instrument:0")
+    laser = {"ID": "LightSource:0", "Manufacturer": "nirf-cart", "Model": "785 nm diode",
+             "Type": "Semiconductor", "Wavelength": str(LASER_WAVELENGTH_NM), "WavelengthUnit": "nm"}
+    power = _num(on_meta.get("laser_mw"))
+    if power is not None:
+        laser.update(Power=power, PowerUnit="mW")
+    ET.SubElement(instrument, q("Laser"), laser)
+    ET.SubElement(instrument, q("Detector"), ID="Detector:0", Type="CMOS", Model="NIR camera")
+    filter_name = on_meta.get("filter_name")
+    filter_position = on_meta.get("filter_position")
+    has_filter = filter_name is not None or filter_position is not None
+    if has_filter:
+        attrs = {"ID": "Filter:0"}
+        if filter_name is not None:
+            attrs["Model"] = str(filter_name)
+        if filter_position is not None:
+            attrs["FilterWheel"] = f"position {filter_position}"
+        ET.SubElement(instrument, q("Filter"), attrs)
+
+    image = ET.SubElement(root, q("Image"), ID="Image:0", Name=name or "pair")
+    t0 = _t_ns(on_meta)
+    if t0 is not None:
+        ET.SubElement(image, q("AcquisitionDate")).text = _iso_utc(t0)
+    ET.SubElement(image, q("InstrumentRef"), ID="Instrument:0")
+    bits = on_meta.get("bits")
+    pixels = {"ID": "Pixels:0", "DimensionOrder": "XYCZT", "Type": "uint16", "SizeX": str(width),
+              "SizeY": str(height), "SizeC": "2", "SizeZ": "1", "SizeT": "1", "BigEndian": "false"}
+    if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16:
+        pixels["SignificantBits"] = str(bits)
+    if pixel_size_um:
+        pixels.update(PhysicalSizeX=_num(pixel_size_um), PhysicalSizeXUnit="\u00b5m",
+                      PhysicalSizeY=_num(pixel_size_um), PhysicalSizeYUnit="\u00b5m")
+    px = ET.SubElement(image, q("Pixels"), pixels)
+    for c, (channel, meta) in enumerate(zip(CHANNEL_NAMES, (on_meta, off_meta))):
+        ch = ET.SubElement(px, q("Channel"), {"ID": f"Channel:0:{c}", "Name": channel, "SamplesPerPixel": "1",
+                                              "IlluminationType": "Epifluorescence", "AcquisitionMode": "WideField",
+                                              "ExcitationWavelength": str(LASER_WAVELENGTH_NM),
+                                              "ExcitationWavelengthUnit": "nm"})
+        if c == 0:  # the laser lights only the first plane
+            ET.SubElement(ch, q("LightSourceSettings"), ID="LightSource:0")
+        gain = _num(meta.get("gain"))
+        ET.SubElement(ch, q("DetectorSettings"), {"ID": "Detector:0", **({"Gain": gain} if gain else {})})
+        if has_filter:
+            path = ET.SubElement(ch, q("LightPath"))
+            ET.SubElement(path, q("EmissionFilterRef"), ID="Filter:0")
+    for c in range(2):
+        ET.SubElement(px, q("TiffData"), IFD=str(c), FirstC=str(c), FirstT="0", FirstZ="0", PlaneCount="1")
+    for c, meta in enumerate((on_meta, off_meta)):
+        plane = {"TheC": str(c), "TheZ": "0", "TheT": "0"}
+        t = _t_ns(meta)
+        if t is not None and t0 is not None:
+            plane.update(DeltaT=_num((t - t0) / 1e9), DeltaTUnit="s")
+        exposure = _num(meta.get("exposure_us"))
+        if exposure is not None:
+            plane.update(ExposureTime=exposure, ExposureTimeUnit="\u00b5s")
+        ET.SubElement(px, q("Plane"), plane)
+    ET.SubElement(image, q("AnnotationRef"), ID="Annotation:0")
+    annotations = ET.SubElement(root, q("StructuredAnnotations"))
+    ma = ET.SubElement(annotations, q("MapAnnotation"), ID="Annotation:0", Namespace=ANNOTATION_NAMESPACE)
+    value = ET.SubElement(ma, q("Value"))
+    for key, meta in (("nirf:on", on_meta), ("nirf:off", off_meta)):
+        ET.SubElement(value, q("M"), K=key).text = _description(meta)[:-1].decode("ascii")
+    return ET.tostring(root, encoding="unicode", xml_declaration=False)
+
+
+def ome_pair_bytes(on: np.ndarray, off: np.ndarray, on_meta: Mapping[str, Any],
+                   off_meta: Mapping[str, Any], *, name: str = "",
+                   pixel_size_um: float | None = None, software: str = "nirf-cart") -> bytes:
+    """Encode a laser-on/laser-off pair as an OME-TIFF file image (tifffile writes it)."""
+    import tifffile
+
+    for role, a in (("laser-on", on), ("laser-off", off)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.uint16 or a.ndim != 2 or 0 in a.shape:
+            desc = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise InvalidArgument(f"{role} frame must be a non-empty 2-D uint16 array, got {desc}")
+    if on.shape != off.shape:
+        raise InvalidArgument(f"laser-on frame {on.shape} and laser-off frame {off.shape} differ in size")
+    for meta in (on_meta, off_meta):
+        if not isinstance(meta, Mapping):
+            raise InvalidArgument(f"frame metadata must be a map, got {type(meta).__name__}")
+    xml = ome_xml(on.shape, on_meta, off_meta, name=name, pixel_size_um=pixel_size_um, software=software)
+    stack = np.stack([on, off])
+    buf = io.BytesIO()
+    resolution = None
+    if pixel_size_um:
+        # TIFF resolution too (pixels per centimetre), for readers that ignore OME-XML.
+        resolution = (1e4 / pixel_size_um, 1e4 / pixel_size_um)
+    t0 = _t_ns(on_meta)
+    datetime_tag = _iso_utc(t0)[:19].replace("-", ":").replace("T", " ") if t0 else None
+    tifffile.imwrite(buf, stack, photometric="minisblack", planarconfig=None, description=xml.encode("utf-8"),
+                     metadata=None, software=software, byteorder="<", datetime=datetime_tag,
+                     resolution=resolution, resolutionunit="CENTIMETER" if resolution else None,
+                     extratags=[(271, "s", 0, "nirf-cart", False), (272, "s", 0, "NIRF imaging cart", False)])
+    return buf.getvalue()
+
+
+def write_pair_atomic(path: str | os.PathLike, on: np.ndarray, off: np.ndarray,
+                      on_meta: Mapping[str, Any], off_meta: Mapping[str, Any], *, name: str = "",
+                      pixel_size_um: float | None = None, overwrite: bool = False,
+                      reserve_bytes: int = 0) -> int:
+    """Write one pair as an OME-TIFF, atomically (see :func:`write_tiff_atomic`)."""
+    data = ome_pair_bytes(on, off, on_meta, off_meta, name=name, pixel_size_um=pixel_size_um)
+    return write_bytes_atomic(path, data, overwrite=overwrite, reserve_bytes=reserve_bytes)
+
+
+def read_pair(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """Read a pair written by :func:`write_pair_atomic`: ``(on, off, on_meta, off_meta)``,
+    the metadata from the file's map annotation."""
+    import tifffile
+
+    path = os.fspath(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome:
+                raise TiffFormatError(f"{path}: not an OME-TIFF")
+            stack = tif.asarray()
+            xml = tif.ome_metadata
+    except OSError as err:
+        raise RecorderError(f"cannot read {path}: {err.strerror or err}") from err
+    if stack.ndim != 3 or stack.shape[0] != 2:
+        raise TiffFormatError(f"{path}: {stack.shape} planes; expected 2 (laser-on, laser-off)")
+    on_meta, off_meta = _annotation_metadata(xml, path)
+    return stack[0].astype(np.uint16), stack[1].astype(np.uint16), on_meta, off_meta
+
+
+def _annotation_metadata(xml: str, name: str) -> tuple[dict, dict]:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise TiffFormatError(f"{name}: OME-XML does not parse: {err}") from err
+    found = {}
+    for m in root.iter(f"{{{OME_NS}}}M"):
+        if m.get("K") in ("nirf:on", "nirf:off"):
+            try:
+                found[m.get("K")] = json.loads(m.text or "{}")
+            except ValueError as err:
+                raise TiffFormatError(f"{name}: {m.get('K')} is not JSON: {err}") from err
+    return found.get("nirf:on", {}), found.get("nirf:off", {})
+
+
 # --- reading ----------------------------------------------------------------------
 
 
 def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """Read a 16-bit grayscale uncompressed TIFF: ``(array, metadata)``. The metadata is
     the ImageDescription's JSON map (``{"description": text}`` when it is not JSON, ``{}``
-    when absent)."""
+    when absent). For an OME-TIFF pair: the laser-on plane and its metadata."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -348,7 +551,11 @@ def parse_tiff(raw: bytes, name: str = "<bytes>") -> tuple[np.ndarray, dict]:
 
     metadata: dict = {}
     if TAG_IMAGE_DESCRIPTION in tags:
-        text = tags[TAG_IMAGE_DESCRIPTION][0].rstrip(b"\0").decode("ascii", "replace")
+        text = tags[TAG_IMAGE_DESCRIPTION][0].rstrip(b"\0").decode("utf-8", "replace")
+        if text.rstrip().endswith("OME>"):
+            # An OME-TIFF pair: the first plane is the laser-on frame; its metadata is
+            # the map annotation's.
+            return array, _annotation_metadata(text, name)[0]
         try:
             parsed = json.loads(text)
             metadata = parsed if isinstance(parsed, dict) else {"description": text}
