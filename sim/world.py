@@ -89,6 +89,7 @@ class Trigger:
     counter: int
     t_start_ns: int
     lit: bool
+    pulse_us: int = 0  # the trigger's low pulse (0: not known); the IMX296 exposes that long
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class SceneSnapshot:
     white_light: bool
     k_fluo: float
     filters: dict[int, tuple[float, float, float]]
+    camera_platform: str = "pi4"  # what the picamera2 stand-in imitates (sim.set)
 
 
 Listener = Callable[[str, dict], None]
@@ -147,6 +149,10 @@ class World:
         self.filters = dict(DEFAULT_FILTERS)
         self.filter_position = 1
         self.filter_moving = False
+        # sim.set camera_platform and wheel (SIM.md): the Pi the camera stand-in imitates and
+        # the FW102C variant the wheel emulator speaks (default: the real wheel's)
+        self.camera_platform = "pi4"
+        self.wheel = {"prompt_space": True, "lf_errors": True, "powerup_garbage": False}
         # outputs driven by the GPIO stand-in
         self.indicator = False
         self.white_light = False
@@ -225,9 +231,10 @@ class World:
             return mean_of_steps(list(self._laser_events), t0_ns, t1_ns)
 
     # -- triggers -----------------------------------------------------------------------------
-    def trigger(self, counter: int, t_start_ns: int, lit: bool) -> None:
-        """The MCU triggers one camera exposure."""
-        self._emit("trigger", {"counter": counter, "t_start_ns": t_start_ns, "lit": lit})
+    def trigger(self, counter: int, t_start_ns: int, lit: bool, pulse_us: int = 0) -> None:
+        """The MCU triggers one camera exposure (``pulse_us``: the trigger's low pulse)."""
+        self._emit("trigger", {"counter": counter, "t_start_ns": t_start_ns, "lit": lit,
+                               "pulse_us": int(pulse_us)})
 
     # -- filter --------------------------------------------------------------------------------
     def set_filter(self, position: int, moving: bool) -> None:
@@ -276,6 +283,10 @@ class World:
                     self.faults.update(v)
                 elif k == "seed":
                     self.seed = int(v)
+                elif k == "camera_platform":
+                    self.camera_platform = str(v)
+                elif k == "wheel":
+                    self.wheel.update(v)
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
@@ -299,6 +310,8 @@ class World:
                 "phantom": self.phantom.to_dict(),
                 "fault": dict(self.faults),
                 "seed": self.seed,
+                "camera_platform": self.camera_platform,
+                "wheel": dict(self.wheel),
                 "laser_output_mw": self._laser_events[-1][1],
                 "filter_position": self.filter_position,
                 "filter_moving": self.filter_moving,
@@ -321,6 +334,7 @@ class World:
                 white_light=self.white_light,
                 k_fluo=self.k_fluo,
                 filters=dict(self.filters),
+                camera_platform=self.camera_platform,
             )
 
 
