@@ -153,6 +153,7 @@ class World:
         # the FW102C variant the wheel emulator speaks (default: the real wheel's)
         self.camera_platform = "pi4"
         self.wheel = {"prompt_space": True, "lf_errors": True, "powerup_garbage": False}
+        self.wheel_power_cycles = 0  # sim.set wheel powerup_garbage true = one power cycle
         # outputs driven by the GPIO stand-in
         self.indicator = False
         self.white_light = False
@@ -287,6 +288,8 @@ class World:
                     self.camera_platform = str(v)
                 elif k == "wheel":
                     self.wheel.update(v)
+                    if v.get("powerup_garbage"):
+                        self.wheel_power_cycles += 1
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
