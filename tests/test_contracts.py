@@ -228,14 +228,15 @@ class _Triggers:
         self._thread.join(timeout=2)
 
 
-@pytest.fixture(params=["standin", "hardware"])
+@pytest.fixture(params=["standin-pi4", "standin-pi5", "hardware"])
 def camera(request):
     from drivers.camera import PiCamera, picamera2_factory
     from sim.picamera2_standin import Picamera2StandIn
 
     triggers = None
-    if request.param == "standin":
+    if request.param.startswith("standin"):
         world = World(SystemClock(), SensorModel(width=256, height=192))
+        world.apply({"camera_platform": request.param.removeprefix("standin-")})
         view = LocalWorldView(world)
         cam = PiCamera(lambda: Picamera2StandIn(view), stall_timeout_s=2.0)
         triggers = _Triggers(world, 30.0)
