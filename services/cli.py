@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     ka.add_argument("--role", choices=keys_mod.ROLES, required=True)
     ka.add_argument("--name", help="name to file it under (default: the file's name)")
     _add_clinical_commands(sub)
+    sub.add_parser("doctor", help="check this Pi: groups, devices, udev names, lgpio, camera raw format, black level, trigger, clock").add_argument("--no-camera", action="store_true", help="skip the camera checks")
     return p
 
 
@@ -358,6 +359,9 @@ def main(argv=None) -> int:
             return keys_command(args, cfg)
         if args.command == "export":
             return export_command(args, cfg)
+        if args.command == "doctor":
+            from services.doctor import doctor_command  # imported only for this command
+            return doctor_command(args, cfg)
         client = _client(args, cfg)
     except NirfError as err:
         print(f"nirfctl: {err}", file=sys.stderr)
