@@ -374,13 +374,13 @@ class PiCamera(NirCamera):
         job, self._pending_job = self._pending_job, None
         if job is not None:
             try:
-                done = job.done() if hasattr(job, "done") else False
-                if done:
-                    request = cam.wait(job, 0)
-                    request.release()
-                    self.stale_requests_released += 1
-            except Exception as err:  # cancelled or failed: nothing is held
-                log.debug("stale camera job: %s", err)
+                # picamera2's Job has no done(): a zero wait returns the request if the job
+                # has one, else raises TimeoutError (still queued: cancelled below).
+                request = cam.wait(job, 0)
+                request.release()
+                self.stale_requests_released += 1
+            except Exception as err:  # still queued, cancelled or failed: nothing is held
+                log.debug("stale camera job: %s: %s", type(err).__name__, err)
         cancel = getattr(cam, "cancel_all_and_flush", None) if cam is not None else None
         if job is not None and cancel is not None:
             try:

@@ -166,8 +166,8 @@ class StandInJob:
         self._result: StandInRequest | None = None
         self._error: BaseException | None = None
 
-    def done(self) -> bool:
-        """True once the job has a request (or was cancelled)."""
+    def _is_done(self) -> bool:
+        # Private: picamera2's Job offers no such method, so drivers must not use one.
         return self._done.is_set()
 
     def _finish(self, result: StandInRequest | None, error: BaseException | None = None) -> None:
@@ -604,7 +604,7 @@ class Picamera2StandIn:
         deadline = None if timeout_s is None else self._clock.monotonic() + max(0.0, timeout_s)
         with self._cond:
             while True:
-                if job.done():
+                if job._is_done():
                     if job._error is not None:
                         raise job._error
                     return job._result  # type: ignore[return-value]
@@ -619,7 +619,7 @@ class Picamera2StandIn:
                 step = min(remaining, _POLL_S)
                 before = self._clock.monotonic()
                 self._cond.wait(step)
-                if not job.done() and self._clock.monotonic() == before:
+                if not job._is_done() and self._clock.monotonic() == before:
                     # A clock that does not run by itself (a manual clock in tests): spend
                     # the slice on it, so the timeout still ends.
                     self._clock.sleep(step)
