@@ -274,10 +274,9 @@ class Acquisition:
                 if now - last_restart >= self.stall_timeout_s and not self._stop.is_set():
                     last_restart = now
                     try:
+                        # The MCU's frame record goes on, and the new camera's timestamps are
+                        # on the same monotonic clock: the tagger keeps its lock.
                         self.camera.restart()
-                        # The MCU's frame record goes on; only the sensor's clock may differ.
-                        self._tagger.sensor_minus_mcu_us = None
-                        self._tagger.start_window_ns = None
                     except DeviceError as rerr:
                         log.error("camera restart failed: %s", rerr)
                 continue
