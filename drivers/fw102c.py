@@ -265,12 +265,21 @@ class Fw102cWheel(FilterWheel):
         self._io(port.reset_input_buffer)
         self._rx.clear()
         self._io(port.write, command.encode("ascii") + b"\r")
+        resent = False
         for _ in range(MAX_STALE_REPLIES + 1):
             lines = self._read_reply(port, command, deadline, timeout_s)
             if command in lines:
                 values = lines[lines.index(command) + 1:]
                 self._raise_vendor_error(command, values)
                 return values
+            if not resent and any(line.startswith(ERROR_PREFIX) for line in lines):
+                # An error with no echo is a line the wheel did not read (garbled just after
+                # a power-up): it did nothing, so sending the command once more is safe.
+                resent = True
+                log.warning("%s: %r answered %r without an echo; sending it again",
+                            self.device, command, lines)
+                self._io(port.write, command.encode("ascii") + b"\r")
+                continue
             # A prompt without our echo belongs to an earlier command (a move we gave up
             # waiting for); ours follows it.
             log.debug("%s: skipped stale reply %r before %s", self.device, lines, command)

@@ -219,3 +219,18 @@ def test_driver_over_a_pty_after_a_power_cycle(pty_wheel):
         assert wheel.move(2) == 2
     finally:
         wheel.close()
+
+
+def test_driver_rides_through_a_power_cycle_while_connected():
+    """The wheel power-cycled under a connected driver: its next line comes back as NULs
+    and CMD_NOT_DEFINED with no echo; the driver sends that command once more."""
+    world, wheel = loopback_rig()
+    wheel.connect()
+    try:
+        world.apply({"wheel": {"powerup_garbage": True}})
+        assert wheel.move(4) == 4
+        assert world.filter_position == 4
+        world.apply({"wheel": {"powerup_garbage": True}})
+        assert wheel.position() == 4
+    finally:
+        wheel.close()
