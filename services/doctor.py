@@ -335,16 +335,25 @@ def sample_with_picamera2(camera: Any, start_triggers: Callable[[int, float], No
 
 
 def cart_camera_sampler(cfg: Any) -> Callable[[], CameraSample]:
-    """The sampler for the cart: picamera2 and the laser MCU from the configuration. The MCU
-    triggers dark frames (modulation off, laser never enabled)."""
+    """The sampler for the cart: picamera2, the laser MCU and the filter wheel from the
+    configuration. The wheel turns to its blocked slot and the MCU triggers dark frames
+    (modulation off, laser never enabled), so the frames show the black level alone."""
 
     def sample() -> CameraSample:
         import serial  # pyserial, a run-time dependency
 
         from drivers.camera import picamera2_factory
+        from drivers.fw102c import Fw102cWheel
         from drivers.laser_mcu import McuLaser
 
-        laser = McuLaser(lambda: serial.Serial(cfg.laser.port, 115200, timeout=0.05))
+        wheel = Fw102cWheel(lambda: serial.Serial(cfg.filter_wheel.port,
+                                                  cfg.filter_wheel.baudrate, timeout=0.05))
+        wheel.connect()
+        try:
+            wheel.move(cfg.filter_wheel.blocked_position)
+        finally:
+            wheel.close()
+        laser = McuLaser(lambda: serial.Serial(cfg.laser.port, cfg.laser.baudrate, timeout=0.05))
         laser.connect()
         camera = picamera2_factory(0)
         try:

@@ -175,3 +175,40 @@ def test_nirfctl_has_the_doctor_command(capsys):
     assert code in (0, 1)
     out = capsys.readouterr().out
     assert "groups" in out and "lgpio_dir" in out
+
+
+def test_the_cart_sampler_with_the_emulators_behind_its_ports(monkeypatch):
+    """The Pi glue itself: the wheel turns to the blocked slot, the MCU triggers dark frames
+    with the laser off, picamera2 (here the stand-in, as a Pi 5) delivers them."""
+    import drivers.camera
+    from sim.fw102c_emulator import Fw102cEmulator
+    from sim.mcu_emulator import McuEmulator
+    from sim.serial_link import PtyLink
+
+    clock = SystemClock()
+    world = World(clock, SensorModel(width=128, height=96))
+    world.apply({"camera_platform": "pi5"})
+    mcu = PtyLink(McuEmulator(world, clock), "mcu").start()
+    wheel = PtyLink(Fw102cEmulator(world, clock, step_s=0.01), "wheel").start()
+    cams = []
+
+    def factory(index=0):
+        cams.append(Picamera2StandIn(LocalWorldView(world), seed=5))
+        return cams[-1]
+
+    monkeypatch.setattr(drivers.camera, "picamera2_factory", factory)
+    c = cfg(black_level=16)
+    c.laser = SimpleNamespace(port=mcu.port, baudrate=115200)
+    c.filter_wheel = SimpleNamespace(port=wheel.port, baudrate=115200, blocked_position=3)
+    try:
+        sample = doctor.cart_camera_sampler(c)()
+    finally:
+        mcu.stop()
+        wheel.stop()
+    assert world.filter_position == 3
+    assert world.laser_output_mw() == 0.0
+    assert sample.raw_format == "R16" and sample.platform == "pi5"
+    assert len(sample.frames) == 6 and cams and not cams[0].is_open
+    for check in (doctor.check_raw_format, doctor.check_black_level, doctor.check_trigger):
+        result = check(sample, c)
+        assert result.ok is True, (result.name, result.detail)
