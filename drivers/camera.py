@@ -9,18 +9,26 @@ What it does:
 
 * ``configure`` asks for a raw stream in an *unpacked* format (``R10`` for the mono sensor,
   ``SRGGB10`` for a colour one) and sets exposure and analogue gain by hand
-  (``AeEnable`` False) before the camera starts; it checks that the camera really gave an
-  unpacked format of the expected bit depth (a Pi 5 silently swaps packed formats for a lossy
-  compressed one).
-* ``capture`` takes one completed request with a bounded wait, copies the raw frame out and
+  (``AeEnable`` False) before the camera starts, with ``FrameDurationLimits`` wide enough
+  for the exposure (picamera2's video configuration otherwise fixes the frame at 33,333 us
+  and libcamera clips the exposure to it). Exposure and gain outside the camera's own
+  limits are refused here, because libcamera would clamp them without a word. It checks
+  that the camera really gave an unpacked format: the bit depth asked for (Pi 4), or its
+  16-bit form (Pi 5: libcamera's PiSP pipeline turns ``R10`` into ``R16`` with the values
+  left-aligned); a packed or compressed format is refused.
+* ``capture`` waits, bounded, for one completed request, copies the raw frame out and
   releases the request at once (a held request is a buffer the camera cannot fill), then
-  returns right-aligned counts.
+  returns right-aligned counts. picamera2 keeps only the newest completed request, so a
+  slow reader loses frames; the acquisition pairs from the MCU's frame record, not from
+  the order frames arrive in. A capture that timed out is a job still queued in picamera2:
+  the driver waits on that same job next time (so the request it takes is not lost), and
+  releases or cancels it on stop, restart and close.
 * Bit alignment: a Pi 5 (picamera2 platform ``PISP``) delivers unpacked raw left-aligned in
   16 bits; a Pi 4 (``VC4``) right-aligned. With ``left_aligned=None`` the driver reads the
-  camera object's ``platform`` attribute, and on the first frame after each start checks the
-  data agree (a value above full scale can only be left-aligned; left-aligned data have
-  their low bits zero) and corrects itself with a warning. ``left_aligned=True/False``
-  forces the layout.
+  camera object's ``platform`` attribute and the raw format it was given, and on the first
+  frame after each start checks the data agree (a value above full scale can only be
+  left-aligned; left-aligned data have their low bits zero) and corrects itself with a
+  warning. ``left_aligned=True/False`` forces the layout.
 * Times: picamera2's ``SensorTimestamp`` is the end of exposure (start of read-out) on the
   monotonic clock (``CLOCK_MONOTONIC``, the one behind ``time.monotonic_ns``), not the wall
   clock. The driver converts it to wall clock with an offset measured at each frame by
@@ -30,9 +38,12 @@ What it does:
   frame is half the width and height and has two more bits (black level times four).
 * No frame within the stall timeout raises :class:`~hal.errors.CameraStall`; ``restart``
   closes the camera, makes a new one with the factory, configures it as before and starts.
-* The IMX296 runs in external-trigger mode on the cart (the MCU triggers each exposure). The
-  driver calls the ``external_trigger`` hook with True before every start and with False
-  when it closes; :func:`imx296_trigger_hook` is the hook for Raspberry Pi OS.
+* The IMX296 runs in external-trigger mode on the cart (the MCU triggers each exposure; the
+  exposure is the trigger's low pulse plus :data:`TRIGGER_EXPOSURE_EXTRA_US`, whatever the
+  metadata say, so the acquisition records the pulse-derived exposure). The driver calls the
+  optional ``external_trigger`` hook with True before every start and with False when it
+  closes; on the cart the mode is set at boot by the kernel module's option instead
+  (docs/camera.md), because the service's sandbox cannot write ``/sys``.
 
 Every picamera2 exception is translated into :class:`~hal.errors.DeviceError` for device
 ``"camera"``.
@@ -63,6 +74,10 @@ DEVICE = "camera"
 # (Raspberry Pi OS; writable by root only). In that mode each trigger pulse on the XTR pin
 # starts one exposure and the pulse's low time sets the exposure length.
 IMX296_TRIGGER_MODE_PARAM = "/sys/module/imx296/parameters/trigger_mode"
+
+# Raspberry Pi documentation, "External Trigger on the GS Camera": the IMX296 exposes for
+# the low pulse plus this much.
+TRIGGER_EXPOSURE_EXTRA_US = 14.26
 
 _UNPACKED_FORMAT_RE = re.compile(r"^(R|S(?:RGGB|GRBG|GBRG|BGGR))(8|10|12|14|16)$")
 DEFAULT_BUFFER_COUNT = 4
@@ -203,6 +218,8 @@ class PiCamera(NirCamera):
         self._streaming = False
         self._seq = 0
         self._last_frame_mono_s: float | None = None
+        self._pending_job: Any = None  # a capture job that timed out, still queued upstream
+        self.stale_requests_released = 0  # requests a timed-out job took, given back
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -283,8 +300,7 @@ class PiCamera(NirCamera):
                 raise WrongState(
                     "camera: configure refused while streaming; stop the camera first")
             cam = self._ensure_camera()
-            controls = {"ExposureTime": int(s.exposure_us), "AnalogueGain": float(s.gain),
-                        "AeEnable": False}
+            controls = self._controls_for(cam, s)
             with self._vendor(f"configuring raw {self.raw_format} {s.width}x{s.height}"):
                 config = cam.create_video_configuration(
                     raw={"format": self.raw_format, "size": (s.width, s.height)},
@@ -297,12 +313,8 @@ class PiCamera(NirCamera):
                 applied = cam.camera_configuration() or {}
             raw = applied.get("raw") or {}
             actual_format = str(raw.get("format", self.raw_format))
-            parsed = _raw_format_depth(actual_format)
-            if parsed is None or parsed[1] != self.bits:
-                raise DeviceError(
-                    DEVICE,
-                    f"the camera gave raw format {actual_format}, not an unpacked {self.bits}-bit "
-                    f"format like the {self.raw_format} asked for")
+            self._resolve_alignment(cam)  # the platform may only be known once configured
+            self._check_raw_format(actual_format)
             width, height = (int(v) for v in raw.get("size", (s.width, s.height)))
             if (width, height) != (s.width, s.height):
                 log.info("camera raw size is %dx%d (asked %dx%d): the sensor mode decides",
@@ -313,6 +325,68 @@ class PiCamera(NirCamera):
             self._settings = replace(s, width=width, height=height)
             self._configured = True
             return self._settings
+
+    def _controls_for(self, cam: Any, s: CameraSettings) -> dict:
+        """Manual exposure and gain, checked against the camera's own limits (libcamera
+        clamps silently), and a frame duration range that cannot clip the exposure."""
+        limits = getattr(cam, "camera_controls", None) or {}
+        for name, value in (("ExposureTime", int(s.exposure_us)), ("AnalogueGain", float(s.gain))):
+            if name in limits:
+                lo, hi = limits[name][0], limits[name][1]
+                if lo is not None and hi is not None and not lo <= value <= hi:
+                    raise InvalidArgument(
+                        f"camera: {name} {value} outside the camera's limits {lo}-{hi} "
+                        "(the camera would clamp it without saying)")
+        controls: dict[str, Any] = {"ExposureTime": int(s.exposure_us),
+                                    "AnalogueGain": float(s.gain), "AeEnable": False}
+        if "FrameDurationLimits" in limits or not limits:
+            lo, hi = (limits.get("FrameDurationLimits") or (1, 1_000_000_000))[:2]
+            lo, hi = int(lo or 1), int(hi or 1_000_000_000)
+            # The shortest frame must hold the exposure; the longest is the sensor's.
+            controls["FrameDurationLimits"] = (min(max(lo, int(s.exposure_us)), hi), hi)
+        return controls
+
+    def _check_raw_format(self, actual_format: str) -> None:
+        """Accept the unpacked format asked for, or (Pi 5) its 16-bit left-aligned form."""
+        parsed = _raw_format_depth(actual_format)
+        asked_mono = _raw_format_depth(self.raw_format)[0]  # type: ignore[index]
+        if parsed is not None and parsed[0] == asked_mono and parsed[1] == self.bits:
+            return
+        if parsed is not None and parsed[0] == asked_mono and parsed[1] == 16 and self.bits < 16:
+            # libcamera's PiSP pipeline (Pi 5) writes unpacked raw as 16 bits, the sensor's
+            # bits at the top: the layout follows from the format itself.
+            if self._left_aligned_forced is False:
+                raise DeviceError(
+                    DEVICE, f"the camera gave 16-bit raw {actual_format} for {self.raw_format}; "
+                            "its values are left-aligned, but left_aligned=False was forced")
+            if not self._left_aligned:
+                log.info("camera raw %s for %s: %d-bit values left-aligned in 16 bits",
+                         actual_format, self.raw_format, self.bits)
+            self._left_aligned = True
+            return
+        raise DeviceError(
+            DEVICE,
+            f"the camera gave raw format {actual_format}, not an unpacked {self.bits}-bit "
+            f"format like the {self.raw_format} asked for (nor its 16-bit form)")
+
+    def _drop_pending_job(self, cam: Any) -> None:
+        """Give back what a timed-out capture job took, and cancel queued jobs."""
+        job, self._pending_job = self._pending_job, None
+        if job is not None:
+            try:
+                # picamera2's Job has no done(): a zero wait returns the request if the job
+                # has one, else raises TimeoutError (still queued: cancelled below).
+                request = cam.wait(job, 0)
+                request.release()
+                self.stale_requests_released += 1
+            except Exception as err:  # still queued, cancelled or failed: nothing is held
+                log.debug("stale camera job: %s: %s", type(err).__name__, err)
+        cancel = getattr(cam, "cancel_all_and_flush", None) if cam is not None else None
+        if job is not None and cancel is not None:
+            try:
+                cancel()
+            except Exception as err:
+                log.warning("cancelling queued camera jobs failed: %s", err)
 
     def start(self) -> None:
         """Start streaming (configuring with the current settings if never configured)."""
@@ -339,6 +413,7 @@ class PiCamera(NirCamera):
             self._streaming = False
             with self._vendor("stopping the camera"):
                 self._cam.stop()
+            self._drop_pending_job(self._cam)
 
     def restart(self) -> None:
         """Recover a stalled camera: close it, make a new one with the factory, configure
@@ -348,6 +423,7 @@ class PiCamera(NirCamera):
             self._streaming = False
             self._configured = False
             if old is not None:
+                self._drop_pending_job(old)
                 self._close_camera_quietly(old)
             log.info("camera restarting")
             self.configure(self._settings)
@@ -361,6 +437,7 @@ class PiCamera(NirCamera):
             self._configured = False
             errors: list[Exception] = []
             if cam is not None:
+                self._drop_pending_job(cam)
                 for action in (("stop",) if was_streaming else ()) + ("close",):
                     try:
                         getattr(cam, action)()
@@ -395,7 +472,7 @@ class PiCamera(NirCamera):
             cam = self._cam
             settings = self._settings
         try:
-            request = cam.capture_request(wait=float(timeout))
+            request = self._next_request(cam, float(timeout))
         except TimeoutError as err:
             raise CameraStall(
                 DEVICE,
@@ -420,6 +497,20 @@ class PiCamera(NirCamera):
         frame = self._build_frame(raw, metadata, settings)
         self._last_frame_mono_s = self._clock.monotonic()
         return frame
+
+    def _next_request(self, cam: Any, timeout_s: float) -> Any:
+        """One completed request within ``timeout_s``. A picamera2 capture that times out
+        stays queued and takes the next request when it comes; so the job is kept and waited
+        on again, never abandoned with a buffer in it."""
+        if not hasattr(cam, "wait"):
+            return cam.capture_request(wait=timeout_s)
+        job = self._pending_job
+        if job is None:
+            job = cam.capture_request(wait=False)
+        self._pending_job = job
+        request = cam.wait(job, timeout_s)  # TimeoutError: the job stays for next time
+        self._pending_job = None
+        return request
 
     def _wall_minus_sensor_ns(self) -> int:
         """Offset from the sensor's (monotonic) clock to the wall clock: read wall,

@@ -6,10 +6,14 @@ path itself. Production::
 
     wheel = Fw102cWheel(lambda: serial.Serial(path, 115200, timeout=0.05))
 
-Every exchange is: write ``command`` + CR, then read up to the ``>`` prompt. What came
-before the prompt is the echo of the command, then the value (queries) or a vendor error
-line. Every wait is bounded by a deadline on the driver's clock; nothing is retried
-without a bound. See docs/filter-wheel.md.
+Every exchange is: write ``command`` + CR, then read up to the prompt (``"> "`` on the real
+wheel; a bare ``>`` is accepted too). What came before the prompt is the echo of the
+command, then the value (queries) or a vendor error line; lines may end in CR or LF (error
+lines end in LF). NUL bytes are noise, not text. Fresh from power-up the wheel can answer
+its first line with NULs and ``CMD_NOT_DEFINED`` instead of an echo, so ``connect`` first
+sends a bare CR and throws away whatever that brings back, as Odemis's driver does. Every
+wait is bounded by a deadline on the driver's clock; nothing is retried without a bound.
+See docs/filter-wheel.md.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ except ImportError:  # pragma: no cover - not on Linux
 # What a port raises when its device vanishes (serial.SerialException is an OSError).
 _PORT_ERRORS = (OSError, _TermiosError)
 
-PROMPT = b">"
+PROMPT = b">"  # the wheel sends "> "; the space is left over and stripped with the next reply
 ERROR_PREFIX = "Command error"
 # A reply longer than this without a prompt is not the wheel talking.
 MAX_REPLY_BYTES = 256
@@ -54,6 +58,8 @@ READ_POLL_S = 0.05
 VERIFY_POLL_S = 0.1
 # A position query near the end of a move still gets at least this long to answer.
 MIN_QUERY_S = 0.2
+# How long connect waits for the prompt after its wake-up CR.
+WAKE_TIMEOUT_S = 0.5
 KNOWN_MODELS = ("FW102C", "FW212C")
 
 PortFactory = Callable[[], Any]
@@ -105,6 +111,7 @@ class Fw102cWheel(FilterWheel):
                 # A blocking port would make our deadlines meaningless.
                 if port.timeout is None or port.timeout > READ_POLL_S:
                     port.timeout = READ_POLL_S
+                self._wake(port)
                 identity = self._query("*idn?")
                 if not any(model in identity.upper() for model in KNOWN_MODELS):
                     raise ProtocolError(self.device, f"*idn? answered {identity!r}, expected one of "
@@ -118,6 +125,22 @@ class Fw102cWheel(FilterWheel):
                 self._drop_port()
                 raise
             log.info("%s: %s, %d positions, at %s", self.device, identity, count, self._last_position)
+
+    def _wake(self, port: Any) -> None:
+        """Send a bare CR and discard the answer: after power-up the first line can come back
+        as NUL bytes and CMD_NOT_DEFINED, and any half-typed line is ended. A wheel that
+        says nothing here is left to the identity query to report."""
+        self._io(port.reset_input_buffer)
+        self._rx.clear()
+        self._io(port.write, b"\r")
+        deadline = self._clock.monotonic() + WAKE_TIMEOUT_S
+        try:
+            heard = self._read_reply(port, "(wake-up)", deadline, WAKE_TIMEOUT_S)
+            if heard:
+                log.info("%s: discarded %r after the wake-up CR", self.device, heard)
+        except (DeviceTimeout, ProtocolError) as err:
+            log.debug("%s: wake-up CR: %s", self.device, err)
+        self._rx.clear()
 
     def close(self) -> None:
         """Close the port. The wheel stays where it is."""
@@ -242,12 +265,21 @@ class Fw102cWheel(FilterWheel):
         self._io(port.reset_input_buffer)
         self._rx.clear()
         self._io(port.write, command.encode("ascii") + b"\r")
+        resent = False
         for _ in range(MAX_STALE_REPLIES + 1):
             lines = self._read_reply(port, command, deadline, timeout_s)
             if command in lines:
                 values = lines[lines.index(command) + 1:]
                 self._raise_vendor_error(command, values)
                 return values
+            if not resent and any(line.startswith(ERROR_PREFIX) for line in lines):
+                # An error with no echo is a line the wheel did not read (garbled just after
+                # a power-up): it did nothing, so sending the command once more is safe.
+                resent = True
+                log.warning("%s: %r answered %r without an echo; sending it again",
+                            self.device, command, lines)
+                self._io(port.write, command.encode("ascii") + b"\r")
+                continue
             # A prompt without our echo belongs to an earlier command (a move we gave up
             # waiting for); ours follows it.
             log.debug("%s: skipped stale reply %r before %s", self.device, lines, command)
@@ -260,7 +292,9 @@ class Fw102cWheel(FilterWheel):
             if end >= 0:
                 chunk = bytes(self._rx[:end])
                 del self._rx[:end + 1]
-                text = chunk.decode("ascii", errors="replace").replace("\n", "\r")
+                # NULs are line noise (power-up); LF ends error lines, CR the others.
+                text = chunk.replace(b"\x00", b"").decode("ascii", errors="replace")
+                text = text.replace("\n", "\r")
                 return [line.strip() for line in text.split("\r") if line.strip()]
             if len(self._rx) > MAX_REPLY_BYTES:
                 raise ProtocolError(self.device, f"{command}: {len(self._rx)} bytes without a prompt "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from types import ModuleType
 from typing import Any, Callable
@@ -50,17 +51,53 @@ SETTLE_MARGIN_S = 0.002
 _MODULE_ERRORS = (RuntimeError, ValueError, OSError)
 
 
-def import_rpi_gpio() -> ModuleType:
-    """Import the RPi.GPIO module (rpi-lgpio on a Pi 5) now, translating failure to load
-    it into :class:`DeviceError`."""
+def import_rpi_gpio(
+    importer: Callable[[str], ModuleType] | None = None,
+    environ: Any = os.environ,
+    getcwd: Callable[[], str] = os.getcwd,
+) -> ModuleType:
+    """Import the RPi.GPIO module (rpi-lgpio on a Pi 5) now, translating every failure to
+    load it into :class:`DeviceError`.
+
+    rpi-lgpio's ``lgpio`` creates its notification FIFO ``.lgd-nfy<N>`` at import, in the
+    directory ``$LG_WD`` names or else the working directory (lg ``lgNotify.c``,
+    ``lgUtil.c``; ``PY_LGPIO/lgpio_extra.py`` then opens it). A service that runs in ``/``
+    under ``ProtectSystem=strict`` cannot create it and the import raises
+    ``FileNotFoundError``. When ``LG_WD`` is unset and systemd gave the service a runtime
+    directory (``$RUNTIME_DIRECTORY``), that directory is used. ``importer``, ``environ``
+    and ``getcwd`` are injectable for tests."""
+    if not environ.get("LG_WD"):
+        runtime = str(environ.get("RUNTIME_DIRECTORY", "")).split(":")[0]
+        if runtime:
+            # Set in os.environ, so the C library's getenv sees it too.
+            environ["LG_WD"] = runtime
+    if importer is None:
+        importer = importlib.import_module
     try:
-        return importlib.import_module("RPi.GPIO")
+        return importer("RPi.GPIO")
     except ImportError as err:
         raise DeviceError(DEVICE, f"the RPi.GPIO module is not installed ({err}); on the Pi "
                                   "install rpi-lgpio") from err
     except RuntimeError as err:
         # RPi.GPIO raises RuntimeError at import off a Pi or without access to the GPIOs.
         raise DeviceError(DEVICE, f"the RPi.GPIO module cannot run here: {err}") from err
+    except OSError as err:
+        where = environ.get("LG_WD") or _cwd_or_unknown(getcwd)
+        raise DeviceError(
+            DEVICE,
+            f"importing RPi.GPIO (rpi-lgpio) failed: {type(err).__name__}: {err}; lgpio "
+            f"creates its notification FIFO .lgd-nfy* in LG_WD or the working directory "
+            f"({where}), which must exist and be writable: set LG_WD to such a directory "
+            "(the systemd units use their RuntimeDirectory)") from err
+    except Exception as err:  # anything else a C extension's import can raise
+        raise DeviceError(DEVICE, f"importing RPi.GPIO failed: {type(err).__name__}: {err}") from err
+
+
+def _cwd_or_unknown(getcwd: Callable[[], str]) -> str:
+    try:
+        return getcwd()
+    except OSError:
+        return "the working directory (unknown)"
 
 
 class GpioSafetyIO(SafetyInputs, Indicators):

@@ -3,7 +3,13 @@
 # 64-bit, Lite). Run it as root from a copy of the project:
 #
 #     sudo ./install/install-pi.sh            # install, or update after a new copy
-#     sudo ./install/install-pi.sh --no-apt   # skip the system packages (offline update)
+#     sudo ./install/install-pi.sh --no-apt   # offline update: no apt, no package index
+#     sudo ./install/install-pi.sh --no-apt --wheelhouse DIR   # offline, new wheels from DIR
+#
+# --no-apt touches no network: apt is skipped, pip uses no package index (only what is
+# installed, or the wheels in DIR) and builds the project with the setuptools already
+# installed (python3-setuptools) instead of fetching a build backend. A first install
+# needs the network once (without --no-apt).
 #
 # Safe to run again: every step first looks at what is there and changes only what is
 # missing or out of date. It never overwrites a configuration a technician has edited and
@@ -18,7 +24,8 @@
 #   5. /etc/nirf (configuration) and /var/lib/nirf (state)
 #   6. the cart's first key pair and the local operator's
 #   7. the camera's external trigger mode, set when its driver loads
-#   8. the systemd units, enabled (not started)
+#   8. the udev rules naming the serial ports (/dev/nirf/laser, /dev/nirf/wheel)
+#   9. the systemd units, enabled (not started)
 set -euo pipefail
 
 PREFIX=/opt/nirf
@@ -34,6 +41,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-pip
     python3-picamera2 python3-libcamera python3-numpy
     python3-lgpio            # the C library and binding rpi-lgpio drives
+    python3-setuptools python3-wheel   # the build backend, so offline updates need no index
     rpicam-apps-lite         # rpicam-hello --list-cameras, for the bring-up checks
     systemd-timesyncd        # the wall clock in case records and TIFF metadata
 )
@@ -44,6 +52,7 @@ SELF="$SRC_DIR/install/$(basename "${BASH_SOURCE[0]}")"
 # start in a folder they cannot read, nor import the source copy instead of the installed one.
 cd /
 RUN_APT=1
+WHEELHOUSE=""
 
 say() { printf '\n==> %s\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -57,6 +66,10 @@ usage() {
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --no-apt) RUN_APT=0 ;;
+        --wheelhouse)
+            [[ $# -ge 2 && -d "$2" ]] || die "--wheelhouse needs a folder of wheels"
+            WHEELHOUSE="$(cd "$2" && pwd)"
+            shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -126,13 +139,30 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 # pip must never bring a numpy of its own: one built for another ABI than the apt
 # picamera2's compiled helpers (simplejpeg) breaks the camera at import
 printf 'numpy==%s\n' "$SYSTEM_NUMPY" >"$CONSTRAINTS"
+PIP=("$VENV/bin/pip" install --quiet --disable-pip-version-check --constraint "$CONSTRAINTS")
+if [[ $RUN_APT -eq 0 ]]; then
+    # Offline: no package index, and no isolated build environment (pip would download
+    # setuptools into it); the build backend is the system's python3-setuptools.
+    PIP+=(--no-index --no-build-isolation)
+    [[ -n "$WHEELHOUSE" ]] && PIP+=(--find-links "$WHEELHOUSE")
+    "$VENV/bin/python" -c 'import setuptools.build_meta' 2>/dev/null \
+        || die "offline: setuptools is not installed (python3-setuptools); run once without --no-apt"
+fi
 # Dependencies first (already satisfied ones are left alone), then the project itself,
 # reinstalled every time so a new copy of the code replaces the old one even when the
 # version number did not change.
-"$VENV/bin/pip" install --quiet --disable-pip-version-check --constraint "$CONSTRAINTS" "${SRC_DIR}[pi]"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check --constraint "$CONSTRAINTS" \
-    --no-deps --force-reinstall "$SRC_DIR"
-"$VENV/bin/python" - <<'EOF' || die "the virtual environment is incomplete (see the error above)"
+"${PIP[@]}" "${SRC_DIR}[pi]" \
+    || die "installing the dependencies failed (offline: are they installed, or in --wheelhouse?)"
+"${PIP[@]}" --no-deps --force-reinstall "$SRC_DIR"
+# The check runs as the service user in a scratch folder, never in / (or the source copy):
+# importing rpi-lgpio makes lgpio create its FIFO .lgd-nfy* in LG_WD or the working folder,
+# and the project must come from the venv, not from the folder the check starts in.
+CHECK_DIR="$(mktemp -d)"
+chmod 0755 "$CHECK_DIR"
+trap 'rm -rf "$CONSTRAINTS" "$CHECK_DIR"' EXIT
+chown "$SERVICE_USER" "$CHECK_DIR"
+(cd "$CHECK_DIR" && runuser -u "$SERVICE_USER" -- env LG_WD="$CHECK_DIR" "$VENV/bin/python" - <<'EOF') \
+    || die "the virtual environment is incomplete (see the error above)"
 import numpy, serial, zmq, msgpack
 import config, controller.main, services.imaging.main, services.gateway.main, services.study.main, services.processing.main
 print(f"    numpy {numpy.__version__}, pyzmq {zmq.__version__}, pyserial {serial.__version__}")
@@ -184,7 +214,7 @@ say "camera external trigger"
 # (ProtectKernelTunables=), so the IMX296 driver is told at load time instead.
 MODPROBE_CONF=/etc/modprobe.d/nirf-imx296.conf
 MODPROBE_WANTED="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS" "$MODPROBE_WANTED"' EXIT
+trap 'rm -rf "$CONSTRAINTS" "$CHECK_DIR" "$MODPROBE_WANTED"' EXIT
 printf '%s\n' "# NIRF cart: the laser MCU triggers each exposure on XTR (install-pi.sh)" \
     "options imx296 trigger_mode=1" >"$MODPROBE_WANTED"
 if cmp -s "$MODPROBE_WANTED" "$MODPROBE_CONF"; then
@@ -194,7 +224,20 @@ else
     note "written to $MODPROBE_CONF; takes effect at the next boot"
 fi
 
-# ---------------------------------------------------------------------------- 8. units
+# ---------------------------------------------------------------------------- 8. udev
+say "udev rules for the serial ports"
+UDEV_RULES=/etc/udev/rules.d/99-nirf.rules
+if cmp -s "$SRC_DIR/systemd/99-nirf.rules" "$UDEV_RULES"; then
+    note "already in $UDEV_RULES"
+else
+    install -m 0644 "$SRC_DIR/systemd/99-nirf.rules" "$UDEV_RULES"
+    udevadm control --reload
+    # name the adapters already plugged in, so the units' device dependencies are met
+    udevadm trigger --subsystem-match=tty --action=add
+    note "installed $UDEV_RULES"
+fi
+
+# ---------------------------------------------------------------------------- 9. units
 say "systemd units"
 install -m 0644 "$SRC_DIR/systemd/nirf.target" "$UNIT_DIR/nirf.target"
 wanted=()
@@ -218,9 +261,11 @@ systemctl enable nirf.target "${wanted[@]}"
 say "done"
 cat <<EOF
     Next steps (docs/operations.md, 'First start' and 'Bring-up checklist'):
-      1. edit $CONF_FILE: serial ports (ls -l /dev/serial/by-id/) and GPIO pins
+      1. ls -l /dev/nirf/ shows laser and wheel (else adjust $UDEV_RULES: udevadm info);
+         edit $CONF_FILE: GPIO pins
       2. sudo systemctl start nirf.target
       3. journalctl -u nirf-safety -f           and       systemctl status nirf.target
+      4. sudo -u $SERVICE_USER $VENV/bin/nirfctl doctor   (groups, devices, camera, clock)
     After an update of a running cart:  sudo systemctl restart nirf.target
     (never while a patient is being imaged: a restart turns the laser off).
 EOF

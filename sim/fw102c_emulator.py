@@ -9,8 +9,11 @@ Protocol as modelled here
 * The host sends a line ending in CR. LF bytes are ignored, so ``pos?\\r\\n`` works too;
   a line ending only in LF is not a command yet.
 * The wheel answers with the echo of the line and a CR, then the value and a CR (queries
-  only), then the prompt ``>`` (no CR after it).
-* Errors replace the value: ``Command error CMD_NOT_DEFINED`` for anything it does not
+  only), then the prompt ``"> "`` (a greater-than sign and a space, no CR after it), as
+  Odemis's driver (``tlfw.py``) waits for and its simulator sends.
+* Errors replace the value and end in LF, then CR (``Command error CMD_ARG_INVALID\n\r> ``):
+  python-microscope's driver notes that error messages use LF, Odemis's simulator sends
+  exactly this. ``Command error CMD_NOT_DEFINED`` for anything it does not
   know (unknown keyword, upper case, a query of a set-only keyword, non-ASCII bytes, a
   line longer than :data:`MAX_LINE_BYTES`) and ``Command error CMD_ARG_INVALID`` for a
   known keyword with a bad argument (not a plain decimal number, or out of range).
@@ -19,6 +22,16 @@ Protocol as modelled here
   ``speed=0|1``/``speed?``, ``trig=0|1``/``trig?``, ``sensors=0|1``/``sensors?``,
   ``baud=0|1``/``baud?`` and ``save``. Settings other than the position, the count and
   the speed are stored and reported but change nothing (the line rate does not change).
+
+Variants (``sim.set wheel``, read from ``world.wheel`` for every line)
+----------------------------------------------------------------------
+* ``prompt_space`` (default True): False sends a bare ``>`` prompt, as older notes have it.
+* ``lf_errors`` (default True): False ends error lines in CR like the other lines.
+* ``powerup_garbage`` (default False): the first line after power-up (the emulator's start,
+  or setting the variant to True, which stands for a power cycle) is not understood: the
+  wheel answers a few NUL bytes and ``Command error CMD_NOT_DEFINED`` without an echo,
+  then the prompt (Odemis's ``tlfw.py``: "can have some \x00 bytes at the beginning +
+  CMD_NOT_DEFINED"; it sends a bare CR first and discards what comes back).
 
 Moves (choices made here; document any change in docs/filter-wheel.md)
 ----------------------------------------------------------------------
@@ -57,7 +70,9 @@ from sim.world import World
 log = logging.getLogger(__name__)
 
 CR = b"\r"
-PROMPT = b">"
+LF = b"\n"
+PROMPT = b"> "  # the real wheel's prompt; b">" with the prompt_space variant off
+POWERUP_NULS = 3
 IDN = "THORLABS FW102C/FW212C Filter Wheel version 1.07"
 ERR_NOT_DEFINED = "Command error CMD_NOT_DEFINED"
 ERR_ARG_INVALID = "Command error CMD_ARG_INVALID"
@@ -117,7 +132,22 @@ class Fw102cEmulator:
         self.position = start if 1 <= start <= positions else 1
         self._move: _Move | None = None
         self._last_tick_s = clock.monotonic()
+        # Power-up garbage is due on the first line after each (simulated) power-up.
+        self._power_cycles_seen = -1 if self._variant("powerup_garbage") else self._power_cycles()
         world.set_filter(self.position, moving=False)
+
+    # -- variants --------------------------------------------------------------------------
+    def _variant(self, name: str) -> bool:
+        defaults = {"prompt_space": True, "lf_errors": True, "powerup_garbage": False}
+        return bool(getattr(self.world, "wheel", {}).get(name, defaults[name]))
+
+    def _power_cycles(self) -> int:
+        return int(getattr(self.world, "wheel_power_cycles", 0))
+
+    @property
+    def prompt(self) -> bytes:
+        """The prompt the wheel sends now (``"> "``, or ``">"`` with the variant off)."""
+        return PROMPT if self._variant("prompt_space") else b">"
 
     # -- EmulatorCore ---------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -180,6 +210,12 @@ class Fw102cEmulator:
         self._out += text
 
     def _handle_line(self, raw: bytes) -> None:
+        if self._variant("powerup_garbage") and self._power_cycles_seen != self._power_cycles():
+            # Fresh from power-up the wheel garbles its first line: NULs, an error, no echo.
+            self._power_cycles_seen = self._power_cycles()
+            self._send(b"\x00" * POWERUP_NULS)
+            self._reply(ERR_NOT_DEFINED)
+            return
         # The firmware echoes what it received, as a terminal would.
         self._send(raw + CR)
         if len(raw) > MAX_LINE_BYTES:
@@ -191,7 +227,7 @@ class Fw102cEmulator:
             self._reply(ERR_NOT_DEFINED)
             return
         if not line:
-            self._send(PROMPT)
+            self._send(self.prompt)
             return
         if line.endswith("?"):
             self._query(line[:-1])
@@ -199,12 +235,13 @@ class Fw102cEmulator:
             keyword, _, argument = line.partition("=")
             self._set(keyword, argument)
         elif line == "save":
-            self._send(PROMPT)
+            self._send(self.prompt)
         else:
             self._reply(ERR_NOT_DEFINED)
 
     def _reply(self, value: str) -> None:
-        self._send(value.encode("ascii") + CR + PROMPT)
+        end = LF + CR if value.startswith("Command error") and self._variant("lf_errors") else CR
+        self._send(value.encode("ascii") + end + self.prompt)
 
     def _query(self, keyword: str) -> None:
         values = {
@@ -244,14 +281,14 @@ class Fw102cEmulator:
                 self.world.set_filter(self.position, moving=False)
         else:
             setattr(self, keyword, value)
-        self._send(PROMPT)
+        self._send(self.prompt)
 
     # -- moves -----------------------------------------------------------------------------
     def _start_move(self, target: int) -> None:
         forward = (target - self.position) % self.pcount
         backward = (self.position - target) % self.pcount
         if forward == 0:
-            self._send(PROMPT)
+            self._send(self.prompt)
             return
         direction, steps = (1, forward) if forward <= backward else (-1, backward)
         self._move = _Move(target, direction, steps, self.step_time_s())
@@ -286,4 +323,4 @@ class Fw102cEmulator:
     def _finish(self) -> None:
         self._move = None
         self.world.set_filter(self.position, moving=False)
-        self._send(PROMPT)
+        self._send(self.prompt)

@@ -373,7 +373,8 @@ class McuEmulator:
             # The gate for this frame is set before the trigger, at the trigger's time, so
             # the whole frame period is lit (or dark).
             self.world.set_laser_drive(self._drive_mw(), t_ns)
-            self.world.trigger(n, t_ns, lit, self._exposure_us * 1000)
+            # the trigger pulse is the exposure (the IMX296 exposes for the pulse)
+            self.world.trigger(n, t_ns, lit, self._exposure_us * 1000, pulse_us=self._exposure_us)
             self._send(f"! FRM {n} {'L' if lit else 'D'} {self._mcu_us(t_ns)}")
             self._next_frame = n + 1
             self._frame_count = n + 1

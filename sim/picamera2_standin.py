@@ -10,9 +10,32 @@ and with the same behaviour where it matters:
 * ``start``, ``stop``, ``close``;
 * ``capture_request(wait=...)`` (``wait`` a number of seconds bounds the wait and raises
   ``TimeoutError``; ``wait=False`` returns a job for ``Picamera2.wait(job, timeout)``),
-  ``captured_request`` (context manager that releases);
-* requests with ``make_array("raw")``, ``get_metadata()``, ``release()`` and the context
-  manager protocol.
+  ``captured_request`` (context manager that releases), ``cancel_all_and_flush``;
+* requests with ``make_array("raw")``, ``get_metadata()`` and ``release()``. Like
+  picamera2's ``CompletedRequest`` they are *not* context managers, and releasing one twice
+  raises ``RuntimeError`` (a negative reference count upstream).
+
+Where picamera2 is stricter or different from what a driver might assume, the stand-in does
+as picamera2 does (docs/conformance.md lists each behaviour with its upstream reference):
+
+* Only one completed request is kept (two or more buffers, ``queue`` True; none with one
+  buffer): when a newer frame completes, the older one not yet collected is released, so a
+  slow reader loses frames rather than reading stale ones from a queue.
+* A capture is a *job* in a queue. A ``capture_request`` that timed out stays queued: the next
+  frame completes it, and the request it took is held by nobody (a lost buffer) unless the
+  caller waits on the same job again or calls ``cancel_all_and_flush``. Jobs survive
+  ``stop``.
+* Controls are clamped to their limits, not refused; ``ExposureTime`` is also clipped to the
+  frame duration that ``FrameDurationLimits`` allows (picamera2's video configuration
+  defaults it to 33,333 us). Unknown controls raise ``RuntimeError``.
+* In external-trigger mode (every frame here is triggered by the MCU) the sensor exposes for
+  the trigger's low pulse plus 14.26 us, whatever ``ExposureTime`` says; the metadata still
+  report the (clipped) control value.
+* ``camera_platform`` ``"pi5"`` (PiSP): an unpacked raw request (``R10``, ``SRGGB10``) is
+  changed to its 16-bit form (``R16``, ``SRGGB16``) with the 10-bit values left-aligned; a
+  packed one becomes the compressed ``PISP_COMP1`` format. ``"pi4"`` (VC4) keeps ``R10``.
+* Frames whose exposure the MCU marks as failed (``drop_counters``) never reach the
+  application, as picamera2 drops requests whose status is not Success.
 
 Like the IMX296 in external-trigger mode, the stand-in exposes a frame only when the MCU
 triggers one: a background thread takes each :class:`~sim.world.Trigger` from the world
@@ -24,8 +47,8 @@ laser toggle mistimed against the exposure therefore gives a partly lit frame.
 Raw data arrive the way picamera2 hands them out for unpacked raw formats: a ``uint8``
 array of shape ``(height, stride_bytes)``, little-endian 16-bit pixels, rows padded to an
 aligned stride. On a Pi 4 (platform ``VC4``) the pixel values are right-aligned (0..1023 for
-10 bits); on a Pi 5 (platform ``PISP``, ``left_aligned=True`` here) they are shifted left to
-fill 16 bits (full scale 65472).
+10 bits); on a Pi 5 (platform ``PISP``) the format reads back as 16-bit and the values are
+shifted left to fill 16 bits (full scale 65472).
 
 Metadata: ``ExposureTime`` (us), ``AnalogueGain``, ``DigitalGain``, ``FrameDuration`` (us:
 the time since the previous trigger, i.e. the trigger period), ``SensorBlackLevels`` (in
@@ -37,10 +60,8 @@ The injected fault ``camera_stall`` makes the stand-in swallow triggers, as pica
 stop delivering frames in dark scenes; once stalled it stays stalled until the next
 ``start`` (a restart), even if the fault is lifted.
 
-Frames that the application does not collect go into a small queue bounded by the buffer
-count; when it is full the oldest completed request is dropped, as a camera with a few
-buffers does. Requests must be released; requests held by the application take buffers
-away from the queue.
+Requests must be released; requests held by the application (or by a stale job) take
+buffers away from the camera, and with none free the sensor has nowhere to put a frame.
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ import math
 import re
 import threading
 from collections import deque
+from concurrent.futures import CancelledError
 from typing import Any, Callable
 
 import numpy as np
@@ -71,6 +93,13 @@ _POLL_S = 0.01
 _TRIGGER_POLL_S = 0.05
 DEFAULT_BUFFER_COUNT = 4
 DEFAULT_FRAME_DURATION_US = 33_333  # reported for the first frame, before a period is known
+# picamera2's create_video_configuration fixes the frame duration at 30 fps unless the
+# application sets FrameDurationLimits itself (picamera2.py, create_video_configuration).
+VIDEO_FRAME_DURATION_LIMITS_US = (33_333, 33_333)
+# In external-trigger mode the IMX296 exposes for the trigger's low pulse plus this much
+# (Raspberry Pi documentation, "External Trigger on the GS Camera").
+TRIGGER_EXPOSURE_EXTRA_US = 14.26
+PLATFORMS = ("pi4", "pi5")
 
 _UNPACKED_RE = re.compile(r"^(R|S[RGB]{4})(8|10|12|14|16)$")
 _ANY_RAW_RE = re.compile(r"^(S?)([RGB]+?)(\d+)(?:_(.+))?$")
@@ -80,11 +109,12 @@ class Platform(enum.Enum):
     """The Pi's camera pipeline, named as picamera2 names it (``Picamera2.platform``)."""
 
     VC4 = 0  # Pi 4 and earlier: unpacked raw is right-aligned
-    PISP = 1  # Pi 5: unpacked raw is left-aligned in 16 bits
+    PISP = 1  # Pi 5: unpacked raw is delivered as 16 bits, left-aligned
 
 
 class StandInRequest:
-    """A completed request: one frame's raw buffer and metadata. Release it when done."""
+    """A completed request: one frame's raw buffer and metadata. Release it exactly once
+    when done (a second release raises, as picamera2's reference count does)."""
 
     def __init__(self, owner: "Picamera2StandIn", raw: np.ndarray, metadata: dict, config: dict):
         self._owner = owner
@@ -111,35 +141,43 @@ class StandInRequest:
         return dict(self._metadata)
 
     def release(self) -> None:
-        """Give the buffer back to the camera. Releasing twice is harmless."""
+        """Give the buffer back to the camera. A second release raises RuntimeError."""
         with self._lock:
             if self._released:
-                return
+                raise RuntimeError("CompletedRequest: lock now has negative ref_count")
             self._released = True
             self._raw = None  # type: ignore[assignment]
-        self._owner._request_released()
+        self._owner._request_released(self)
 
     @property
     def released(self) -> bool:
         """True once the request has been given back."""
         return self._released
 
-    def __enter__(self) -> "StandInRequest":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 class StandInJob:
-    """What ``capture_request(wait=False)`` returns: a pending capture."""
+    """A queued capture: what ``capture_request(wait=False)`` returns. It completes with the
+    first request that arrives while it is at the head of the camera's job queue."""
 
-    def __init__(self, owner: "Picamera2StandIn"):
+    def __init__(self, owner: "Picamera2StandIn", flush_ns: int | None):
         self._owner = owner
+        self.flush_ns = flush_ns
+        self._done = threading.Event()
+        self._result: StandInRequest | None = None
+        self._error: BaseException | None = None
+
+    def _is_done(self) -> bool:
+        # Private: picamera2's Job offers no such method, so drivers must not use one.
+        return self._done.is_set()
+
+    def _finish(self, result: StandInRequest | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
 
     def get_result(self, timeout: float | None = None) -> StandInRequest:
-        """Wait for the request; ``TimeoutError`` after ``timeout`` seconds."""
-        return self._owner._take_request(timeout)
+        """Wait for the request; ``TimeoutError`` after ``timeout`` seconds (the job stays
+        queued, as in picamera2)."""
+        return self._owner._wait_job(self, timeout)
 
 
 def _raw_format_parts(fmt: str) -> tuple[str, int, str | None]:
@@ -150,6 +188,12 @@ def _raw_format_parts(fmt: str) -> tuple[str, int, str | None]:
     return m.group(2), int(m.group(3)), m.group(4)
 
 
+def _format_name(order: str, bits: int, packing: str | None = None) -> str:
+    """("RGGB", 16) -> "SRGGB16"; ("R", 16, "PISP_COMP1") -> "R16_PISP_COMP1"."""
+    base = f"{'R' if order == 'R' else 'S' + order}{bits}"
+    return f"{base}_{packing}" if packing else base
+
+
 class Picamera2StandIn:
     """picamera2's ``Picamera2`` for the simulated cart (see the module docstring).
 
@@ -157,8 +201,10 @@ class Picamera2StandIn:
     ``render(scene, laser_mw, exposure_us, gain) -> uint16 (height, width)`` right-aligned
     counts (default: :class:`sim.render.FrameRenderer` on the view's sensor, created at the
     first ``start``); ``clock`` the clock waits are measured on (default the system clock);
-    ``left_aligned`` makes it behave as a Pi 5 (``platform`` PISP); ``mono`` False makes it
-    a colour sensor (Bayer raw formats).
+    ``platform`` ``"pi4"`` or ``"pi5"`` fixes the Pi it imitates (None: the world's
+    ``camera_platform`` at each ``configure``, see ``sim.set``); ``left_aligned`` True is the
+    older spelling of ``platform="pi5"``; ``mono`` False makes it a colour sensor (Bayer raw
+    formats); ``drop_counters`` are MCU frame counters whose exposures fail (no request).
     """
 
     def __init__(
@@ -168,11 +214,15 @@ class Picamera2StandIn:
         renderer: Any = None,
         clock: Clock | None = None,
         left_aligned: bool = False,
+        platform: str | None = None,
         seed: int = 0,
         mono: bool = True,
         settle_margin_s: float = DEFAULT_SETTLE_MARGIN_S,
         stride_align_bytes: int = 64,
+        drop_counters: Any = (),
     ):
+        if platform is not None and platform not in PLATFORMS:
+            raise ValueError(f"camera stand-in platform {platform!r}: allowed {', '.join(PLATFORMS)}")
         self.world_view = world_view
         self.sensor = world_view.sensor
         self._renderer = renderer
@@ -181,11 +231,14 @@ class Picamera2StandIn:
         self._renderer_clips = renderer is None
         self._seed = int(seed)
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self.left_aligned = bool(left_aligned)
-        self.platform: Platform | None = Platform.PISP if left_aligned else Platform.VC4
+        self._fixed_platform = "pi5" if left_aligned else platform
+        self.platform: Platform | None = Platform.VC4
+        self.left_aligned = False
+        self._set_platform(self._fixed_platform or self._world_platform())
         self.mono = bool(mono)
         self.settle_margin_s = float(settle_margin_s)
         self.stride_align_bytes = int(stride_align_bytes)
+        self.drop_counters = set(int(c) for c in drop_counters)
         self._native_format = f"{'R' if mono else 'SRGGB'}{self.sensor.bits}"
 
         self._lock = threading.Lock()
@@ -195,9 +248,12 @@ class Picamera2StandIn:
             "ExposureTime": 10_000,
             "AnalogueGain": 1.0,
             "AeEnable": False,
+            "FrameDurationLimits": VIDEO_FRAME_DURATION_LIMITS_US,
         }
         self._completed: deque[StandInRequest] = deque()
-        self._held = 0  # requests handed out and not yet released
+        self._jobs: deque[StandInJob] = deque()
+        self._held: set[int] = set()  # ids of requests handed out and not yet released
+        self._max_queue_len = 1
         self._started = False
         self._closed = False
         self._stalled = False
@@ -208,9 +264,22 @@ class Picamera2StandIn:
         # counters, for tests and diagnostics
         self.frames_completed = 0
         self.frames_dropped = 0
+        self.frames_failed = 0
         self.triggers_swallowed = 0
+        self.last_exposure_us: float | None = None  # what the sensor really integrated
 
     # -- description ----------------------------------------------------------------------
+    def _world_platform(self) -> str:
+        try:
+            value = getattr(self.world_view.scene(), "camera_platform", "pi4")
+        except Exception:  # a view without a scene yet: the Pi 4 default
+            value = "pi4"
+        return value if value in PLATFORMS else "pi4"
+
+    def _set_platform(self, name: str) -> None:
+        self.left_aligned = name == "pi5"
+        self.platform = Platform.PISP if self.left_aligned else Platform.VC4
+
     @property
     def camera_properties(self) -> dict:
         """Static properties of the (simulated) sensor."""
@@ -243,45 +312,58 @@ class Picamera2StandIn:
             "FrameDurationLimits": (16_562, 15_534_385, DEFAULT_FRAME_DURATION_US),
             "ColourGains": (0.0, 32.0, None),
             "AwbEnable": (False, True, False),
+            "NoiseReductionMode": (0, 4, 0),
         }
 
     # -- configuration --------------------------------------------------------------------
     def _create_configuration(self, kind: str, main: dict | None, raw: dict | None,
-                              controls: dict | None, buffer_count: int, **extra) -> dict:
+                              controls: dict | None, buffer_count: int, queue: bool = True,
+                              default_controls: dict | None = None, **extra) -> dict:
         self._check_open()
         raw = dict(raw) if raw else {}
         raw.setdefault("format", self._native_format)
         raw.setdefault("size", (self.sensor.width, self.sensor.height))
+        # As picamera2 does: the use case's defaults first, the caller's controls win.
+        merged = dict(default_controls or {})
+        merged.update(dict(controls) if controls else {})
         return {
             "use_case": kind,
             "main": dict(main) if main else {"format": "XBGR8888", "size": (640, 480)},
             "raw": raw,
-            "controls": dict(controls) if controls else {},
+            "controls": merged,
             "buffer_count": int(buffer_count),
+            "queue": bool(queue),
             **extra,
         }
 
     def create_video_configuration(self, main: dict | None = None, lores: dict | None = None,
                                    raw: dict | None = None, controls: dict | None = None,
-                                   buffer_count: int = 6, **extra) -> dict:
-        """A configuration for streaming (several buffers)."""
-        return self._create_configuration("video", main, raw, controls, buffer_count, **extra)
+                                   buffer_count: int = 6, queue: bool = True, **extra) -> dict:
+        """A configuration for streaming (several buffers); the frame duration defaults to
+        33,333 us (30 fps) unless ``controls`` set ``FrameDurationLimits``."""
+        return self._create_configuration(
+            "video", main, raw, controls, buffer_count, queue,
+            {"NoiseReductionMode": 1, "FrameDurationLimits": VIDEO_FRAME_DURATION_LIMITS_US},
+            **extra)
 
     def create_still_configuration(self, main: dict | None = None, lores: dict | None = None,
                                    raw: dict | None = None, controls: dict | None = None,
-                                   buffer_count: int = 1, **extra) -> dict:
+                                   buffer_count: int = 1, queue: bool = True, **extra) -> dict:
         """A configuration for stills (by default one buffer)."""
-        return self._create_configuration("still", main, raw, controls, buffer_count, **extra)
+        return self._create_configuration(
+            "still", main, raw, controls, buffer_count, queue,
+            {"FrameDurationLimits": (100, 1_000_000_000)}, **extra)
 
     def configure(self, camera_config: dict | None = None) -> None:
-        """Apply a configuration. Like libcamera, the raw stream gets the sensor's own mode:
-        its size and bit depth replace what was asked; an unpacked request stays unpacked;
-        a packed request stays packed on a Pi 4 and becomes the lossy compressed format on a
-        Pi 5."""
+        """Apply a configuration. Like libcamera, the raw stream gets the sensor's own mode
+        size. On a Pi 4 the format keeps its packing; on a Pi 5 an unpacked request becomes
+        16-bit unpacked and a packed one the lossy compressed format."""
         with self._lock:
             self._check_open()
             if self._started:
                 raise RuntimeError("Camera must be stopped before configuring")
+        if self._fixed_platform is None:
+            self._set_platform(self._world_platform())
         if camera_config is None:
             camera_config = self.create_video_configuration()
         if not isinstance(camera_config, dict) or "raw" not in camera_config:
@@ -291,10 +373,11 @@ class Picamera2StandIn:
         fmt = str(raw.get("format", self._native_format))
         _order, _bits, packing = _raw_format_parts(fmt)
         native_order, _ = _raw_format_parts(self._native_format)[:2]
-        if packing is None:
+        if self.platform is Platform.PISP:
+            # pisp.cpp platformValidate: the front end writes 16-bit unpacked or PISP_COMP1.
+            actual = _format_name(native_order, 16, "PISP_COMP1" if packing else None)
+        elif packing is None:
             actual = self._native_format
-        elif self.platform is Platform.PISP or self.left_aligned:
-            actual = f"{native_order}16_PISP_COMP1"
         else:
             actual = f"{self._native_format}_{packing}"
         raw["format"] = actual
@@ -307,6 +390,8 @@ class Picamera2StandIn:
         controls = config.get("controls") or {}
         with self._lock:
             self._config = config
+            # picamera2 keeps the newest completed request only with queue and 2+ buffers.
+            self._max_queue_len = 1 if config.get("queue", True) and count > 1 else 0
         if controls:
             self.set_controls(controls)
 
@@ -322,8 +407,15 @@ class Picamera2StandIn:
         a = max(1, self.stride_align_bytes)
         return (row + a - 1) // a * a
 
+    @staticmethod
+    def _number(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RuntimeError(f"control {name}: {value!r} is not a number")
+        return float(value)
+
     def set_controls(self, controls: dict) -> None:
-        """Set controls; they apply to frames exposed from now on."""
+        """Set controls; they apply to frames exposed from now on. Numbers outside a
+        control's limits are clamped to them (libcamera does not refuse them)."""
         limits = self.camera_controls
         checked: dict[str, Any] = {}
         for name, value in dict(controls).items():
@@ -331,19 +423,31 @@ class Picamera2StandIn:
                 raise RuntimeError(f"Control {name} is not advertised by libcamera")
             lo, hi, _ = limits[name]
             if name == "ExposureTime":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not math.isfinite(value) or not lo <= value <= hi:
-                    raise RuntimeError(f"ExposureTime {value!r} outside {lo}-{hi} us")
-                value = int(value)
+                value = int(min(max(self._number(name, value), lo), hi))
             elif name == "AnalogueGain":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not math.isfinite(value) or not lo <= value <= hi:
-                    raise RuntimeError(f"AnalogueGain {value!r} outside {lo}-{hi}")
-                value = float(value)
+                value = min(max(self._number(name, value), lo), hi)
+            elif name == "FrameDurationLimits":
+                try:
+                    fmin, fmax = (self._number(name, v) for v in value)
+                except (TypeError, ValueError) as err:
+                    raise RuntimeError(f"control {name}: {value!r} is not a (min, max) pair") from err
+                fmin = int(min(max(fmin, lo), hi))
+                fmax = int(min(max(fmax, fmin), hi))
+                value = (fmin, fmax)
             checked[name] = value
         with self._lock:
             self._check_open()
             self._controls.update(checked)
+
+    def effective_exposure_time_us(self) -> int:
+        """``ExposureTime`` as the sensor would apply it when free-running: clipped to the
+        longest frame ``FrameDurationLimits`` allows."""
+        with self._lock:
+            return self._effective_exposure_locked()
+
+    def _effective_exposure_locked(self) -> int:
+        _fmin, fmax = self._controls["FrameDurationLimits"]
+        return int(min(self._controls["ExposureTime"], fmax))
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, config: dict | None = None, show_preview: bool = False) -> None:
@@ -372,7 +476,8 @@ class Picamera2StandIn:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop streaming; completed requests not collected are dropped."""
+        """Stop streaming; the completed request not collected is released. Queued jobs
+        stay queued (picamera2's stop does not cancel them)."""
         with self._lock:
             thread = self._thread
             self._thread = None
@@ -394,6 +499,19 @@ class Picamera2StandIn:
         self.stop()
         with self._lock:
             self._closed = True
+            for job in self._jobs:
+                job._finish(None, RuntimeError("Camera is closed"))
+            self._jobs.clear()
+            self._cond.notify_all()
+
+    def cancel_all_and_flush(self) -> None:
+        """Cancel every queued job (their results raise ``CancelledError``) and release
+        the completed request kept, as picamera2's method of that name does."""
+        with self._lock:
+            for job in self._jobs:
+                job._finish(None, CancelledError())
+            self._jobs.clear()
+            self._completed.clear()
             self._cond.notify_all()
 
     @property
@@ -408,9 +526,15 @@ class Picamera2StandIn:
 
     @property
     def outstanding_requests(self) -> int:
-        """Requests handed out and not released yet."""
+        """Requests handed out (to the application or to a stale job) and not released."""
         with self._lock:
-            return self._held
+            return len(self._held)
+
+    @property
+    def queued_jobs(self) -> int:
+        """Capture jobs waiting for a request."""
+        with self._lock:
+            return len(self._jobs)
 
     def sensor_clock_ns(self) -> int:
         """The clock ``SensorTimestamp`` is on (monotonic, ns)."""
@@ -423,19 +547,24 @@ class Picamera2StandIn:
     # -- capture --------------------------------------------------------------------------
     def capture_request(self, wait: Any = None, signal_function: Callable | None = None,
                         flush: Any = None):
-        """The next completed request. ``wait``: None or True blocks until a frame (or a
-        stop); a number of seconds bounds the wait (``TimeoutError``); False returns a job.
-        ``flush`` True (or a monotonic time in ns) skips frames exposed before then."""
+        """Queue a capture job and (unless ``wait`` is False) wait for its request.
+        ``wait``: None or True blocks; a number of seconds bounds the wait
+        (``TimeoutError``, the job stays queued); False returns the job. ``flush`` True (or
+        a monotonic time in ns) skips frames exposed before then."""
         if signal_function is not None:
             raise NotImplementedError("the camera stand-in does not support signal_function")
         if flush is True:
             flush = self.sensor_clock_ns()
-        if flush:
-            self._flush_before(int(flush))
+        job = StandInJob(self, int(flush) if flush else None)
+        with self._cond:
+            self._check_open()
+            self._jobs.append(job)
+            if len(self._jobs) == 1:
+                self._run_jobs_locked()
         if wait is False:
-            return StandInJob(self)
+            return job
         timeout = None if wait is None or wait is True else float(wait)
-        return self._take_request(timeout)
+        return self._wait_job(job, timeout)
 
     def wait(self, job: StandInJob, timeout: float | None = None) -> StandInRequest:
         """Wait for a job from ``capture_request(wait=False)``."""
@@ -450,28 +579,37 @@ class Picamera2StandIn:
         finally:
             request.release()
 
-    def _flush_before(self, t_mono_ns: int) -> None:
-        with self._lock:
-            while self._completed:
-                md = self._completed[0].get_metadata()
-                exposure_start = md["SensorTimestamp"] - 1000 * md["ExposureTime"]
-                if exposure_start >= t_mono_ns:
+    def _run_jobs_locked(self) -> None:
+        """Give completed requests to queued jobs, oldest job first (caller holds the lock)."""
+        while self._jobs and self._completed:
+            job = self._jobs[0]
+            if job.flush_ns is not None:
+                while self._completed:
+                    md = self._completed[0]._metadata
+                    if md["SensorTimestamp"] - 1000 * md["ExposureTime"] >= job.flush_ns:
+                        break
+                    self._completed.popleft()
+                    self.frames_dropped += 1
+                if not self._completed:
                     break
-                self._completed.popleft()
-                self.frames_dropped += 1
+            request = self._completed.popleft()
+            self._held.add(id(request))
+            self._jobs.popleft()
+            job._finish(request)
+        self._cond.notify_all()
 
-    def _take_request(self, timeout_s: float | None) -> StandInRequest:
-        """Pop the oldest completed request, waiting at most ``timeout_s`` on the clock."""
+    def _wait_job(self, job: StandInJob, timeout_s: float | None) -> StandInRequest:
+        """Wait for ``job`` at most ``timeout_s`` on the clock. On timeout the job is left in
+        the queue, as picamera2 leaves it."""
         deadline = None if timeout_s is None else self._clock.monotonic() + max(0.0, timeout_s)
         with self._cond:
             while True:
+                if job._is_done():
+                    if job._error is not None:
+                        raise job._error
+                    return job._result  # type: ignore[return-value]
                 if self._closed:
                     raise RuntimeError("Camera is closed")
-                if not self._started:
-                    raise RuntimeError("Camera is not started")
-                if self._completed:
-                    self._held += 1
-                    return self._completed.popleft()
                 if deadline is None:
                     self._cond.wait(_POLL_S)
                     continue
@@ -481,14 +619,14 @@ class Picamera2StandIn:
                 step = min(remaining, _POLL_S)
                 before = self._clock.monotonic()
                 self._cond.wait(step)
-                if not self._completed and self._clock.monotonic() == before:
+                if not job._is_done() and self._clock.monotonic() == before:
                     # A clock that does not run by itself (a manual clock in tests): spend
                     # the slice on it, so the timeout still ends.
                     self._clock.sleep(step)
 
-    def _request_released(self) -> None:
+    def _request_released(self, request: StandInRequest) -> None:
         with self._lock:
-            self._held = max(0, self._held - 1)
+            self._held.discard(id(request))
 
     # -- the sensor -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -507,10 +645,14 @@ class Picamera2StandIn:
             log.debug("camera stand-in: trigger %s predates the stream; ignored", trigger.counter)
             return
         with self._lock:
-            exposure_us = int(self._controls["ExposureTime"])
+            reported_us = self._effective_exposure_locked()
             gain = float(self._controls["AnalogueGain"])
             config = self._config
-        t_end_ns = trigger.t_start_ns + exposure_us * 1000
+        pulse_us = int(getattr(trigger, "pulse_us", 0) or 0)
+        # External trigger: the pulse sets the exposure; without a known pulse (a test
+        # triggering by hand) the control value stands in for it.
+        exposure_us = pulse_us + TRIGGER_EXPOSURE_EXTRA_US if pulse_us > 0 else float(reported_us)
+        t_end_ns = trigger.t_start_ns + int(round(exposure_us * 1000))
         if not self._wait_until_world(t_end_ns + int(self.settle_margin_s * 1e9)):
             return  # stopped meanwhile
         scene = self.world_view.scene()
@@ -518,8 +660,15 @@ class Picamera2StandIn:
             self._stalled = True
             self.triggers_swallowed += 1
             return
+        if trigger.counter in self.drop_counters:
+            # The frame's buffer came back with an error status: picamera2 drops it.
+            self.frames_failed += 1
+            return
         laser_mw = float(self.world_view.laser_mean_mw(trigger.t_start_ns, t_end_ns))
-        counts = self._renderer.render(scene, laser_mw, exposure_us, gain)
+        # The renderer works in whole microseconds (14.26 us rounds to 14: 0.3 ppm of 50 ms).
+        render_us = int(round(exposure_us)) if pulse_us > 0 else reported_us
+        counts = self._renderer.render(scene, laser_mw, render_us, gain)
+        self.last_exposure_us = exposure_us
         raw = self._pack(np.asarray(counts))
         # The sensor clock is the monotonic clock; the world's times are wall clock.
         wall_minus_mono_ns = self.world_view.now_ns() - self.sensor_clock_ns()
@@ -530,7 +679,8 @@ class Picamera2StandIn:
         self._last_trigger_ns = trigger.t_start_ns
         black16 = self.sensor.black_level << (16 - self.sensor.bits)
         metadata = {
-            "ExposureTime": exposure_us,
+            # What the control says (clipped), not what the trigger pulse made of it.
+            "ExposureTime": reported_us,
             "AnalogueGain": gain,
             "DigitalGain": 1.0,
             "AeLocked": False,
@@ -543,16 +693,18 @@ class Picamera2StandIn:
         with self._cond:
             if not self._started:
                 return
-            free = self._buffer_count() - self._held
-            if free <= 0:
-                # Every buffer is held by the application: this frame has nowhere to go.
+            if self._buffer_count() - len(self._held) - len(self._completed) <= 0:
+                # Every buffer is held (by the application or a stale job): libcamera has
+                # no request to fill, so this frame has nowhere to go.
                 self.frames_dropped += 1
                 return
-            while len(self._completed) >= free:
-                self._completed.popleft()
-                self.frames_dropped += 1
             self._completed.append(request)
             self.frames_completed += 1
+            self._run_jobs_locked()
+            while len(self._completed) > self._max_queue_len:
+                # Only the newest completed request is kept; older ones go back at once.
+                self._completed.popleft()
+                self.frames_dropped += 1
             self._cond.notify_all()
 
     def _buffer_count(self) -> int:

@@ -32,6 +32,7 @@ def scene_to_dict(s: SceneSnapshot) -> dict:
         "filter_moving": s.filter_moving, "seed": s.seed, "camera_stall": s.camera_stall,
         "white_light": s.white_light, "k_fluo": s.k_fluo,
         "filters": [[k, list(v)] for k, v in sorted(s.filters.items())],
+        "camera_platform": s.camera_platform,
     }
 
 
@@ -43,6 +44,7 @@ def scene_from_dict(d: dict) -> SceneSnapshot:
         filter_moving=bool(d["filter_moving"]), seed=int(d["seed"]), camera_stall=bool(d["camera_stall"]),
         white_light=bool(d["white_light"]), k_fluo=float(d["k_fluo"]),
         filters={int(k): tuple(v) for k, v in d["filters"]},
+        camera_platform=str(d.get("camera_platform", "pi4")),
     )
 
 
@@ -159,7 +161,9 @@ class RemoteWorldView:
                     self._laser.append((t, float(msg["mw"])))
         elif kind == "trigger":
             with self._cond:
-                self._triggers.append(Trigger(int(msg["counter"]), int(msg["t_start_ns"]), bool(msg["lit"])))
+                self._triggers.append(Trigger(int(msg["counter"]), int(msg["t_start_ns"]), bool(msg["lit"]),
+                                              exposure_ns=int(msg.get("exposure_ns", 0)),
+                                              pulse_us=int(msg.get("pulse_us", 0))))
                 self._cond.notify_all()
         elif kind == "inputs":
             with self._lock:

@@ -64,10 +64,16 @@ def validate(args, width: int = 1456, height: int = 1088) -> dict:
             out[key] = _phantom(v, width, height)
         elif key == "fault":
             out[key] = _fault(v)
+        elif key == "camera_platform":
+            if v not in ("pi4", "pi5"):
+                raise InvalidArgument(f"sim.set camera_platform: {v!r}, allowed 'pi4' or 'pi5'")
+            out[key] = v
+        elif key == "wheel":
+            out[key] = _wheel(v)
         else:
             raise InvalidArgument(
                 f"sim.set: unknown argument {key!r}; known: interlock, key, footswitch, ambient_e_per_ms, "
-                "illumination, laser_leak, phantom, fault, seed, pulse, service_jumper")
+                "illumination, laser_leak, phantom, fault, seed, pulse, service_jumper, camera_platform, wheel")
     return out
 
 
@@ -123,4 +129,19 @@ def _fault(v) -> dict:
             out[k] = _num("fault.photodiode_gain", x, 0.0, 10.0)
         else:
             raise InvalidArgument(f"sim.set fault: unknown fault {k!r}; known: {', '.join(FAULT_KEYS)}")
+    return out
+
+
+WHEEL_KEYS = ("prompt_space", "lf_errors", "powerup_garbage")
+
+
+def _wheel(v) -> dict:
+    """``wheel``: FW102C variants peers report (SIM.md); each a bool."""
+    if not isinstance(v, dict):
+        raise InvalidArgument(f"sim.set wheel: {v!r} is not a map")
+    out = {}
+    for k, x in v.items():
+        if k not in WHEEL_KEYS:
+            raise InvalidArgument(f"sim.set wheel: unknown key {k!r}; known: {', '.join(WHEEL_KEYS)}")
+        out[k] = _bool(f"wheel.{k}", x)
     return out

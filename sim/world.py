@@ -98,6 +98,7 @@ class Trigger:
     t_start_ns: int
     lit: bool
     exposure_ns: int = 0  # how long the exposure lasts from t_start_ns (0: not given)
+    pulse_us: int = 0  # the trigger's low pulse (0: not known); the IMX296 exposes that long
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class SceneSnapshot:
     white_light: bool
     k_fluo: float
     filters: dict[int, tuple[float, float, float]]
+    camera_platform: str = "pi4"  # what the picamera2 stand-in imitates (sim.set)
 
 
 Listener = Callable[[str, dict], None]
@@ -177,6 +179,11 @@ class World:
         self.filters = dict(DEFAULT_FILTERS)
         self.filter_position = 1
         self.filter_moving = False
+        # sim.set camera_platform and wheel (SIM.md): the Pi the camera stand-in imitates and
+        # the FW102C variant the wheel emulator speaks (default: the real wheel's)
+        self.camera_platform = "pi4"
+        self.wheel = {"prompt_space": True, "lf_errors": True, "powerup_garbage": False}
+        self.wheel_power_cycles = 0  # sim.set wheel powerup_garbage true = one power cycle
         # outputs driven by the GPIO stand-in
         self.indicator = False
         self.white_light = False
@@ -273,11 +280,13 @@ class World:
             return mean_of_steps(list(self._laser_events), t0_ns, t1_ns)
 
     # -- triggers -----------------------------------------------------------------------------
-    def trigger(self, counter: int, t_start_ns: int, lit: bool, exposure_ns: int = 0) -> None:
-        """The MCU triggers one camera exposure (of ``exposure_ns``, when given)."""
+    def trigger(self, counter: int, t_start_ns: int, lit: bool, exposure_ns: int = 0, pulse_us: int = 0) -> None:
+        """The MCU triggers one camera exposure (of ``exposure_ns``, when given; ``pulse_us``:
+        the trigger's low pulse, which the IMX296 exposes for)."""
         with self._lock:
-            self._triggers.append(Trigger(int(counter), int(t_start_ns), bool(lit), int(exposure_ns)))
-        payload = {"counter": counter, "t_start_ns": t_start_ns, "lit": lit}
+            self._triggers.append(Trigger(int(counter), int(t_start_ns), bool(lit), exposure_ns=int(exposure_ns),
+                                          pulse_us=int(pulse_us)))
+        payload = {"counter": counter, "t_start_ns": t_start_ns, "lit": lit, "pulse_us": int(pulse_us)}
         if exposure_ns:
             payload["exposure_ns"] = int(exposure_ns)
         self._emit("trigger", payload)
@@ -411,6 +420,12 @@ class World:
                     self.faults.update(v)
                 elif k == "seed":
                     self.seed = int(v)
+                elif k == "camera_platform":
+                    self.camera_platform = str(v)
+                elif k == "wheel":
+                    self.wheel.update(v)
+                    if v.get("powerup_garbage"):
+                        self.wheel_power_cycles += 1
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
@@ -434,6 +449,8 @@ class World:
                 "phantom": self.phantom.to_dict(),
                 "fault": dict(self.faults),
                 "seed": self.seed,
+                "camera_platform": self.camera_platform,
+                "wheel": dict(self.wheel),
                 "laser_output_mw": self._laser_events[-1][1],
                 "filter_position": self.filter_position,
                 "filter_moving": self.filter_moving,
@@ -457,6 +474,7 @@ class World:
                 white_light=self.white_light,
                 k_fluo=self.k_fluo,
                 filters=dict(self.filters),
+                camera_platform=self.camera_platform,
             )
 
 

@@ -55,7 +55,9 @@ class LocalWorldView:
     def _on_world(self, kind: str, payload: dict) -> None:
         if kind == "trigger":
             with self._cond:
-                self._triggers.append(Trigger(payload["counter"], payload["t_start_ns"], payload["lit"]))
+                self._triggers.append(Trigger(payload["counter"], payload["t_start_ns"], payload["lit"],
+                                              exposure_ns=int(payload.get("exposure_ns", 0)),
+                                              pulse_us=int(payload.get("pulse_us", 0))))
                 self._cond.notify_all()
         elif kind == "inputs":
             for listener in list(self._input_listeners):

@@ -1,53 +1,121 @@
-"""Frame tagging and pairing: camera frames matched to the MCU's frame notices by time, so a
-frame lost on either side never shifts the laser-on/laser-off labels."""
+"""Frame tagging and pairing: camera frames matched to the MCU's frame record by time, so a
+frame lost on either side (the first ones included) never shifts the laser-on/laser-off
+labels. The frame streams here are built the way the cart makes them: the MCU triggers
+frame n at t0 + n periods on its own clock, the sensor stamps each frame on another clock,
+picamera2 drops some frames, and the notices reach the host a little late."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import pytest
 
 from services.imaging.acquisition import Acquisition, FrameTagger
 from hal.camera import Frame, FrameMeta
+from hal.errors import InvalidArgument
 from hal.laser import FrameTag
 
 PERIOD_US = 33_333
-SENSOR_OFFSET_US = 987_654  # the sensor clock and the MCU clock start anywhere
+EXPOSURE_US = 10_000
+WALL_T0_NS = 1_700_000_000_000_000_000  # wall clock of frame 0's trigger
+MCU_T0_US = 1_000  # the MCU's clock at frame 0
+SENSOR_MINUS_WALL_NS = -1_699_000_000_000_000_000  # the sensor clock starts anywhere
 
 
-def tag(n):
-    return FrameTag(counter=n, lit=n % 2 == 0, mcu_time_us=1_000 + n * PERIOD_US, host_time_ns=0)
+def trigger_wall_ns(n):
+    return WALL_T0_NS + n * PERIOD_US * 1000
 
 
-def sensor_ts_ns(n, jitter_us=0):
-    return (1_000 + n * PERIOD_US + SENSOR_OFFSET_US + jitter_us) * 1000
+def tag(n, latency_us=2_000):
+    """The MCU's notice of frame n, read ``latency_us`` after its trigger."""
+    return FrameTag(counter=n, lit=n % 2 == 0, mcu_time_us=MCU_T0_US + n * PERIOD_US,
+                    host_time_ns=trigger_wall_ns(n) + latency_us * 1000)
+
+
+def meta(n, jitter_us=0):
+    start = trigger_wall_ns(n) + jitter_us * 1000
+    end = start + EXPOSURE_US * 1000
+    return FrameMeta(seq=n, t_start_ns=start, t_end_ns=end, exposure_us=EXPOSURE_US, gain=1.0,
+                     width=4, height=2, sensor_timestamp_ns=end + SENSOR_MINUS_WALL_NS)
+
+
+def start_window():
+    return (WALL_T0_NS - 1_500_000, WALL_T0_NS + 800_000)  # FTON sent .. acknowledged
 
 
 def test_tagger_matches_in_order():
-    t = FrameTagger(PERIOD_US)
+    t = FrameTagger(PERIOD_US, start_window_ns=start_window())
     t.add([tag(n) for n in range(6)])
-    assert [t.match(sensor_ts_ns(n, jitter_us=(-1) ** n * 300)).counter for n in range(6)] == list(range(6))
+    got = [t.match(meta(n, jitter_us=(-1) ** n * 300)).counter for n in range(6)]
+    assert got == list(range(6))
 
 
-def test_tagger_survives_a_frame_the_camera_dropped():
-    t = FrameTagger(PERIOD_US)
-    t.add([tag(n) for n in range(8)])
-    got = [t.match(sensor_ts_ns(n)).counter for n in (0, 1, 2, 4, 5, 6)]  # frame 3 never arrived
-    assert got == [0, 1, 2, 4, 5, 6]
-    assert [n % 2 == 0 for n in got] == [tag(n).lit for n in got]
+def dropped_patterns():
+    """1, 2 and 3 frames lost at the start, in the middle and at odd places."""
+    for k in (1, 2, 3):
+        yield tuple(range(k))  # the first k frames
+        yield tuple(range(7, 7 + k))  # k in a row mid-stream
+        yield tuple(range(6, 6 + 2 * k, 2))  # k apart
+    yield (0, 5, 11)
+
+
+@pytest.mark.parametrize("dropped", list(dropped_patterns()))
+@pytest.mark.parametrize("anchor", ["fton_window", "notice_arrival"])
+def test_labels_survive_dropped_frames_anywhere(dropped, anchor):
+    window = start_window() if anchor == "fton_window" else None
+    t = FrameTagger(PERIOD_US, start_window_ns=window)
+    stream = [n for n in range(16) if n not in dropped]
+    labels = {}
+    for n in stream:
+        # The host reads the notices after each frame: this one's and any before it.
+        t.add([tag(k, latency_us=EXPOSURE_US + 4_000) for k in range(n + 1)])
+        got = t.match(meta(n, jitter_us=150))
+        assert got is not None, f"frame {n} untagged with {dropped} dropped"
+        labels[n] = (got.counter, got.lit)
+    assert labels == {n: (n, n % 2 == 0) for n in stream}
 
 
 def test_tagger_leaves_a_frame_untagged_when_its_notice_was_lost():
-    t = FrameTagger(PERIOD_US)
+    t = FrameTagger(PERIOD_US, start_window_ns=start_window())
     t.add([tag(n) for n in (0, 1, 2, 4, 5)])  # the notice of frame 3 was corrupted
-    assert [t.match(sensor_ts_ns(n)).counter for n in (0, 1, 2)] == [0, 1, 2]
-    assert t.match(sensor_ts_ns(3)) is None
+    assert [t.match(meta(n)).counter for n in (0, 1, 2)] == [0, 1, 2]
+    assert t.match(meta(3)) is None
     assert t.unmatched == 1
-    assert t.match(sensor_ts_ns(4)).counter == 4
+    assert t.match(meta(4)).counter == 4
+
+
+def test_a_frame_between_two_triggers_is_not_guessed():
+    t = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    t.add([tag(n) for n in range(4)])
+    assert t.match(meta(0)).counter == 0
+    assert t.match(meta(1, jitter_us=PERIOD_US // 2)) is None
+    assert t.rejected == 1
+    assert t.match(meta(2)).counter == 2
+
+
+def test_drift_between_the_clocks_is_followed():
+    """The sensor's crystal runs 100 ppm fast: after 3000 frames (100 s) it is 10 ms, a
+    third of a period, ahead; matching follows it."""
+    t = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    for n in range(3000):
+        t.add([tag(n)])
+        m = meta(n)
+        drift_ns = int((m.sensor_timestamp_ns - meta(0).sensor_timestamp_ns) * 1e-4)
+        m = m.with_(sensor_timestamp_ns=m.sensor_timestamp_ns + drift_ns)
+        assert t.match(m).counter == n
+
+
+@pytest.mark.parametrize("kwargs", [{"period_us": 0}, {"period_us": 1000, "tolerance": 0.5}])
+def test_tagger_arguments_are_checked(kwargs):
+    with pytest.raises(InvalidArgument):
+        FrameTagger(**kwargs)
 
 
 class FakeCamera:
     def __init__(self, frames):
         self.frames = list(frames)
-        self.settings = type("S", (), {"exposure_us": 10_000})()
+        self.settings = type("S", (), {"exposure_us": EXPOSURE_US})()
         self.started = False
 
     def start(self):
@@ -55,6 +123,9 @@ class FakeCamera:
 
     def stop(self):
         self.started = False
+
+    def restart(self):
+        self.started = True
 
     def capture(self, timeout_s):
         from hal.errors import CameraStall
@@ -67,36 +138,72 @@ class FakeCamera:
 class FakeLaser:
     def __init__(self, tags):
         self.tags = list(tags)
+        self.started = []
 
     def poll(self):
         out, self.tags = self.tags, []
         return out, []
 
     def start_frames(self, *a, **k):
-        pass
+        self.started.append(a)
 
     def stop_frames(self):
         pass
 
 
 def frame(n):
-    meta = FrameMeta(seq=n, t_start_ns=n, t_end_ns=n + 1, exposure_us=10_000, gain=1.0, width=4, height=2,
-                     sensor_timestamp_ns=sensor_ts_ns(n))
-    return Frame(np.full((2, 4), n, dtype=np.uint16), meta)
+    return Frame(np.full((2, 4), n, dtype=np.uint16), meta(n))
+
+
+def run_pairs(present, tags):
+    pairs = []
+    acq = Acquisition(FakeCamera([frame(n) for n in present]), FakeLaser(tags),
+                      on_pair=lambda on, off: pairs.append((on.meta.mcu_frame, off.meta.mcu_frame)),
+                      laser_mw=lambda: 50.0)
+    acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    acq._pending_on = None
+    acq.mode = "fluorescence"
+    for _ in present:
+        f = acq.camera.capture(1.0)
+        acq._tagger.add(acq.laser.poll()[0])
+        acq._handle(f, acq._tagger.match(f.meta))
+    return acq, pairs
 
 
 def test_pairs_are_lit_then_dark_of_consecutive_counters():
-    pairs = []
-    acq = Acquisition(FakeCamera([frame(n) for n in (0, 1, 2, 3, 5, 6, 7)]), FakeLaser([tag(n) for n in range(8)]),
-                      on_pair=lambda on, off: pairs.append((on.meta.mcu_frame, off.meta.mcu_frame)),
-                      laser_mw=lambda: 50.0)
-    acq._tagger = FrameTagger(PERIOD_US)
-    acq._pending_on = None
-    acq.mode = "fluorescence"
-    for _ in range(7):
-        f = acq.camera.capture(1.0)
-        acq._tagger.add(acq.laser.poll()[0])
-        acq._handle(f, acq._tagger.match(f.meta.sensor_timestamp_ns))
+    acq, pairs = run_pairs((0, 1, 2, 3, 5, 6, 7), [tag(n) for n in range(8)])
     # frame 4 (lit) was lost: 5 has no partner; 6 and 7 pair again
     assert pairs == [(0, 1), (2, 3), (6, 7)]
     assert acq.pairs_incomplete == 1
+
+
+@pytest.mark.parametrize("dropped", list(itertools.chain(dropped_patterns(), [()])))
+def test_pairs_after_dropped_frames_are_always_even_then_odd(dropped):
+    present = [n for n in range(14) if n not in dropped]
+    acq, pairs = run_pairs(present, [tag(n) for n in range(14)])
+    assert pairs, "no pair at all"
+    for on, off in pairs:
+        assert on % 2 == 0 and off == on + 1
+    # every complete pair in the stream is found
+    expected = [(k, k + 1) for k in range(0, 14, 2) if k in present and k + 1 in present]
+    assert pairs == expected
+
+
+def test_frames_carry_the_exposure_the_trigger_pulse_gives():
+    """The IMX296 exposes for the pulse plus 14.26 us: the MCU is asked for 14 us less, and
+    the frame records the exposure that pulse really gives, not the metadata's value."""
+    cam = FakeCamera([])
+    laser = FakeLaser([])
+    acq = Acquisition(cam, laser)
+    acq.fps = 10.0
+    cam.settings.exposure_us = 50_000
+    acq._start_locked("white")
+    acq.stop()
+    fps, pulse_us = laser.started[-1][:2]
+    assert pulse_us == 50_000 - 14
+    assert acq._true_exposure_us == round(pulse_us + 14.26) == 50_000
+    got = []
+    acq.on_frame = got.append
+    acq.mode = "white"
+    acq._handle(Frame(frame(0).data, meta(0).with_(exposure_us=33_333)), None)
+    assert got[0].meta.exposure_us == 50_000

@@ -48,10 +48,14 @@ class FakeRenderer:
 class Rig:
     """World + view + stand-in factory + driver on one manual clock."""
 
-    def __init__(self, *, pi5=False, mono=True, hide_platform=False, **driver_kwargs):
+    def __init__(self, *, pi5=False, mono=True, hide_platform=False, platform=None,
+                 **driver_kwargs):
         self.clock = ManualClock()
         self.sensor = SensorModel(width=WIDTH, height=HEIGHT)
         self.world = World(self.clock, self.sensor)
+        if platform is not None:
+            # As a test of the whole cart does it: sim.set {"camera_platform": ...}
+            self.world.apply({"camera_platform": platform})
         self.view = LocalWorldView(self.world)
         self.renderer = FakeRenderer(self.sensor)
         self.cameras: list[Picamera2StandIn] = []
@@ -95,9 +99,11 @@ class Rig:
             cam.close()
 
 
-@pytest.fixture
-def rig():
-    r = Rig()
+@pytest.fixture(params=["pi4", "pi5"])
+def rig(request):
+    """Every test taking ``rig`` runs as on a Pi 4 and as on a Pi 5 (sim.set
+    camera_platform)."""
+    r = Rig(platform=request.param)
     yield r
     r.close()
 
@@ -229,6 +235,60 @@ def test_left_aligned_raw_is_undone_from_the_platform():
         assert int(frame.data.max()) <= frame.full_scale == 1023
         assert int(frame.data[0, 0]) == 1023
         assert int(frame.data[7, 7]) == BLACK + 50
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("mono,asked,delivered", [(True, "R10", "R16"),
+                                                  (False, "SRGGB10", "SRGGB16")])
+def test_pi5_turns_unpacked_10_bit_into_16_bit_and_the_driver_takes_it(mono, asked, delivered):
+    """libcamera's PiSP pipeline (pisp.cpp, platformValidate) signals any unpacked raw
+    request that is not 16-bit as 16-bit unpacked; the values are left-aligned."""
+    r = Rig(platform="pi5", mono=mono, colour=not mono, raw_format=asked)
+    try:
+        r.start()
+        assert r.camera.camera_configuration()["raw"]["format"] == delivered
+        r.expose(0, laser_mw=50.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert r.driver.left_aligned
+        value = BLACK + 50 if mono else 4 * (BLACK + 50)
+        assert int(frame.data[6, 6]) == value
+        assert int(frame.data.max()) <= frame.full_scale
+    finally:
+        r.close()
+
+
+def test_pi4_keeps_the_10_bit_format():
+    r = Rig(platform="pi4")
+    try:
+        r.start()
+        assert r.camera.camera_configuration()["raw"]["format"] == "R10"
+        assert not r.driver.left_aligned
+    finally:
+        r.close()
+
+
+def test_platform_follows_sim_set_at_the_next_configure():
+    r = Rig(platform="pi4")
+    try:
+        r.start()
+        assert r.camera.platform is Platform.VC4
+        r.driver.stop()
+        r.world.apply({"camera_platform": "pi5"})
+        r.start()
+        assert r.camera.platform is Platform.PISP
+        assert r.driver.left_aligned
+        r.expose(0, laser_mw=8.0)
+        assert int(r.driver.capture(timeout_s=2.0).data[4, 4]) == BLACK + 8
+    finally:
+        r.close()
+
+
+def test_forcing_right_alignment_on_16_bit_raw_is_refused():
+    r = Rig(platform="pi5", left_aligned=False)
+    try:
+        with pytest.raises(DeviceError, match="left-aligned"):
+            r.start()
     finally:
         r.close()
 
@@ -408,17 +468,155 @@ def test_imx296_trigger_hook_writes_the_parameter(tmp_path):
 # -- the stand-in's buffers --------------------------------------------------------------
 
 
-def test_uncollected_frames_drop_the_oldest(rig):
+def test_only_the_newest_completed_request_is_kept(rig):
+    """picamera2 keeps one completed request and releases older ones (picamera2.py,
+    _max_queue_len): a slow reader gets the newest frame, the others are gone."""
     rig.start()
     for n in range(6):
         rig.expose(n, laser_mw=float(n))
         # Let the sensor finish this exposure before the next one starts.
         assert wait_for(lambda n=n: rig.camera.frames_completed >= n + 1)
     cam = rig.camera
-    buffers = cam.camera_configuration()["buffer_count"]
-    assert cam.frames_dropped == 6 - buffers
-    values = [int(rig.driver.capture(timeout_s=1.0).data[2, 2]) - BLACK for _ in range(buffers)]
-    assert values == list(range(6 - buffers, 6))
+    assert cam.camera_configuration()["buffer_count"] > 1
+    assert cam.frames_dropped == 5
+    assert int(rig.driver.capture(timeout_s=1.0).data[2, 2]) - BLACK == 5
+    with pytest.raises(CameraStall):
+        rig.driver.capture(timeout_s=0.05)  # nothing else was kept
+
+
+def test_one_buffer_keeps_no_request():
+    r = Rig()
+    try:
+        r.start()
+        cam = r.camera
+        cam.stop()
+        cam.configure(cam.create_video_configuration(buffer_count=1))
+        cam.start()
+        r.expose(0, laser_mw=3.0)
+        assert wait_for(lambda: cam.frames_completed >= 1)
+        with pytest.raises(TimeoutError):
+            cam.capture_request(wait=0.05)
+        cam.cancel_all_and_flush()
+    finally:
+        r.close()
+
+
+def test_a_timed_out_capture_stays_queued_and_takes_the_next_request(rig):
+    """Upstream: the job of a capture_request that timed out stays in the job list; the
+    next frame completes it, and its request is held until someone releases it."""
+    rig.start()
+    cam = rig.camera
+    with pytest.raises(TimeoutError):
+        cam.capture_request(wait=0.05)
+    assert cam.queued_jobs == 1
+    rig.expose(0, laser_mw=1.0)
+    assert wait_for(lambda: cam.outstanding_requests == 1)
+    assert cam.queued_jobs == 0
+    # A fresh capture waits for the frame after: the first one is stuck in the stale job.
+    with pytest.raises(TimeoutError):
+        cam.capture_request(wait=0.05)
+    cam.cancel_all_and_flush()
+
+
+def test_driver_never_leaves_a_request_in_a_timed_out_job(rig):
+    rig.start()
+    with pytest.raises(CameraStall):
+        rig.driver.capture(timeout_s=0.05)
+    rig.expose(0, laser_mw=9.0)
+    frame = rig.driver.capture(timeout_s=2.0)  # the same job, now completed
+    assert int(frame.data[2, 2]) == BLACK + 9
+    assert rig.camera.outstanding_requests == 0
+    assert rig.camera.queued_jobs == 0
+    # A timeout, then a stop: what the stale job took is given back, the job cancelled.
+    with pytest.raises(CameraStall):
+        rig.driver.capture(timeout_s=0.05)
+    rig.expose(1, laser_mw=1.0)
+    assert wait_for(lambda: rig.camera.outstanding_requests == 1)
+    rig.driver.stop()
+    assert rig.camera.outstanding_requests == 0
+    assert rig.driver.stale_requests_released == 1
+
+
+def test_requests_are_released_exactly_once_and_are_not_context_managers(rig):
+    rig.start()
+    rig.expose(0, laser_mw=2.0)
+    request = rig.camera.capture_request(wait=2.0)
+    assert not hasattr(request, "__enter__")
+    request.release()
+    with pytest.raises(RuntimeError, match="ref_count"):
+        request.release()
+
+
+def test_stand_in_clamps_controls_instead_of_refusing(rig):
+    rig.start()
+    cam = rig.camera
+    cam.set_controls({"AnalogueGain": 40.0, "ExposureTime": 5})
+    lo_exposure = cam.camera_controls["ExposureTime"][0]
+    rig.expose(0)
+    rig.driver.capture(timeout_s=2.0)
+    assert rig.renderer.calls[-1][2] == pytest.approx(16.0)
+    assert rig.renderer.calls[-1][1] == lo_exposure
+    with pytest.raises(RuntimeError, match="not advertised"):
+        cam.set_controls({"Brightness": 0.5})
+
+
+def test_driver_refuses_what_the_camera_would_clamp():
+    class Narrow(ExplodingCamera):
+        camera_controls = {"ExposureTime": (29, 20_000, 10_000), "AnalogueGain": (1.0, 8.0, 1.0)}
+
+    cam = PiCamera(lambda: Narrow("none"), clock=ManualClock())
+    with pytest.raises(InvalidArgument, match="ExposureTime 30000 outside .*29-20000"):
+        cam.configure(CameraSettings(exposure_us=30_000, width=WIDTH, height=HEIGHT))
+    with pytest.raises(InvalidArgument, match="AnalogueGain 12.0 outside"):
+        cam.configure(CameraSettings(gain=12.0, width=WIDTH, height=HEIGHT))
+
+
+# -- exposure and frame duration --------------------------------------------------------
+
+
+def test_frame_duration_limits_let_a_long_exposure_through(rig):
+    """picamera2's video configuration fixes the frame at 33,333 us; libcamera then clips
+    ExposureTime to it. The driver widens FrameDurationLimits, so 50 ms stays 50 ms."""
+    rig.start(exposure_us=50_000)
+    applied = rig.camera.camera_configuration()["controls"]["FrameDurationLimits"]
+    assert applied[0] >= 50_000 and applied[1] >= 50_000
+    assert rig.camera.effective_exposure_time_us() == 50_000
+    rig.expose(0, laser_mw=4.0)
+    frame = rig.driver.capture(timeout_s=2.0)
+    assert frame.meta.exposure_us == 50_000
+    assert rig.renderer.calls[-1][1] == 50_000
+
+
+def test_stand_in_clips_exposure_to_the_default_frame_duration(rig):
+    """What a driver that does not set FrameDurationLimits gets."""
+    rig.start()
+    cam = rig.camera
+    cam.stop()
+    cam.configure(cam.create_video_configuration(controls={"ExposureTime": 50_000}))
+    cam.start()
+    assert cam.effective_exposure_time_us() == 33_333
+    rig.expose(0)
+    request = cam.capture_request(wait=2.0)
+    assert request.get_metadata()["ExposureTime"] == 33_333
+    request.release()
+
+
+def test_the_trigger_pulse_sets_the_exposure(rig):
+    """External trigger: the sensor integrates for the low pulse plus 14.26 us; the
+    metadata still give the control's value."""
+    rig.start(exposure_us=EXPOSURE_US)
+    t0 = rig.clock.time_ns() + 1_000_000
+    rig.world.set_laser_drive(100.0, t0)
+    rig.world.trigger(0, t0, True, pulse_us=20_000)
+    request = rig.camera.capture_request(wait=2.0)
+    md = request.get_metadata()
+    request.release()
+    assert rig.camera.last_exposure_us == pytest.approx(20_014.26)
+    assert rig.renderer.calls[-1][1] == 20_014
+    assert md["ExposureTime"] == EXPOSURE_US
+    # The exposure window ends when the pulse-driven exposure ends.
+    mono_to_wall = rig.clock.time_ns() - int(rig.clock.monotonic() * 1e9)
+    assert md["SensorTimestamp"] + mono_to_wall == t0 + 20_014_260
 
 
 def test_stand_in_bounded_wait_times_out(rig):
@@ -428,6 +626,7 @@ def test_stand_in_bounded_wait_times_out(rig):
     job = rig.camera.capture_request(wait=False)
     with pytest.raises(TimeoutError):
         rig.camera.wait(job, timeout=0.05)
+    rig.camera.cancel_all_and_flush()
 
 
 def test_stand_in_refuses_configure_while_started(rig):

@@ -1,7 +1,7 @@
 """Conformance of the FW102C emulator to the wheel's ASCII protocol, byte by byte.
 
 Written from the protocol (commands end in CR; the wheel echoes the line, then any value,
-then a ``>`` prompt; errors read ``Command error CMD_...``), driven through ``feed`` and
+then a ``"> "`` prompt; errors read ``Command error CMD_...``), driven through ``feed`` and
 ``take_output`` with a manual clock.
 """
 
@@ -35,7 +35,9 @@ def send(emu: Fw102cEmulator, line: bytes) -> bytes:
 
 def reply(line: bytes, value: bytes | None = None) -> bytes:
     """What the protocol says the wheel answers to a line that completes at once."""
-    return line + b"\r" + (value + b"\r" if value is not None else b"") + b">"
+    if value is not None and value.startswith(b"Command error"):
+        return line + b"\r" + value + b"\n\r> "  # error lines end in LF (then CR)
+    return line + b"\r" + (value + b"\r" if value is not None else b"") + b"> "
 
 
 def run_until_prompt(emu: Fw102cEmulator, clock: ManualClock, limit_s: float, dt: float = 0.001):
@@ -71,7 +73,7 @@ def test_idn_echoes_then_names_the_model_then_prompts():
     _, _, emu = make()
     out = send(emu, b"*idn?")
     assert out.startswith(b"*idn?\r")
-    assert out.endswith(b"\r>")
+    assert out.endswith(b"\r> ")
     value = out[len(b"*idn?\r"):-2]
     assert b"FW102C" in value
 
@@ -145,7 +147,7 @@ def test_position_range_follows_the_wheel_type():
 
 def test_empty_line_gives_a_new_prompt():
     _, _, emu = make()
-    assert send(emu, b"") == b"\r>"
+    assert send(emu, b"") == b"\r> "
 
 
 def test_non_ascii_line_is_not_defined():
@@ -159,7 +161,7 @@ def test_overlong_line_is_not_defined():
     line = b"pos?" + b" " * MAX_LINE_BYTES
     out = send(emu, line)
     assert out.startswith(b"pos?")
-    assert out.endswith(b"\r" + NOT_DEFINED + b"\r>")
+    assert out.endswith(b"\r" + NOT_DEFINED + b"\n\r> ")
     assert send(emu, b"pos?") == reply(b"pos?", b"1")
 
 
@@ -192,9 +194,9 @@ def test_input_buffer_is_bounded():
     assert emu.take_output() == b""
     emu.feed(b"\r")
     out = emu.take_output()
-    assert out.endswith(NOT_DEFINED + b"\r>")
+    assert out.endswith(NOT_DEFINED + b"\n\r> ")
     # the wheel keeps no more than a line's worth of the garbage
-    assert len(out) <= MAX_LINE_BYTES + 1 + len(NOT_DEFINED) + 3
+    assert len(out) <= MAX_LINE_BYTES + 1 + len(NOT_DEFINED) + 5  # echo CR, LF, CR, "> "
     assert send(emu, b"pos?") == reply(b"pos?", b"1")
 
 
@@ -205,7 +207,7 @@ def test_move_echoes_at_once_and_prompts_when_done():
     assert send(emu, b"pos=3") == b"pos=3\r"
     assert world.filter_moving
     out, elapsed = run_until_prompt(emu, clock, 5.0)
-    assert out == b">"
+    assert out == b"> "
     assert elapsed == pytest.approx(2 * STEP_S, abs=0.002)
     assert world.filter_position == 3 and not world.filter_moving
     assert send(emu, b"pos?") == reply(b"pos?", b"3")
@@ -224,9 +226,9 @@ def test_move_time_is_proportional_to_the_shortest_way_round(start, target):
     steps = shortest_steps(start, target, 6)
     out = send(emu, f"pos={target}".encode())
     if steps == 0:
-        assert out.endswith(b">")
+        assert out.endswith(b"> ")
         return
-    assert not out.endswith(b">")
+    assert not out.endswith(b"> ")
     _, elapsed = run_until_prompt(emu, clock, 6 * STEP_S)
     assert elapsed == pytest.approx(steps * STEP_S, abs=0.002)
     assert world.filter_position == target and not world.filter_moving
@@ -273,7 +275,7 @@ def test_lines_sent_during_a_move_wait_for_its_end():
     emu.feed(b"pos?\r")
     assert emu.take_output() == b""
     out = run_for(emu, clock, 3 * STEP_S + 0.05)
-    assert out == b">" + reply(b"pos?", b"4")
+    assert out == b"> " + reply(b"pos?", b"4")
 
 
 # -- stuck wheel -----------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_stuck_wheel_stays_put_then_gives_up_with_a_prompt():
     assert run_for(emu, clock, 1.9) == b""
     assert world.filter_position == 1 and world.filter_moving
     out, _ = run_until_prompt(emu, clock, 1.0)
-    assert out == b">"
+    assert out == b"> "
     assert world.filter_position == 1 and not world.filter_moving
     assert send(emu, b"pos?") == reply(b"pos?", b"1")
 
@@ -298,7 +300,7 @@ def test_stuck_wheel_that_never_gives_up_finishes_once_freed():
     assert world.filter_position == 1 and emu.moving
     world.faults["wheel_stuck"] = False
     out, elapsed = run_until_prompt(emu, clock, 5.0)
-    assert out == b">"
+    assert out == b"> "
     assert elapsed == pytest.approx(2 * STEP_S, abs=0.002)
     assert world.filter_position == 3 and not world.filter_moving
 
@@ -339,3 +341,41 @@ def test_lines_queued_during_a_move_are_bounded():
     emu.feed(b"\r")
     emu.take_output()
     assert send(emu, b"pos?") == reply(b"pos?", b"4")
+
+
+# -- the wheel as peers see it (sim.set wheel) --------------------------------------------
+
+
+def test_prompt_is_a_greater_than_sign_and_a_space_by_default():
+    """Odemis's driver (tlfw.py, _sendQuery) reads until the last two bytes are "> "."""
+    _, _, emu = make()
+    assert send(emu, b"pos?").endswith(b"\r> ")
+    assert emu.prompt == b"> "
+
+
+def test_variants_bare_prompt_and_cr_errors():
+    _, world, emu = make()
+    world.apply({"wheel": {"prompt_space": False, "lf_errors": False}})
+    assert send(emu, b"pos?") == b"pos?\r1\r>"
+    assert send(emu, b"bogus") == b"bogus\r" + NOT_DEFINED + b"\r>"
+
+
+def test_error_lines_end_in_lf():
+    _, _, emu = make()
+    assert send(emu, b"pos=9") == b"pos=9\r" + ARG_INVALID + b"\n\r> "
+
+
+def test_first_line_after_power_up_is_answered_with_nul_garbage():
+    clock = ManualClock()
+    world = World(clock)
+    world.apply({"wheel": {"powerup_garbage": True}})
+    emu = Fw102cEmulator(world, clock)
+    out = send(emu, b"*idn?")
+    assert out.startswith(b"\x00") and NOT_DEFINED in out and b"*idn?" not in out
+    assert out.endswith(b"> ")
+    # from the second line on, the wheel is itself
+    assert send(emu, b"pos?") == reply(b"pos?", b"1")
+    # a power cycle (setting the variant again) garbles the next line once more
+    world.apply({"wheel": {"powerup_garbage": True}})
+    assert send(emu, b"pos?").startswith(b"\x00")
+    assert send(emu, b"pos?") == reply(b"pos?", b"1")

@@ -3,6 +3,7 @@ the simulated world."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -540,3 +541,87 @@ def test_rpi_gpio_refusing_to_run_becomes_device_error(mocker):
     with pytest.raises(DeviceError, match="Raspberry Pi") as info:
         import_rpi_gpio()
     assert info.value.device == "gpio"
+
+
+# -- lgpio's notification FIFO (rpi-lgpio on a Pi 4 and a Pi 5) ---------------------------
+
+# A stand-in for rpi-lgpio's RPi.GPIO that does at import what lgpio does (lg's
+# PY_LGPIO/lgpio_extra.py and lgNotify.c): make the FIFO .lgd-nfy0 in $LG_WD (changing
+# into it) or the working directory, ignoring a failure to make it, then open it by its
+# relative name.
+LGPIO_STANDIN = '''
+import os
+workdir = os.environ.get("LG_WD") or os.getcwd()
+try:
+    os.chdir(workdir)
+except OSError:
+    pass
+try:
+    os.mkfifo(os.path.join(workdir, ".lgd-nfy0"), 0o664)
+except OSError:
+    pass
+_fifo = os.open(".lgd-nfy0", os.O_RDONLY | os.O_NONBLOCK)
+def setmode(mode):
+    pass
+'''
+
+
+def _run_import(tmp_path, cwd, env_extra):
+    pkg = tmp_path / "site" / "RPi"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "GPIO.py").write_text(LGPIO_STANDIN)
+    code = ("import sys\n"
+            f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from drivers.gpio import import_rpi_gpio\n"
+            "from hal.errors import DeviceError\n"
+            "try:\n"
+            "    import_rpi_gpio()\n"
+            "    print('imported')\n"
+            "except DeviceError as err:\n"
+            "    print('DeviceError:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LG_WD", "RUNTIME_DIRECTORY")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_lgpio_fifo_failure_becomes_a_clear_device_error(tmp_path):
+    """As under ProtectSystem=strict in /: the FIFO cannot be made, the import raises
+    FileNotFoundError; the driver says what to do instead of a traceback."""
+    missing = tmp_path / "no-such-dir"
+    result = _run_import(tmp_path, tmp_path, {"LG_WD": str(missing)})
+    assert result.returncode == 0, result.stderr
+    assert "DeviceError" in result.stdout
+    assert "FileNotFoundError" in result.stdout and "LG_WD" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_runtime_directory_becomes_lg_wd(tmp_path):
+    runtime = tmp_path / "run-nirf"
+    runtime.mkdir()
+    result = _run_import(tmp_path, tmp_path, {"RUNTIME_DIRECTORY": str(runtime)})
+    assert result.stdout.strip() == "imported", result.stdout + result.stderr
+    assert (runtime / ".lgd-nfy0").exists()
+    assert not (tmp_path / ".lgd-nfy0").exists()
+
+
+def test_every_import_failure_is_translated():
+    for exc in (FileNotFoundError(2, "No such file or directory", ".lgd-nfy0"),
+                PermissionError(13, "Permission denied"), SystemError("bad C extension")):
+        def importer(name, exc=exc):
+            raise exc
+        with pytest.raises(DeviceError) as info:
+            import_rpi_gpio(importer=importer, environ={"LG_WD": "/x"}, getcwd=lambda: "/")
+        assert info.value.device == "gpio" and info.value.__cause__ is exc
+        assert type(exc).__name__ in str(info.value)
+
+
+def test_lg_wd_given_is_kept():
+    env = {"LG_WD": "/given", "RUNTIME_DIRECTORY": "/run/nirf"}
+    import_rpi_gpio(importer=lambda name: sys, environ=env)
+    assert env["LG_WD"] == "/given"
+    env = {"RUNTIME_DIRECTORY": "/run/nirf:/run/other"}
+    import_rpi_gpio(importer=lambda name: sys, environ=env)
+    assert env["LG_WD"] == "/run/nirf"

@@ -278,3 +278,86 @@ def test_the_display_sees_no_secret_key_but_its_own(units):
         if name != "nirf-display.service":
             assert "BindReadOnlyPaths" not in units[name]["Service"] or "keys" not in " ".join(
                 units[name]["Service"]["BindReadOnlyPaths"])
+
+
+# ---------------------------------------------------------------------- devices and lgpio
+RULES = UNIT_DIR / "99-nirf.rules"
+
+
+def device_unit_name(path: str) -> str:
+    """systemd's name for the .device unit of a /dev path (slashes become dashes, a dash
+    inside a name is escaped as \\x2d)."""
+    parts = path.strip("/").split("/")
+    return "-".join(p.replace("-", "\\x2d") for p in parts) + ".device"
+
+
+def udev_links() -> dict[str, str]:
+    """SYMLINK+= of each rule in the shipped rules file, by what it matches."""
+    links = {}
+    for line in RULES.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        # every assignment and match is KEY OP "value"
+        pairs = re.findall(r'([A-Z_]+(?:\{[^}]+\})?)\s*(==|!=|\+=|=)\s*"([^"]*)"', line)
+        assert pairs, f"not a udev rule: {line!r}"
+        rule = {(k, op): v for k, op, v in pairs}
+        if ("SYMLINK", "+=") in rule:
+            assert rule.get(("TAG", "+=")) == "systemd", f"{line!r}: systemd must see the link"
+            links[rule[("ENV{ID_SERIAL}", "==")]] = "/dev/" + rule[("SYMLINK", "+=")]
+    return links
+
+
+def test_udev_rules_name_the_ports_the_config_uses():
+    links = udev_links()
+    assert len(links) == 2
+    cfg = config_mod.load("device")
+    assert set(links.values()) == {cfg.laser.port, cfg.filter_wheel.port}
+
+
+def test_units_wait_for_the_udev_named_ports(units):
+    """A slow USB adapter must not use up a unit's restarts: the safety core starts once the
+    laser MCU's port exists (After=) and is bound to it; imaging waits for the wheel's."""
+    cfg = config_mod.load("device")
+    laser, wheel = device_unit_name(cfg.laser.port), device_unit_name(cfg.filter_wheel.port)
+    safety = units["nirf-safety.service"]["Unit"]
+    assert laser in " ".join(safety["After"]).split()
+    assert laser in one(units["nirf-safety.service"], "Unit", "BindsTo").split()
+    imaging = units["nirf-imaging.service"]["Unit"]
+    assert wheel in " ".join(imaging["After"]).split()
+    assert wheel in one(units["nirf-imaging.service"], "Unit", "Wants").split()
+    assert "BindsTo" not in imaging  # a loose wheel cable must not stop imaging
+
+
+def test_the_safety_core_gives_lgpio_a_writable_directory(units):
+    """rpi-lgpio's lgpio makes its FIFO in $LG_WD or the working directory at import; under
+    ProtectSystem=strict only the runtime directory is writable."""
+    s = units["nirf-safety.service"]["Service"]
+    env = dict(item.split("=", 1) for item in one(units["nirf-safety.service"], "Service",
+                                                   "Environment").split())
+    runtime = "%t/" + one(units["nirf-safety.service"], "Service", "RuntimeDirectory")
+    assert env["LG_WD"] == runtime
+    assert s["WorkingDirectory"][-1] == runtime
+    assert s["ProtectSystem"][-1] == "strict"
+
+
+def test_install_script_checks_imports_away_from_root_and_installs_the_rules():
+    text = INSTALL_SCRIPT.read_text()
+    # the import check runs in a scratch folder with LG_WD there, as the service user
+    check = re.search(r'\(cd "\$CHECK_DIR" && runuser -u "\$SERVICE_USER" -- env LG_WD="\$CHECK_DIR"', text)
+    assert check, "the import check must not run from / (lgpio would leave /.lgd-nfy0)"
+    assert 'CHECK_DIR="$(mktemp -d)"' in text
+    assert '99-nirf.rules' in text and "udevadm control --reload" in text
+
+
+def test_install_script_offline_needs_no_index_nor_build_backend_download():
+    text = INSTALL_SCRIPT.read_text()
+    offline = re.search(r'if \[\[ \$RUN_APT -eq 0 \]\]; then\n(.*?)\nfi', text, re.S)
+    assert offline, "no offline branch for pip"
+    assert "--no-index" in offline.group(1) and "--no-build-isolation" in offline.group(1)
+    assert "python3-setuptools" in text
+    # every pip install goes through the one command line that carries the offline flags
+    assert not re.search(r'"\$VENV/bin/pip" install(?!.*PIP=)', text.replace("PIP=(\"$VENV/bin/pip\" install", ""))
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    # Debian bookworm's python3-setuptools (66) must satisfy the build requirement
+    floor = [r for r in build if r.startswith("setuptools")][0]
+    assert int(re.search(r">=(\d+)", floor).group(1)) <= 66

@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_clinical_commands(sub)
     bk = sub.add_parser("backup", help="a consistent copy of the case database, to a folder on the cart")
     bk.add_argument("--dest", help="folder on the cart, such as a USB stick (default: <state>/backups)")
+    sub.add_parser("doctor", help="check this Pi: groups, devices, udev names, lgpio, camera raw format, black level, trigger, clock").add_argument("--no-camera", action="store_true", help="skip the camera checks")
     return p
 
 
@@ -474,6 +475,9 @@ def _main(argv=None) -> int:
             return keys_command(args, cfg)
         if args.command == "export":
             return export_command(args, cfg)
+        if args.command == "doctor":
+            from services.cli.doctor import doctor_command  # imported only for this command
+            return doctor_command(args, cfg)
         client = _client(args, cfg)
     except NirfError as err:
         if args.json:

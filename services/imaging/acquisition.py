@@ -1,18 +1,37 @@
-"""Acquisition: camera frames tagged laser-on or laser-off from the MCU's frame notices,
+"""Acquisition: camera frames tagged laser-on or laser-off from the MCU's frame record,
 paired, and handed to a sink.
 
 The MCU is the timing master: it triggers every exposure and, in fluorescence mode, gates
-the laser on for even-numbered frames. Each trigger produces a frame notice on the serial
-line (:class:`hal.laser.FrameTag`); each exposure produces a camera frame with a sensor
-timestamp. :class:`FrameTagger` matches the two by time (the offset between the MCU's clock
-and the sensor's clock is learned from the first frame and then tracked), so a frame dropped
-on either side never shifts the on/off labels of the frames after it.
+the laser on for even-numbered frames. Frame 0 is triggered the moment the MCU accepts
+``FTON``; each trigger produces a frame notice on the serial line
+(:class:`hal.laser.FrameTag`: counter, lit, the MCU's microsecond time); each exposure
+produces a camera frame with a sensor timestamp. picamera2 may drop any frame (it discards
+requests whose status is not Success, and keeps only the newest completed request), so a
+frame's place in the stream says nothing about its counter. :class:`FrameTagger` works the
+counter out from time instead:
+
+* the first frames are placed against the wall-clock window in which ``FTON`` was sent and
+  acknowledged (frame ``n`` began ``n`` periods after it); without that window, against
+  the earliest arrival of the MCU's notices (a notice never arrives before its trigger);
+* once a frame has been matched, the sensor's clock is locked to the MCU's clock and each
+  later frame is placed by its sensor timestamp, the drift between the two crystals
+  followed;
+* a frame that falls between two trigger times by more than a quarter period, or whose
+  notice is missing, is left untagged rather than guessed.
+
+So one, two or three frames lost anywhere, the first included, never shift the on/off
+labels of the frames after them.
+
+In external-trigger mode the IMX296 exposes for the trigger's low pulse plus 14.26 us,
+whatever its metadata say; the MCU is asked for a pulse 14 us shorter than the exposure
+wanted, and each frame records the exposure the pulse gives.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from typing import Callable
 
@@ -25,43 +44,104 @@ log = logging.getLogger(__name__)
 
 MODES = ("fluorescence", "white", "dark")
 
+# The IMX296 exposes for the trigger's low pulse plus 14.26 us (Raspberry Pi documentation,
+# "External Trigger on the GS Camera"); the pulse is shortened by the whole microseconds.
+TRIGGER_EXPOSURE_EXTRA_US = 14.26
+
 PairSink = Callable[[Frame, Frame], None]
 FrameSink = Callable[[Frame], None]
 
 
 class FrameTagger:
-    """Match camera frames to the MCU's frame notices by time."""
+    """Match camera frames to the MCU's frame notices by time (see the module docstring).
 
-    def __init__(self, period_us: float):
+    ``period_us`` is the trigger period; ``start_window_ns`` the wall-clock interval
+    (before sending, after the reply) in which the MCU triggered frame 0, when known.
+    ``tolerance`` is how far (a fraction of the period) a frame may sit from a trigger time
+    and still be given that trigger's counter.
+    """
+
+    MAX_TAGS = 256
+
+    def __init__(self, period_us: float, *, start_window_ns: tuple[int, int] | None = None,
+                 tolerance: float = 0.25):
+        if not period_us > 0:
+            raise InvalidArgument(f"frame tagger: period {period_us!r} us must be positive")
+        if not 0.0 < tolerance < 0.5:
+            raise InvalidArgument(f"frame tagger: tolerance {tolerance!r} outside 0-0.5 periods")
         self.period_us = float(period_us)
-        self._tags: collections.deque[FrameTag] = collections.deque(maxlen=128)
-        self.offset_us: float | None = None
-        self.unmatched = 0
+        self.tolerance = float(tolerance)
+        self.start_window_ns = start_window_ns
+        self._tags: collections.OrderedDict[int, FrameTag] = collections.OrderedDict()
+        self._mcu_t0_us: float | None = None  # MCU time of frame 0, from the notices
+        self._host_minus_mcu_ns: int | None = None  # earliest notice arrival minus its MCU time
+        self.sensor_minus_mcu_us: float | None = None  # locked after the first match
+        self.unmatched = 0  # frames without a notice for their counter
+        self.rejected = 0  # frames between two trigger times
+        self.last_counter: int | None = None
 
     def add(self, tags) -> None:
-        self._tags.extend(tags)
+        """Take the MCU's frame notices (any order, duplicates ignored)."""
+        for tag in tags:
+            self._tags[tag.counter] = tag
+            t0 = tag.mcu_time_us - tag.counter * self.period_us
+            # The MCU's timer is exact; averaging would only add rounding. Keep the first.
+            if self._mcu_t0_us is None:
+                self._mcu_t0_us = t0
+            lead = tag.host_time_ns - tag.mcu_time_us * 1000
+            if self._host_minus_mcu_ns is None or lead < self._host_minus_mcu_ns:
+                self._host_minus_mcu_ns = lead
+        while len(self._tags) > self.MAX_TAGS:
+            self._tags.popitem(last=False)
 
-    def match(self, sensor_timestamp_ns: int) -> FrameTag | None:
-        t_us = sensor_timestamp_ns / 1000.0
-        if not self._tags:
+    def counter_for(self, meta) -> int | None:
+        """The counter of the trigger that exposed this frame, or None when the frame does
+        not sit close enough to any trigger time."""
+        if self.sensor_minus_mcu_us is not None and self._mcu_t0_us is not None:
+            mcu_us = meta.sensor_timestamp_ns / 1000.0 - self.sensor_minus_mcu_us
+            x = (mcu_us - self._mcu_t0_us) / self.period_us
+            n = round(x)
+        elif self.start_window_ns is not None:
+            lo, hi = self.start_window_ns
+            x = (meta.t_start_ns - (lo + hi) / 2) / 1000.0 / self.period_us
+            n = round(x)
+        elif self._host_minus_mcu_ns is not None and self._mcu_t0_us is not None:
+            # A notice arrives after its trigger, never before: the earliest arrival bounds
+            # the MCU-to-wall offset from above, so the frame can only be later than it looks.
+            mcu_us = (meta.t_start_ns - self._host_minus_mcu_ns) / 1000.0
+            x = (mcu_us - self._mcu_t0_us) / self.period_us
+            n = math.ceil(x - self.tolerance)
+            x = n  # one-sided: no distance check possible
+        else:
+            return None
+        if n < 0 or abs(x - n) > self.tolerance:
+            self.rejected += 1
+            log.debug("frame at sensor time %d ns is %.2f periods from any trigger",
+                      meta.sensor_timestamp_ns, abs(x - n))
+            return None
+        return int(n)
+
+    def match(self, meta) -> FrameTag | None:
+        """The MCU's notice for this frame (a :class:`~hal.camera.FrameMeta`), or None."""
+        n = self.counter_for(meta)
+        if n is None:
+            return None
+        tag = self._tags.pop(n, None)
+        # Notices of earlier triggers can no longer find their frame.
+        for stale in [c for c in self._tags if c < n]:
+            del self._tags[stale]
+        if tag is None:
             self.unmatched += 1
             return None
-        if self.offset_us is None:
-            tag = self._tags.popleft()
-            self.offset_us = t_us - tag.mcu_time_us
-            return tag
-        expected = t_us - self.offset_us
-        best = min(self._tags, key=lambda g: abs(g.mcu_time_us - expected))
-        error = best.mcu_time_us - expected
-        if abs(error) > self.period_us / 2:
-            self.unmatched += 1
-            return None
-        while self._tags and self._tags[0] is not best:
-            self._tags.popleft()
-        self._tags.popleft()
-        # follow slow drift between the two clocks
-        self.offset_us -= 0.05 * error
-        return best
+        sensor_us = meta.sensor_timestamp_ns / 1000.0
+        if self.sensor_minus_mcu_us is None:
+            self.sensor_minus_mcu_us = sensor_us - tag.mcu_time_us
+        else:
+            # follow slow drift between the two crystals
+            error = (sensor_us - self.sensor_minus_mcu_us) - tag.mcu_time_us
+            self.sensor_minus_mcu_us += 0.1 * error
+        self.last_counter = n
+        return tag
 
 
 class Acquisition:
@@ -127,13 +207,23 @@ class Acquisition:
                 self._stop_locked()
             self._start_locked(mode)
 
+    def trigger_pulse_us(self, exposure_us: int) -> int:
+        """The MCU's trigger pulse for an exposure of ``exposure_us`` (the sensor adds
+        14.26 us to the pulse)."""
+        return max(1, int(exposure_us) - int(TRIGGER_EXPOSURE_EXTRA_US))
+
     def _start_locked(self, mode: str) -> None:
         self._tagger = FrameTagger(1e6 / self.fps)
         self._pending_on: Frame | None = None
         self.camera.start()
+        pulse_us = self.trigger_pulse_us(self.camera.settings.exposure_us)
+        self._true_exposure_us = int(round(pulse_us + TRIGGER_EXPOSURE_EXTRA_US))
         try:
             self.laser.poll()  # discard notices from before this start
-            self.laser.start_frames(self.fps, self.camera.settings.exposure_us, modulate=(mode == "fluorescence"))
+            sent_ns = self.clock.time_ns()
+            self.laser.start_frames(self.fps, pulse_us, modulate=(mode == "fluorescence"))
+            # Frame 0 was triggered when the MCU took FTON: between these two instants.
+            self._tagger.start_window_ns = (sent_ns, self.clock.time_ns())
         except Exception:
             self.camera.stop()
             raise
@@ -188,8 +278,9 @@ class Acquisition:
                 if now - last_restart >= self.stall_timeout_s and not self._stop.is_set():
                     last_restart = now
                     try:
+                        # The MCU's frame record goes on, and the new camera's timestamps are
+                        # on the same monotonic clock: the tagger keeps its lock.
                         self.camera.restart()
-                        self._tagger = FrameTagger(1e6 / self.fps)
                     except DeviceError as rerr:
                         log.error("camera restart failed: %s", rerr)
                 continue
@@ -208,12 +299,15 @@ class Acquisition:
                 log.warning("could not read frame notices: %s", err)
                 tags = []
             self._tagger.add(tags)
-            tag = self._tagger.match(frame.meta.sensor_timestamp_ns)
+            tag = self._tagger.match(frame.meta)
             self._handle(frame, tag)
 
     def _handle(self, frame: Frame, tag: FrameTag | None) -> None:
         lit = None if tag is None else tag.lit
+        exposure_us = getattr(self, "_true_exposure_us", None) or frame.meta.exposure_us
         meta = frame.meta.with_(
+            # The trigger pulse set the exposure, whatever the camera's metadata say.
+            exposure_us=exposure_us,
             lit=lit,
             mcu_frame=None if tag is None else tag.counter,
             laser_mw=self.laser_mw() if lit else 0.0,
