@@ -82,3 +82,40 @@ def test_a_process_never_seen_counts_as_silent():
     r.advance(0.1)
     with pytest.raises(WrongState, match="gateway"):
         r.cart.arm()
+
+
+def test_a_dead_thread_stops_the_safety_cores_watchdog_pings(tmp_path):
+    """systemd's watchdog is fed from the supervisor's healthy ticks only while every other
+    thread of the process is alive too: a dead command, notices or frame thread gets the
+    process restarted instead of running on half-deaf."""
+    import threading
+    from types import SimpleNamespace
+
+    from controller.main import SafetyCore
+
+    rig = Rig(safety={"emission_delay_s": 1.0})
+    core = SafetyCore(rig.cfg, rig.laser, rig.io, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run",
+                      clock=rig.clock)
+    pings = []
+    core.watchdog = lambda: pings.append(1)
+    stop = threading.Event()
+    alive = threading.Thread(target=stop.wait, daemon=True)
+    alive.start()
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    core.server = SimpleNamespace(worker_alive=lambda: True)
+    try:
+        core._threads = [alive, alive]
+        core._healthy_tick()
+        assert pings == [1]
+        core._threads = [alive, dead]
+        core._healthy_tick()
+        assert pings == [1]
+        core._threads = [alive]
+        core.server = SimpleNamespace(worker_alive=lambda: False)
+        core._healthy_tick()
+        assert pings == [1]
+    finally:
+        stop.set()
+        core.ctx.destroy(linger=0)
