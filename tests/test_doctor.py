@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from services import doctor
+from services.cli import doctor
 from services.cli.doctor import CameraSample, Probe
 from sim.picamera2_standin import Picamera2StandIn
 from sim.world import SensorModel, World
@@ -169,7 +169,7 @@ def test_nirfctl_doctor_exit_code_and_json(capsys):
 
 
 def test_nirfctl_has_the_doctor_command(capsys):
-    from services.cli import main
+    from services.cli.main import main
 
     code = main(["--config", "sim", "doctor", "--no-camera"])
     assert code in (0, 1)
