@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?=
 
-.PHONY: run test test-quick bench soak clean venv
+.PHONY: run test test-quick bench soak soak-hog clean venv
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(PY) -m bench.soak --minutes $${MINUTES:-30}
+
+# P6: the soak with a busy loop on every core beside the cart (run as root to renice)
+soak-hog: $(STAMP)
+	$(PY) -m bench.soak --hog --minutes $${MINUTES:-10}
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -13,7 +13,13 @@ Continuous emission ends by itself after ``laser.max_emission_s`` (PRODUCT.md S7
 soak runs it at the longest allowed (1800 s) and streams in segments shorter than that,
 turning emission off and on again between them, as an operator would.
 
-    python -m bench.soak --minutes 30 [--capture-every-s 10] [--json out.json]
+    python -m bench.soak --minutes 30 [--capture-every-s 10] [--json out.json] [--hog]
+
+``--hog`` (PRODUCT P6, ``make soak-hog``): a busy loop on every core beside the cart for the
+whole run. As on the cart, the safety core runs ahead of the other services (the unit's
+``Nice=-10``), and the simulated hardware ahead of everything, as a real MCU is not slowed by
+the Pi's load; both are reniced when the soak may (as root). The report then shows whether
+the MCU's watchdog tripped (a fault) or a pair was lost.
 """
 
 from __future__ import annotations
@@ -131,8 +137,42 @@ class CaptureWorker(threading.Thread):
         self.join(timeout=40.0)
 
 
+HOG_CODE = "while True:\n    pass\n"
+PRIORITIES = {"hardware": -15, "controller": -10}  # niceness while hogged (root only)
+
+
+def start_hogs(n: int) -> list:
+    """``n`` busy loops, one process each, at the default priority."""
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, "-c", HOG_CODE], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+
+
+def stop_hogs(hogs: list) -> None:
+    for h in hogs:
+        h.kill()
+    for h in hogs:
+        h.wait(timeout=5)
+
+
+def prioritise(pids: dict[str, int]) -> str:
+    """Renice the simulated MCU and the safety core as on the cart; what was done, for the report."""
+    import os
+
+    done = []
+    for name, nice in PRIORITIES.items():
+        if name in pids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, pids[name], nice)
+                done.append(f"{name} nice {nice}")
+            except PermissionError:
+                done.append(f"{name} not reniced (needs root)")
+    return ", ".join(done)
+
+
 def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0, capture_pairs: int = 2,
-        sample_every_s: float = 10.0) -> dict:
+        sample_every_s: float = 10.0, hog: bool = False) -> dict:
     """Run the soak; return the report as a map."""
     total_s = max(1.0, minutes * 60.0)
     cart = BenchCart(width=WIDTH, height=HEIGHT, fps=FPS, exposure_us=EXPOSURE_US, extra=SOAK_CONFIG)
@@ -140,9 +180,17 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
     stats = StreamStats()
     worker: CaptureWorker | None = None
     final_status: dict = {}
+    hogs: list = []
+    priorities = ""
     try:
         cart.start()
         processes = {name: ProcessSamples(pid) for name, pid in cart.pids().items()}
+        if hog:
+            import os
+
+            priorities = prioritise(cart.pids())
+            hogs = start_hogs(os.cpu_count() or 2)
+            print(f"  CPU hog: {len(hogs)} busy loops; {priorities}", file=sys.stderr, flush=True)
         worker = CaptureWorker(cart, capture_every_s, capture_pairs)
         worker.start()
         segments = max(1, math.ceil(total_s / SEGMENT_MAX_S))
@@ -172,12 +220,14 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         control = cart.client()
         final_status = control.call("status", timeout_s=10.0)
     finally:
+        stop_hogs(hogs)
         if worker is not None:
             worker.stop()
         cart.stop()
     lat = sorted(stats.latencies_ms)
     return {
         "minutes": round(stats.window_s / 60.0, 2),
+        "hog": {"busy_loops": len(hogs), "priorities": priorities} if hog else None,
         "warmup_s": warmup_s,
         "results_per_s": round(stats.results_per_s, 2),
         "latency_ms": {"p50": round(percentile(lat, 50), 2), "p90": round(percentile(lat, 90), 2),
@@ -202,6 +252,8 @@ def print_report(r: dict) -> None:
     print(f"\nSoak: {r['minutes']} min measured after a {r['warmup_s']:.0f} s warm-up, "
           f"{WIDTH}x{HEIGHT} at {FPS:.0f} fps")
     lat = r["latency_ms"]
+    if r.get("hog"):
+        print(f"  CPU hog                 {r['hog']['busy_loops']} busy loops; {r['hog']['priorities']}")
     print(f"  results/s               {r['results_per_s']}")
     print(f"  latency ms              p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     print(f"  pairs                   sent {r['pairs_sent']}, results {r['results_received']}, "
@@ -234,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capture-pairs", type=int, default=2, help="pairs averaged per capture")
     parser.add_argument("--sample-every-s", type=float, default=10.0, help="memory sampling period")
     parser.add_argument("--json", default=None, help="also write the report to this file")
+    parser.add_argument("--hog", action="store_true", help="a busy loop on every core beside the cart (P6)")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.warmup_s < 0 or args.capture_every_s <= 0 or args.sample_every_s <= 0 \
             or args.capture_pairs < 1:
@@ -242,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Soak: {args.minutes} min after a {args.warmup_s:.0f} s warm-up (Ctrl-C stops it and cleans up)",
           file=sys.stderr, flush=True)
     report = run(args.minutes, warmup_s=args.warmup_s, capture_every_s=args.capture_every_s,
-                 capture_pairs=args.capture_pairs, sample_every_s=args.sample_every_s)
+                 capture_pairs=args.capture_pairs, sample_every_s=args.sample_every_s, hog=args.hog)
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:
