@@ -959,6 +959,8 @@ class CaseStore:
         Returns the current entry with its ``history`` (oldest first)."""
         if not isinstance(capture_id, str):
             raise InvalidArgument(f"capture_id = {capture_id!r}: expected a string")
+        if isinstance(status, bool):  # the version-1 call: set_pathology(capture_id, True)
+            status, margin_positive = None, status
         if status is None:
             if not isinstance(margin_positive, bool):
                 raise InvalidArgument(f"margin_positive = {margin_positive!r}: expected true or false "
@@ -978,6 +980,7 @@ class CaseStore:
                 raise InvalidArgument(f"capture_id = {capture_id!r}: no such capture")
             old = db.execute("SELECT * FROM pathology_entries WHERE capture_id = ? "
                              "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (capture_id,)).fetchone()
+            now_ns = _after(old, now_ns)
             if old is None or old["status"] != status or old["blinded"] != blinded_int:
                 if old is not None:
                     self._need_reason(f"pathology of capture {capture_id}",
@@ -1010,6 +1013,7 @@ class CaseStore:
             case = self._case_row(db, case_id)
             old = db.execute("SELECT * FROM margin_entries WHERE case_id = ? "
                              "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (case_id,)).fetchone()
+            now_ns = _after(old, now_ns)
             if old is None or old["status"] != status:
                 if old is not None:
                     self._need_reason(f"margin status of case {case_id}", old["status"], status, reason)
@@ -1044,6 +1048,7 @@ class CaseStore:
                 raise InvalidArgument(f"visit_date = {visit_date!r}: after today ({today.isoformat()})")
             old = db.execute("SELECT * FROM followup_entries WHERE case_id = ? AND visit_date = ? "
                              "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (case_id, visit)).fetchone()
+            now_ns = _after(old, now_ns)
             if old is None or bool(old["local_recurrence"]) != local_recurrence:
                 if old is not None:
                     self._need_reason(f"follow-up of case {case_id} on {visit}",
@@ -1179,6 +1184,12 @@ class CaseStore:
 
 # Events that the report lists as protocol deviations.
 DEVIATIONS = ("outside_imaging_window", "clock_not_synchronised", "clock_override", "frames_lost")
+
+
+def _after(old: sqlite3.Row | None, now_ns: int) -> int:
+    """A correcting entry's time: now, but always after the entry it corrects, so "the
+    latest entry" is well defined by time alone (also in a pooled export)."""
+    return now_ns if old is None else max(now_ns, old["t_ns"] + 1)
 
 
 def _bool(v: Any) -> bool | None:

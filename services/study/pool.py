@@ -107,7 +107,7 @@ def pool(sources: list[tuple[str, Mapping]]) -> tuple[dict, dict]:
     pooled: dict = {list_name: [] for list_name in records.KINDS.values()}
     orphans: dict[tuple, int] = {}
     kept_case: set[tuple] = set()
-    for list_name, _source, rec in sorted(unique.values(), key=lambda v: (v[2].get("t_ns") or 0, v[2]["uid"])):
+    for list_name, _source, rec in unique.values():  # in the order the exports list them
         key = _patient(rec)
         if key in excluded:
             continue
