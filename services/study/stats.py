@@ -467,13 +467,12 @@ def logrank(times: Sequence[float], events: Sequence[bool], groups: Sequence) ->
             share = at_risk / n
             factor = d * (n - d) / (n - 1)
             variance += factor * (np.diag(share) - np.outer(share, share))
-    # The k group sums add to zero: the test uses any k - 1 of them.
+    # The k group sums add to zero: the test uses any k - 1 of them. The pseudo-inverse
+    # keeps a degenerate variance (an event with one patient at risk) from failing: its
+    # direction then adds nothing to the statistic.
     v = variance[:-1, :-1]
     diff = observed_minus_expected[:-1]
-    try:
-        statistic = float(diff @ np.linalg.solve(v, diff))
-    except np.linalg.LinAlgError:
-        return None
+    statistic = float(diff @ np.linalg.pinv(v) @ diff)
     if not math.isfinite(statistic):
         return None
     return {"statistic": statistic, "df": k - 1, "p": chi2_sf(statistic, k - 1)}
