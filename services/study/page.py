@@ -59,7 +59,7 @@ def roc_svg(roc: list[Mapping], size: int = 360) -> str:
     def xy(fpr: float, tpr: float) -> str:
         return f"{pad + fpr * inner:.1f},{pad + (1 - tpr) * inner:.1f}"
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 200}" height="{size}" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 330}" height="{size}" '
              f'role="img" aria-label="ROC curves">',
              f'<rect x="{pad}" y="{pad}" width="{inner}" height="{inner}" fill="#fafafa" stroke="#444"/>',
              f'<line x1="{pad}" y1="{pad + inner}" x2="{pad + inner}" y2="{pad}" stroke="#aaa" stroke-dasharray="4 4"/>']
@@ -141,6 +141,13 @@ def render(report: Mapping, title: str = "NIRF study report") -> str:
     else:
         thresholds = ", ".join(f"{k} ({v} margins)" for k, v in report.get("thresholds_in_force", {}).items())
         out.append(f"<p>Calls as made at capture; thresholds in force: {_e(thresholds or '-')}.</p>")
+    thresholds = sorted({float(k) for k in report.get("thresholds_in_force", {}) if k != "null"})
+    if report.get("threshold") is not None:
+        thresholds = [float(report["threshold"])]
+    out.append("<h2>ROC curves and SBR by pathology</h2><div class=plots>")
+    out.append(roc_svg(report.get("roc", [])))
+    out.append(sbr_svg(report.get("sbr_by_pathology", []), thresholds))
+    out.append("</div>")
     out.append("<h2>Flow</h2><table>")
     enrolled = flow.get("enrolled", {})
     out.append("".join(f"<tr><td class=l>enrolled, {_e(a)}</td><td>{n}</td></tr>" for a, n in enrolled.items()))
@@ -154,13 +161,6 @@ def render(report: Mapping, title: str = "NIRF study report") -> str:
     out.append("</table>")
     out.append("<h2>Diagnostic accuracy per margin (ICG arms)</h2>" + _accuracy_table(report.get("groups", [])))
     out.append("<h2>Diagnostic accuracy per patient</h2>" + _accuracy_table(report.get("per_patient", [])))
-    thresholds = sorted({float(k) for k in report.get("thresholds_in_force", {}) if k != "null"})
-    if report.get("threshold") is not None:
-        thresholds = [float(report["threshold"])]
-    out.append("<h2>ROC curves and SBR by pathology</h2><div class=plots>")
-    out.append(roc_svg(report.get("roc", [])))
-    out.append(sbr_svg(report.get("sbr_by_pathology", []), thresholds))
-    out.append("</div>")
     if "margins_by_arm" in report:
         out.append("<h2>Positive margins among the arms (data monitoring)</h2><table><tr><th class=l>histology</th>"
                    "<th class=l>arm</th><th>positive</th><th>n</th><th class=l>test</th><th>p</th></tr>")
