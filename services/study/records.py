@@ -141,6 +141,7 @@ FIELDS: tuple[Field, ...] = (
 )
 COLUMNS = tuple(f.name for f in FIELDS)
 _BY_NAME = {f.name: f for f in FIELDS}
+_KEYS = tuple(f.record_key for f in FIELDS if f.name != "record_type")
 _FORMULA_START = ("=", "+", "-", "@")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -274,7 +275,6 @@ def fill(data: Mapping) -> dict:
     out = {}
     for list_name in KINDS.values():
         # An empty text is an empty cell: None on both sides.
-        out[list_name] = [{f.record_key: (None if rec.get(f.record_key) == "" else rec.get(f.record_key))
-                           for f in FIELDS if f.name != "record_type"}
+        out[list_name] = [{k: (None if v == "" else v) for k, v in ((k, rec.get(k)) for k in _KEYS)}
                           for rec in data.get(list_name, [])]
     return out

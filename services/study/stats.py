@@ -273,15 +273,30 @@ def auc_cluster_bootstrap(units: Sequence[tuple[object, float, bool]], *, n_resa
     neg_all = [s for k in keys for s, t in by_patient[k] if not t]
     if auc_mann_whitney(pos_all, neg_all) is None:
         return None
-    per_patient = [(np.array([s for s, t in by_patient[k] if t], dtype=float),
-                    np.array([s for s, t in by_patient[k] if not t], dtype=float)) for k in keys]
-    aucs = []
-    for draw in bootstrap_indices(len(keys), n_resamples, seed):
-        pos = np.concatenate([per_patient[i][0] for i in draw])
-        neg = np.concatenate([per_patient[i][1] for i in draw])
-        value = auc_mann_whitney(pos, neg)
-        if value is not None:
-            aucs.append(value)
+    # Vectorised over resamples: with w_a the number of times patient a is drawn, the
+    # resample's Mann-Whitney sum is w' M w, where M[a, b] sums the pair scores (1, or 1/2
+    # for a tie) of a's positive margins against b's negative ones; its pairs number
+    # (w . n_pos)(w . n_neg). Every term is a multiple of 1/2, so the sums are exact.
+    index = {k: i for i, k in enumerate(keys)}
+    pos = [(index[k], s) for k in keys for s, t in by_patient[k] if t]
+    neg = [(index[k], s) for k in keys for s, t in by_patient[k] if not t]
+    pos_scores = np.array([s for _, s in pos])
+    neg_scores = np.array([s for _, s in neg])
+    pair = (pos_scores[:, None] > neg_scores[None, :]) + 0.5 * (pos_scores[:, None] == neg_scores[None, :])
+    n = len(keys)
+    to_pos = np.zeros((len(pos), n))
+    to_pos[np.arange(len(pos)), [i for i, _ in pos]] = 1.0
+    to_neg = np.zeros((len(neg), n))
+    to_neg[np.arange(len(neg)), [i for i, _ in neg]] = 1.0
+    m = to_pos.T @ pair @ to_neg
+    n_pos, n_neg = to_pos.sum(axis=0), to_neg.sum(axis=0)
+    draws = bootstrap_indices(n, n_resamples, seed)
+    weights = np.zeros((n_resamples, n))
+    np.add.at(weights, (np.repeat(np.arange(n_resamples), n), draws.ravel()), 1.0)
+    pairs = (weights @ n_pos) * (weights @ n_neg)
+    sums = np.einsum("ij,ij->i", weights @ m, weights)
+    ok = pairs > 0  # a resample without a positive or a negative margin has no AUC
+    aucs = (sums[ok] / pairs[ok]).tolist()
     if not aucs:
         return None
     tail = (1.0 - level) / 2.0 * 100.0
