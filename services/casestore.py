@@ -1,26 +1,32 @@
-"""The study's case records: cases, site captures, pathology and warnings, in SQLite
-(PRODUCT.md D1, C4).
+"""The study's records in SQLite (PRODUCT.md D1, D5, C4 and section 10): cases with their
+enrolment checks, site captures, and the append-only entries of pathology, the patient's
+margin status, follow-up visits and adverse events; the report and the export are made
+from them (:meth:`CaseStore.dataset`).
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``, so a transaction
 that has returned is on disk and survives a power cut; every write is one transaction
 (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error). Foreign keys are enforced
-and the schema carries its version in ``PRAGMA user_version``.
+and the schema carries its version in ``PRAGMA user_version`` (version-1 files are
+migrated when opened). Entries are append-only: triggers refuse to update or delete them,
+and a correction is a new entry with its reason.
 
-Privacy: a case is known only by a pseudonymous study code (``case_id``); no field holds
-a patient's name, and ids that look like names (spaces, no digit) are refused.
+Privacy: a case is known only by a pseudonymous study code (``case_id``) that must match
+the study's configured pattern; no field holds a patient's name.
+
+Every record carries ``centre_id``, ``cart_id`` and a globally unique ``uid``; a patient
+is ``(centre_id, case_id)``.
 
 One case is open at a time. Opening a second one is refused with
 :class:`~hal.errors.WrongState` (close the open case first); the rule is also enforced by a
 unique index, so two processes cannot break it. A case left open by a crash is still the
 open case when the store is opened again, so the session can carry on.
 
-Captures, pathology and the report follow the bus protocol (``case.open``,
-``case.close``, ``capture``, ``pathology.set``, ``report``).
+The commands follow the bus protocol (``case.open``, ``case.close``, ``capture``,
+``pathology.set``, ``margin.set``, ``followup.add``, ``ae.add``, ``report``).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -414,11 +420,6 @@ def _label(value: Any) -> str:
     if len(value) > LABEL_MAX_CHARS or any(not ch.isprintable() for ch in value):
         raise InvalidArgument(f"label = {value!r}: at most {LABEL_MAX_CHARS} printable characters")
     return value
-
-
-def _csv_safe(text: str) -> str:
-    # A spreadsheet would run a cell starting with these as a formula.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 # --- the store ---------------------------------------------------------------------
