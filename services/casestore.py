@@ -233,12 +233,27 @@ CREATE TABLE ae_entries (
     entered_at TEXT NOT NULL,
     t_ns       INTEGER NOT NULL
 );
+
+CREATE TABLE case_corrections (
+    entry_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT NOT NULL UNIQUE,
+    centre_id  TEXT NOT NULL,
+    cart_id    TEXT NOT NULL,
+    case_id    TEXT NOT NULL REFERENCES cases (case_id),
+    field      TEXT NOT NULL,
+    old_value  TEXT,
+    new_value  TEXT,
+    reason     TEXT NOT NULL,
+    entered_by TEXT NOT NULL,
+    entered_at TEXT NOT NULL,
+    t_ns       INTEGER NOT NULL
+);
 """ + "".join(f"""
 CREATE TRIGGER {table}_append_only_update BEFORE UPDATE ON {table}
     BEGIN SELECT RAISE(ABORT, '{table} is append-only: add a correcting entry'); END;
 CREATE TRIGGER {table}_append_only_delete BEFORE DELETE ON {table}
     BEGIN SELECT RAISE(ABORT, '{table} is append-only: add a correcting entry'); END;
-""" for table in ("pathology_entries", "margin_entries", "followup_entries", "ae_entries"))
+""" for table in ("pathology_entries", "margin_entries", "followup_entries", "ae_entries", "case_corrections"))
 
 def _software_version() -> str:
     try:
@@ -1093,6 +1108,64 @@ class CaseStore:
         return {"case_id": case_id, "uid": uid, "term": term, "grade": grade, "related": related,
                 "onset": onset, "entered_by": by or "unknown", "entered_at": _iso_from_ns(now_ns)}
 
+    def correct_case(self, case_id: str, field: str, value: Any, *, reason: str, by: str = "") -> dict:
+        """Correct a field of a case entered wrongly (PRODUCT.md D5): ``histology``,
+        ``weight_kg``, ``injection_time``, ``surgery_date`` or ``exclusions_confirmed``.
+        The new value passes the same checks as at ``case.open`` (the dose is computed
+        again); the old value, who, when and why (``reason`` required) are kept in
+        ``case_corrections`` and a ``case_corrected`` event. Returns the case with its
+        ``corrections``."""
+        _choice("field", field, CORRECTABLE)
+        reason = _text("reason", reason)
+        now_ns = self.clock.time_ns()
+        with self._write() as db:
+            case = self._case_row(db, case_id)
+            updates: dict[str, Any] = {}
+            if field == "histology":
+                updates["histology"] = _choice("histology", value, HISTOLOGIES)
+            elif field == "weight_kg":
+                if value is None and case["arm"] == ARM_PER_KG:
+                    raise InvalidArgument(f"weight_kg is required for arm {ARM_PER_KG!r}")
+                weight = None if value is None else _number("weight_kg", value, lo=WEIGHT_RANGE_KG[0],
+                                                            hi=WEIGHT_RANGE_KG[1])
+                updates["weight_kg"] = weight
+                updates["dose_mg"] = self._dose_mg(case["arm"], weight)
+            elif field == "injection_time":
+                if case["arm"] == ARM_CONTROL:
+                    raise InvalidArgument("injection_time: the control arm receives no ICG")
+                iso, t_ns = _parse_injection_time(value)
+                if t_ns > now_ns:
+                    raise InvalidArgument(f"injection_time = {value!r}: in the future")
+                updates["injection_time"], updates["injection_t_ns"] = iso, t_ns
+            elif field == "surgery_date":
+                day = _iso_date("surgery_date", value)
+                today = datetime.fromtimestamp(now_ns / 1e9, tz=timezone.utc).date()
+                if date.fromisoformat(day) > today:
+                    raise InvalidArgument(f"surgery_date = {value!r}: after today ({today.isoformat()})")
+                updates["surgery_date"] = day
+            else:
+                if value is not True:
+                    raise InvalidArgument(f"exclusions_confirmed = {value!r}: only a confirmation (true) "
+                                          f"can be entered; a patient found ineligible is reported, not erased")
+                updates["exclusions_confirmed"] = 1
+            old = case[field]
+            new = updates[field]
+            if old != new:
+                db.execute(f"UPDATE cases SET {', '.join(f'{k} = ?' for k in updates)} WHERE case_id = ?",
+                           (*updates.values(), case_id))
+                db.execute("INSERT INTO case_corrections (uid, centre_id, cart_id, case_id, field, old_value, "
+                           "new_value, reason, entered_by, entered_at, t_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (_uid(), case["centre_id"], self.cart_id, case_id, field,
+                            None if old is None else str(old), None if new is None else str(new), reason,
+                            by or "unknown", _iso_from_ns(now_ns), now_ns))
+                self._event(db, case_id, "case_corrected", f"case {case_id}: {field} corrected from {old!r} "
+                            f"to {new!r} by {by or 'unknown'}: {reason}", t_ns=now_ns, field=field,
+                            old=old, new=new, by=by, reason=reason)
+            out = self._case_dict(db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone(), db)
+            out["corrections"] = [_entry(r) for r in db.execute(
+                "SELECT * FROM case_corrections WHERE case_id = ? ORDER BY t_ns, entry_id", (case_id,))]
+        return out
+
     # --- the records, the report, events and export --------------------------------
 
     def dataset(self, case_id: str | None = None) -> dict:
@@ -1114,7 +1187,7 @@ class CaseStore:
                               "ORDER BY p.t_ns, p.entry_id", params).fetchall()
             tables = {}
             for name, table in (("margins", "margin_entries"), ("followups", "followup_entries"),
-                                ("adverse_events", "ae_entries")):
+                                ("adverse_events", "ae_entries"), ("case_corrections", "case_corrections")):
                 tables[name] = db.execute(f"SELECT e.*, c.centre_id AS case_centre FROM {table} AS e "
                                           f"JOIN cases AS c ON c.case_id = e.case_id {where} "
                                           f"ORDER BY e.t_ns, e.entry_id", params).fetchall()
@@ -1132,6 +1205,7 @@ class CaseStore:
             "followups": [{**dict(r), "centre_id": r["case_centre"],
                            "local_recurrence": bool(r["local_recurrence"])} for r in tables["followups"]],
             "adverse_events": [{**dict(r), "centre_id": r["case_centre"]} for r in tables["adverse_events"]],
+            "case_corrections": [{**dict(r), "centre_id": r["case_centre"]} for r in tables["case_corrections"]],
             "deviations": [{"uid": r["uid"], "centre_id": r["case_centre"], "cart_id": r["cart_id"],
                             "case_id": r["case_id"], "capture_id": r["capture_id"], "kind": r["kind"],
                             "message": r["message"], "entered_at": r["at"], "t_ns": r["t_ns"]}
@@ -1182,6 +1256,9 @@ class CaseStore:
         _write_atomically(out_file, buf.getvalue())
         return len(records.FIELDS)
 
+
+# Case fields that case.correct may change (the arm is the randomisation: never).
+CORRECTABLE = ("histology", "weight_kg", "injection_time", "surgery_date", "exclusions_confirmed")
 
 # Events that the report lists as protocol deviations.
 DEVIATIONS = ("outside_imaging_window", "clock_not_synchronised", "clock_override", "frames_lost")

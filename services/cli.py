@@ -127,6 +127,11 @@ def _add_clinical_commands(sub) -> None:
                     help="the patient meets none of the exclusion criteria (required on the device)")
     co.add_argument("--clock-override-reason", help="go ahead although the clock is not synchronised, and why")
     csub.add_parser("close", help="close the open case")
+    cc = csub.add_parser("correct", help="correct a field of a case entered wrongly (the old value is kept)")
+    cc.add_argument("case_id")
+    cc.add_argument("field", choices=("histology", "weight_kg", "injection_time", "surgery_date", "exclusions_confirmed"))
+    cc.add_argument("value", help="the right value (numbers and true as JSON, the rest as text)")
+    cc.add_argument("--reason", required=True, help="why the case is corrected")
     cap = sub.add_parser("capture", help="capture a site of the open case (laser emitting, fluorescence running)")
     cap.add_argument("site", choices=SITES)
     cap.add_argument("--label", default="", help="where, e.g. \"12 o'clock\" (no names)")
@@ -216,6 +221,15 @@ def _request_for(args) -> tuple[str, dict]:
     if c == "case":
         if args.action == "close":
             return "case.close", {}
+        if args.action == "correct":
+            try:
+                value = json.loads(args.value)
+            except json.JSONDecodeError:
+                value = args.value
+            if isinstance(value, (dict, list)):
+                value = args.value
+            return "case.correct", {"case_id": args.case_id, "field": args.field, "value": value,
+                                    "reason": args.reason}
         a = {"case_id": args.case_id, "histology": args.histology, "arm": args.arm}
         if args.weight_kg is not None:
             a["weight_kg"] = args.weight_kg
@@ -369,13 +383,40 @@ def format_report(report: dict) -> str:
         return f"{m['value']:7.3f} ({m['k']}/{m['n']}, CP {lo:.3f}-{hi:.3f})"
 
     lines = []
-    for g in report.get("groups", []):
-        n = g.get("counts", {})
-        met = g.get("metrics", {})
-        lines.append(f"{g.get('histology')} / {g.get('arm')}: tp {n.get('tp')} fp {n.get('fp')} tn {n.get('tn')} "
-                     f"fn {n.get('fn')}, positive margins {g.get('positive_margins')}")
-        for name in ("sensitivity", "specificity", "ppv", "npv"):
-            lines.append(f"    {name:<12} {prop(met.get(name, {}))}")
+    for title, key in (("per margin", "groups"), ("per patient", "per_patient")):
+        if key not in report:
+            continue
+        if "per_patient" in report:
+            lines.append(f"== accuracy {title} (ICG arms)")
+        for g in report.get(key, []):
+            n = g.get("counts", {})
+            met = g.get("metrics", {})
+            lines.append(f"{g.get('histology')} / {g.get('arm')}: tp {n.get('tp')} fp {n.get('fp')} tn {n.get('tn')} "
+                         f"fn {n.get('fn')}, positive margins {g.get('positive_margins')}")
+            for name in ("sensitivity", "specificity", "ppv", "npv"):
+                lines.append(f"    {name:<12} {prop(met.get(name, {}))}")
+    flow = report.get("flow")
+    if flow:
+        lines.append("== flow: " + ", ".join(f"{k} {v}" for k, v in flow.items()))
+    for r in report.get("roc", []):
+        ci = r.get("auc_ci")
+        lines.append(f"== ROC {r['histology']} / {r['arm']}: AUC "
+                     + ("-" if r.get("auc") is None else f"{r['auc']:.3f}")
+                     + ("" if not ci else f" ({ci[0]:.3f}-{ci[1]:.3f})"))
+    for m in report.get("margins_by_arm", []):
+        arms = ", ".join(f"{a['arm']} {a['positive']}/{a['n']}" for a in m["arms"])
+        p = m["test"].get("p")
+        lines.append(f"== positive margins {m['histology']}: {arms}; {m['test']['method']} p "
+                     + ("-" if p is None else f"{p:.4f}"))
+    for r in report.get("recurrence", []):
+        arms = ", ".join(f"{a['arm']} " + ("-" if a["km_24m"] is None else f"{a['km_24m']:.3f}")
+                         + f" ({a['events']} events of {a['with_followup']})" for a in r["arms"])
+        p = r.get("logrank_p")
+        lines.append(f"== 24-month recurrence {r['histology']}: {arms}; log-rank p "
+                     + ("-" if p is None else f"{p:.4f}"))
+    for a in report.get("adverse_events", []):
+        lines.append(f"== adverse events {a['arm']}: {a['patients_with_ae']} of {a['n']} patients, "
+                     f"by worst grade {a['by_grade']}")
     return "\n".join(lines) if lines else "(no data)"
 
 

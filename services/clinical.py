@@ -126,7 +126,7 @@ class Clinical:
         return {"case.open": self.cmd_case_open, "case.close": self.cmd_case_close,
                 "capture": self.cmd_capture, "pathology.set": self.cmd_pathology_set,
                 "margin.set": self.cmd_margin_set, "followup.add": self.cmd_followup_add,
-                "ae.add": self.cmd_ae_add, "report": self.cmd_report}
+                "ae.add": self.cmd_ae_add, "case.correct": self.cmd_case_correct, "report": self.cmd_report}
 
     def current_case_id(self) -> str | None:
         """The open case's id (for the status map), or ``None``."""
@@ -282,6 +282,17 @@ class Clinical:
         result = self.store.add_adverse_event(args["case_id"], args["term"], args["grade"], args["related"],
                                               args["onset"], by=_who(caller))
         self._audit("ae_added", case_id=result["case_id"], grade=result["grade"], by=_who(caller))
+        return result
+
+    def cmd_case_correct(self, args: dict, caller=None) -> dict:
+        """``case.correct`` (added): correct a case field entered wrongly, with a reason."""
+        _only(args, {"case_id", "field", "value", "reason"}, "case.correct")
+        for key in ("case_id", "field", "value", "reason"):
+            if key not in args:
+                raise InvalidArgument(f"case.correct: {key} is required")
+        result = self.store.correct_case(args["case_id"], args["field"], args["value"], reason=args["reason"],
+                                         by=_who(caller))
+        self._audit("case_corrected", case_id=result["case_id"], field=args["field"], by=_who(caller))
         return result
 
     def cmd_report(self, args: dict, caller=None) -> dict:

@@ -42,6 +42,9 @@ def make_study(store, clock, *, seed: int = 7, per_cell: int = 6, first_number: 
                 store.open_case(case_id, h, arm, **kwargs)
                 _captures(store, clock, rng, case_id, arm)
                 store.close_case()
+                if arm == "icg_0.25mg_per_kg" and rng.random() < 0.3:
+                    store.correct_case(case_id, "weight_kg", kwargs["weight_kg"] + 5.0,
+                                       reason="weighed again before surgery", by="alice")
                 _margin(store, rng, case_id, arm)
                 _followup(store, clock, rng, case_id, surgery, recur_p[arm])
                 for _ in range(int(rng.integers(0, 3))):

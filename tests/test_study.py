@@ -153,6 +153,27 @@ def test_corrections_keep_the_history_and_need_a_reason(tmp_path):
     db.close()
 
 
+def test_a_case_correction_keeps_the_old_value_who_when_why(tmp_path):
+    from tests.test_casestore import iso_hours_before_start
+
+    store = CaseStore(tmp_path / "s.db", clock=ManualClock())
+    store.open_case("DFSP-001", "DFSP", "icg_0.25mg_per_kg", 60, iso_hours_before_start(20), by="alice")
+    store.close_case()
+    with pytest.raises(InvalidArgument, match="reason"):
+        store.correct_case("DFSP-001", "weight_kg", 80, reason="", by="bob")
+    with pytest.raises(InvalidArgument, match="20 to 200"):
+        store.correct_case("DFSP-001", "weight_kg", 400, reason="typo", by="bob")
+    with pytest.raises(InvalidArgument, match="allowed one of"):
+        store.correct_case("DFSP-001", "arm", "control", reason="typo", by="bob")
+    case = store.correct_case("DFSP-001", "weight_kg", 80, reason="scale read wrongly", by="bob")
+    assert case["weight_kg"] == 80 and case["dose_mg"] == pytest.approx(20.0)
+    (c,) = case["corrections"]
+    assert (c["field"], c["old_value"], c["new_value"], c["entered_by"], c["reason"]) == (
+        "weight_kg", "60.0", "80.0", "bob", "scale read wrongly")
+    data = _export(store)
+    assert data["case_corrections"][0]["old_value"] == "60.0" and data["cases"][0]["dose_mg"] == 20.0
+
+
 def clock_date(clock) -> str:
     from tests.study_synth import today
     return today(clock).date().isoformat()

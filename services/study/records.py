@@ -2,7 +2,7 @@
 dictionary that describes every column.
 
 Record types (column ``record_type``): ``case``, ``capture``, ``pathology``, ``margin``,
-``followup``, ``adverse_event``, ``deviation``. Every row has ``record_uid`` (globally
+``followup``, ``adverse_event``, ``deviation``, ``case_correction``. Every row has ``record_uid`` (globally
 unique: a random 128-bit hex id made where the record was made), ``centre_id``,
 ``cart_id`` and ``case_id``; the other columns are empty where they do not apply to the
 record type. Cells hold plain values, never JSON: true/false as REDCap's ``yesno`` codes
@@ -36,7 +36,8 @@ DICTIONARY_COLUMNS = (
 
 # record_type -> the list name in the records map
 KINDS = {"case": "cases", "capture": "captures", "pathology": "pathology", "margin": "margins",
-         "followup": "followups", "adverse_event": "adverse_events", "deviation": "deviations"}
+         "followup": "followups", "adverse_event": "adverse_events", "deviation": "deviations",
+         "case_correction": "case_corrections"}
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,10 @@ FIELDS: tuple[Field, ...] = (
     # deviation
     _t("kind", "Deviation kind"),
     Field("message", "notes", "Deviation"),
+    # case correction
+    _t("field", "Case field corrected"),
+    _t("old_value", "Value before the correction"),
+    _t("new_value", "Value after the correction"),
 )
 COLUMNS = tuple(f.name for f in FIELDS)
 _BY_NAME = {f.name: f for f in FIELDS}
