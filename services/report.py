@@ -441,9 +441,9 @@ def _recurrence(cases: Mapping, followups: list[Mapping]) -> list[dict]:
             times, events = [], []
             for k in of_arm:
                 v = visits.get(k)
-                if not v:
+                start = cases[k].get("surgery_date")
+                if not v or not start:  # no follow-up (or no time zero): counted, not estimated
                     continue
-                start = cases[k]["surgery_date"]
                 ordered = sorted(v.items())
                 first_event = next((d for d, rec in ordered if rec), None)
                 if first_event is not None:

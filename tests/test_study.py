@@ -427,3 +427,26 @@ def test_a_version_1_database_is_migrated(tmp_path):
         assert data["pathology"][0]["status"] == "positive"
         assert store.get_capture("DFSP-014-c001")["margin_positive"] is True
         assert store.report()["groups"][-1]["counts"]["tp"] == 1
+
+
+@pytest.mark.parametrize("column, cell, match", [
+    ("arm", "icg_1mg", "column arm"),
+    ("exclusions_confirmed", "yes", "exclusions_confirmed"),
+    ("surgery_date", "02/05/2024", "YYYY-MM-DD"),
+    ("histology", "BCC", "allowed DFSP, sSCC"),
+    ("weight_kg", "seventy", "weight_kg"),
+])
+def test_a_damaged_export_is_refused_naming_line_column_and_value(study, column, cell, match):
+    buf = io.StringIO()
+    study.export_csv(buf)
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    rows[0][column] = cell
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    with pytest.raises(InvalidArgument, match=match) as err:
+        records.read_csv(io.StringIO(out.getvalue()), name="centre-a.csv")
+    assert "centre-a.csv line 2" in str(err.value)
+    with pytest.raises(InvalidArgument, match="not in the study's data dictionary"):
+        records.read_csv(io.StringIO("record_uid,record_type,centre_id,cart_id,case_id,patient_name\n"))

@@ -148,6 +148,8 @@ COLUMNS = tuple(f.name for f in FIELDS)
 _BY_NAME = {f.name: f for f in FIELDS}
 _KEYS = tuple(f.record_key for f in FIELDS if f.name != "record_type")
 _FORMULA_START = ("=", "+", "-", "@")
+# The arms' codes hold a dot, which REDCap's choice codes do not allow: a text field, checked here.
+_ARMS = ("control", "icg_0.25mg_per_kg", "icg_25mg")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -203,6 +205,8 @@ def _value(f: Field, cell: str):
         raise InvalidArgument(f"column {f.name} = {cell!r}: not a valid {f.kind} {f.validation}".rstrip()) from None
     if f.validation == "date_ymd" and not _DATE_RE.fullmatch(cell):
         raise InvalidArgument(f"column {f.name} = {cell!r}: expected a date YYYY-MM-DD")
+    if f.name == "arm" and cell not in _ARMS:
+        raise InvalidArgument(f"column arm = {cell!r}: allowed {', '.join(_ARMS)}")
     if f.choices and cell not in f.choices:
         raise InvalidArgument(f"column {f.name} = {cell!r}: allowed {', '.join(f.choices)}")
     if cell[:2] in tuple("'" + c for c in _FORMULA_START):
