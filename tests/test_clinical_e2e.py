@@ -142,6 +142,9 @@ def test_the_study_workflow_through_the_cli(cart, tmp_path):
         assert arm["metrics"]["specificity"]["value"] == 0.0 and arm["metrics"]["sensitivity"]["value"] is None
         assert groups[("all", "all")]["counts"] == arm["counts"]
         assert ok(cart, "report", "--histology", "sSCC")["groups"][-1]["counts"]["fp"] == 0
+        page = tmp_path / "report.html"
+        ok(cart, "report", "--html", str(page))
+        assert "<svg" in page.read_text() and "Flow" in page.read_text()
 
         out = tmp_path / "case.csv"
         code, _ = nirfctl(cart, "export", "--case", "DFSP-101", "--out", str(out))
