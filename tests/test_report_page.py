@@ -35,7 +35,8 @@ def test_the_page_is_self_contained_and_shows_every_part(report):
     text = page.render(report)
     assert text.startswith("<!DOCTYPE html>") and "</html>" in text
     assert "<script" not in text and not re.search(r"""(src|href)=["']?(https?:|//)""", text)
-    assert text.count("<svg") == 2 and text.count("<polyline") == len(report["roc"])
+    assert text.count("<svg") == 2
+    assert text.count("<polyline") == sum(r["auc"] is not None for r in report["roc"]) > 0
     dots = sum(len(g["positive"]) + len(g["negative"]) for g in report["sbr_by_pathology"])
     assert text.count("<circle") == dots > 0
     for heading in ("Flow", "per margin", "per patient", "ROC", "Positive margins among the arms",

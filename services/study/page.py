@@ -80,7 +80,8 @@ def roc_svg(roc: list[Mapping], size: int = 360) -> str:
         for fpr, tpr, _t in pts[1:]:
             path.append(xy(fpr, tpr))
         path.append(xy(1.0, 1.0))
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(path)}"/>')
+        if curve.get("auc") is not None:  # one class only: no curve to draw
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(path)}"/>')
         label = f"{curve['histology']} / {curve['arm']}: AUC {_num(curve.get('auc'))} ({_ci(curve.get('auc_ci'))})"
         y = pad + 14 + 18 * k
         parts.append(f'<rect x="{size - pad + 50}" y="{y - 9}" width="12" height="4" fill="{colour}"/>')
