@@ -139,6 +139,13 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "imaging_window_h": Spec(list, [18.0, 30.0], doc="[earliest, latest] hours after injection"),
         "fixed_dose_mg": _f(25.0, 0.1, 100.0),
         "dose_mg_per_kg": _f(0.25, 0.01, 5.0),
+        "centre_id": _s("CENTRE-01", doc="the centre this cart belongs to (on every record)"),
+        "cart_id": _s("", doc="this cart's id on every record; empty: the host name"),
+        "case_id_pattern": _s(r"^[A-Z]{2,6}-[0-9]{3,5}$", doc="regular expression a pseudonymous case id must match"),
+        "close_as": _s("exclude", choices=("exclude", "positive", "negative"), doc="how a close margin enters the 2x2 tables"),
+        "indeterminate_as": _s("exclude", choices=("exclude", "positive", "negative"), doc="how an indeterminate margin enters the 2x2 tables"),
+        "bootstrap_resamples": _i(2000, 100, 100_000, "resamples of the AUC's cluster bootstrap"),
+        "bootstrap_seed": _i(20240501, 0, 2**31 - 1, "seed of the AUC's cluster bootstrap"),
     },
     "calibration": {
         "qc_intensity_tolerance": _f(0.10, 0.01, 0.5, "daily QC passes with intensity within this fraction of the baseline"),

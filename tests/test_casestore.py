@@ -15,7 +15,8 @@ import pytest
 
 from hal.clock import ManualClock
 from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.study.casestore import CSV_COLUMNS, SCHEMA_VERSION, CaseStore, validate_case_id
+from services.study.casestore import SCHEMA_VERSION, CaseStore, validate_case_id
+from services.study import records
 
 WALL_START_NS = 1_700_000_000_000_000_000  # ManualClock's default wall time
 
@@ -103,7 +104,7 @@ def test_dose_of_icg_arms(store, arm, weight, expected_mg):
 
 
 def test_control_arm_has_no_dose(store):
-    case = store.open_case("S-0001", "sSCC", "control")
+    case = store.open_case("SSCC-0001", "sSCC", "control")
     assert case["dose_mg"] == 0.0
     assert case["hours_since_injection"] is None
     assert case["injection_time"] is None
@@ -112,9 +113,9 @@ def test_control_arm_has_no_dose(store):
 def test_doses_come_from_config_values(tmp_path, clock):
     s = CaseStore(tmp_path / "c.db", clock=clock, fixed_dose_mg=30.0, dose_mg_per_kg=0.5)
     try:
-        assert s.open_case("A1", "DFSP", "icg_0.25mg_per_kg", 70, iso_hours_before_start(20))["dose_mg"] == 35.0
+        assert s.open_case("AA-001", "DFSP", "icg_0.25mg_per_kg", 70, iso_hours_before_start(20))["dose_mg"] == 35.0
         s.close_case()
-        assert s.open_case("A2", "DFSP", "icg_25mg", None, iso_hours_before_start(20))["dose_mg"] == 30.0
+        assert s.open_case("AA-002", "DFSP", "icg_25mg", None, iso_hours_before_start(20))["dose_mg"] == 30.0
     finally:
         s.close()
 
@@ -126,7 +127,7 @@ def test_from_config_uses_the_study_section(tmp_path, clock):
     try:
         assert s.fixed_dose_mg == cfg.study.fixed_dose_mg
         assert s.imaging_window_h == tuple(cfg.study.imaging_window_h)
-        s.open_case("A1", "DFSP", "icg_25mg", None, iso_hours_before_start(24))
+        s.open_case("AA-001", "DFSP", "icg_25mg", None, iso_hours_before_start(24))
         c = s.add_capture("gross_tumor", **capture_kwargs())
         assert c["config_hash"] == cfg.sha256
     finally:
@@ -134,44 +135,44 @@ def test_from_config_uses_the_study_section(tmp_path, clock):
 
 
 def test_hours_since_injection_follow_the_clock_and_time_zone(store, clock):
-    store.open_case("DFSP-1", "DFSP", "icg_25mg", None, iso_hours_before_start(20, tz_hours=-5))
+    store.open_case("DFSP-001", "DFSP", "icg_25mg", None, iso_hours_before_start(20, tz_hours=-5))
     clock.advance(3 * 3600)
     assert store.current_case()["hours_since_injection"] == pytest.approx(23.0)
 
 
 def test_one_case_at_a_time(store):
-    store.open_case("DFSP-1", "DFSP", "control")
-    with pytest.raises(WrongState, match="DFSP-1"):
-        store.open_case("DFSP-2", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
+    with pytest.raises(WrongState, match="DFSP-001"):
+        store.open_case("DFSP-002", "DFSP", "control")
     store.close_case()
-    assert store.open_case("DFSP-2", "DFSP", "control")["case_id"] == "DFSP-2"
+    assert store.open_case("DFSP-002", "DFSP", "control")["case_id"] == "DFSP-002"
 
 
 def test_close_without_case_is_no_case(store):
     with pytest.raises(NoCase):
         store.close_case()
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     closed = store.close_case()
-    assert closed["case_id"] == "DFSP-1" and closed["closed_at"] is not None
+    assert closed["case_id"] == "DFSP-001" and closed["closed_at"] is not None
     assert store.current_case() is None
     with pytest.raises(NoCase):
         store.close_case()
 
 
 def test_case_id_is_used_once(store):
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     store.close_case()
     with pytest.raises(InvalidArgument, match="already used"):
-        store.open_case("DFSP-1", "DFSP", "control")
+        store.open_case("DFSP-001", "DFSP", "control")
 
 
 def test_open_case_survives_a_restart(tmp_path, clock):
     s = CaseStore(tmp_path / "s.db", clock=clock)
-    s.open_case("DFSP-9", "DFSP", "control")
+    s.open_case("DFSP-009", "DFSP", "control")
     s.close()
     s = CaseStore(tmp_path / "s.db", clock=clock)
     try:
-        assert s.current_case()["case_id"] == "DFSP-9"
+        assert s.current_case()["case_id"] == "DFSP-009"
     finally:
         s.close()
 
@@ -180,13 +181,14 @@ def test_open_case_survives_a_restart(tmp_path, clock):
 
 
 @pytest.mark.parametrize("case_id,match", [
-    ("John Smith", "name"),
-    ("Mary-Jane", "name"),  # no digit: more likely a name than a study code
-    ("", "1-64"),
-    ("x" * 64 + "1", "1-64"),
-    ("DFSP/014", "1-64"),
-    ("-DFSP014", "1-64"),
-    ("Müller1", "1-64"),
+    ("John Smith", "pattern"),
+    ("JohnSmith1", "pattern"),
+    ("Mary-Jane", "pattern"),
+    ("", "pattern"),
+    ("x" * 64 + "1", "pattern"),
+    ("DFSP/014", "pattern"),
+    ("-DFSP014", "pattern"),
+    ("Müller1", "pattern"),
     (14, "string"),
 ])
 def test_bad_case_ids(store, case_id, match):
@@ -195,7 +197,7 @@ def test_bad_case_ids(store, case_id, match):
     assert store.current_case() is None
 
 
-@pytest.mark.parametrize("case_id", ["DFSP-014", "s.0231", "1", "A_" + "9" * 62])
+@pytest.mark.parametrize("case_id", ["DFSP-014", "SSCC-0231", "AB-123", "ABCDEF-12345"])
 def test_good_case_ids(case_id):
     assert validate_case_id(case_id) == case_id
 
@@ -204,8 +206,8 @@ def test_good_case_ids(case_id):
     (dict(histology="BCC", arm="control"), "'DFSP', 'sSCC'"),
     (dict(histology="DFSP", arm="icg_5mg"), "'icg_25mg'"),
     (dict(histology="DFSP", arm="icg_0.25mg_per_kg", injection_time="2023-11-13T22:00:00Z"), "weight_kg is required"),
-    (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=0.5, injection_time="2023-11-13T22:00:00Z"), "1 to 400"),
-    (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=401, injection_time="2023-11-13T22:00:00Z"), "1 to 400"),
+    (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=19.5, injection_time="2023-11-13T22:00:00Z"), "20 to 200"),
+    (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=201, injection_time="2023-11-13T22:00:00Z"), "20 to 200"),
     (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=float("nan"), injection_time="2023-11-13T22:00:00Z"), "finite"),
     (dict(histology="DFSP", arm="icg_0.25mg_per_kg", weight_kg=True, injection_time="2023-11-13T22:00:00Z"), "finite"),
     (dict(histology="DFSP", arm="icg_25mg"), "ISO 8601"),
@@ -215,12 +217,12 @@ def test_good_case_ids(case_id):
 ])
 def test_bad_case_fields(store, kwargs, match):
     with pytest.raises(InvalidArgument, match=match):
-        store.open_case("DFSP-1", **kwargs)
+        store.open_case("DFSP-001", **kwargs)
     assert store.current_case() is None
 
 
 def test_bad_capture_fields(store):
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     with pytest.raises(InvalidArgument, match="'tumor_bed'"):
         store.add_capture("margin", **capture_kwargs())
     with pytest.raises(InvalidArgument, match="finite"):
@@ -267,26 +269,26 @@ def test_capture_is_stored_with_everything(store, clock):
 
 
 def test_capture_with_undefined_sbr(store):
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     c = store.add_capture("tumor_bed", **capture_kwargs(sbr=None, positive=None))
     assert c["sbr"] is None and c["positive"] is None
 
 
 def test_explicit_capture_id_must_be_unique(store):
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     store.add_capture("tumor_bed", capture_id="cap-1", **capture_kwargs())
     with pytest.raises(InvalidArgument, match="already used"):
         store.add_capture("tumor_bed", capture_id="cap-1", **capture_kwargs())
 
 
 def test_imaging_outside_window_is_a_warning_event(store, clock):
-    store.open_case("DFSP-1", "DFSP", "icg_25mg", None, iso_hours_before_start(29.5))
+    store.open_case("DFSP-001", "DFSP", "icg_25mg", None, iso_hours_before_start(29.5))
     inside = store.add_capture("gross_tumor", **capture_kwargs())
     assert inside["warnings"] == []
     clock.advance(3600)  # 30.5 h: past the default window's end of 30 h
     late = store.add_capture("tumor_bed", **capture_kwargs())
     assert [w["kind"] for w in late["warnings"]] == ["outside_imaging_window"]
-    events = store.events("DFSP-1")
+    events = store.events("DFSP-001")
     assert [e["kind"] for e in events] == ["outside_imaging_window"]
     assert events[0]["capture_id"] == late["capture_id"]
     assert events[0]["detail"]["hours_since_injection"] == pytest.approx(30.5)
@@ -294,70 +296,75 @@ def test_imaging_outside_window_is_a_warning_event(store, clock):
 
 
 def test_opening_outside_window_warns(store):
-    case = store.open_case("DFSP-1", "DFSP", "icg_25mg", None, iso_hours_before_start(2))
+    case = store.open_case("DFSP-001", "DFSP", "icg_25mg", None, iso_hours_before_start(2))
     assert [w["kind"] for w in case["warnings"]] == ["outside_imaging_window"]
 
 
 def test_lost_frames_and_unsynchronised_clock_are_events(store):
-    store.open_case("DFSP-1", "DFSP", "control", clock_synchronised=False)
+    store.open_case("DFSP-001", "DFSP", "control", clock_synchronised=False)
     c = store.add_capture("tumor_bed", **capture_kwargs(frames_lost=3, clock_synchronised=False))
-    kinds = [e["kind"] for e in store.events("DFSP-1")]
+    kinds = [e["kind"] for e in store.events("DFSP-001")]
     assert kinds == ["clock_not_synchronised", "frames_lost", "clock_not_synchronised"]
     assert c["frames_lost"] == 3
-    assert store.events("OTHER-1") == []
+    assert store.events("OTH-001") == []
 
 
 def test_pathology(store):
-    store.open_case("DFSP-1", "DFSP", "control")
+    store.open_case("DFSP-001", "DFSP", "control")
     c = store.add_capture("tumor_bed", **capture_kwargs())
     store.close_case()  # pathology arrives after the case is closed
     got = store.set_pathology(c["capture_id"], True)
     assert got["margin_positive"] is True
     assert store.get_capture(c["capture_id"])["margin_positive"] is True
-    store.set_pathology(c["capture_id"], False)  # a correction
+    with pytest.raises(InvalidArgument, match="reason"):
+        store.set_pathology(c["capture_id"], False)  # a correction needs its reason
+    store.set_pathology(c["capture_id"], False, reason="re-read")
     assert store.get_capture(c["capture_id"])["margin_positive"] is False
-    assert [e["kind"] for e in store.events("DFSP-1")] == ["pathology_changed"]
+    assert [e["kind"] for e in store.events("DFSP-001")] == ["pathology_changed"]
 
 
 def test_pathology_errors(store):
     with pytest.raises(InvalidArgument, match="no such capture"):
-        store.set_pathology("DFSP-1-c001", True)
-    store.open_case("DFSP-1", "DFSP", "control")
+        store.set_pathology("DFSP-001-c001", True)
+    store.open_case("DFSP-001", "DFSP", "control")
     c = store.add_capture("tumor_bed", **capture_kwargs())
-    with pytest.raises(InvalidArgument, match="true or false"):
+    with pytest.raises(InvalidArgument, match="allowed one of"):
         store.set_pathology(c["capture_id"], 1)
+    with pytest.raises(InvalidArgument, match="true or false"):
+        store.set_pathology(c["capture_id"], margin_positive="yes")
 
 
 # --- report --------------------------------------------------------------------------------
 
 
 def test_report_counts_tumor_bed_captures_with_pathology(store):
-    # (histology, arm, weight, [(site, call, truth or None)])
+    # (histology, arm, weight, [(site, label, call, truth or None)])
     plan = [
-        ("DFSP-1", "DFSP", "icg_25mg", [("tumor_bed", True, True), ("tumor_bed", False, False),
-                                        ("gross_tumor", True, False), ("tumor_bed", True, None)]),
-        ("DFSP-2", "DFSP", "control", [("tumor_bed", True, False), ("specimen_cross_section", False, True)]),
-        ("S-3", "sSCC", "icg_0.25mg_per_kg", [("tumor_bed", False, True), ("tumor_bed", True, True)]),
+        ("DFSP-001", "DFSP", "icg_25mg", [("tumor_bed", "1", True, True), ("tumor_bed", "2", False, False),
+                                          ("gross_tumor", "", True, False), ("tumor_bed", "3", True, None)]),
+        ("DFSP-002", "DFSP", "control", [("tumor_bed", "1", True, False), ("specimen_cross_section", "", False, True)]),
+        ("SSCC-003", "sSCC", "icg_0.25mg_per_kg", [("tumor_bed", "1", False, True), ("tumor_bed", "2", True, True)]),
     ]
     expected = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     for case_id, histology, arm, captures in plan:
         store.open_case(case_id, histology, arm, 70 if arm == "icg_0.25mg_per_kg" else None,
                         None if arm == "control" else iso_hours_before_start(24))
-        for site, call, truth in captures:
-            c = store.add_capture(site, **capture_kwargs(positive=call))
+        for site, label, call, truth in captures:
+            c = store.add_capture(site, label, **capture_kwargs(positive=call))
             if truth is not None:
-                store.set_pathology(c["capture_id"], truth)
-                if site == "tumor_bed":
+                store.set_pathology(c["capture_id"], margin_positive=truth)
+                if site == "tumor_bed" and arm != "control":
                     key = ("t" if call == truth else "f") + ("p" if call else "n")
                     expected[key] += 1
         store.close_case()
     rep = store.report()
     groups = {(g["histology"], g["arm"]): g for g in rep["groups"]}
-    assert set(groups) == {("DFSP", "icg_25mg"), ("DFSP", "control"), ("DFSP", "all"),
+    # the control arm has no imaging: never in the accuracy groups
+    assert set(groups) == {("DFSP", "icg_25mg"), ("DFSP", "all"),
                            ("sSCC", "icg_0.25mg_per_kg"), ("sSCC", "all"), ("all", "all")}
     assert groups[("all", "all")]["counts"] == expected
-    assert groups[("DFSP", "control")]["counts"] == {"tp": 0, "fp": 1, "tn": 0, "fn": 0}
     assert groups[("sSCC", "all")]["positive_margins"] == 2
+    assert rep["flow"]["not_evaluable"]["control_arm"] == 1 and rep["flow"]["without_pathology"] == 1
     only = store.report(histology="sSCC")
     assert {g["histology"] for g in only["groups"]} == {"sSCC", "all"}
     with pytest.raises(InvalidArgument, match="allowed"):
@@ -372,33 +379,41 @@ def read_csv(text):
 
 
 def test_export_csv_one_case_and_study(store, tmp_path):
-    store.open_case("DFSP-1", "DFSP", "icg_0.25mg_per_kg", 80, iso_hours_before_start(24))
+    store.open_case("DFSP-001", "DFSP", "icg_0.25mg_per_kg", 80, iso_hours_before_start(24))
     a = store.add_capture("tumor_bed", "3 o'clock", **capture_kwargs())
     store.add_capture("gross_tumor", "=cmd()", **capture_kwargs(sbr=None, positive=None))
-    store.set_pathology(a["capture_id"], False)
+    store.set_pathology(a["capture_id"], "negative", blinded=True, by="carol")
     store.close_case()
-    store.open_case("DFSP-2", "DFSP", "control")
+    store.open_case("DFSP-002", "DFSP", "control")
     store.add_capture("tumor_bed", **capture_kwargs())
     out = tmp_path / "export"
     out.mkdir()
-    n = store.export_csv(out / "case1.csv", case_id="DFSP-1")
+    n = store.export_csv(out / "case1.csv", case_id="DFSP-001")
     rows = read_csv((out / "case1.csv").read_text())
-    assert n == len(rows) == 2
-    assert list(rows[0]) == list(CSV_COLUMNS)
-    first = rows[0]
-    assert first["case_id"] == "DFSP-1" and first["arm"] == "icg_0.25mg_per_kg"
-    assert float(first["dose_mg"]) == pytest.approx(20.0)
-    assert first["capture_id"] == a["capture_id"] and first["label"] == "3 o'clock"
-    assert first["margin_positive"] == "false" and first["positive"] == "true"
-    assert rows[1]["margin_positive"] == "" and rows[1]["sbr"] == ""
-    assert rows[1]["label"] == "'=cmd()"  # a spreadsheet must not run it as a formula
+    assert n == len(rows) == 4  # the case, two captures, one pathology entry
+    assert list(rows[0]) == list(records.COLUMNS)
+    by_type = {}
+    for r in rows:
+        by_type.setdefault(r["record_type"], []).append(r)
+    (case,) = by_type["case"]
+    assert case["case_id"] == "DFSP-001" and case["arm"] == "icg_0.25mg_per_kg"
+    assert float(case["dose_mg"]) == pytest.approx(20.0) and case["centre_id"] and case["cart_id"]
+    bed, gross = by_type["capture"]
+    assert bed["capture_id"] == a["capture_id"] and bed["label"] == "3 o'clock" and bed["positive"] == "1"
+    assert gross["sbr"] == "" and gross["positive"] == ""
+    assert gross["label"] == "'=cmd()"  # a spreadsheet must not run it as a formula
+    (path,) = by_type["pathology"]
+    assert (path["status"], path["blinded"], path["entered_by"]) == ("negative", "1", "carol")
+    assert path["capture_uid"] == bed["record_uid"]
     assert sorted(os.listdir(out)) == ["case1.csv"]  # no temporary file left
+    back = records.read_csv(io.StringIO((out / "case1.csv").read_text()))
+    assert back["captures"][1]["label"] == "=cmd()"  # and the quote comes off when read back
 
     buf = io.StringIO()
-    assert store.export_csv(buf) == 3
-    assert [r["case_id"] for r in read_csv(buf.getvalue())] == ["DFSP-1", "DFSP-1", "DFSP-2"]
+    assert store.export_csv(buf) == 6
+    assert [r["case_id"] for r in read_csv(buf.getvalue()) if r["record_type"] == "case"] == ["DFSP-001", "DFSP-002"]
     with pytest.raises(InvalidArgument, match="no such case"):
-        store.export_csv(io.StringIO(), case_id="NOPE-1")
+        store.export_csv(io.StringIO(), case_id="NOPE-001")
 
 
 # --- durability across processes -----------------------------------------------------------
@@ -406,9 +421,9 @@ def test_export_csv_one_case_and_study(store, tmp_path):
 
 def test_committed_capture_survives_reopen(tmp_path, clock):
     s = CaseStore(tmp_path / "s.db", clock=clock)
-    s.open_case("DFSP-1", "DFSP", "control")
+    s.open_case("DFSP-001", "DFSP", "control")
     c = s.add_capture("tumor_bed", **capture_kwargs())
-    s.set_pathology(c["capture_id"], True)
+    s.set_pathology(c["capture_id"], margin_positive=True)
     s.close()
     s = CaseStore(tmp_path / "s.db", clock=clock)
     try:
@@ -422,7 +437,7 @@ def _writer_then_hang(path: str, n_committed: int, conn) -> None:
     """Child process: commit some captures through the store, then stop in the middle of a
     write transaction and wait to be killed."""
     store = CaseStore(path, clock=ManualClock())
-    store.open_case("DFSP-77", "DFSP", "control")
+    store.open_case("DFSP-077", "DFSP", "control")
     for i in range(n_committed):
         c = store.add_capture("tumor_bed", f"site {i}", sbr=2.0 + i, intensity=1.0, cnr=1.0,
                               positive=True, threshold=2.0)
@@ -433,8 +448,8 @@ def _writer_then_hang(path: str, n_committed: int, conn) -> None:
     raw.execute("BEGIN IMMEDIATE")
     raw.execute("INSERT INTO captures (capture_id, case_id, site, label, t_ns, captured_at, rois, "
                 "settings, files, software_version, config_hash, calibration_id, frames_lost) "
-                "VALUES ('uncommitted-1', 'DFSP-77', 'tumor_bed', '', 0, '', '{}', '{}', '[]', '', '', '', 0)")
-    raw.execute("UPDATE cases SET closed_at = 'never' WHERE case_id = 'DFSP-77'")
+                "VALUES ('uncommitted-1', 'DFSP-077', 'tumor_bed', '', 0, '', '{}', '{}', '[]', '', '', '', 0)")
+    raw.execute("UPDATE cases SET closed_at = 'never' WHERE case_id = 'DFSP-077'")
     conn.send("in-transaction")
     conn.poll(30)  # the parent kills us long before this ends
 
@@ -465,10 +480,10 @@ def test_killed_writer_leaves_committed_rows(tmp_path):
 
     store = CaseStore(path, clock=ManualClock())
     try:
-        caps = store.captures("DFSP-77")
+        caps = store.captures("DFSP-077")
         assert [c["capture_id"] for c in caps] == committed
         assert [c["sbr"] for c in caps] == [2.0 + i for i in range(5)]
-        assert store.current_case()["case_id"] == "DFSP-77"  # the uncommitted close is gone
+        assert store.current_case()["case_id"] == "DFSP-077"  # the uncommitted close is gone
         # The store is still writable: no lock was left behind.
         store.add_capture("tumor_bed", **capture_kwargs())
     finally:

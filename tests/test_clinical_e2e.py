@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 WIDTH, HEIGHT = 728, 544
 SIGNAL_ROI = [WIDTH // 2 - 30, HEIGHT // 2 - 30, 60, 60]  # inside the default phantom's disk
 BACKGROUND_ROI = [20, 20, 150, 150]
+RESAMPLES = 300
 
 
 def nirfctl(cart, *args: str, timeout_s: float = 60.0) -> tuple[int, dict]:
@@ -76,7 +77,9 @@ def start_imaging(client: CartClient) -> None:
 
 @pytest.fixture(scope="module")
 def cart(tmp_path_factory):
-    c = start_cart(tmp_path_factory.mktemp("clinical"), width=WIDTH, height=HEIGHT)
+    # fewer bootstrap resamples than the default keep the reference computation short
+    c = start_cart(tmp_path_factory.mktemp("clinical"), width=WIDTH, height=HEIGHT,
+                   extra=f"[study]\nbootstrap_resamples = {RESAMPLES}\n")
     try:
         client = connect(c)
         client.close()
@@ -139,24 +142,30 @@ def test_the_study_workflow_through_the_cli(cart, tmp_path):
         assert arm["metrics"]["specificity"]["value"] == 0.0 and arm["metrics"]["sensitivity"]["value"] is None
         assert groups[("all", "all")]["counts"] == arm["counts"]
         assert ok(cart, "report", "--histology", "sSCC")["groups"][-1]["counts"]["fp"] == 0
+        page = tmp_path / "report.html"
+        ok(cart, "report", "--html", str(page))
+        assert "<svg" in page.read_text() and "Flow" in page.read_text()
 
         out = tmp_path / "case.csv"
         code, _ = nirfctl(cart, "export", "--case", "DFSP-101", "--out", str(out))
         assert code == 0
         rows = list(csv.DictReader(out.open(newline="")))
-        assert sorted(r["capture_id"] for r in rows) == sorted(ids)
-        by_site = {r["site"]: r for r in rows}
-        assert by_site["tumor_bed"]["margin_positive"] == "false"
-        assert by_site["specimen_cross_section"]["margin_positive"] == ""
-        assert json.loads(by_site["tumor_bed"]["files"]) == captures["tumor_bed"]["files"]
-        assert all(r["frames_lost"] == "0" for r in rows)
+        caps = [r for r in rows if r["record_type"] == "capture"]
+        assert sorted(r["capture_id"] for r in caps) == sorted(ids)
+        by_site = {r["site"]: r for r in caps}
+        bed_path = [r for r in rows if r["record_type"] == "pathology" and r["capture_id"] == bed]
+        assert [r["status"] for r in bed_path] == ["negative"]
+        # the audit names the key: the CLI's local operator here
+        assert bed_path[0]["entered_by"] == "local-operator"
+        assert by_site["tumor_bed"]["n_files"] == str(len(captures["tumor_bed"]["files"]))
+        assert all(r["frames_lost"] == "0" for r in caps)
 
         env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir))
         study = subprocess.run([sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "export"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                                stdin=subprocess.DEVNULL)
         assert study.returncode == 0, study.stderr
-        assert len(list(csv.DictReader(io.StringIO(study.stdout)))) == 3
+        assert sum(r["record_type"] == "capture" for r in csv.DictReader(io.StringIO(study.stdout))) == 3
     finally:
         client.call("acquire.stop")
         client.call("disarm")
@@ -191,12 +200,12 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
     client = connect(cart)
     stop_capturing = threading.Event()
     try:
-        client.call("case.open", {"case_id": "SSCC-7", "histology": "sSCC", "arm": "control"})
+        client.call("case.open", {"case_id": "SSCC-007", "histology": "sSCC", "arm": "control"})
         start_imaging(client)
         recorder_pid = int((cart.runtime_dir / "recorder.pid").read_text())
         # the study process holds the case store and commits each capture
         controller_pid = child_pid(cart.proc.pid, "services.study.main")
-        case_dir = cart.state_dir / "captures" / "SSCC-7"
+        case_dir = cart.state_dir / "captures" / "SSCC-007"
         committed_replies: list[dict] = []
 
         # The capturing thread has its own client and context (sockets are not shared
@@ -243,7 +252,7 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
         cart.stop()
 
     with CaseStore(cart.state_dir / "study.db") as store:
-        stored = store.captures("SSCC-7")
+        stored = store.captures("SSCC-007")
     assert stored, "at least the first capture was committed before the kill"
     assert {c["capture_id"] for c in committed_replies} <= {c["capture_id"] for c in stored}
     committed_files = set()
@@ -282,3 +291,112 @@ def test_export_of_an_unknown_case_is_refused_and_writes_nothing(tmp_path, capsy
     out = tmp_path / "x.csv"
     assert cli.main(["--state-dir", str(tmp_path), "export", "--case", "NOPE-1", "--out", str(out)]) != 0
     assert "NOPE-1" in capsys.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------------- a study through the bus
+OFF_DISK_ROI = [WIDTH - 120, HEIGHT - 120, 60, 60]  # on the phantom's surround: SBR about 1
+
+
+def test_a_synthetic_study_through_the_bus_equals_the_outside_references(cart, tmp_path):
+    """Every arm and histology, the control arm included, 1-3 tumor-bed captures per ICG
+    patient (positive and negative calls, a retake), every pathology status, margin status,
+    follow-up with events and censoring, adverse events: entered over the bus as study
+    staff would, the report read over the bus, and each figure compared with statsmodels,
+    scipy and lifelines computed from the exported records."""
+    import numpy as np
+
+    from services.common import keys as keys_mod
+    from services.study import records
+    from tests import study_reference as ref
+
+    rng = np.random.default_rng(18)
+    client = connect(cart)
+    today = datetime.now(timezone.utc).date()
+    try:
+        start_imaging(client)
+        number = 200
+        for h, prefix in (("DFSP", "DFSP"), ("sSCC", "SSCC")):
+            for arm in ("control", "icg_0.25mg_per_kg", "icg_25mg"):
+                for _ in range(2):
+                    number += 1
+                    case_id = f"{prefix}-{number}"
+                    surgery = today - timedelta(days=int(rng.integers(740, 1000)))
+                    args = {"case_id": case_id, "histology": h, "arm": arm, "surgery_date": surgery.isoformat(),
+                            "exclusions_confirmed": True}
+                    if arm != "control":
+                        args["injection_time"] = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat()
+                    if arm == "icg_0.25mg_per_kg":
+                        args["weight_kg"] = 70.0
+                    client.call("case.open", args)
+                    labels = [] if arm == "control" else ["12 o'clock", "6 o'clock", "9 o'clock"][:int(rng.integers(1, 4))]
+                    for j, label in enumerate(labels):
+                        positive_view = bool(rng.random() < 0.5)
+                        client.call("roi.set", {"signal": SIGNAL_ROI if positive_view else OFF_DISK_ROI,
+                                                "background": BACKGROUND_ROI})
+                        cap = client.call("capture", {"site": "tumor_bed", "label": label, "pairs": 1}, timeout_s=60)
+                        if j == 0 and number % 3 == 0:  # a retake of the same margin
+                            cap = client.call("capture", {"site": "tumor_bed", "label": label, "pairs": 1},
+                                              timeout_s=60)
+                        status = str(rng.choice(["positive", "negative", "negative", "close", "indeterminate"]))
+                        client.call("pathology.set", {"capture_id": cap["capture_id"], "status": status,
+                                                      "blinded": True})
+                    client.call("case.close")
+                    client.call("margin.set", {"case_id": case_id,
+                                               "status": str(rng.choice(["positive", "negative", "negative"]))})
+                    last = min(int(rng.integers(200, 900)), (today - surgery).days)
+                    recur = int(rng.integers(100, 800)) if rng.random() < 0.35 else None
+                    for day in (180, 365, 730, 900):
+                        day = min(day, last)
+                        found = recur is not None and day >= recur
+                        client.call("followup.add", {"case_id": case_id,
+                                                     "visit_date": (surgery + timedelta(days=day)).isoformat(),
+                                                     "local_recurrence": found})
+                        if found or day == last:
+                            break
+                    if rng.random() < 0.5:
+                        client.call("ae.add", {"case_id": case_id, "term": "rash", "grade": int(rng.integers(1, 4)),
+                                               "related": "possible", "onset": surgery.isoformat()})
+        # a correction over the bus needs its reason, and names the key
+        refused = nirfctl(cart, "margin", "set", "DFSP-201", "indeterminate")
+        if refused[0] == 0:  # the same status as before: nothing to correct; pick another
+            refused = nirfctl(cart, "margin", "set", "DFSP-201", "close")
+        assert refused[0] == 1 and "reason" in refused[1]["error"]["message"], refused
+        report = client.call("report", timeout_s=30)
+        rescored = client.call("report", {"threshold": 3.0}, timeout_s=30)
+    finally:
+        client.call("acquire.stop")
+        client.call("disarm")
+        client.close()
+
+    out = tmp_path / "study.csv"
+    assert nirfctl(cart, "export", "--out", str(out), "--dictionary", str(tmp_path / "dict.csv"))[0] == 0
+    with out.open(newline="") as f:
+        data = records.read_csv(f)
+    assert {e["entered_by"] for e in data["margins"]} == {"local-operator"}
+    diffs = ref.compare(report, ref.reference_report(data, resamples=RESAMPLES))
+    diffs += ref.compare(rescored, ref.reference_report(data, threshold=3.0, resamples=RESAMPLES))
+    assert report["flow"]["enrolled"]["control"] >= 4
+    assert all(g["arm"] != "control" for g in report["groups"] + report["per_patient"])
+    calls = {c["positive"] for c in data["captures"] if c["site"] == "tumor_bed"}
+    assert calls == {True, False}, "both calls made through the simulated camera"
+    print(f"\n[bus study] {len(diffs)} figures vs references, max abs difference {max(diffs):.3g}")
+
+    # an observer reads the report without the comparative outcomes
+    folder = tmp_path / "observer"
+    public, secret = keys_mod.create_keypair(folder, "monitor")
+    keys_mod.authorise(cart.state_dir, public, "observer", "monitor")
+    observer = CartClient.from_state_dir(cart.state_dir, cart.control, key_file=secret)
+    try:
+        seen = None
+        deadline = time.monotonic() + 20
+        while seen is None and time.monotonic() < deadline:
+            try:
+                seen = observer.call("report", timeout_s=5)
+            except (CartError, TimeoutError, Exception):  # the key is picked up within seconds
+                observer.close()
+                observer = CartClient.from_state_dir(cart.state_dir, cart.control, key_file=secret)
+        assert seen is not None, "the observer key was never admitted"
+        assert not {"margins_by_arm", "recurrence", "adverse_events"} & set(seen)
+        assert seen["groups"] == report["groups"]
+    finally:
+        observer.close()

@@ -359,14 +359,14 @@ def _case_args(case_id: str, arm: str = "icg_0.25mg_per_kg", hours_ago: float = 
 
 
 def test_case_open_computes_the_dose_and_close_ends_it(client):
-    reply = clinical(client, "case.open", _case_args("E2E-0001"))
+    reply = clinical(client, "case.open", _case_args("EE-0001"))
     assert reply["ok"], reply
     case = reply["result"]
-    assert case["case_id"] == "E2E-0001"
+    assert case["case_id"] == "EE-0001"
     assert case["dose_mg"] == pytest.approx(0.25 * 80.0)
     assert case["hours_since_injection"] == pytest.approx(24.0, abs=0.1)
-    assert client.wait_for("status", lambda m: m["case"] == "E2E-0001", timeout_s=5) is not None
-    assert refused(client, "case.open", _case_args("E2E-0002"))["code"] in ("WRONG_STATE", "BUSY")
+    assert client.wait_for("status", lambda m: m["case"] == "EE-0001", timeout_s=5) is not None
+    assert refused(client, "case.open", _case_args("EE-0002"))["code"] in ("WRONG_STATE", "BUSY")
     assert clinical(client, "case.close")["ok"]
     assert client.wait_for("status", lambda m: m["case"] is None, timeout_s=5) is not None
 
@@ -376,7 +376,7 @@ def test_case_open_computes_the_dose_and_close_ends_it(client):
     {"injection_time": "yesterday"}, {"case_id": ""},
 ])
 def test_case_open_refuses_bad_arguments(client, bad):
-    args = {**_case_args("E2E-BAD"), **bad}
+    args = {**_case_args("EE-BAD"), **bad}
     args = {k: v for k, v in args.items() if v is not None}
     reply = clinical(client, "case.open", args)
     assert reply["ok"] is False and reply["error"]["code"] == "INVALID_ARGUMENT", reply
@@ -389,7 +389,7 @@ def test_capture_needs_an_open_case(client):
 
 
 def test_capture_pathology_and_report(client):
-    reply = clinical(client, "case.open", _case_args("E2E-0003", arm="icg_25mg"))
+    reply = clinical(client, "case.open", _case_args("EE-0003", arm="icg_25mg"))
     assert reply["ok"], reply
     assert reply["result"]["dose_mg"] == pytest.approx(25.0)
     to_emitting(client)

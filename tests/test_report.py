@@ -216,7 +216,9 @@ def test_report_shape_is_the_protocols():
         assert set(g["counts"]) == {"tp", "fp", "tn", "fn"}
         assert set(g["metrics"]) == {"sensitivity", "specificity", "ppv", "npv"}
         for m in g["metrics"].values():
-            assert set(m) == {"k", "n", "value", "clopper_pearson", "wilson"}
+            # v2: each metric map gains the cluster-adjusted interval (null without patients)
+            assert set(m) == {"k", "n", "value", "clopper_pearson", "wilson", "cluster_adjusted"}
+            assert m["cluster_adjusted"] is None
 
 
 def test_report_metrics_from_counts():
@@ -241,11 +243,12 @@ def test_report_grouping():
             + rows_from_counts("sSCC", "icg_0.25mg_per_kg", tn=3, fn=2))
     rep = build_report(data)
     keys = [(g["histology"], g["arm"]) for g in rep["groups"]]
-    assert keys == [("DFSP", "control"), ("DFSP", "icg_25mg"), ("DFSP", "all"),
+    # v2: the control arm has no imaging and never enters the accuracy groups
+    assert keys == [("DFSP", "icg_25mg"), ("DFSP", "all"),
                     ("sSCC", "icg_0.25mg_per_kg"), ("sSCC", "all"), ("all", "all")]
     by = groups_by_key(rep)
-    assert by[("DFSP", "all")]["counts"] == {"tp": 5, "fp": 1, "tn": 2, "fn": 1}
-    assert by[("all", "all")]["counts"] == {"tp": 5, "fp": 1, "tn": 5, "fn": 3}
+    assert by[("DFSP", "all")]["counts"] == {"tp": 4, "fp": 1, "tn": 0, "fn": 1}
+    assert by[("all", "all")]["counts"] == {"tp": 4, "fp": 1, "tn": 3, "fn": 3}
     # Each arm group's counts add up to the histology's.
     for h in ("DFSP", "sSCC"):
         arms = [g for g in rep["groups"] if g["histology"] == h and g["arm"] != "all"]
@@ -274,7 +277,7 @@ def test_report_filters():
             + rows_from_counts("sSCC", "icg_25mg", tn=3))
     rep = build_report(data, histology="DFSP")
     assert {g["histology"] for g in rep["groups"]} == {"DFSP", "all"}
-    assert groups_by_key(rep)[("all", "all")]["counts"]["tp"] == 5
+    assert groups_by_key(rep)[("all", "all")]["counts"]["tp"] == 4  # the control rows never count
     rep = build_report(data, arm="icg_25mg")
     assert {g["arm"] for g in rep["groups"]} == {"icg_25mg", "all"}
     assert groups_by_key(rep)[("all", "all")]["counts"] == {"tp": 4, "fp": 0, "tn": 3, "fn": 1}
@@ -301,3 +304,10 @@ def test_report_bad_row():
 def test_constants_match_protocol():
     assert report.HISTOLOGIES == ("DFSP", "sSCC")
     assert report.ARMS == ("control", "icg_0.25mg_per_kg", "icg_25mg")
+
+
+def test_rows_with_patients_get_the_cluster_adjusted_interval():
+    data = [dict(r, patient=i // 3) for i, r in enumerate(rows_from_counts("DFSP", "icg_25mg", tp=7, fn=2, tn=6))]
+    m = groups_by_key(build_report(data))[("DFSP", "icg_25mg")]["metrics"]["sensitivity"]
+    lo, hi = m["cluster_adjusted"]
+    assert 0.0 <= lo < m["value"] < hi <= 1.0

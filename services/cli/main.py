@@ -16,9 +16,12 @@ Examples::
     nirfctl pathology set DFSP-014-c002 negative
     nirfctl case close
     nirfctl report --histology DFSP
+    nirfctl report --threshold 2.5 --html report.html    # re-scored, as a page to look at
     nirfctl export --case DFSP-014 --out DFSP-014.csv    # or the whole study without --case
     nirfctl backup --dest /media/usb    # a consistent copy of the case database
     nirfctl status --json               # --json may stand anywhere on the line
+    nirfctl export --out study.csv --dictionary dictionary.csv   # with the REDCap data dictionary
+    nirfctl pool centre-a.csv centre-b.csv --out pooled.csv --html pooled.html
 
 The endpoint and key come from flags, else from the configuration profile
 (``--config``, default ``sim``) and its state directory.
@@ -172,7 +175,16 @@ def _add_clinical_commands(sub) -> None:
     co.add_argument("--arm", required=True, choices=ARMS)
     co.add_argument("--weight-kg", type=float, help="needed for the per-kg arm")
     co.add_argument("--injection-time", help="ISO 8601 with a time zone, e.g. 2024-05-02T08:30:00+02:00")
+    co.add_argument("--surgery-date", help="ISO date (default today)")
+    co.add_argument("--exclusions-confirmed", action="store_true", default=None,
+                    help="the patient meets none of the exclusion criteria (required on the device)")
+    co.add_argument("--clock-override-reason", help="go ahead although the clock is not synchronised, and why")
     csub.add_parser("close", help="close the open case")
+    cc = csub.add_parser("correct", help="correct a field of a case entered wrongly (the old value is kept)")
+    cc.add_argument("case_id")
+    cc.add_argument("field", choices=("histology", "weight_kg", "injection_time", "surgery_date", "exclusions_confirmed"))
+    cc.add_argument("value", help="the right value (numbers and true as JSON, the rest as text)")
+    cc.add_argument("--reason", required=True, help="why the case is corrected")
     cap = sub.add_parser("capture", help="capture a site of the open case (laser emitting, fluorescence running)")
     cap.add_argument("site", choices=SITES)
     cap.add_argument("--label", default="", help="where, e.g. \"12 o'clock\" (no names)")
@@ -181,13 +193,51 @@ def _add_clinical_commands(sub) -> None:
     psub = path.add_subparsers(dest="action", required=True)
     ps = psub.add_parser("set")
     ps.add_argument("capture_id")
-    ps.add_argument("margin", choices=["positive", "negative"], help="the margin's pathology finding")
-    rep = sub.add_parser("report", help="the diagnostic-accuracy report")
+    ps.add_argument("margin", choices=["positive", "close", "negative", "indeterminate"],
+                    help="the margin's pathology finding")
+    ps.add_argument("--reason", help="required when it changes an earlier entry")
+    blind = ps.add_mutually_exclusive_group()
+    blind.add_argument("--blinded", dest="blinded", action="store_true", default=None,
+                       help="the pathologist did not know the fluorescence call")
+    blind.add_argument("--not-blinded", dest="blinded", action="store_false")
+    _add_study_commands(sub)
+
+
+def _add_study_commands(sub) -> None:
+    """The study's data: ``margin``, ``followup``, ``ae``, ``report``, ``export``, ``pool``."""
+    statuses = ("positive", "close", "negative", "indeterminate")
+    mg = sub.add_parser("margin", help="the patient's final margin status (every arm)")
+    mg.add_argument("action", choices=["set"])
+    mg.add_argument("case_id")
+    mg.add_argument("status", choices=statuses)
+    mg.add_argument("--reason", help="required when it changes an earlier entry")
+    fu = sub.add_parser("followup", help="add a follow-up visit")
+    fu.add_argument("action", choices=["add"])
+    fu.add_argument("case_id")
+    fu.add_argument("visit_date", help="ISO date, e.g. 2025-05-02")
+    fu.add_argument("--recurrence", action="store_true", help="local recurrence found at the visit")
+    fu.add_argument("--reason", help="required when it corrects a visit already entered")
+    ae = sub.add_parser("ae", help="add an adverse event")
+    ae.add_argument("action", choices=["add"])
+    ae.add_argument("case_id")
+    ae.add_argument("term")
+    ae.add_argument("--grade", type=int, required=True, choices=range(1, 6))
+    ae.add_argument("--related", required=True, choices=("not", "unlikely", "possible", "probable", "definite"))
+    ae.add_argument("--onset", required=True, help="ISO date")
+    rep = sub.add_parser("report", help="the study report (add --html FILE for a page to look at)")
     rep.add_argument("--histology", choices=HISTOLOGIES)
     rep.add_argument("--arm", choices=ARMS)
-    exp = sub.add_parser("export", help="CSV of one case or the whole study, read from the case database")
+    rep.add_argument("--threshold", type=float, help="re-score every call at this SBR")
+    rep.add_argument("--html", help="also write the report as a self-contained HTML page to this file")
+    exp = sub.add_parser("export", help="long CSV of one case or the whole study, read from the case database")
     exp.add_argument("--case", dest="case_id", help="one case (default: the whole study)")
     exp.add_argument("--out", default="-", help="file to write (default: standard output)")
+    exp.add_argument("--dictionary", help="also write the REDCap data dictionary to this file")
+    pl = sub.add_parser("pool", help="pool several carts' exports into one analysis (no cart needed)")
+    pl.add_argument("exports", nargs="+", help="export CSV files")
+    pl.add_argument("--out", help="write the pooled records as one long CSV")
+    pl.add_argument("--html", help="write the pooled report as an HTML page")
+    pl.add_argument("--report", dest="report_out", help="write the pooled report as JSON")
 
 
 def _request_for(args) -> tuple[str, dict]:
@@ -224,18 +274,46 @@ def _request_for(args) -> tuple[str, dict]:
     if c == "case":
         if args.action == "close":
             return "case.close", {}
+        if args.action == "correct":
+            try:
+                value = json.loads(args.value)
+            except json.JSONDecodeError:
+                value = args.value
+            if isinstance(value, (dict, list)):
+                value = args.value
+            return "case.correct", {"case_id": args.case_id, "field": args.field, "value": value,
+                                    "reason": args.reason}
         a = {"case_id": args.case_id, "histology": args.histology, "arm": args.arm}
         if args.weight_kg is not None:
             a["weight_kg"] = args.weight_kg
         if args.injection_time:
             a["injection_time"] = args.injection_time
+        for key in ("surgery_date", "exclusions_confirmed", "clock_override_reason"):
+            if getattr(args, key, None) is not None:
+                a[key] = getattr(args, key)
         return "case.open", a
     if c == "capture":
         return "capture", {"site": args.site, "label": args.label, "pairs": args.pairs}
     if c == "pathology":
-        return "pathology.set", {"capture_id": args.capture_id, "margin_positive": args.margin == "positive"}
+        a = {"capture_id": args.capture_id, "status": args.margin}
+        for key in ("reason",):
+            if getattr(args, key, None):
+                a[key] = getattr(args, key)
+        if getattr(args, "blinded", None) is not None:
+            a["blinded"] = args.blinded
+        return "pathology.set", a
+    if c == "margin":
+        return "margin.set", {"case_id": args.case_id, "status": args.status,
+                              **({"reason": args.reason} if args.reason else {})}
+    if c == "followup":
+        return "followup.add", {"case_id": args.case_id, "visit_date": args.visit_date,
+                                "local_recurrence": args.recurrence, **({"reason": args.reason} if args.reason else {})}
+    if c == "ae":
+        return "ae.add", {"case_id": args.case_id, "term": args.term, "grade": args.grade,
+                          "related": args.related, "onset": args.onset}
     if c == "report":
-        return "report", {k: v for k, v in (("histology", args.histology), ("arm", args.arm)) if v}
+        return "report", {k: v for k, v in (("histology", args.histology), ("arm", args.arm),
+                                            ("threshold", args.threshold)) if v is not None}
     if c == "backup":
         # A relative folder means one relative to here (nirfctl runs on the cart).
         return "backup", ({"dest": os.path.abspath(args.dest)} if args.dest else {})
@@ -377,18 +455,46 @@ def format_report(report: dict) -> str:
         return f"{m['value']:7.3f} ({m['k']}/{m['n']}, CP {lo:.3f}-{hi:.3f})"
 
     lines = []
-    for g in report.get("groups", []):
-        n = g.get("counts", {})
-        met = g.get("metrics", {})
-        lines.append(f"{g.get('histology')} / {g.get('arm')}: tp {n.get('tp')} fp {n.get('fp')} tn {n.get('tn')} "
-                     f"fn {n.get('fn')}, positive margins {g.get('positive_margins')}")
-        for name in ("sensitivity", "specificity", "ppv", "npv"):
-            lines.append(f"    {name:<12} {prop(met.get(name, {}))}")
+    for title, key in (("per margin", "groups"), ("per patient", "per_patient")):
+        if key not in report:
+            continue
+        if "per_patient" in report:
+            lines.append(f"== accuracy {title} (ICG arms)")
+        for g in report.get(key, []):
+            n = g.get("counts", {})
+            met = g.get("metrics", {})
+            lines.append(f"{g.get('histology')} / {g.get('arm')}: tp {n.get('tp')} fp {n.get('fp')} tn {n.get('tn')} "
+                         f"fn {n.get('fn')}, positive margins {g.get('positive_margins')}")
+            for name in ("sensitivity", "specificity", "ppv", "npv"):
+                lines.append(f"    {name:<12} {prop(met.get(name, {}))}")
+    flow = report.get("flow")
+    if flow:
+        lines.append("== flow: " + ", ".join(f"{k} {v}" for k, v in flow.items()))
+    for r in report.get("roc", []):
+        ci = r.get("auc_ci")
+        lines.append(f"== ROC {r['histology']} / {r['arm']}: AUC "
+                     + ("-" if r.get("auc") is None else f"{r['auc']:.3f}")
+                     + ("" if not ci else f" ({ci[0]:.3f}-{ci[1]:.3f})"))
+    for m in report.get("margins_by_arm", []):
+        arms = ", ".join(f"{a['arm']} {a['positive']}/{a['n']}" for a in m["arms"])
+        p = m["test"].get("p")
+        lines.append(f"== positive margins {m['histology']}: {arms}; {m['test']['method']} p "
+                     + ("-" if p is None else f"{p:.4f}"))
+    for r in report.get("recurrence", []):
+        arms = ", ".join(f"{a['arm']} " + ("-" if a["km_24m"] is None else f"{a['km_24m']:.3f}")
+                         + f" ({a['events']} events of {a['with_followup']})" for a in r["arms"])
+        p = r.get("logrank_p")
+        lines.append(f"== 24-month recurrence {r['histology']}: {arms}; log-rank p "
+                     + ("-" if p is None else f"{p:.4f}"))
+    for a in report.get("adverse_events", []):
+        lines.append(f"== adverse events {a['arm']}: {a['patients_with_ae']} of {a['n']} patients, "
+                     f"by worst grade {a['by_grade']}")
     return "\n".join(lines) if lines else "(no data)"
 
 
 def export_command(args, cfg) -> int:
-    """CSV export straight from the case database in the state folder (no cart needed)."""
+    """Long CSV straight from the case database in the state folder (no cart needed), and
+    optionally the REDCap data dictionary."""
     from services.study.casestore import CaseStore
 
     state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
@@ -396,7 +502,7 @@ def export_command(args, cfg) -> int:
     if not db.exists():
         print(f"nirfctl export: no case database at {db}; give --state-dir", file=sys.stderr)
         return EXIT_USAGE
-    with CaseStore(db) as store:
+    with CaseStore.from_config(db, cfg) as store:
         if args.json and args.out == "-":
             # JSON on standard output: the rows as maps (the CSV's columns as keys).
             import csv
@@ -406,19 +512,51 @@ def export_command(args, cfg) -> int:
             rows = store.export_csv(buf, case_id=args.case_id)
             records = list(csv.DictReader(io.StringIO(buf.getvalue())))
             print(json.dumps({"ok": True, "result": {"rows": rows, "case_id": args.case_id,
-                                                     "captures": records}}))
+                                                     "records": records}}))
             return EXIT_OK
         if args.out == "-":
             rows = store.export_csv(sys.stdout, case_id=args.case_id)
         else:
             rows = store.export_csv(args.out, case_id=args.case_id)
+        if args.dictionary:
+            store.export_dictionary(args.dictionary)
     if args.json:
         print(json.dumps({"ok": True, "result": {"rows": rows, "case_id": args.case_id,
-                                                 "out": os.path.abspath(args.out)}}))
+                                                 "out": os.path.abspath(args.out),
+                                                 "dictionary": os.path.abspath(args.dictionary)
+                                                 if args.dictionary else None}}))
         return EXIT_OK
     what = f"case {args.case_id}" if args.case_id else "the study"
-    print(f"exported {rows} capture row(s) of {what}" + ("" if args.out == "-" else f" to {args.out}"),
-          file=sys.stderr)
+    print(f"exported {rows} record row(s) of {what}" + ("" if args.out == "-" else f" to {args.out}")
+          + (f", data dictionary in {args.dictionary}" if args.dictionary else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def pool_command(args, cfg) -> int:
+    """Pool exports into one analysis: conflicts on standard error, the report as asked."""
+    from services.study.casestore import _write_atomically
+    from services.study import page, pool, records
+    from services.study.report import ReportOptions, build_study_report
+
+    data, summary = pool.pool(pool.read_exports(args.exports))
+    study = cfg.study.as_dict()
+    options = ReportOptions(close_as=study["close_as"], indeterminate_as=study["indeterminate_as"],
+                            bootstrap_resamples=study["bootstrap_resamples"], bootstrap_seed=study["bootstrap_seed"])
+    report = build_study_report(data, options=options)
+    report["pooling"] = summary
+    if args.out:
+        _write_atomically(args.out, records.csv_text(data))
+    if args.html:
+        _write_atomically(args.html, page.render(report, title="NIRF study report (pooled)"))
+    if args.report_out:
+        _write_atomically(args.report_out, json.dumps(report, indent=1, default=str))
+    for c in summary["conflicts"]:
+        print(f"conflict ({c['kind']}): centre {c.get('centre_id')} case {c.get('case_id')}: "
+              f"{json.dumps(c.get('fields', c.get('records')), default=str)}", file=sys.stderr)
+    print(f"pooled {len(args.exports)} export(s): {summary['patients']} patient(s), "
+          f"{len(summary['merged'])} merged, {len(summary['conflicts'])} conflict(s)", file=sys.stderr)
+    if not (args.out or args.html or args.report_out):
+        _print_result("report", report, args.json)
     return EXIT_OK
 
 
@@ -478,6 +616,8 @@ def _main(argv=None) -> int:
         if args.command == "doctor":
             from services.cli.doctor import doctor_command  # imported only for this command
             return doctor_command(args, cfg)
+        if args.command == "pool":
+            return pool_command(args, cfg)
         client = _client(args, cfg)
     except NirfError as err:
         if args.json:
@@ -505,6 +645,12 @@ def _main(argv=None) -> int:
             else:
                 print(f"nirfctl: {msg}", file=sys.stderr)
             return EXIT_NO_ANSWER
+        if cmd == "report" and getattr(args, "html", None):
+            from services.study.casestore import _write_atomically
+            from services.study import page
+
+            _write_atomically(args.html, page.render(result))
+            print(f"report page written to {args.html}", file=sys.stderr)
         _print_result(cmd, result, args.json)
         return EXIT_OK
     finally:

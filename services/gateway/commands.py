@@ -68,6 +68,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     _c("case.open", "study", "quick", args=None),
     _c("case.close", "study", "quick"),
     _c("pathology.set", "study", "quick", args=None),
+    _c("margin.set", "study", "quick", args=None),
+    _c("followup.add", "study", "quick", args=None),
+    _c("ae.add", "study", "quick", args=None),
+    _c("case.correct", "study", "quick", args=None),
     _c("report", "study", "quick", OBSERVER, args=None, reply_timeout_s=60.0),
     _c("capture", "study", "long", args=None, expires=True, reply_timeout_s=LONG_TIMEOUT_S),
     # an online copy of the case store: runs beside captures (it must not wait for them)

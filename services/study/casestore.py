@@ -1,26 +1,32 @@
-"""The study's case records: cases, site captures, pathology and warnings, in SQLite
-(PRODUCT.md D1, C4).
+"""The study's records in SQLite (PRODUCT.md D1, D5, C4 and section 10): cases with their
+enrolment checks, site captures, and the append-only entries of pathology, the patient's
+margin status, follow-up visits and adverse events; the report and the export are made
+from them (:meth:`CaseStore.dataset`).
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``, so a transaction
 that has returned is on disk and survives a power cut; every write is one transaction
 (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error). Foreign keys are enforced
-and the schema carries its version in ``PRAGMA user_version``.
+and the schema carries its version in ``PRAGMA user_version`` (version-1 files are
+migrated when opened). Entries are append-only: triggers refuse to update or delete them,
+and a correction is a new entry with its reason.
 
-Privacy: a case is known only by a pseudonymous study code (``case_id``); no field holds
-a patient's name, and ids that look like names (spaces, no digit) are refused.
+Privacy: a case is known only by a pseudonymous study code (``case_id``) that must match
+the study's configured pattern; no field holds a patient's name.
+
+Every record carries ``centre_id``, ``cart_id`` and a globally unique ``uid``; a patient
+is ``(centre_id, case_id)``.
 
 One case is open at a time. Opening a second one is refused with
 :class:`~hal.errors.WrongState` (close the open case first); the rule is also enforced by a
 unique index, so two processes cannot break it. A case left open by a crash is still the
 open case when the store is opened again, so the session can carry on.
 
-Captures, pathology and the report follow the bus protocol (``case.open``,
-``case.close``, ``capture``, ``pathology.set``, ``report``).
+The commands follow the bus protocol (``case.open``, ``case.close``, ``capture``,
+``pathology.set``, ``margin.set``, ``followup.add``, ``ae.add``, ``report``).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -29,37 +35,55 @@ import os
 import re
 import sqlite3
 import tempfile
+import socket
 import threading
+import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from hal.clock import Clock, SystemClock
 from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.study.report import ARMS, HISTOLOGIES, build_report
+from services.study.report import ARMS, HISTOLOGIES, STATUSES, ReportOptions, build_study_report
+from services.study import records
 
 log = logging.getLogger(__name__)
 
 DEVICE = "case-store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 ARM_CONTROL = "control"
 ARM_PER_KG = "icg_0.25mg_per_kg"
 ARM_FIXED = "icg_25mg"
-WEIGHT_RANGE_KG = (1.0, 400.0)
+# 20-200 kg keeps the per-kg dose at most 50 mg (PRODUCT.md section 10).
+WEIGHT_RANGE_KG = (20.0, 200.0)
 LABEL_MAX_CHARS = 80
+TEXT_MAX_CHARS = 500
+DEFAULT_CASE_ID_PATTERN = r"^[A-Z]{2,6}-[0-9]{3,5}$"
+DEFAULT_CENTRE_ID = "CENTRE-01"
+RELATED = ("not", "unlikely", "possible", "probable", "definite")
+# Record ids other than the case's (capture ids): letters, digits and _ . - only.
 _CASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SITE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _NS_PER_HOUR = 3_600_000_000_000
 # How long a writer waits for another connection's lock before failing (bounded).
 _BUSY_TIMEOUT_S = 5.0
 
-_SCHEMA = f"""
+_HISTOLOGY_CHECK = ", ".join(repr(h) for h in HISTOLOGIES)
+_ARM_CHECK = ", ".join(repr(a) for a in ARMS)
+_SITE_CHECK = ", ".join(repr(s) for s in SITES)
+_STATUS_CHECK = ", ".join(repr(s) for s in STATUSES)
+_RELATED_CHECK = ", ".join(repr(r) for r in RELATED)
+_NEW_UID = "lower(hex(randomblob(16)))"
+
+# Version 1: cases, captures, one pathology row per capture (overwritten), events.
+_SCHEMA_V1 = f"""
 CREATE TABLE cases (
     case_id            TEXT PRIMARY KEY,
-    histology          TEXT NOT NULL CHECK (histology IN ({", ".join(repr(h) for h in HISTOLOGIES)})),
-    arm                TEXT NOT NULL CHECK (arm IN ({", ".join(repr(a) for a in ARMS)})),
+    histology          TEXT NOT NULL CHECK (histology IN ({_HISTOLOGY_CHECK})),
+    arm                TEXT NOT NULL CHECK (arm IN ({_ARM_CHECK})),
     weight_kg          REAL,
     dose_mg            REAL NOT NULL CHECK (dose_mg >= 0),
     injection_time     TEXT,
@@ -77,7 +101,7 @@ CREATE UNIQUE INDEX one_open_case ON cases ((closed_at IS NULL)) WHERE closed_at
 CREATE TABLE captures (
     capture_id            TEXT PRIMARY KEY,
     case_id               TEXT NOT NULL REFERENCES cases (case_id),
-    site                  TEXT NOT NULL CHECK (site IN ({", ".join(repr(s) for s in SITES)})),
+    site                  TEXT NOT NULL CHECK (site IN ({_SITE_CHECK})),
     label                 TEXT NOT NULL,
     t_ns                  INTEGER NOT NULL,
     captured_at           TEXT NOT NULL,
@@ -119,16 +143,117 @@ CREATE TABLE events (
 CREATE INDEX events_by_case ON events (case_id, event_id);
 """
 
-# Columns of the CSV export, in order: the case, then the capture, then pathology.
-CSV_COLUMNS = (
-    "case_id", "histology", "arm", "weight_kg", "dose_mg", "injection_time", "opened_at",
-    "closed_at", "case_clock_synchronised",
-    "capture_id", "site", "label", "captured_at", "t_ns", "hours_since_injection", "pairs",
-    "sbr", "intensity", "cnr", "positive", "threshold", "rois", "settings", "files",
-    "software_version", "config_hash", "calibration_id", "clock_synchronised", "frames_lost",
-    "margin_positive", "pathology_entered_at",
-)
+# Version 2 (PRODUCT.md section 10, D5): centre, cart and a globally unique id on every
+# record; the enrolment checks; append-only entries for pathology (with status, blinding,
+# reason and who), the patient's margin status, follow-up visits and adverse events.
+# {centre} and {cart} are filled in for the rows a version-1 file already holds.
+_MIGRATE_V2 = f"""
+ALTER TABLE cases ADD COLUMN uid TEXT;
+ALTER TABLE cases ADD COLUMN centre_id TEXT;
+ALTER TABLE cases ADD COLUMN cart_id TEXT;
+ALTER TABLE cases ADD COLUMN surgery_date TEXT;
+ALTER TABLE cases ADD COLUMN exclusions_confirmed INTEGER;
+ALTER TABLE cases ADD COLUMN clock_override_reason TEXT;
+ALTER TABLE cases ADD COLUMN opened_by TEXT;
+UPDATE cases SET uid = {_NEW_UID}, centre_id = :centre, cart_id = :cart,
+    surgery_date = substr(opened_at, 1, 10);
+ALTER TABLE captures ADD COLUMN uid TEXT;
+ALTER TABLE captures ADD COLUMN centre_id TEXT;
+ALTER TABLE captures ADD COLUMN cart_id TEXT;
+ALTER TABLE captures ADD COLUMN intensity_floor REAL;
+ALTER TABLE captures ADD COLUMN cnr_floor REAL;
+ALTER TABLE captures ADD COLUMN clock_override_reason TEXT;
+ALTER TABLE captures ADD COLUMN captured_by TEXT;
+UPDATE captures SET uid = {_NEW_UID}, centre_id = :centre, cart_id = :cart;
+ALTER TABLE events ADD COLUMN uid TEXT;
+ALTER TABLE events ADD COLUMN centre_id TEXT;
+ALTER TABLE events ADD COLUMN cart_id TEXT;
+UPDATE events SET uid = {_NEW_UID}, centre_id = :centre, cart_id = :cart;
+CREATE UNIQUE INDEX cases_uid ON cases (uid);
+CREATE UNIQUE INDEX captures_uid ON captures (uid);
 
+CREATE TABLE pathology_entries (
+    entry_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT NOT NULL UNIQUE,
+    centre_id  TEXT NOT NULL,
+    cart_id    TEXT NOT NULL,
+    capture_id TEXT NOT NULL REFERENCES captures (capture_id),
+    status     TEXT NOT NULL CHECK (status IN ({_STATUS_CHECK})),
+    blinded    INTEGER CHECK (blinded IN (0, 1)),
+    reason     TEXT,
+    entered_by TEXT NOT NULL,
+    entered_at TEXT NOT NULL,
+    t_ns       INTEGER NOT NULL
+);
+INSERT INTO pathology_entries (uid, centre_id, cart_id, capture_id, status, blinded, reason,
+    entered_by, entered_at, t_ns)
+    SELECT {_NEW_UID}, :centre, :cart, capture_id,
+           CASE margin_positive WHEN 1 THEN 'positive' ELSE 'negative' END, NULL, NULL,
+           'unknown (version 1)', entered_at, entered_t_ns FROM pathology;
+DROP TABLE pathology;
+
+CREATE TABLE margin_entries (
+    entry_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT NOT NULL UNIQUE,
+    centre_id  TEXT NOT NULL,
+    cart_id    TEXT NOT NULL,
+    case_id    TEXT NOT NULL REFERENCES cases (case_id),
+    status     TEXT NOT NULL CHECK (status IN ({_STATUS_CHECK})),
+    reason     TEXT,
+    entered_by TEXT NOT NULL,
+    entered_at TEXT NOT NULL,
+    t_ns       INTEGER NOT NULL
+);
+
+CREATE TABLE followup_entries (
+    entry_id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid              TEXT NOT NULL UNIQUE,
+    centre_id        TEXT NOT NULL,
+    cart_id          TEXT NOT NULL,
+    case_id          TEXT NOT NULL REFERENCES cases (case_id),
+    visit_date       TEXT NOT NULL,
+    local_recurrence INTEGER NOT NULL CHECK (local_recurrence IN (0, 1)),
+    reason           TEXT,
+    entered_by       TEXT NOT NULL,
+    entered_at       TEXT NOT NULL,
+    t_ns             INTEGER NOT NULL
+);
+
+CREATE TABLE ae_entries (
+    entry_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT NOT NULL UNIQUE,
+    centre_id  TEXT NOT NULL,
+    cart_id    TEXT NOT NULL,
+    case_id    TEXT NOT NULL REFERENCES cases (case_id),
+    term       TEXT NOT NULL,
+    grade      INTEGER NOT NULL CHECK (grade BETWEEN 1 AND 5),
+    related    TEXT NOT NULL CHECK (related IN ({_RELATED_CHECK})),
+    onset      TEXT NOT NULL,
+    entered_by TEXT NOT NULL,
+    entered_at TEXT NOT NULL,
+    t_ns       INTEGER NOT NULL
+);
+
+CREATE TABLE case_corrections (
+    entry_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid        TEXT NOT NULL UNIQUE,
+    centre_id  TEXT NOT NULL,
+    cart_id    TEXT NOT NULL,
+    case_id    TEXT NOT NULL REFERENCES cases (case_id),
+    field      TEXT NOT NULL,
+    old_value  TEXT,
+    new_value  TEXT,
+    reason     TEXT NOT NULL,
+    entered_by TEXT NOT NULL,
+    entered_at TEXT NOT NULL,
+    t_ns       INTEGER NOT NULL
+);
+""" + "".join(f"""
+CREATE TRIGGER {table}_append_only_update BEFORE UPDATE ON {table}
+    BEGIN SELECT RAISE(ABORT, '{table} is append-only: add a correcting entry'); END;
+CREATE TRIGGER {table}_append_only_delete BEFORE DELETE ON {table}
+    BEGIN SELECT RAISE(ABORT, '{table} is append-only: add a correcting entry'); END;
+""" for table in ("pathology_entries", "margin_entries", "followup_entries", "ae_entries", "case_corrections"))
 
 def _software_version() -> str:
     try:
@@ -142,13 +267,49 @@ def _software_version() -> str:
 
 
 def wall_clock_synchronised() -> bool | None:
-    """Whether systemd-timesyncd reports the wall clock synchronised; ``None`` when that
-    cannot be told (no timesyncd). A Pi has no real-time clock: until synchronised, wall
-    times (and so hours since injection) can be far off, which each record notes."""
-    flag_dir = Path("/run/systemd/timesync")
-    if not flag_dir.is_dir():
+    """Whether the kernel considers the wall clock synchronised (what ``timedatectl``
+    reports as "System clock synchronized"): ``adjtimex`` answers ``TIME_ERROR`` (5) while
+    the clock is unsynchronised. ``None`` when that cannot be told. A Pi has no real-time
+    clock: until synchronised, wall times (and so hours since injection) can be far off."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # struct timex is about 208 bytes on 64-bit Linux; modes = 0 (the first field)
+        # only reads the state.
+        buf = ctypes.create_string_buffer(512)
+        state = libc.adjtimex(buf)
+    except (OSError, AttributeError):
         return None
-    return (flag_dir / "synchronized").exists()
+    if state < 0:
+        return None
+    return state != 5
+
+
+def _default_cart_id() -> str:
+    # The host's name, reduced to the characters an id allows.
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname() or "cart")[:32].strip("-.")
+    return name if name and name[0].isalnum() else "cart"
+
+
+def _run_script(db: sqlite3.Connection, script: str, params: Mapping) -> None:
+    """Run a schema script statement by statement inside the open transaction
+    (``executescript`` would commit first). Statements end where SQLite says they are
+    complete, so triggers with inner semicolons stay whole."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            text = statement.strip()
+            if text:
+                db.execute(text, {k: v for k, v in params.items() if f":{k}" in text})
+            statement = ""
+
+
+def _uid() -> str:
+    """A globally unique record id: 128 random bits as hex."""
+    return uuid.uuid4().hex
 
 
 def _iso_from_ns(t_ns: int) -> str:
@@ -175,21 +336,53 @@ def _to_json(name: str, value: Any) -> str:
 # --- argument checks ---------------------------------------------------------------
 
 
-def validate_case_id(case_id: Any, name: str = "case_id") -> str:
-    """Check a pseudonymous id: 1-64 characters of letters, digits, ``_ . -``, starting
-    with a letter or digit, with at least one digit (study codes have one; names do not)."""
+def validate_case_id(case_id: Any, name: str = "case_id",
+                     pattern: str = DEFAULT_CASE_ID_PATTERN) -> str:
+    """Check a pseudonymous case id against the study's id pattern (PRODUCT.md C4; default
+    ``^[A-Z]{2,6}-[0-9]{3,5}$``, e.g. ``DFSP-014``): names do not fit it."""
     if not isinstance(case_id, str):
         raise InvalidArgument(f"{name} = {case_id!r}: expected a string such as 'DFSP-014'")
-    if any(ch.isspace() for ch in case_id):
-        raise InvalidArgument(f"{name} = {case_id!r}: contains spaces and looks like a name; "
-                              f"use the study's pseudonymous code (no patient names)")
-    if not _CASE_ID_RE.fullmatch(case_id):
-        raise InvalidArgument(f"{name} = {case_id!r}: allowed 1-64 characters of A-Z a-z 0-9 "
-                              f"_ . -, starting with a letter or digit")
-    if not any(ch.isdigit() for ch in case_id):
-        raise InvalidArgument(f"{name} = {case_id!r}: has no digit and may be a name; use the "
-                              f"study's pseudonymous code (e.g. 'DFSP-014'; no patient names)")
+    if len(case_id) > 64 or not re.fullmatch(pattern, case_id):
+        raise InvalidArgument(f"{name} = {case_id!r}: does not match the study's pseudonymous id "
+                              f"pattern {pattern} (e.g. 'DFSP-014'; never a patient's name)")
     return case_id
+
+
+def _record_id(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _CASE_ID_RE.fullmatch(value):
+        raise InvalidArgument(f"{name} = {value!r}: allowed 1-64 characters of A-Z a-z 0-9 _ . -, "
+                              f"starting with a letter or digit")
+    return value
+
+
+def _site_id(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _SITE_ID_RE.fullmatch(value):
+        raise InvalidArgument(f"{name} = {value!r}: allowed 1-32 characters of A-Z a-z 0-9 _ . -, "
+                              f"starting with a letter or digit")
+    return value
+
+
+def _text(name: str, value: Any, *, optional: bool = False, max_chars: int = TEXT_MAX_CHARS) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument(f"{name} = {value!r}: expected a non-empty text")
+    if len(value) > max_chars or any(not ch.isprintable() for ch in value):
+        raise InvalidArgument(f"{name} = {value[:40]!r}...: at most {max_chars} printable characters")
+    return value
+
+
+def _iso_date(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} = {value!r}: expected an ISO date such as '2024-05-02'")
+    try:
+        return date.fromisoformat(value).isoformat() if len(value) == 10 else _bad_date(name, value)
+    except ValueError:
+        return _bad_date(name, value)
+
+
+def _bad_date(name: str, value: Any):
+    raise InvalidArgument(f"{name} = {value!r}: expected an ISO date YYYY-MM-DD such as '2024-05-02'")
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -244,11 +437,6 @@ def _label(value: Any) -> str:
     return value
 
 
-def _csv_safe(text: str) -> str:
-    # A spreadsheet would run a cell starting with these as a formula.
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
-
-
 # --- the store ---------------------------------------------------------------------
 
 
@@ -260,7 +448,10 @@ class CaseStore:
     ``imaging_window_h`` the ``[earliest, latest]`` hours after injection outside which a
     capture is stored with a warning event. All three come from the ``[study]`` config
     section (:meth:`from_config`). ``software_version`` and ``config_hash`` are stamped on
-    every case and capture.
+    every case and capture. ``centre_id`` and ``cart_id`` are stamped on every record;
+    ``case_id_pattern`` checks case ids; ``require_exclusions`` (the ``device`` profile)
+    makes ``exclusions_confirmed`` mandatory at case opening; ``report_options`` says how
+    close and indeterminate margins are scored.
 
     Thread-safe: one connection, used under a lock. Errors: bad input raises
     :class:`~hal.errors.InvalidArgument` naming the value and what is allowed; a database
@@ -270,8 +461,20 @@ class CaseStore:
     def __init__(self, path: str | os.PathLike, *, clock: Clock | None = None,
                  fixed_dose_mg: float = 25.0, dose_mg_per_kg: float = 0.25,
                  imaging_window_h: Sequence[float] = (18.0, 30.0),
-                 software_version: str | None = None, config_hash: str = ""):
+                 software_version: str | None = None, config_hash: str = "",
+                 centre_id: str = DEFAULT_CENTRE_ID, cart_id: str | None = None,
+                 case_id_pattern: str = DEFAULT_CASE_ID_PATTERN, require_exclusions: bool = False,
+                 report_options: ReportOptions | None = None):
         self.path = Path(path)
+        self.centre_id = _site_id(centre_id, "centre_id")
+        self.cart_id = _site_id(cart_id if cart_id else _default_cart_id(), "cart_id")
+        try:
+            re.compile(case_id_pattern)
+        except (re.error, TypeError) as err:
+            raise InvalidArgument(f"case_id_pattern = {case_id_pattern!r}: not a regular expression ({err})") from err
+        self.case_id_pattern = case_id_pattern
+        self.require_exclusions = bool(require_exclusions)
+        self.report_options = report_options or ReportOptions()
         self.clock = clock if clock is not None else SystemClock()
         self.fixed_dose_mg = _number("fixed_dose_mg", fixed_dose_mg, lo=0.0, hi=1000.0)
         self.dose_mg_per_kg = _number("dose_mg_per_kg", dose_mg_per_kg, lo=0.0, hi=100.0)
@@ -311,11 +514,20 @@ class CaseStore:
     def from_config(cls, path: str | os.PathLike, config: Any, *,
                     clock: Clock | None = None) -> "CaseStore":
         """A store using the ``[study]`` section of a validated config and its hash."""
-        study = config.study
-        return cls(path, clock=clock, fixed_dose_mg=study.fixed_dose_mg,
-                   dose_mg_per_kg=study.dose_mg_per_kg,
-                   imaging_window_h=study.imaging_window_h,
-                   config_hash=getattr(config, "sha256", ""))
+        study = config.study.as_dict()
+        options = ReportOptions(close_as=study.get("close_as", "exclude"),
+                                indeterminate_as=study.get("indeterminate_as", "exclude"),
+                                bootstrap_resamples=study.get("bootstrap_resamples", 2000),
+                                bootstrap_seed=study.get("bootstrap_seed", 20240501))
+        return cls(path, clock=clock, fixed_dose_mg=study["fixed_dose_mg"],
+                   dose_mg_per_kg=study["dose_mg_per_kg"],
+                   imaging_window_h=study["imaging_window_h"],
+                   config_hash=getattr(config, "sha256", ""),
+                   centre_id=study.get("centre_id") or DEFAULT_CENTRE_ID,
+                   cart_id=study.get("cart_id") or None,
+                   case_id_pattern=study.get("case_id_pattern") or DEFAULT_CASE_ID_PATTERN,
+                   require_exclusions=getattr(config, "profile", "sim") == "device",
+                   report_options=options)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -383,10 +595,10 @@ class CaseStore:
                 raise DeviceError(DEVICE, f"database {self.path} has schema version {version}, "
                                           f"newer than this software's {SCHEMA_VERSION}; "
                                           f"update the software")
-            # version 0: a new file. (Later versions add their steps here.)
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            if version == 0:  # a new file
+                _run_script(db, _SCHEMA_V1, {})
+            # version 1 -> 2; rows already there get this cart's centre and cart ids
+            _run_script(db, _MIGRATE_V2, {"centre": self.centre_id, "cart": self.cart_id})
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def pragmas(self) -> dict:
@@ -400,10 +612,10 @@ class CaseStore:
     def _event(self, db: sqlite3.Connection, case_id: str | None, kind: str, message: str,
                capture_id: str | None = None, t_ns: int | None = None, **detail: Any) -> dict:
         t_ns = self.clock.time_ns() if t_ns is None else t_ns
-        db.execute("INSERT INTO events (case_id, capture_id, t_ns, at, kind, message, detail) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        db.execute("INSERT INTO events (case_id, capture_id, t_ns, at, kind, message, detail, uid, "
+                   "centre_id, cart_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (case_id, capture_id, t_ns, _iso_from_ns(t_ns), kind, message,
-                    _to_json("event detail", detail)))
+                    _to_json("event detail", detail), _uid(), self.centre_id, self.cart_id))
         log.warning("case %s: %s", case_id, message)
         return {"kind": kind, "message": message}
 
@@ -430,15 +642,21 @@ class CaseStore:
     def _case_dict(self, row: sqlite3.Row, db: sqlite3.Connection) -> dict:
         case = {
             "case_id": row["case_id"],
+            "uid": row["uid"],
+            "centre_id": row["centre_id"],
+            "cart_id": row["cart_id"],
             "histology": row["histology"],
             "arm": row["arm"],
             "weight_kg": row["weight_kg"],
             "dose_mg": row["dose_mg"],
             "injection_time": row["injection_time"],
+            "surgery_date": row["surgery_date"],
+            "exclusions_confirmed": None if row["exclusions_confirmed"] is None else bool(row["exclusions_confirmed"]),
             "hours_since_injection": None,
             "opened_at": row["opened_at"],
             "closed_at": row["closed_at"],
             "clock_synchronised": None if row["clock_synchronised"] is None else bool(row["clock_synchronised"]),
+            "clock_override_reason": row["clock_override_reason"],
             "capture_count": db.execute("SELECT COUNT(*) FROM captures WHERE case_id = ?",
                                    (row["case_id"],)).fetchone()[0],
         }
@@ -450,24 +668,32 @@ class CaseStore:
 
     def open_case(self, case_id: str, histology: str, arm: str, weight_kg: float | None = None,
                   injection_time: str | None = None, *,
-                  clock_synchronised: bool | None = None) -> dict:
+                  clock_synchronised: bool | None = None, surgery_date: str | None = None,
+                  centre_id: str | None = None, exclusions_confirmed: bool | None = None,
+                  clock_override_reason: str | None = None, by: str = "") -> dict:
         """Open a case and make it the current one; returns it with ``dose_mg`` and
         ``hours_since_injection`` (now) and ``warnings`` (e.g. outside the imaging window).
 
-        ``weight_kg`` (1-400) is required for the per-kg arm, ``injection_time`` (ISO 8601
-        with a time zone) for both ICG arms; the control arm takes no injection time.
-        Raises ``WrongState`` while another case is open, ``InvalidArgument`` for bad
-        input or a case id already used.
+        Enrolment checks (PRODUCT.md section 10): the case id matches the study's pattern;
+        ``weight_kg`` (20-200) is required for the per-kg arm; ``injection_time`` (ISO 8601
+        with a time zone, not in the future) for both ICG arms, none for the control arm;
+        ``exclusions_confirmed`` must be true when given, and given when the store requires
+        it (``device`` profile); ``surgery_date`` (ISO date, default today, not in the future).
+        ``clock_override_reason`` records why the case went ahead with the clock not
+        synchronised (the caller decides whether that is needed). Raises ``WrongState``
+        while another case is open, ``InvalidArgument`` for bad input or a case id already used.
         """
-        validate_case_id(case_id)
+        validate_case_id(case_id, pattern=self.case_id_pattern)
         _choice("histology", histology, HISTOLOGIES)
         _choice("arm", arm, ARMS)
+        centre = self.centre_id if centre_id is None else _site_id(centre_id, "centre_id")
         if arm == ARM_PER_KG and weight_kg is None:
             raise InvalidArgument(f"weight_kg is required for arm {ARM_PER_KG!r} (the dose is "
                                   f"{self.dose_mg_per_kg:g} mg/kg); allowed {WEIGHT_RANGE_KG[0]:g} "
                                   f"to {WEIGHT_RANGE_KG[1]:g} kg")
         weight = None if weight_kg is None else _number("weight_kg", weight_kg, lo=WEIGHT_RANGE_KG[0],
                                                         hi=WEIGHT_RANGE_KG[1])
+        now_ns = self.clock.time_ns()
         if arm == ARM_CONTROL:
             if injection_time not in (None, ""):
                 raise InvalidArgument(f"injection_time = {injection_time!r}: the control arm "
@@ -475,9 +701,27 @@ class CaseStore:
             injection_iso, injection_ns = None, None
         else:
             injection_iso, injection_ns = _parse_injection_time(injection_time)
+            if injection_ns > now_ns:
+                raise InvalidArgument(f"injection_time = {injection_time!r}: "
+                                      f"{(injection_ns - now_ns) / _NS_PER_HOUR:.2f} h in the future "
+                                      f"(now {_iso_from_ns(now_ns)}); check the time and its time zone")
+        if exclusions_confirmed is None:
+            if self.require_exclusions:
+                raise InvalidArgument("exclusions_confirmed is required: confirm that the patient meets "
+                                      "none of the study's exclusion criteria (true)")
+        elif exclusions_confirmed is not True:
+            raise InvalidArgument(f"exclusions_confirmed = {exclusions_confirmed!r}: a patient is enrolled "
+                                  f"only once the exclusion criteria are confirmed (true)")
+        today = datetime.fromtimestamp(now_ns / 1e9, tz=timezone.utc).date()
+        if surgery_date is None:
+            surgery = today.isoformat()
+        else:
+            surgery = _iso_date("surgery_date", surgery_date)
+            if date.fromisoformat(surgery) > today:
+                raise InvalidArgument(f"surgery_date = {surgery_date!r}: after today ({today.isoformat()})")
+        override = _text("clock_override_reason", clock_override_reason, optional=True)
         synced = _optional_bool("clock_synchronised", clock_synchronised)
         dose = self._dose_mg(arm, weight)
-        now_ns = self.clock.time_ns()
         warnings = []
         with self._write() as db:
             open_row = db.execute("SELECT case_id FROM cases WHERE closed_at IS NULL").fetchone()
@@ -490,9 +734,14 @@ class CaseStore:
             db.execute(
                 "INSERT INTO cases (case_id, histology, arm, weight_kg, dose_mg, injection_time, "
                 "injection_t_ns, opened_at, opened_t_ns, clock_synchronised, software_version, "
-                "config_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "config_hash, uid, centre_id, cart_id, surgery_date, exclusions_confirmed, "
+                "clock_override_reason, opened_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (case_id, histology, arm, weight, dose, injection_iso, injection_ns,
-                 _iso_from_ns(now_ns), now_ns, synced, self.software_version, self.config_hash))
+                 _iso_from_ns(now_ns), now_ns, synced, self.software_version, self.config_hash,
+                 _uid(), centre, self.cart_id, surgery, _optional_bool("exclusions_confirmed",
+                                                                      exclusions_confirmed),
+                 override, by or None))
             if injection_ns is not None:
                 hours = (now_ns - injection_ns) / _NS_PER_HOUR
                 w = self._window_warning(db, case_id, hours, None, now_ns)
@@ -502,6 +751,10 @@ class CaseStore:
                 warnings.append(self._event(db, case_id, "clock_not_synchronised",
                                             "wall clock not synchronised at case opening; times "
                                             "and hours since injection may be off", t_ns=now_ns))
+            if override:
+                warnings.append(self._event(db, case_id, "clock_override",
+                                            f"case opened with the clock not synchronised: {override}",
+                                            t_ns=now_ns, by=by))
             row = db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
             case = self._case_dict(row, db)
         case["warnings"] = warnings
@@ -570,9 +823,12 @@ class CaseStore:
                     files: Sequence | Mapping | None = None, t_ns: int | None = None,
                     capture_id: str | None = None, calibration_id: str = "",
                     clock_synchronised: bool | None = None, frames_lost: int = 0,
-                    software_version: str | None = None, config_hash: str | None = None) -> dict:
+                    software_version: str | None = None, config_hash: str | None = None,
+                    intensity_floor: float | None = None, cnr_floor: float | None = None,
+                    clock_override_reason: str | None = None, by: str = "") -> dict:
         """Store one site capture in the open case; returns it (with ``capture_id``,
-        ``hours_since_injection`` and ``warnings``).
+        ``hours_since_injection`` and ``warnings``). ``intensity_floor`` and ``cnr_floor``
+        are the floors the call was made with (kept so a re-scored call applies them too).
 
         ``t_ns``: the capture's wall time (default now). ``rois``, ``settings`` and
         ``files`` are stored as JSON. A capture outside the imaging window, with lost
@@ -586,7 +842,10 @@ class CaseStore:
             "intensity": _number("intensity", intensity, optional=True),
             "cnr": _number("cnr", cnr, optional=True),
             "threshold": _number("threshold", threshold, optional=True),
+            "intensity_floor": _number("intensity_floor", intensity_floor, optional=True),
+            "cnr_floor": _number("cnr_floor", cnr_floor, optional=True),
         }
+        override = _text("clock_override_reason", clock_override_reason, optional=True)
         positive_int = _optional_bool("positive", positive)
         synced = _optional_bool("clock_synchronised", clock_synchronised)
         if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
@@ -598,7 +857,7 @@ class CaseStore:
         elif isinstance(t_ns, bool) or not isinstance(t_ns, int) or t_ns < 0:
             raise InvalidArgument(f"t_ns = {t_ns!r}: expected a wall time in ns (>= 0)")
         if capture_id is not None:
-            validate_case_id(capture_id, "capture_id")
+            _record_id(capture_id, "capture_id")
         if not isinstance(calibration_id, str):
             raise InvalidArgument(f"calibration_id = {calibration_id!r}: expected a string")
         rois_json = _to_json("rois", rois if rois is not None else {})
@@ -621,14 +880,20 @@ class CaseStore:
                 "INSERT INTO captures (capture_id, case_id, site, label, t_ns, captured_at, "
                 "hours_since_injection, pairs, sbr, intensity, cnr, positive, threshold, rois, "
                 "settings, files, software_version, config_hash, calibration_id, "
-                "clock_synchronised, frames_lost) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "clock_synchronised, frames_lost, uid, centre_id, cart_id, intensity_floor, cnr_floor, "
+                "clock_override_reason, captured_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (capture_id, case_id, site, label, t_ns, _iso_from_ns(t_ns), hours, pairs,
                  values["sbr"], values["intensity"], values["cnr"], positive_int,
                  values["threshold"], rois_json, settings_json, files_json,
                  software_version or self.software_version,
                  self.config_hash if config_hash is None else config_hash,
-                 calibration_id, synced, frames_lost))
+                 calibration_id, synced, frames_lost, _uid(), case["centre_id"], self.cart_id,
+                 values["intensity_floor"], values["cnr_floor"], override, by or None))
+            if override:
+                warnings.append(self._event(db, case_id, "clock_override",
+                                            f"capture {capture_id} with the clock not synchronised: "
+                                            f"{override}", capture_id=capture_id, t_ns=t_ns, by=by))
             w = self._window_warning(db, case_id, hours, capture_id, t_ns)
             if w:
                 warnings.append(w)
@@ -658,16 +923,18 @@ class CaseStore:
         return capture
 
     def get_capture(self, capture_id: str) -> dict:
-        """A capture by id (with ``margin_positive``, ``None`` until pathology is set);
+        """A capture by id (with ``pathology_status`` and ``margin_positive``, ``None``
+        until pathology is set, or for close/indeterminate);
         ``InvalidArgument`` when unknown."""
         with self._read() as db:
             row = db.execute("SELECT * FROM captures WHERE capture_id = ?", (capture_id,)).fetchone()
             if row is None:
                 raise InvalidArgument(f"capture_id = {capture_id!r}: no such capture")
             capture = self._capture_dict(row)
-            p = db.execute("SELECT margin_positive FROM pathology WHERE capture_id = ?",
-                           (capture_id,)).fetchone()
-            capture["margin_positive"] = None if p is None else bool(p[0])
+            p = db.execute("SELECT status FROM pathology_entries WHERE capture_id = ? "
+                           "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (capture_id,)).fetchone()
+            capture["pathology_status"] = None if p is None else p[0]
+            capture["margin_positive"] = {"positive": True, "negative": False}.get(capture["pathology_status"])
             return capture
 
     def captures(self, case_id: str | None = None) -> list[dict]:
@@ -681,62 +948,277 @@ class CaseStore:
             return [self._capture_dict(r) for r in db.execute(
                 "SELECT * FROM captures WHERE case_id = ? ORDER BY t_ns, capture_id", (case_id,))]
 
-    # --- pathology and the report --------------------------------------------------
+    # --- append-only entries: pathology, margin status, follow-up, adverse events -------
 
-    def set_pathology(self, capture_id: str, margin_positive: bool) -> dict:
-        """Record pathology's finding for a capture (open or closed case). Entering it
-        again replaces it and leaves a ``pathology_changed`` event. ``InvalidArgument``
-        for an unknown capture or a finding that is not true/false."""
-        if not isinstance(margin_positive, bool):
-            raise InvalidArgument(f"margin_positive = {margin_positive!r}: expected true or false")
+    def _case_row(self, db: sqlite3.Connection, case_id: Any) -> sqlite3.Row:
+        if not isinstance(case_id, str):
+            raise InvalidArgument(f"case_id = {case_id!r}: expected a string")
+        row = db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise InvalidArgument(f"case_id = {case_id!r}: no such case")
+        return row
+
+    @staticmethod
+    def _need_reason(what: str, old: str, new: str, reason: str | None) -> None:
+        if reason is None:
+            raise InvalidArgument(f"{what}: changing {old} to {new} needs a reason (entries are "
+                                  f"append-only: the old value, who, when and why are kept)")
+
+    def set_pathology(self, capture_id: str, status: str | None = None, *,
+                      margin_positive: bool | None = None, blinded: bool | None = None,
+                      reason: str | None = None, by: str = "") -> dict:
+        """Record pathology's finding for a capture (open or closed case): ``status``
+        (positive, close, negative, indeterminate) or the version-1 ``margin_positive``.
+        ``blinded``: whether the pathologist was blinded to the fluorescence call.
+        Append-only (PRODUCT.md D5): a change adds an entry, needs a ``reason`` and keeps
+        the old one (who, when, why); entering the same finding again changes nothing.
+        Returns the current entry with its ``history`` (oldest first)."""
         if not isinstance(capture_id, str):
             raise InvalidArgument(f"capture_id = {capture_id!r}: expected a string")
+        if isinstance(status, bool):  # the version-1 call: set_pathology(capture_id, True)
+            status, margin_positive = None, status
+        if status is None:
+            if not isinstance(margin_positive, bool):
+                raise InvalidArgument(f"margin_positive = {margin_positive!r}: expected true or false "
+                                      f"(or give status: {', '.join(STATUSES)})")
+            status = "positive" if margin_positive else "negative"
+        elif margin_positive is not None and margin_positive != (status == "positive"):
+            raise InvalidArgument(f"status = {status!r} and margin_positive = {margin_positive!r} disagree")
+        _choice("status", status, STATUSES)
+        blinded_int = _optional_bool("blinded", blinded)
+        reason = _text("reason", reason, optional=True)
         now_ns = self.clock.time_ns()
         with self._write() as db:
-            row = db.execute("SELECT case_id, site FROM captures WHERE capture_id = ?",
+            row = db.execute("SELECT cap.case_id, cap.site, c.centre_id FROM captures AS cap "
+                             "JOIN cases AS c ON c.case_id = cap.case_id WHERE cap.capture_id = ?",
                              (capture_id,)).fetchone()
             if row is None:
                 raise InvalidArgument(f"capture_id = {capture_id!r}: no such capture")
-            old = db.execute("SELECT margin_positive FROM pathology WHERE capture_id = ?",
-                             (capture_id,)).fetchone()
-            if old is not None and bool(old[0]) != margin_positive:
-                self._event(db, row["case_id"], "pathology_changed",
-                            f"capture {capture_id}: pathology changed from "
-                            f"{'positive' if old[0] else 'negative'} to "
-                            f"{'positive' if margin_positive else 'negative'}",
-                            capture_id=capture_id, t_ns=now_ns, old=bool(old[0]),
-                            new=margin_positive)
-            db.execute("INSERT INTO pathology (capture_id, margin_positive, entered_at, entered_t_ns) "
-                       "VALUES (?, ?, ?, ?) ON CONFLICT (capture_id) DO UPDATE SET "
-                       "margin_positive = excluded.margin_positive, entered_at = excluded.entered_at, "
-                       "entered_t_ns = excluded.entered_t_ns",
-                       (capture_id, int(margin_positive), _iso_from_ns(now_ns), now_ns))
-        log.info("capture %s: pathology margin %s", capture_id,
-                 "positive" if margin_positive else "negative")
+            old = db.execute("SELECT * FROM pathology_entries WHERE capture_id = ? "
+                             "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (capture_id,)).fetchone()
+            now_ns = _after(old, now_ns)
+            if old is None or old["status"] != status or old["blinded"] != blinded_int:
+                if old is not None:
+                    self._need_reason(f"pathology of capture {capture_id}",
+                                      f"{old['status']} (blinded {_yes_no(old['blinded'])})",
+                                      f"{status} (blinded {_yes_no(blinded_int)})", reason)
+                    self._event(db, row["case_id"], "pathology_changed",
+                                f"capture {capture_id}: pathology changed from {old['status']} to "
+                                f"{status} by {by or 'unknown'}: {reason}", capture_id=capture_id,
+                                t_ns=now_ns, old=old["status"], new=status, by=by, reason=reason)
+                db.execute("INSERT INTO pathology_entries (uid, centre_id, cart_id, capture_id, status, "
+                           "blinded, reason, entered_by, entered_at, t_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (_uid(), row["centre_id"], self.cart_id, capture_id, status, blinded_int,
+                            reason, by or "unknown", _iso_from_ns(now_ns), now_ns))
+            history = [_entry(r) for r in db.execute(
+                "SELECT * FROM pathology_entries WHERE capture_id = ? ORDER BY t_ns, entry_id", (capture_id,))]
+        log.info("capture %s: pathology %s", capture_id, status)
+        current = history[-1]
         return {"capture_id": capture_id, "case_id": row["case_id"], "site": row["site"],
-                "margin_positive": margin_positive, "entered_at": _iso_from_ns(now_ns)}
+                "status": current["status"], "margin_positive": {"positive": True, "negative": False}.get(
+                    current["status"]), "blinded": current["blinded"], "entered_at": current["entered_at"],
+                "entered_by": current["entered_by"], "reason": current["reason"], "history": history}
 
-    def report_rows(self) -> list[dict]:
-        """The rows the report scores: tumor-bed captures that have pathology."""
+    def set_margin(self, case_id: str, status: str, *, reason: str | None = None, by: str = "") -> dict:
+        """The patient's final margin status from pathology (every arm; the control arm has
+        no captures). Append-only like :meth:`set_pathology`."""
+        _choice("status", status, STATUSES)
+        reason = _text("reason", reason, optional=True)
+        now_ns = self.clock.time_ns()
+        with self._write() as db:
+            case = self._case_row(db, case_id)
+            old = db.execute("SELECT * FROM margin_entries WHERE case_id = ? "
+                             "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (case_id,)).fetchone()
+            now_ns = _after(old, now_ns)
+            if old is None or old["status"] != status:
+                if old is not None:
+                    self._need_reason(f"margin status of case {case_id}", old["status"], status, reason)
+                    self._event(db, case_id, "margin_changed", f"case {case_id}: margin status changed "
+                                f"from {old['status']} to {status} by {by or 'unknown'}: {reason}",
+                                t_ns=now_ns, old=old["status"], new=status, by=by, reason=reason)
+                db.execute("INSERT INTO margin_entries (uid, centre_id, cart_id, case_id, status, reason, "
+                           "entered_by, entered_at, t_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (_uid(), case["centre_id"], self.cart_id, case_id, status, reason,
+                            by or "unknown", _iso_from_ns(now_ns), now_ns))
+            history = [_entry(r) for r in db.execute(
+                "SELECT * FROM margin_entries WHERE case_id = ? ORDER BY t_ns, entry_id", (case_id,))]
+        return {"case_id": case_id, "status": history[-1]["status"], "history": history}
+
+    def add_followup(self, case_id: str, visit_date: str, local_recurrence: bool, *,
+                     reason: str | None = None, by: str = "") -> dict:
+        """A follow-up visit (ISO date, from the surgery date to today). Entering a visit
+        date again with another finding corrects it: a ``reason`` is then required and the
+        old entry kept."""
+        visit = _iso_date("visit_date", visit_date)
+        if not isinstance(local_recurrence, bool):
+            raise InvalidArgument(f"local_recurrence = {local_recurrence!r}: expected true or false")
+        reason = _text("reason", reason, optional=True)
+        now_ns = self.clock.time_ns()
+        today = datetime.fromtimestamp(now_ns / 1e9, tz=timezone.utc).date()
+        with self._write() as db:
+            case = self._case_row(db, case_id)
+            if visit < case["surgery_date"]:
+                raise InvalidArgument(f"visit_date = {visit_date!r}: before the surgery date "
+                                      f"{case['surgery_date']} of case {case_id}")
+            if date.fromisoformat(visit) > today:
+                raise InvalidArgument(f"visit_date = {visit_date!r}: after today ({today.isoformat()})")
+            old = db.execute("SELECT * FROM followup_entries WHERE case_id = ? AND visit_date = ? "
+                             "ORDER BY t_ns DESC, entry_id DESC LIMIT 1", (case_id, visit)).fetchone()
+            now_ns = _after(old, now_ns)
+            if old is None or bool(old["local_recurrence"]) != local_recurrence:
+                if old is not None:
+                    self._need_reason(f"follow-up of case {case_id} on {visit}",
+                                      f"local_recurrence {bool(old['local_recurrence'])}",
+                                      f"{local_recurrence}", reason)
+                    self._event(db, case_id, "followup_changed", f"case {case_id}: visit {visit} changed "
+                                f"by {by or 'unknown'}: {reason}", t_ns=now_ns, by=by, reason=reason,
+                                old=bool(old["local_recurrence"]), new=local_recurrence)
+                db.execute("INSERT INTO followup_entries (uid, centre_id, cart_id, case_id, visit_date, "
+                           "local_recurrence, reason, entered_by, entered_at, t_ns) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (_uid(), case["centre_id"], self.cart_id, case_id, visit, int(local_recurrence),
+                            reason, by or "unknown", _iso_from_ns(now_ns), now_ns))
+            visits = [_entry(r) for r in db.execute(
+                "SELECT * FROM followup_entries WHERE case_id = ? ORDER BY visit_date, t_ns, entry_id",
+                (case_id,))]
+        return {"case_id": case_id, "visit_date": visit, "local_recurrence": local_recurrence,
+                "entries": visits}
+
+    def add_adverse_event(self, case_id: str, term: str, grade: int, related: str, onset: str, *,
+                          by: str = "") -> dict:
+        """An adverse event: ``term``, ``grade`` 1-5, ``related`` to ICG (not, unlikely,
+        possible, probable, definite), ``onset`` (ISO date, not before the case was opened
+        minus 2 days, nor after today)."""
+        term = _text("term", term, max_chars=200)
+        if isinstance(grade, bool) or not isinstance(grade, int) or not 1 <= grade <= 5:
+            raise InvalidArgument(f"grade = {grade!r}: a whole number from 1 to 5")
+        _choice("related", related, RELATED)
+        onset = _iso_date("onset", onset)
+        now_ns = self.clock.time_ns()
+        today = datetime.fromtimestamp(now_ns / 1e9, tz=timezone.utc).date()
+        if date.fromisoformat(onset) > today:
+            raise InvalidArgument(f"onset = {onset!r}: after today ({today.isoformat()})")
+        with self._write() as db:
+            case = self._case_row(db, case_id)
+            uid = _uid()
+            db.execute("INSERT INTO ae_entries (uid, centre_id, cart_id, case_id, term, grade, related, "
+                       "onset, entered_by, entered_at, t_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (uid, case["centre_id"], self.cart_id, case_id, term, grade, related, onset,
+                        by or "unknown", _iso_from_ns(now_ns), now_ns))
+        return {"case_id": case_id, "uid": uid, "term": term, "grade": grade, "related": related,
+                "onset": onset, "entered_by": by or "unknown", "entered_at": _iso_from_ns(now_ns)}
+
+    def correct_case(self, case_id: str, field: str, value: Any, *, reason: str, by: str = "") -> dict:
+        """Correct a field of a case entered wrongly (PRODUCT.md D5): ``histology``,
+        ``weight_kg``, ``injection_time``, ``surgery_date`` or ``exclusions_confirmed``.
+        The new value passes the same checks as at ``case.open`` (the dose is computed
+        again); the old value, who, when and why (``reason`` required) are kept in
+        ``case_corrections`` and a ``case_corrected`` event. Returns the case with its
+        ``corrections``."""
+        _choice("field", field, CORRECTABLE)
+        reason = _text("reason", reason)
+        now_ns = self.clock.time_ns()
+        with self._write() as db:
+            case = self._case_row(db, case_id)
+            updates: dict[str, Any] = {}
+            if field == "histology":
+                updates["histology"] = _choice("histology", value, HISTOLOGIES)
+            elif field == "weight_kg":
+                if value is None and case["arm"] == ARM_PER_KG:
+                    raise InvalidArgument(f"weight_kg is required for arm {ARM_PER_KG!r}")
+                weight = None if value is None else _number("weight_kg", value, lo=WEIGHT_RANGE_KG[0],
+                                                            hi=WEIGHT_RANGE_KG[1])
+                updates["weight_kg"] = weight
+                updates["dose_mg"] = self._dose_mg(case["arm"], weight)
+            elif field == "injection_time":
+                if case["arm"] == ARM_CONTROL:
+                    raise InvalidArgument("injection_time: the control arm receives no ICG")
+                iso, t_ns = _parse_injection_time(value)
+                if t_ns > now_ns:
+                    raise InvalidArgument(f"injection_time = {value!r}: in the future")
+                updates["injection_time"], updates["injection_t_ns"] = iso, t_ns
+            elif field == "surgery_date":
+                day = _iso_date("surgery_date", value)
+                today = datetime.fromtimestamp(now_ns / 1e9, tz=timezone.utc).date()
+                if date.fromisoformat(day) > today:
+                    raise InvalidArgument(f"surgery_date = {value!r}: after today ({today.isoformat()})")
+                updates["surgery_date"] = day
+            else:
+                if value is not True:
+                    raise InvalidArgument(f"exclusions_confirmed = {value!r}: only a confirmation (true) "
+                                          f"can be entered; a patient found ineligible is reported, not erased")
+                updates["exclusions_confirmed"] = 1
+            old = case[field]
+            new = updates[field]
+            if old != new:
+                db.execute(f"UPDATE cases SET {', '.join(f'{k} = ?' for k in updates)} WHERE case_id = ?",
+                           (*updates.values(), case_id))
+                db.execute("INSERT INTO case_corrections (uid, centre_id, cart_id, case_id, field, old_value, "
+                           "new_value, reason, entered_by, entered_at, t_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (_uid(), case["centre_id"], self.cart_id, case_id, field,
+                            None if old is None else str(old), None if new is None else str(new), reason,
+                            by or "unknown", _iso_from_ns(now_ns), now_ns))
+                self._event(db, case_id, "case_corrected", f"case {case_id}: {field} corrected from {old!r} "
+                            f"to {new!r} by {by or 'unknown'}: {reason}", t_ns=now_ns, field=field,
+                            old=old, new=new, by=by, reason=reason)
+            out = self._case_dict(db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone(), db)
+            out["corrections"] = [_entry(r) for r in db.execute(
+                "SELECT * FROM case_corrections WHERE case_id = ? ORDER BY t_ns, entry_id", (case_id,))]
+        return out
+
+    # --- the records, the report, events and export --------------------------------
+
+    def dataset(self, case_id: str | None = None) -> dict:
+        """Every record of the study (or of one case) as the records map the report and
+        the export read (:mod:`services.study.records`). Child records carry their case's
+        centre, so a patient is ``(centre_id, case_id)`` throughout."""
+        where, params = ("WHERE c.case_id = ?", (case_id,)) if case_id is not None else ("", ())
         with self._read() as db:
-            rows = db.execute(
-                "SELECT c.histology, c.arm, cap.capture_id, cap.positive, p.margin_positive "
-                "FROM captures AS cap JOIN cases AS c ON c.case_id = cap.case_id "
-                "JOIN pathology AS p ON p.capture_id = cap.capture_id "
-                "WHERE cap.site = 'tumor_bed' ORDER BY cap.t_ns, cap.capture_id").fetchall()
-        return [{"histology": r["histology"], "arm": r["arm"], "capture_id": r["capture_id"],
-                 "positive": None if r["positive"] is None else bool(r["positive"]),
-                 "margin_positive": bool(r["margin_positive"])} for r in rows]
+            if case_id is not None:
+                self._case_row(db, case_id)
+            cases = [dict(r) for r in db.execute(f"SELECT * FROM cases AS c {where} "
+                                                 f"ORDER BY c.opened_t_ns, c.case_id", params)]
+            caps = db.execute("SELECT cap.*, c.centre_id AS case_centre FROM captures AS cap "
+                              f"JOIN cases AS c ON c.case_id = cap.case_id {where} "
+                              "ORDER BY cap.t_ns, cap.capture_id", params).fetchall()
+            path = db.execute("SELECT p.*, cap.uid AS capture_uid, cap.case_id, c.centre_id AS case_centre "
+                              "FROM pathology_entries AS p JOIN captures AS cap ON cap.capture_id = p.capture_id "
+                              f"JOIN cases AS c ON c.case_id = cap.case_id {where} "
+                              "ORDER BY p.t_ns, p.entry_id", params).fetchall()
+            tables = {}
+            for name, table in (("margins", "margin_entries"), ("followups", "followup_entries"),
+                                ("adverse_events", "ae_entries"), ("case_corrections", "case_corrections")):
+                tables[name] = db.execute(f"SELECT e.*, c.centre_id AS case_centre FROM {table} AS e "
+                                          f"JOIN cases AS c ON c.case_id = e.case_id {where} "
+                                          f"ORDER BY e.t_ns, e.entry_id", params).fetchall()
+            devs = db.execute("SELECT e.*, c.centre_id AS case_centre FROM events AS e "
+                              f"JOIN cases AS c ON c.case_id = e.case_id {where} "
+                              f"{'AND' if where else 'WHERE'} e.kind IN ({', '.join('?' * len(DEVIATIONS))}) "
+                              "ORDER BY e.event_id", params + DEVIATIONS).fetchall()
+        data = {
+            "cases": [{**c, "exclusions_confirmed": _bool(c["exclusions_confirmed"]),
+                       "clock_synchronised": _bool(c["clock_synchronised"])} for c in cases],
+            "captures": [_capture_record(r) for r in caps],
+            "pathology": [{**dict(r), "centre_id": r["case_centre"], "blinded": _bool(r["blinded"])}
+                          for r in path],
+            "margins": [{**dict(r), "centre_id": r["case_centre"]} for r in tables["margins"]],
+            "followups": [{**dict(r), "centre_id": r["case_centre"],
+                           "local_recurrence": bool(r["local_recurrence"])} for r in tables["followups"]],
+            "adverse_events": [{**dict(r), "centre_id": r["case_centre"]} for r in tables["adverse_events"]],
+            "case_corrections": [{**dict(r), "centre_id": r["case_centre"]} for r in tables["case_corrections"]],
+            "deviations": [{"uid": r["uid"], "centre_id": r["case_centre"], "cart_id": r["cart_id"],
+                            "case_id": r["case_id"], "capture_id": r["capture_id"], "kind": r["kind"],
+                            "message": r["message"], "entered_at": r["at"], "t_ns": r["t_ns"]}
+                           for r in devs],
+        }
+        return records.fill(data)
 
-    def report(self, histology: str | None = None, arm: str | None = None) -> dict:
-        """The diagnostic-accuracy report (protocol "The report"), optionally filtered."""
-        if histology is not None:
-            _choice("histology", histology, HISTOLOGIES)
-        if arm is not None:
-            _choice("arm", arm, ARMS)
-        return build_report(self.report_rows(), histology=histology, arm=arm)
-
-    # --- events and export ----------------------------------------------------------
+    def report(self, histology: str | None = None, arm: str | None = None,
+               threshold: float | None = None, comparative: bool = True) -> dict:
+        """The study report (protocol "v2 report"), optionally filtered or re-scored at an
+        SBR ``threshold``; ``comparative=False`` for observers."""
+        return build_study_report(self.dataset(), histology=histology, arm=arm, threshold=threshold,
+                                  options=self.report_options, comparative=comparative)
 
     def events(self, case_id: str | None = None) -> list[dict]:
         """Warning events of one case (all cases when ``None``), oldest first."""
@@ -750,75 +1232,99 @@ class CaseStore:
                  "t_ns": r["t_ns"], "at": r["at"], "kind": r["kind"], "message": r["message"],
                  "detail": json.loads(r["detail"])} for r in rows]
 
-    def _export_rows(self, case_id: str | None) -> list[list]:
-        with self._read() as db:
-            if case_id is not None and not db.execute(
-                    "SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
-                raise InvalidArgument(f"case_id = {case_id!r}: no such case")
-            query = (
-                "SELECT c.case_id, c.histology, c.arm, c.weight_kg, c.dose_mg, c.injection_time, "
-                "c.opened_at, c.closed_at, c.clock_synchronised AS case_clock_synchronised, "
-                "cap.capture_id, cap.site, cap.label, cap.captured_at, cap.t_ns, "
-                "cap.hours_since_injection, cap.pairs, cap.sbr, cap.intensity, cap.cnr, "
-                "cap.positive, cap.threshold, cap.rois, cap.settings, cap.files, "
-                "cap.software_version, cap.config_hash, cap.calibration_id, "
-                "cap.clock_synchronised, cap.frames_lost, p.margin_positive, "
-                "p.entered_at AS pathology_entered_at "
-                "FROM captures AS cap JOIN cases AS c ON c.case_id = cap.case_id "
-                "LEFT JOIN pathology AS p ON p.capture_id = cap.capture_id ")
-            params: tuple = ()
-            if case_id is not None:
-                query += "WHERE c.case_id = ? "
-                params = (case_id,)
-            query += "ORDER BY c.opened_t_ns, c.case_id, cap.t_ns, cap.capture_id"
-            rows = db.execute(query, params).fetchall()
-        bool_columns = {"case_clock_synchronised", "positive", "clock_synchronised", "margin_positive"}
-        out = []
-        for r in rows:
-            line = []
-            for col in CSV_COLUMNS:
-                v = r[col]
-                if col in bool_columns and v is not None:
-                    v = "true" if v else "false"
-                elif col == "label":
-                    v = _csv_safe(v)
-                line.append("" if v is None else v)
-            out.append(line)
-        return out
-
     def export_csv(self, out_file: str | os.PathLike | TextIO, case_id: str | None = None) -> int:
-        """Write one row per capture (case fields, capture fields, pathology) for one case
-        or the whole study; returns the number of rows. A path is written atomically
+        """Write the long CSV (one row per record, :mod:`services.study.records`) of one
+        case or the whole study; returns the number of rows. A path is written atomically
         (temporary file, fsync, rename); an open text file is written as is."""
-        rows = self._export_rows(case_id)
+        data = self.dataset(case_id)
         if not isinstance(out_file, (str, os.PathLike)):
-            writer = csv.writer(out_file)
-            writer.writerow(CSV_COLUMNS)
-            writer.writerows(rows)
-            return len(rows)
+            return records.write_csv(data, out_file)
+        text = records.csv_text(data)
+        _write_atomically(out_file, text)
+        n = text.count("\n") - 1
+        log.info("exported %d record row(s) to %s", n, out_file)
+        return len(records.rows(data))
+
+    @staticmethod
+    def export_dictionary(out_file: str | os.PathLike | TextIO) -> int:
+        """Write the REDCap data dictionary of the export; returns the number of fields."""
+        if not isinstance(out_file, (str, os.PathLike)):
+            records.write_dictionary(out_file)
+            return len(records.FIELDS)
         buf = io.StringIO(newline="")
-        writer = csv.writer(buf)
-        writer.writerow(CSV_COLUMNS)
-        writer.writerows(rows)
-        target = os.fspath(out_file)
-        folder = os.path.dirname(os.path.abspath(target))
+        records.write_dictionary(buf)
+        _write_atomically(out_file, buf.getvalue())
+        return len(records.FIELDS)
+
+
+# Case fields that case.correct may change (the arm is the randomisation: never).
+CORRECTABLE = ("histology", "weight_kg", "injection_time", "surgery_date", "exclusions_confirmed")
+
+# Events that the report lists as protocol deviations.
+DEVIATIONS = ("outside_imaging_window", "clock_not_synchronised", "clock_override", "frames_lost")
+
+
+def _after(old: sqlite3.Row | None, now_ns: int) -> int:
+    """A correcting entry's time: now, but always after the entry it corrects, so "the
+    latest entry" is well defined by time alone (also in a pooled export)."""
+    return now_ns if old is None else max(now_ns, old["t_ns"] + 1)
+
+
+def _bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+def _yes_no(v: Any) -> str:
+    return "unknown" if v is None else ("yes" if v else "no")
+
+
+def _entry(row: sqlite3.Row) -> dict:
+    """An append-only entry as a reply: the value, who, when and why."""
+    out = {k: row[k] for k in row.keys() if k not in ("entry_id",)}
+    for key in ("blinded", "local_recurrence"):
+        if key in out:
+            out[key] = _bool(out[key])
+    return out
+
+
+def _capture_record(r: sqlite3.Row) -> dict:
+    settings = json.loads(r["settings"]) if r["settings"] else {}
+    files = json.loads(r["files"]) if r["files"] else []
+
+    def num(v):
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return {"uid": r["uid"], "centre_id": r["case_centre"], "cart_id": r["cart_id"], "case_id": r["case_id"],
+            "capture_uid": r["uid"], "capture_id": r["capture_id"], "site": r["site"], "label": r["label"],
+            "captured_at": r["captured_at"], "t_ns": r["t_ns"],
+            "hours_since_injection": r["hours_since_injection"], "pairs": r["pairs"], "sbr": r["sbr"],
+            "intensity": r["intensity"], "cnr": r["cnr"], "positive": _bool(r["positive"]),
+            "threshold": r["threshold"], "intensity_floor": r["intensity_floor"], "cnr_floor": r["cnr_floor"],
+            "frames_lost": r["frames_lost"], "n_files": len(files) if isinstance(files, (list, dict)) else None,
+            "calibration_id": r["calibration_id"], "software_version": r["software_version"],
+            "config_hash": r["config_hash"], "exposure_us": num(settings.get("exposure_us")),
+            "gain": num(settings.get("gain")), "laser_mw": num(settings.get("laser_mw")),
+            "clock_synchronised": _bool(r["clock_synchronised"]),
+            "clock_override_reason": r["clock_override_reason"], "entered_by": r["captured_by"]}
+
+
+def _write_atomically(target: str | os.PathLike, text: str) -> None:
+    """Temporary file in the same folder, fsync, rename: the file appears whole or not at all."""
+    target = os.fspath(target)
+    folder = os.path.dirname(os.path.abspath(target))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
         tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target) + ".",
-                                       suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            tmp = None
-        except OSError as err:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-            raise DeviceError(DEVICE, f"cannot write the export {target}: "
-                                      f"{err.strerror or err}") from err
-        log.info("exported %d capture row(s) to %s", len(rows), target)
-        return len(rows)
+    except OSError as err:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise DeviceError(DEVICE, f"cannot write the export {target}: {err.strerror or err}") from err

@@ -95,8 +95,12 @@ class Clinical:
     acquisition produces and :meth:`close` when the service stops.
     """
 
-    def __init__(self, service, *, store: CaseStore | None = None):
+    def __init__(self, service, *, store: CaseStore | None = None,
+                 clock_sync: Callable[[], bool | None] = wall_clock_synchronised):
         self.service = service
+        # Whether the wall clock is synchronised (injectable for tests); in the device
+        # profile case.open and capture are refused while it is not, unless overridden.
+        self.clock_sync = clock_sync
         self.cfg = service.cfg
         self.state_dir = Path(service.state_dir)
         self.runtime_dir = Path(service.runtime_dir)
@@ -105,6 +109,8 @@ class Clinical:
         self._capture_lock = threading.Lock()
         self._collecting: _Collecting | None = None
         self._closed = False
+        self._clock_synced: bool | None = None
+        self._clock_override: str | None = None
         self.pairs_not_sent = 0  # over the service's life, for diagnostics
         ctx: zmq.Context = service.ctx
         self._acks = ctx.socket(zmq.PULL)
@@ -121,7 +127,9 @@ class Clinical:
         """The bus commands this class serves."""
         return {"case.open": self.cmd_case_open, "case.close": self.cmd_case_close,
                 "capture": self.cmd_capture, "pathology.set": self.cmd_pathology_set,
-                "report": self.cmd_report, "backup": self.cmd_backup}
+                "margin.set": self.cmd_margin_set, "followup.add": self.cmd_followup_add,
+                "ae.add": self.cmd_ae_add, "case.correct": self.cmd_case_correct, "report": self.cmd_report,
+                "backup": self.cmd_backup}
 
     def current_case_id(self) -> str | None:
         """The open case's id (for the status map), or ``None``."""
@@ -143,19 +151,48 @@ class Clinical:
 
     # ------------------------------------------------------------------ commands
     def cmd_case_open(self, args: dict, caller=None) -> dict:
-        """``case.open``: open a case; returns it with the dose and hours since injection."""
-        _only(args, {"case_id", "histology", "arm", "weight_kg", "injection_time"}, "case.open")
+        """``case.open``: open a case; returns it with the dose and hours since injection.
+        v2: ``surgery_date``, ``centre_id``, ``exclusions_confirmed`` (required in the
+        ``device`` profile), ``clock_override_reason`` (see :meth:`_clock_gate`)."""
+        _only(args, {"case_id", "histology", "arm", "weight_kg", "injection_time", "surgery_date",
+                     "centre_id", "exclusions_confirmed", "clock_override_reason"}, "case.open")
         for key in ("case_id", "histology", "arm"):
             if key not in args:
                 raise InvalidArgument(f"case.open: {key} is required")
+        synced, override = self._clock_gate("case.open", args)
         case = self.store.open_case(args["case_id"], args["histology"], args["arm"],
                                     weight_kg=args.get("weight_kg"),
                                     injection_time=args.get("injection_time"),
-                                    clock_synchronised=wall_clock_synchronised())
+                                    clock_synchronised=synced, surgery_date=args.get("surgery_date"),
+                                    centre_id=args.get("centre_id"),
+                                    exclusions_confirmed=args.get("exclusions_confirmed"),
+                                    clock_override_reason=override, by=_who(caller))
         self._case_id = case["case_id"]
         self._event("case_opened", case_id=case["case_id"], histology=case["histology"], arm=case["arm"],
                     warnings=case.get("warnings", []))
         return case
+
+    def _clock_gate(self, cmd: str, args: dict) -> tuple[bool | None, str | None]:
+        """The clock's state, and the override reason when one is needed and given. In the
+        ``device`` profile a clock that is not known to be synchronised refuses ``cmd``
+        with ``WRONG_STATE`` unless ``clock_override_reason`` says why to go ahead (it is
+        recorded with the record and as a deviation)."""
+        try:
+            synced = self.clock_sync()
+        except Exception:  # an unreadable clock state counts as not synchronised
+            log.exception("clock synchronisation state unavailable")
+            synced = None
+        reason = args.get("clock_override_reason")
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+            raise InvalidArgument(f"clock_override_reason = {reason!r}: expected a non-empty text")
+        if synced is True or getattr(self.cfg, "profile", "sim") != "device":
+            return synced, None
+        if reason is None:
+            raise WrongState(f"{cmd} refused: the wall clock is not synchronised (state "
+                             f"{'unknown' if synced is None else 'unsynchronised'}); times and hours since "
+                             f"injection would be wrong. Wait for time synchronisation, or give "
+                             f"clock_override_reason to go ahead (it is recorded)")
+        return synced, reason
 
     def cmd_case_close(self, args: dict, caller=None) -> dict:
         """``case.close``: close the open case (``NO_CASE`` when none)."""
@@ -168,16 +205,71 @@ class Clinical:
         return case
 
     def cmd_pathology_set(self, args: dict, caller=None) -> dict:
-        """``pathology.set``: record the pathology finding for a capture."""
-        _only(args, {"capture_id", "margin_positive"}, "pathology.set")
-        if "capture_id" not in args or "margin_positive" not in args:
-            raise InvalidArgument("pathology.set needs capture_id (str) and margin_positive (true/false)")
-        return self.store.set_pathology(args["capture_id"], args["margin_positive"])
+        """``pathology.set``: pathology's finding for a capture (``margin_positive`` or v2
+        ``status``, ``blinded``, ``reason`` when it changes an earlier entry)."""
+        _only(args, {"capture_id", "margin_positive", "status", "blinded", "reason"}, "pathology.set")
+        if "capture_id" not in args or ("margin_positive" not in args and "status" not in args):
+            raise InvalidArgument("pathology.set needs capture_id (str) and status (positive, close, negative, "
+                                  "indeterminate) or margin_positive (true/false)")
+        result = self.store.set_pathology(args["capture_id"], args.get("status"),
+                                          margin_positive=args.get("margin_positive"),
+                                          blinded=args.get("blinded"), reason=args.get("reason"),
+                                          by=_who(caller))
+        self._audit("pathology_set", capture_id=result["capture_id"], status=result["status"],
+                    by=_who(caller), reason=result["reason"])
+        return result
+
+    def cmd_margin_set(self, args: dict, caller=None) -> dict:
+        """``margin.set``: the patient's final margin status (every arm)."""
+        _only(args, {"case_id", "status", "reason"}, "margin.set")
+        if "case_id" not in args or "status" not in args:
+            raise InvalidArgument("margin.set needs case_id and status (positive, close, negative, indeterminate)")
+        result = self.store.set_margin(args["case_id"], args["status"], reason=args.get("reason"),
+                                       by=_who(caller))
+        self._audit("margin_set", case_id=result["case_id"], status=result["status"], by=_who(caller))
+        return result
+
+    def cmd_followup_add(self, args: dict, caller=None) -> dict:
+        """``followup.add``: a follow-up visit (``reason`` when it corrects a visit)."""
+        _only(args, {"case_id", "visit_date", "local_recurrence", "reason"}, "followup.add")
+        for key in ("case_id", "visit_date", "local_recurrence"):
+            if key not in args:
+                raise InvalidArgument(f"followup.add: {key} is required")
+        result = self.store.add_followup(args["case_id"], args["visit_date"], args["local_recurrence"],
+                                         reason=args.get("reason"), by=_who(caller))
+        self._audit("followup_added", case_id=result["case_id"], visit_date=result["visit_date"],
+                    by=_who(caller))
+        return result
+
+    def cmd_ae_add(self, args: dict, caller=None) -> dict:
+        """``ae.add``: an adverse event."""
+        _only(args, {"case_id", "term", "grade", "related", "onset"}, "ae.add")
+        for key in ("case_id", "term", "grade", "related", "onset"):
+            if key not in args:
+                raise InvalidArgument(f"ae.add: {key} is required")
+        result = self.store.add_adverse_event(args["case_id"], args["term"], args["grade"], args["related"],
+                                              args["onset"], by=_who(caller))
+        self._audit("ae_added", case_id=result["case_id"], grade=result["grade"], by=_who(caller))
+        return result
+
+    def cmd_case_correct(self, args: dict, caller=None) -> dict:
+        """``case.correct`` (added): correct a case field entered wrongly, with a reason."""
+        _only(args, {"case_id", "field", "value", "reason"}, "case.correct")
+        for key in ("case_id", "field", "value", "reason"):
+            if key not in args:
+                raise InvalidArgument(f"case.correct: {key} is required")
+        result = self.store.correct_case(args["case_id"], args["field"], args["value"], reason=args["reason"],
+                                         by=_who(caller))
+        self._audit("case_corrected", case_id=result["case_id"], field=args["field"], by=_who(caller))
+        return result
 
     def cmd_report(self, args: dict, caller=None) -> dict:
-        """``report``: the diagnostic-accuracy report, optionally for one histology/arm."""
-        _only(args, {"histology", "arm"}, "report")
-        return self.store.report(histology=args.get("histology"), arm=args.get("arm"))
+        """``report``: the study report, optionally for one histology/arm or re-scored at an
+        SBR ``threshold``; an observer's leaves out the comparative outcomes."""
+        _only(args, {"histology", "arm", "threshold"}, "report")
+        comparative = getattr(caller, "role", "operator") == "operator"
+        return self.store.report(histology=args.get("histology"), arm=args.get("arm"),
+                                 threshold=args.get("threshold"), comparative=comparative)
 
     def cmd_backup(self, args: dict, caller=None) -> dict:
         """``backup``: a consistent online copy of the case store (services.study.backup)."""
@@ -191,7 +283,7 @@ class Clinical:
 
     def cmd_capture(self, args: dict, caller=None) -> dict:
         """``capture``: average the next valid results, record their frames, store it."""
-        _only(args, {"site", "label", "pairs"}, "capture")
+        _only(args, {"site", "label", "pairs", "clock_override_reason"}, "capture")
         site = args.get("site")
         if site not in SITES:
             raise InvalidArgument(f"site = {site!r}: allowed {', '.join(SITES)}")
@@ -204,10 +296,13 @@ class Clinical:
         case = self.store.current_case()
         if case is None:
             raise NoCase("no case is open; open one with case.open before capturing")
+        synced, override = self._clock_gate("capture", args)
         self._check_imaging()
         if not self._capture_lock.acquire(blocking=False):
             raise Busy("another capture is running; try again when it has finished")
         try:
+            # read by _capture when it stores the capture (set under the capture lock)
+            self._clock_synced, self._clock_override = synced, override
             return self._capture(case, site, label, pairs)
         finally:
             self._capture_lock.release()
@@ -279,8 +374,9 @@ class Clinical:
             site, label, sbr=summary["sbr"], intensity=summary["intensity"], cnr=summary["cnr"],
             positive=summary["positive"], threshold=summary["threshold"], pairs=len(results), rois=rois,
             settings=settings, files=done["files"], t_ns=_capture_t_ns(results), capture_id=capture_id,
-            calibration_id=self._calibration_id(), clock_synchronised=wall_clock_synchronised(),
-            frames_lost=int(done.get("frames_lost", 0)))
+            calibration_id=self._calibration_id(), clock_synchronised=self._clock_synced,
+            frames_lost=int(done.get("frames_lost", 0)), clock_override_reason=self._clock_override,
+            intensity_floor=_floor(self.cfg, "intensity_floor"), cnr_floor=_floor(self.cfg, "cnr_floor"))
         reply = {"capture_id": capture_id, "sbr": summary["sbr"], "intensity": summary["intensity"],
                  "cnr": summary["cnr"], "positive": summary["positive"], "threshold": summary["threshold"],
                  "files": done["files"], "site": site, "label": label, "pairs": len(results),
@@ -426,6 +522,14 @@ class Clinical:
                         log.error("%s", err)
 
     # ------------------------------------------------------------------ telemetry
+    def _audit(self, kind: str, **detail) -> None:
+        # Study entries are audited but not published: telemetry reaches the surgical
+        # display, which must not show pathology or outcomes.
+        try:
+            self.service.audit.write(kind, **detail)
+        except Exception:
+            log.exception("entry %s not audited", kind)
+
     def _event(self, kind: str, **detail) -> None:
         try:
             self.service.telemetry.publish("event", {"kind": kind, **detail})
@@ -435,6 +539,21 @@ class Clinical:
             self.service.audit.write(kind, **detail)
         except Exception:
             log.exception("event %s not audited", kind)
+
+
+def _who(caller) -> str:
+    """The name of the caller's key (the person, on the device), for the record."""
+    name = getattr(caller, "name", None)
+    return name if isinstance(name, str) and name else "unknown"
+
+
+def _floor(cfg, key: str) -> float | None:
+    """A processing floor (minimum intensity or CNR for a positive call) when configured."""
+    try:
+        value = cfg.processing.as_dict().get(key)
+    except AttributeError:
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _only(args: dict, allowed: set, cmd: str) -> None:

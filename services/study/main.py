@@ -130,6 +130,7 @@ class StudyService:
             self.store_error = f"the case store {self.state_dir / 'study.db'} cannot be used: {err}"
             log.error("%s", self.store_error)
             handlers = {name: self._refuse for name in ("case.open", "case.close", "capture", "pathology.set",
+                                                        "margin.set", "followup.add", "ae.add", "case.correct",
                                                         "report", "backup")}
         self.server = ipc.InternalServer(self.ctx, ipc.endpoint(self.runtime_dir, "study"), handlers,
                                          long_commands=LONG_COMMANDS, clock=self.clock, name="study",
