@@ -32,6 +32,7 @@ def scene_to_dict(s: SceneSnapshot) -> dict:
         "filter_moving": s.filter_moving, "seed": s.seed, "camera_stall": s.camera_stall,
         "white_light": s.white_light, "k_fluo": s.k_fluo,
         "filters": [[k, list(v)] for k, v in sorted(s.filters.items())],
+        "motion_px": s.motion_px,
     }
 
 
@@ -43,6 +44,7 @@ def scene_from_dict(d: dict) -> SceneSnapshot:
         filter_moving=bool(d["filter_moving"]), seed=int(d["seed"]), camera_stall=bool(d["camera_stall"]),
         white_light=bool(d["white_light"]), k_fluo=float(d["k_fluo"]),
         filters={int(k): tuple(v) for k, v in d["filters"]},
+        motion_px=float(d.get("motion_px", 0.0)),
     )
 
 

@@ -108,6 +108,8 @@ class SceneSnapshot:
     white_light: bool
     k_fluo: float
     filters: dict[int, tuple[float, float, float]]
+    # SIM.md motion_px: the scene moves this many pixels from one frame to the next
+    motion_px: float = 0.0
 
 
 Listener = Callable[[str, dict], None]
@@ -141,6 +143,8 @@ class World:
         self.phantom = Phantom.default(self.sensor.width, self.sensor.height)
         self.ambient_e_per_ms = 5.0
         self.illumination: Any = "uniform"
+        self.scene_name = "default"  # SIM.md sim.set scene (sim/scenes.py)
+        self.motion_px = 0.0
         self.laser_leak = 0.0
         self.seed = 12345
         self.k_fluo = float(k_fluo)
@@ -276,6 +280,13 @@ class World:
                     self.faults.update(v)
                 elif k == "seed":
                     self.seed = int(v)
+                elif k == "scene":
+                    from sim.scenes import build
+
+                    self.phantom = Phantom.from_dict(build(v, self.sensor.width, self.sensor.height).phantom)
+                    self.scene_name = v
+                elif k == "motion_px":
+                    self.motion_px = float(v)
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
@@ -299,6 +310,8 @@ class World:
                 "phantom": self.phantom.to_dict(),
                 "fault": dict(self.faults),
                 "seed": self.seed,
+                "scene": self.scene_name,
+                "motion_px": self.motion_px,
                 "laser_output_mw": self._laser_events[-1][1],
                 "filter_position": self.filter_position,
                 "filter_moving": self.filter_moving,
@@ -321,6 +334,7 @@ class World:
                 white_light=self.white_light,
                 k_fluo=self.k_fluo,
                 filters=dict(self.filters),
+                motion_px=self.motion_px,
             )
 
 
