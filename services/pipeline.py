@@ -279,10 +279,10 @@ def call(sbr: float | None, intensity: float | None, cnr: float | None, *, sbr_t
 
 # Shifts searched, pixels each way; a larger motion reads as this (and is flagged).
 MOTION_SEARCH_PX = 12
-# Every this-many rows make the horizontal profile; the vertical one is a stripe this wide
-# through the signal ROI's centre (where motion matters most). Both read a few % of a frame.
-MOTION_ROW_STEP = 16
-MOTION_STRIPE_PX = 32
+# The profiles come from two stripes this wide through the signal ROI's centre (where
+# motion matters most): rows for the horizontal shift, columns for the vertical one. Both
+# together read some 10 % of a frame.
+MOTION_STRIPE_PX = 64
 # A shift counts only when the fit at the best shift beats no shift by this many standard
 # deviations of the fit's own noise (a featureless field has no measurable motion).
 MOTION_SIGNIFICANCE = 8.0
@@ -316,28 +316,34 @@ def _profile_shift(prev: np.ndarray, cur: np.ndarray, search: int) -> float | No
 
 class MotionTracker:
     """Measures the shift of the scene between consecutive laser-on frames from two
-    profiles of the raw on frame: column sums over every :data:`MOTION_ROW_STEP`-th row
-    (horizontal motion) and row sums over a stripe through the signal ROI (vertical). The
-    off frame holds little but ambient light, so motion is measured on to on."""
+    profiles of the raw on frame through the signal ROI's centre: column sums over a band
+    of rows (horizontal motion) and row sums over a band of columns (vertical). The off
+    frame holds little but ambient light, so motion is measured on to on. A featureless
+    field has no measurable motion (and motion there moves nothing the ROIs would see)."""
 
     def __init__(self) -> None:
-        self._prev: tuple | None = None  # (frame_seq, x profile, stripe, y profile)
+        self._prev: tuple | None = None  # (frame_seq, centre, x profile, y profile)
 
     def reset(self) -> None:
         """Forget the previous frame (the next measurement is unknown)."""
         self._prev = None
 
-    def update(self, on: np.ndarray, frame_seq: int | None, stripe: tuple[int, int],
+    def update(self, on: np.ndarray, frame_seq: int | None, centre: tuple[int, int],
                seq_step: int = 2) -> tuple[float, float] | None:
         """``(dx, dy)`` in pixels since the previous laser-on frame, or None when that
-        frame is not the one just before (first pair, a lost pair, a new stripe)."""
-        xp = np.add.reduce(on[::MOTION_ROW_STEP], axis=0, dtype=np.float32)
-        yp = np.add.reduce(on[:, stripe[0]:stripe[1]], axis=1, dtype=np.float32)
-        prev, self._prev = self._prev, (frame_seq, xp, stripe, yp)
-        if prev is None or frame_seq is None or prev[0] is None or frame_seq - prev[0] != seq_step:
+        frame is not the one just before (first pair, a lost pair, ROIs moved)."""
+        h, w = on.shape
+        half = MOTION_STRIPE_PX // 2
+        cx, cy = centre
+        y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
+        xp = np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.float32)
+        yp = np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.float32)
+        prev, self._prev = self._prev, (frame_seq, centre, xp, yp)
+        if (prev is None or frame_seq is None or prev[0] is None or frame_seq - prev[0] != seq_step
+                or prev[1] != centre):
             return None
-        dx = _profile_shift(prev[1], xp, MOTION_SEARCH_PX)
-        dy = _profile_shift(prev[3], yp, MOTION_SEARCH_PX) if prev[2] == stripe else None
+        dx = _profile_shift(prev[2], xp, MOTION_SEARCH_PX)
+        dy = _profile_shift(prev[3], yp, MOTION_SEARCH_PX)
         if dx is None and dy is None:
             return None
         return (dx or 0.0, dy or 0.0)
@@ -615,9 +621,7 @@ class PairProcessor:
         if meta_on.get("cut"):
             flags.append("on_frame_cut")
         roi_s, roi_b = self._signal.roi, self._background.roi
-        cx = roi_s.x + roi_s.w // 2
-        stripe = (max(0, cx - MOTION_STRIPE_PX // 2), min(self.width, cx + MOTION_STRIPE_PX // 2))
-        shift = self.motion.update(on, meta_on.get("frame_seq"), stripe)
+        shift = self.motion.update(on, meta_on.get("frame_seq"), (roi_s.x + roi_s.w // 2, roi_s.y + roi_s.h // 2))
         motion_px = None if shift is None else math.hypot(*shift)
         if motion_px is not None and motion_px > self.motion_limit_px:
             flags.append("motion")

@@ -286,7 +286,9 @@ class RoiFinder:
         threshold = tissue_level + 0.5 * (peak - tissue_level)
         bright = smooth > threshold
 
-        bx, by, side = _largest_square(bright, smooth)
+        # a clear contrast gives a clean mask: the square must lie wholly inside it; at low
+        # contrast a few noise holes are tolerated
+        bx, by, side = _largest_square(bright, smooth, tolerance=0.0 if r == SMOOTH_RADII[0] else HOLE_TOLERANCE)
         refined = False
         side_px = side * f
         # refined only where the contrast is clear at the first smoothing (refining noise
