@@ -227,3 +227,66 @@ def test_the_open_filter_is_flagged(client):
         assert all(not r["valid"] and not r["positive"] for r in got)
     finally:
         client.call("filter.move", {"name": "icg_emission"}, timeout_s=15)
+
+
+# --- the calibration gate (PRODUCT.md section 7: device profile) ------------------------
+
+
+def test_a_capture_needs_flat_field_and_todays_qc_or_a_recorded_override(tmp_path):
+    """The gate the device profile always has, switched on here in the sim profile."""
+    from services.casestore import CaseStore
+
+    c = start_cart(tmp_path, width=W, height=H, extra="[processing]\ncapture_requires_calibration = true\n")
+    try:
+        cl = connect(c)
+        cl.call("arm")
+        assert cl.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=15), "never ARMED"
+        cl.call("laser.on", {"power_mw": LASER_MW})
+        cl.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
+        injected = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat(timespec="seconds")
+        cl.call("case.open", {"case_id": "GATE-1", "histology": "DFSP", "arm": "icg_25mg", "injection_time": injected})
+        refused = capture(cl, "uncalibrated")
+        assert isinstance(refused, CartError) and refused.code == "WRONG_STATE", refused
+        assert "flat field" in refused.message and "QC" in refused.message and "override_reason" in refused.message
+        with pytest.raises(CartError, match="override_reason"):
+            cl.call("capture", {"site": "tumor_bed", "pairs": PAIRS, "override_reason": "  "})
+        over = cl.call("capture", {"site": "tumor_bed", "label": "overridden", "pairs": PAIRS,
+                                   "override_reason": "QC target cracked; surgeon accepts"}, timeout_s=60)
+        assert over["override"]["reason"] == "QC target cracked; surgeon accepts"
+        stored = CaseStore(c.state_dir / "study.db").get_capture(over["capture_id"])
+        settings = stored["settings"]
+        assert settings["override"]["reason"] == "QC target cracked; surgeon accepts"
+        assert any("flat field" in p for p in settings["override"]["problems"])
+        # calibrated, baseline and a passed QC today: no override needed, none stored
+        calibrate_flat(cl, "uniform")
+        cl.call("qc.baseline", {"results": 4}, timeout_s=60)
+        assert cl.call("qc.run", {"results": 4}, timeout_s=60)["passed"] is True
+        sim_set(cl, {"scene": "residual_focus"})
+        fine = cl.call("capture", {"site": "tumor_bed", "label": "calibrated", "pairs": PAIRS}, timeout_s=60)
+        assert fine["override"] is None and fine["positive"] is True
+        assert "override" not in CaseStore(c.state_dir / "study.db").get_capture(fine["capture_id"])["settings"]
+        cl.close()
+    finally:
+        c.stop()
+
+
+def test_the_device_profile_always_gates_captures():
+    """Unit level: the device profile's gate cannot be switched off by the key."""
+    from types import SimpleNamespace
+
+    from hal.errors import WrongState
+    from services.clinical import Clinical
+
+    gate = Clinical._calibration_gate
+    calibration = SimpleNamespace(capture_problems=lambda: ["no QC check today"])
+    for profile, key, refused in (("device", False, True), ("device", True, True), ("sim", False, False),
+                                  ("sim", True, True)):
+        fake = SimpleNamespace(cfg=SimpleNamespace(profile=profile,
+                                                   processing=SimpleNamespace(capture_requires_calibration=key)),
+                               service=SimpleNamespace(calibration=calibration))
+        if refused:
+            with pytest.raises(WrongState, match="no QC check today"):
+                gate(fake, None, None)
+            assert gate(fake, "target lost", SimpleNamespace(name="op"))["problems"] == ["no QC check today"]
+        else:
+            assert gate(fake, None, None) is None
