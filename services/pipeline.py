@@ -295,12 +295,19 @@ def _profile_shift(prev: np.ndarray, cur: np.ndarray, search: int) -> float | No
     n = prev.size - 2 * search
     if n < 16 or cur.size != prev.size:
         return None
-    a = cur[search:search + n] - cur[search:search + n].mean()
-    err = np.empty(2 * search + 1)
-    for i, s in enumerate(range(-search, search + 1)):
-        b = prev[search - s:search - s + n]
-        d = a - (b - b.mean())
-        err[i] = float(np.dot(d, d)) / n
+    prev = prev.astype(np.float64)
+    a = cur[search:search + n].astype(np.float64)
+    a -= a.mean()
+    # The mean squared difference between a and each window k of prev (prev[k:k+n], both
+    # zero-mean), from running sums and one correlation: sum(a^2) + sum((b - m)^2) - 2 a.b.
+    # Window k aligns with cur for the shift search - k.
+    c1 = np.concatenate(([0.0], np.cumsum(prev)))
+    c2 = np.concatenate(([0.0], np.cumsum(prev * prev)))
+    s1 = c1[n:] - c1[:-n]
+    s2 = c2[n:] - c2[:-n]
+    cross = np.correlate(prev, a, mode="valid")
+    err = ((float(np.dot(a, a)) + s2 - s1 * s1 / n - 2.0 * cross) / n)[::-1]  # index i: shift i - search
+    err = np.maximum(err, 0.0)
     j = int(np.argmin(err))
     e_min, e_zero = err[j], err[search]
     # Under no motion both are noise: e ~ 2 var with a spread of about e * sqrt(2 / n).
@@ -337,7 +344,7 @@ class MotionTracker:
         cx, cy = centre
         y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
         xp = np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.float32)
-        yp = np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.float32)
+        yp = np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32)  # faster than float here
         prev, self._prev = self._prev, (frame_seq, centre, xp, yp)
         if (prev is None or frame_seq is None or prev[0] is None or frame_seq - prev[0] != seq_step
                 or prev[1] != centre):
