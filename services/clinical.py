@@ -389,8 +389,9 @@ class Clinical:
                     for flag in r.get("flags") or ["not_valid"]:
                         reasons[flag] = reasons.get(flag, 0) + 1
                     if not_valid >= give_up:
-                        raise WrongState(f"capture refused: {not_valid} result(s) not valid"
-                                         f"{_reasons_text(reasons)}, {len(got)} valid of {pairs} needed")
+                        # the same refusal as the timeout (clients know it), sooner and with reasons
+                        raise DeviceTimeout("capture", f"only {len(got)} of {pairs} valid result(s): {not_valid} "
+                                                       f"not valid{_reasons_text(reasons)}; capture refused")
                     continue
                 got.append(r)
                 if len(got) == pairs:
