@@ -349,6 +349,7 @@ class Clinical:
         self._event("capture", case_id=case_id, capture_id=capture_id, site=site, label=label,
                     sbr=summary["sbr"], positive=summary["positive"], threshold=summary["threshold"],
                     files=len(done["files"]), frames_lost=stored["frames_lost"],
+                    override=None if override is None else override["reason"],
                     warnings=[w.get("kind") for w in stored.get("warnings", [])])
         return reply
 
@@ -380,9 +381,10 @@ class Clinical:
                     ours = seq in c.forwarded or (c.first_seq is not None and seq > c.first_seq)
                 if not ours:
                     continue
-                if r.get("roi_mode") == "auto" and not (isinstance(r.get("roi_found_ns"), int)
-                                                        and r["roi_found_ns"] >= c.t_request_ns):
-                    continue  # ROIs found before the request: the scene may have changed since
+                if "roi_pending" in (r.get("flags") or []) or (
+                        r.get("roi_mode") == "auto" and not (isinstance(r.get("roi_found_ns"), int)
+                                                             and r["roi_found_ns"] >= c.t_request_ns)):
+                    continue  # no ROIs yet, or found before the request: the scene may have changed since
                 seen.add(seq)
                 if not r.get("valid"):
                     not_valid += 1
