@@ -79,6 +79,7 @@ class ProcessingService:
         self._search_after_ns = 0  # a capture's request: search on a pair captured after it
         self._next_auto_roi = 0.0
         self._found: _Found | None = None
+        self._search_epoch = 0  # bumped when found ROIs go stale (new frame size, auto re-entered)
         self._finder = None
         self._search_thread: threading.Thread | None = None
         self.search_times_s: list[float] = []  # the last searches' durations (bench)
@@ -129,13 +130,15 @@ class ProcessingService:
                     self._search_cond.wait(0.2)
                 job, self._search_pair = self._search_pair, None
             if job is not None:
+                epoch, job = job[0], job[1:]
                 try:
                     found = self._search(*job)
                 except Exception:  # a bad frame must not end the search thread
                     log.exception("automatic ROI search failed")
                     continue
                 with self._search_cond:
-                    self._found = found
+                    if epoch == self._search_epoch:  # else: found on a view that no longer applies
+                        self._found = found
 
     def _search(self, on, off, seq, t_capture_ns, flat, shape, request_ns) -> _Found:
         """One automatic search (in whichever thread runs it)."""
@@ -172,6 +175,7 @@ class ProcessingService:
         self._auto_rois = None
         with self._search_cond:
             self._found = None  # found on frames of the old size
+            self._search_epoch += 1
             self._search_due = True
 
     def handle(self, frames) -> dict:
@@ -237,6 +241,7 @@ class ProcessingService:
             self._roi_tag = {}
             with self._search_cond:
                 self._found = None
+                self._search_epoch += 1
                 self._search_due = True
         after = header.get("roi_refresh_after_ns")
         with self._search_cond:
@@ -251,7 +256,7 @@ class ProcessingService:
                 self._next_auto_roi = now + AUTO_ROI_REFRESH_S
                 job = (on, off, seq, t_capture_ns, self.proc.flat_field, (height, width), self._search_after_ns)
                 if self._search_thread is not None:
-                    self._search_pair = job
+                    self._search_pair = (self._search_epoch, *job)
                     self._search_cond.notify_all()
                     job = None
         if job is not None:  # no search thread: search inline
