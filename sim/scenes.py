@@ -163,11 +163,13 @@ def no_icg(width: int, height: int) -> Scene:
 
 
 def drape(width: int, height: int) -> Scene:
-    """Part of the field (the left ~40 %) covered by a non-fluorescent drape (0 nM, no
+    """Part of the field (the left ~38 %) covered by a non-fluorescent drape (0 nM, no
     autofluorescence), the rest a clean bed (50 nM with +-2 nM texture). Truth: signal
     and background ROIs on tissue: SBR 1.04 at most (a negative); a background ROI on
     the drape has no fluorescence, so the SBR is undefined (the result is not valid)."""
-    big = 4.0 * width
+    # a disk so large its edge is nearly straight across the field (centre and radius kept
+    # within what sim.set accepts for a phantom, so the scene can be sent as one)
+    big = 1.4 * width
     cover = Shape(0.40 * width - big, 0.5 * height, big)
     inclusions = [d for d in _texture(width, height, BACKGROUND_NM)]
     inclusions.append(_disk(cover.x, cover.y, cover.outer, 0.0))

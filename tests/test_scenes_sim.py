@@ -65,7 +65,7 @@ def test_each_scene_states_its_own_truth(name):
         centre = conc[int(sc.uptake[0].y), int(sc.uptake[0].x)]
         assert centre < tissue.mean()  # a dark centre
     if name == "drape":
-        assert (conc == 0).mean() == pytest.approx(0.40, abs=0.03)
+        assert (conc == 0).mean() == pytest.approx(0.38, abs=0.03)
     if name == "no_icg":
         # the brightest reading in counts/s/mW at the sensor's defaults: ~1.8 (SIM.md physics)
         cps_per_mw = conc.max() * 1e3 * 0.9 * DEFAULT_K_FLUO * SENSOR.adu_per_e
