@@ -5,15 +5,16 @@ scene without focal uptake gets its signal ROI on the brightest tissue (a clean 
 then reads SBR near 1, a negative), so true negatives are measured, not dropped.
 
 1. A coarse image: D = on - off sampled at the centre of every ``block_px`` square block
-   (one read of 1/block_px**2 of the pixels), divided by the flat field sampled at the
-   same points, so an unevenly lit field is judged on corrected values.
-2. A box smoothing of ``2r + 1`` blocks, ``r`` the smallest of 1, 2, 4 that puts the
-   contrast (peak minus tissue level) at least :data:`CONTRAST_SIGMAS` smoothed noise
-   sigmas above zero (the noise is estimated robustly from neighbouring blocks).
-3. Levels: the tissue level ``B`` is the median of the smoothed image over tissue, the
-   peak ``P`` its maximum; the uptake mask holds the blocks above half way between them
-   (half maximum). Holes are kept: for rim uptake the mask is the annulus itself, not the
-   disk it encloses.
+   (one pixel in ``block_px**2``; :func:`default_block_px`), divided by the flat field
+   sampled at the same points, so an unevenly lit field is judged on corrected values;
+   with a flat field, blocks lit below :data:`MIN_EXCITATION` are left out.
+2. Levels: the tissue level ``B`` is the median of the coarse image over tissue (a drape
+   is not tissue), the noise a robust estimate from neighbouring blocks.
+3. A box smoothing of ``2r + 1`` blocks, ``r`` the smallest of 1, 2, 4 that puts the peak
+   ``P`` (the smoothed maximum) at least :data:`CONTRAST_SIGMAS` smoothed noise sigmas
+   above ``B``. The uptake mask holds the blocks above half way from ``B`` to ``P`` (half
+   maximum). Holes are kept: for rim uptake the mask is the annulus itself, not the disk
+   it encloses.
 4. Signal ROI: the largest square that lies inside the mask (a summed-area table per
    candidate size, binary search over the size), where several fit the brightest. It is
    shrunk by one block each side; squares of at most :data:`REFINE_MAX_PX` pixels are
