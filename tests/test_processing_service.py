@@ -104,8 +104,17 @@ def test_a_capture_request_makes_the_search_use_a_later_pair(service, monkeypatc
 
 
 def test_the_search_thread_hands_rois_to_the_pair_path(service):
+    import threading
     import time
 
+    threads = []
+    search = service._search
+
+    def recording(*job):
+        threads.append(threading.current_thread().name)
+        return search(*job)
+
+    service._search = recording
     service.start_search_thread()
     try:
         deadline = time.monotonic() + 20.0
@@ -120,6 +129,7 @@ def test_the_search_thread_hands_rois_to_the_pair_path(service):
             time.sleep(0.01)
         assert r["valid"] and r["sbr"] == pytest.approx(4.0, rel=0.05)
         assert r["roi_search_ms"] is not None and r["roi_search_ms"] > 0
+        assert threads and set(threads) == {"roi-search"}  # never on the per-pair path
     finally:
         service.stop_event.set()
         service._search_thread.join(timeout=5)
