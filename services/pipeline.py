@@ -288,24 +288,35 @@ MOTION_STRIPE_PX = 64
 MOTION_SIGNIFICANCE = 8.0
 
 
-def _profile_shift(prev: np.ndarray, cur: np.ndarray, search: int) -> float | None:
+class _Profile:
+    """A 1-D profile with what comparing it as the previous one needs: float64 values and
+    running sums of them and of their squares (computed once, used when it is "previous")."""
+
+    __slots__ = ("v", "c1", "c2")
+
+    def __init__(self, values: np.ndarray):
+        self.v = values.astype(np.float64)
+        self.c1 = np.concatenate(([0.0], np.cumsum(self.v)))
+        self.c2 = np.concatenate(([0.0], np.cumsum(self.v * self.v)))
+
+
+def _profile_shift(prev, cur, search: int) -> float | None:
     """The shift (pixels, positive: ``cur`` is ``prev`` moved to higher indices) that best
-    aligns two 1-D profiles, to a fraction of a pixel; 0.0 when no shift fits
-    significantly better than none; None when the profiles are too short."""
-    n = prev.size - 2 * search
-    if n < 16 or cur.size != prev.size:
+    aligns two 1-D profiles (arrays or :class:`_Profile`), to a fraction of a pixel; 0.0
+    when no shift fits significantly better than none; None when the profiles are too
+    short."""
+    prev = prev if isinstance(prev, _Profile) else _Profile(prev)
+    cur_v = cur.v if isinstance(cur, _Profile) else np.asarray(cur, dtype=np.float64)
+    n = prev.v.size - 2 * search
+    if n < 16 or cur_v.size != prev.v.size:
         return None
-    prev = prev.astype(np.float64)
-    a = cur[search:search + n].astype(np.float64)
-    a -= a.mean()
+    a = cur_v[search:search + n] - cur_v[search:search + n].mean()
     # The mean squared difference between a and each window k of prev (prev[k:k+n], both
     # zero-mean), from running sums and one correlation: sum(a^2) + sum((b - m)^2) - 2 a.b.
     # Window k aligns with cur for the shift search - k.
-    c1 = np.concatenate(([0.0], np.cumsum(prev)))
-    c2 = np.concatenate(([0.0], np.cumsum(prev * prev)))
-    s1 = c1[n:] - c1[:-n]
-    s2 = c2[n:] - c2[:-n]
-    cross = np.correlate(prev, a, mode="valid")
+    s1 = prev.c1[n:] - prev.c1[:-n]
+    s2 = prev.c2[n:] - prev.c2[:-n]
+    cross = np.correlate(prev.v, a, mode="valid")
     err = ((float(np.dot(a, a)) + s2 - s1 * s1 / n - 2.0 * cross) / n)[::-1]  # index i: shift i - search
     err = np.maximum(err, 0.0)
     j = int(np.argmin(err))
@@ -343,8 +354,8 @@ class MotionTracker:
         half = MOTION_STRIPE_PX // 2
         cx, cy = centre
         y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
-        xp = np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.float32)
-        yp = np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32)  # faster than float here
+        xp = _Profile(np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.uint32))
+        yp = _Profile(np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32))
         prev, self._prev = self._prev, (frame_seq, centre, xp, yp)
         if (prev is None or frame_seq is None or prev[0] is None or frame_seq - prev[0] != seq_step
                 or prev[1] != centre):
