@@ -152,3 +152,30 @@ def test_rois_by_command_win_and_auto_comes_back(service):
     assert r["roi"] == boxes
     r = handle(service, scene(), 2, roi="auto", roi_version=3)
     assert r["roi"] != boxes and r["valid"]
+
+
+@pytest.mark.parametrize("frame,key,flag", [("off", "lit", "off_frame_lit"), ("off", "cut", "off_frame_lit"),
+                                            ("on", "cut", "on_frame_cut")])
+def test_the_gating_record_in_the_pair_header_invalidates(service, frame, key, flag):
+    """The MCU's record of a frame (``lit``; ``cut`` for a frame the laser was cut during)
+    travels in the pair header's frame metadata; the service flags it."""
+    on, off = frames(scene(), 0)
+    meta = lambda lit: {"seq": 0, "mcu_frame": 0, "lit": lit, "t_start_ns": 0, "t_end_ns": 1,  # noqa: E731
+                        "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                        "filter_position": 1, "bits": 10, "black_level": 16, "width": W, "height": H}
+    header = {"frame_seq": 0, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": "auto",
+              "roi_version": 1, "calibration_id": "c", "flat_field": None}
+    header[frame][key] = True
+    r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
+    assert flag in r["flags"] and r["valid"] is False and r["positive"] is False
+
+
+def test_the_open_filter_in_the_pair_header_invalidates(service):
+    on, off = frames(scene(), 0)
+    meta = lambda lit: {"seq": 0, "mcu_frame": 0, "lit": lit, "t_start_ns": 0, "t_end_ns": 1,  # noqa: E731
+                        "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                        "filter_position": 2, "bits": 10, "black_level": 16, "width": W, "height": H}
+    header = {"frame_seq": 0, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": "auto",
+              "roi_version": 1, "calibration_id": "c", "flat_field": None}
+    r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
+    assert r["flags"] == ["filter_not_emission"]
