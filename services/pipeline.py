@@ -332,12 +332,21 @@ def _profile_shift(prev, cur, search: int) -> float | None:
     return shift
 
 
+# A pair lost in between is bridged: the shift over that many frame numbers is divided
+# down to one laser-on interval. Beyond this gap the motion is unknown.
+MOTION_MAX_GAP = 8
+
+
 class MotionTracker:
     """Measures the shift of the scene between consecutive laser-on frames from two
     profiles of the raw on frame through the signal ROI's centre: column sums over a band
     of rows (horizontal motion) and row sums over a band of columns (vertical). The off
     frame holds little but ambient light, so motion is measured on to on. A featureless
-    field has no measurable motion (and motion there moves nothing the ROIs would see)."""
+    field has no measurable motion (and motion there moves nothing the ROIs would see).
+
+    When the ROIs move, the new frame is also read at the old centre, so the shift is
+    still measured; a lost pair or two are bridged (the shift divided by the laser-on
+    intervals spanned). Only the first pair, or one after a long gap, has no measurement."""
 
     def __init__(self) -> None:
         self._prev: tuple | None = None  # (frame_seq, centre, x profile, y profile)
@@ -346,25 +355,35 @@ class MotionTracker:
         """Forget the previous frame (the next measurement is unknown)."""
         self._prev = None
 
-    def update(self, on: np.ndarray, frame_seq: int | None, centre: tuple[int, int],
-               seq_step: int = 2) -> tuple[float, float] | None:
-        """``(dx, dy)`` in pixels since the previous laser-on frame, or None when that
-        frame is not the one just before (first pair, a lost pair, ROIs moved)."""
+    @staticmethod
+    def _profiles(on: np.ndarray, centre: tuple[int, int]) -> tuple[_Profile, _Profile]:
         h, w = on.shape
         half = MOTION_STRIPE_PX // 2
         cx, cy = centre
         y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
-        xp = _Profile(np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.uint32))
-        yp = _Profile(np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32))
+        return (_Profile(np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.uint32)),
+                _Profile(np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32)))
+
+    def update(self, on: np.ndarray, frame_seq: int | None, centre: tuple[int, int],
+               seq_step: int = 2) -> tuple[float, float] | None:
+        """``(dx, dy)`` in pixels per laser-on interval since the previous laser-on frame
+        seen, or None when there is none to compare with (the first pair, a gap of more
+        than :data:`MOTION_MAX_GAP` frame numbers, frame numbers out of order)."""
+        xp, yp = self._profiles(on, centre)
         prev, self._prev = self._prev, (frame_seq, centre, xp, yp)
-        if (prev is None or frame_seq is None or prev[0] is None or frame_seq - prev[0] != seq_step
-                or prev[1] != centre):
+        if prev is None or frame_seq is None or prev[0] is None:
             return None
+        gap = frame_seq - prev[0]
+        if gap <= 0 or gap % seq_step or gap > MOTION_MAX_GAP:
+            return None
+        if prev[1] != centre:  # the ROIs moved: compare where the previous profiles were taken
+            xp, yp = self._profiles(on, prev[1])
         dx = _profile_shift(prev[2], xp, MOTION_SEARCH_PX)
         dy = _profile_shift(prev[3], yp, MOTION_SEARCH_PX)
         if dx is None and dy is None:
             return None
-        return (dx or 0.0, dy or 0.0)
+        intervals = gap // seq_step
+        return ((dx or 0.0) / intervals, (dy or 0.0) / intervals)
 
 
 # --- the processor -----------------------------------------------------------------------

@@ -219,18 +219,25 @@ def test_motion_is_measured_on_to_on_and_flagged_above_1_px(name):
         assert abs(r["motion_shift"][1]) <= 0.5
 
 
-def test_a_lost_pair_leaves_the_motion_unknown_not_flagged():
+def test_a_lost_pair_is_bridged_and_moved_rois_still_see_the_motion():
     proc = PairProcessor(W, H, 10)
     world = world_for(scene="residual_focus", motion_px=2.0)
     renderer = FrameRenderer(SENSOR, seed=4)
     snap = world.scene()
-    proc.set_rois(Roi(10, 10, 50, 50), Roi(100, 100, 50, 50))
-    seqs = [0, 2, 6]  # pair 4 never arrived
+    focus = scenes.build("residual_focus", W, H).findings[0]
+    near = (Roi(int(focus.x) - 10, int(focus.y) - 10, 20, 20), Roi(100, 100, 50, 50))
+    moved = (Roi(int(focus.x) - 8, int(focus.y) - 12, 20, 20), Roi(100, 100, 50, 50))
     out = []
-    for seq in seqs:
+    for seq in (0, 2, 6, 8, 20):  # pair 4 never arrived; after 8 a long gap
         on, off = renderer.render(snap, LASER_MW, EXPOSURE_US, 1.0), renderer.render(snap, 0.0, EXPOSURE_US, 1.0)
+        if seq == 2:  # pair 4 was rendered but lost: the scene moved on regardless
+            renderer.render(snap, LASER_MW, EXPOSURE_US, 1.0), renderer.render(snap, 0.0, EXPOSURE_US, 1.0)
+        proc.set_rois(*(moved if seq == 8 else near))
         out.append(proc.process(on, off, meta(seq, LASER_MW), meta(seq, 0.0)))
-    assert out[1]["motion_px"] is not None and out[2]["motion_px"] is None
+    assert out[0]["motion_px"] is None
+    for r in out[1:4]:  # consecutive, bridged over the lost pair, and with the ROIs moved
+        assert r["motion_shift"][0] == pytest.approx(4.0, abs=0.5) and "motion" in r["flags"]
+    assert out[4]["motion_px"] is None  # too long a gap to say
 
 
 @pytest.mark.parametrize("where,flag", [("off_lit", "off_frame_lit"), ("off_cut", "off_frame_lit"),
