@@ -281,8 +281,8 @@ def call(sbr: float | None, intensity: float | None, cnr: float | None, *, sbr_t
 MOTION_SEARCH_PX = 12
 # The profiles come from two stripes this wide through the signal ROI's centre (where
 # motion matters most): rows for the horizontal shift, columns for the vertical one. Both
-# together read some 10 % of a frame.
-MOTION_STRIPE_PX = 64
+# together read some 7 % of a frame.
+MOTION_STRIPE_PX = 48
 # A shift counts only when the fit at the best shift beats no shift by this many standard
 # deviations of the fit's own noise (a featureless field has no measurable motion).
 MOTION_SIGNIFICANCE = 8.0
@@ -296,8 +296,13 @@ class _Profile:
 
     def __init__(self, values: np.ndarray):
         self.v = values.astype(np.float64)
-        self.c1 = np.concatenate(([0.0], np.cumsum(self.v)))
-        self.c2 = np.concatenate(([0.0], np.cumsum(self.v * self.v)))
+        n = self.v.size
+        self.c1 = np.empty(n + 1)
+        self.c1[0] = 0.0
+        np.cumsum(self.v, out=self.c1[1:])
+        self.c2 = np.empty(n + 1)
+        self.c2[0] = 0.0
+        np.cumsum(np.square(self.v), out=self.c2[1:])
 
 
 def _profile_shift(prev, cur, search: int) -> float | None:
