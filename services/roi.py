@@ -17,7 +17,8 @@ then reads SBR near 1, a negative), so true negatives are measured, not dropped.
    it encloses.
 4. Signal ROI: the largest square that lies inside the mask (a summed-area table per
    candidate size, binary search over the size), where several fit the brightest. It is
-   shrunk by one block each side; squares of at most :data:`REFINE_MAX_PX` pixels are
+   shrunk by one block each side (and to at most :data:`MAX_ROI_PX` a side, about its
+   centre); squares of at most :data:`REFINE_MAX_PX` pixels are
    refined at full resolution in a small window around them (the same half-maximum rule
    on the pixels), so a focus of radius 10 px gets a square inside it.
 5. Background ROI: a square (the signal's size, at least :data:`MIN_BACKGROUND_PX`) on
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 CONTRAST_SIGMAS = 12.0
 SMOOTH_RADII = (1, 2, 4)
 REFINE_MAX_PX = 48
+# The signal square is at most this many pixels a side (centred where it was found): the
+# means of 128 x 128 pixels are already far more precise than the scene is uniform, and
+# every pair reads the ROIs' pixels.
+MAX_ROI_PX = 128
 MIN_BACKGROUND_PX = 24
 TISSUE_FRACTION = 0.25
 # With a flat field, blocks lit at less than this share of the centre's excitation are left
@@ -302,6 +307,10 @@ class RoiFinder:
         if signal is None:
             inset = 1 if side >= 4 else 0
             signal = self._block_square(bx + inset, by + inset, side - 2 * inset)
+        if max(signal.w, signal.h) > MAX_ROI_PX:
+            cx, cy = signal.x + signal.w // 2, signal.y + signal.h // 2
+            w, h = min(signal.w, MAX_ROI_PX), min(signal.h, MAX_ROI_PX)
+            signal = Roi(cx - w // 2, cy - h // 2, w, h)
 
         background = self._background(smooth, tissue, tissue_level, peak, signal)
         search = RoiSearch(signal, background, f, r, tissue_level, peak, sigma, refined,
