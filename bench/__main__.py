@@ -4,7 +4,7 @@
    alternately (:mod:`bench.pipeline_bench`);
 2. P2: the simulated camera's render time per frame (:mod:`bench.render_bench`);
 3. P3: the whole simulated cart at 1456x1088 and 60 fps, end to end through the bus
-   (:mod:`bench.e2e`);
+   (:mod:`bench.e2e`), with ROIs by command and again in automatic-ROI mode;
 4. P4: interlock to FAULT, frozen controller to output off, killed controller leaves the
    output off, on the same cart while it streams (:mod:`bench.safety_latency`).
 
@@ -43,6 +43,10 @@ def bench_p1(quick: bool) -> list[Row]:
         ("P1 fused np.subtract pass (median)", f"{r['fused_s'] * 1e3:.2f} ms", "", None),
         ("P1 pipeline / fused pass", f"{r['ratio']:.2f}", f"<= {pipeline_bench.P1_TARGET:.1f}",
          r["ratio"] <= pipeline_bench.P1_TARGET),
+        ("P1 v2 pipeline / (on.max() + off.max())", f"{r['ratio_v2']:.2f}", f"<= {pipeline_bench.P1_V2_TARGET:.1f}",
+         r["ratio_v2"] <= pipeline_bench.P1_V2_TARGET),
+        ("automatic ROI search per call (median, off the pair path)", f"{r['search_s'] * 1e3:.2f} ms",
+         f"<= {pipeline_bench.SEARCH_TARGET_MS:.0f} ms", r["search_s"] * 1e3 <= pipeline_bench.SEARCH_TARGET_MS),
     ]
 
 
@@ -74,6 +78,13 @@ def bench_cart(quick: bool, seconds: float | None) -> tuple[list[Row], list[str]
         notes.append(f"P3 latency by stage (p50, p99 ms): {summary['stages_p50_p99_ms']}")
         if s.faults:
             notes.append(f"P3 faults while streaming: {s.faults}")
+        # P3 holds in automatic-ROI mode too (PRODUCT.md P5, section 7 v2)
+        _say(f"P3 in automatic-ROI mode: streaming for {stream_s:.0f} s ...")
+        a = e2e.stream(cart, stream_s, roi_mode="auto")
+        rows += e2e.verdicts(a)
+        sa = a.summary()
+        notes.append(f"P3 auto ROI: {sa['roi_searches']} searches, search ms (p50, max) {sa['roi_search_ms_p50_max']}, "
+                     f"{sa['invalid_results']} invalid results, CPU s per process {sa['cpu_s_per_process']}")
         trips, freezes = (3, 2) if quick else (10, 5)
         _say(f"P4: {trips} interlock trips, {freezes} controller freezes, one kill ...")
         p4 = safety_latency.run_on(cart, trips=trips, freezes=freezes, kill=True)

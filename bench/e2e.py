@@ -16,7 +16,12 @@ Figures (PRODUCT.md section 8, P3), over the measured window after a short warm-
   (a frame missing on the camera side: ``status.pairs.incomplete``) are reported apart:
   they never reached processing.
 
-Run alone: ``python -m bench.e2e [--seconds 60]``.
+**v2** P3 holds in automatic-ROI mode too: ``stream(..., roi_mode="auto")`` streams with
+the automatic search on (it runs in its own thread in the processing service, off the
+per-pair path); the results then also give the search's time per call
+(``roi_search_ms``) and how many ROI generations were found.
+
+Run alone: ``python -m bench.e2e [--seconds 60] [--auto-roi]``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ POWER_MW = 50.0
 TARGET_RESULTS_PER_S = 29.0
 TARGET_P50_MS = 20.0
 TARGET_P99_MS = 50.0
+SEARCH_TARGET_MS = 5.0  # PRODUCT.md section 7 v2, per automatic ROI search
 DRAIN_QUIET_S = 1.0  # after the stop, results stop once this long passes without one
 DRAIN_MAX_S = 5.0
 
@@ -79,6 +85,8 @@ class StreamStats:
     processing_received: int = 0  # pairs the processing service took in (its own counter)
     faults: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    roi_mode: str = "fixed"
+    search_ms: dict[int, float] = field(default_factory=dict)  # ROI generation -> search time
 
     @property
     def results_per_s(self) -> float:
@@ -106,6 +114,7 @@ class StreamStats:
         self.faults.extend(other.faults)
         for name, cpu in other.cpu_s.items():
             self.cpu_s[name] = round(self.cpu_s.get(name, 0.0) + cpu, 2)
+        self.search_ms.update(other.search_ms)
 
     def latency_ms(self, q: float) -> float:
         """The q-th percentile (0..100) of the capture-to-result latency, ms."""
@@ -131,6 +140,10 @@ class StreamStats:
             "cpu_s_per_process": dict(self.cpu_s),
             "stages_p50_p99_ms": {name: (round(percentile(sorted(v), 50), 2), round(percentile(sorted(v), 99), 2))
                                   for name, v in self.stage_ms.items() if v},
+            "roi_mode": self.roi_mode,
+            "roi_searches": len(self.search_ms),
+            "roi_search_ms_p50_max": (round(percentile(sorted(self.search_ms.values()), 50), 3),
+                                      round(max(self.search_ms.values()), 3)) if self.search_ms else None,
         }
 
 
@@ -176,23 +189,30 @@ class ResultWatcher:
                     stages["published_to_received"].append((now_ns - t_pub) / 1e6)
                 if not msg.get("valid"):
                     self.stats.invalid += 1
+                gen, ms = msg.get("roi_generation"), msg.get("roi_search_ms")
+                if msg.get("roi_mode") == "auto" and isinstance(gen, int) and isinstance(ms, (int, float)):
+                    self.stats.search_ms[gen] = float(ms)
         elif topic == "event" and msg.get("kind") == "fault":
             self.stats.faults.append(f"{msg.get('code')}: {msg.get('message')}")
         return topic
 
 
 def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: float = POWER_MW,
-           on_tick=None, tick_s: float = 5.0) -> StreamStats:
-    """Stream fluorescence for ``warmup_s + seconds`` and measure. ``on_tick(watcher,
+           on_tick=None, tick_s: float = 5.0, roi_mode: str = "fixed") -> StreamStats:
+    """Stream fluorescence for ``warmup_s + seconds`` and measure; ``roi_mode`` "fixed"
+    (boxes by command) or "auto" (the automatic search). ``on_tick(watcher,
     elapsed_s)``, when given, is called at the start of the measured part and then about
     every ``tick_s`` (the soak samples memory with it); it must return quickly, or the
     receipt times of the results queued meanwhile would be late."""
     client = cart.client()
     client.subscribe("result", "status", "event")
-    stats = StreamStats()
+    stats = StreamStats(roi_mode=roi_mode)
     watcher = ResultWatcher(client, stats)
     to_safe(client)
-    client.call("roi.set", fixed_rois(cart.width, cart.height))
+    if roi_mode == "auto":
+        client.call("roi.set", {"auto": True})
+    else:
+        client.call("roi.set", fixed_rois(cart.width, cart.height))
     arm_and_emit(client, power_mw)
     before = latest_status(client)["pairs"]
     pids = cart.pids()
@@ -235,24 +255,30 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
 
 def verdicts(s: StreamStats) -> list[tuple[str, str, str, bool]]:
     """(figure, measured, target, met) rows for the summary table."""
-    return [
-        ("P3 results/s on the telemetry endpoint", f"{s.results_per_s:.1f}", f">= {TARGET_RESULTS_PER_S:.0f}",
+    mode = " (auto ROI)" if s.roi_mode == "auto" else ""
+    rows = [
+        (f"P3 results/s on the telemetry endpoint{mode}", f"{s.results_per_s:.1f}", f">= {TARGET_RESULTS_PER_S:.0f}",
          s.results_per_s >= TARGET_RESULTS_PER_S),
-        ("P3 capture-to-result latency p50", f"{s.latency_ms(50):.1f} ms", f"< {TARGET_P50_MS:.0f} ms",
+        (f"P3 capture-to-result latency p50{mode}", f"{s.latency_ms(50):.1f} ms", f"< {TARGET_P50_MS:.0f} ms",
          s.latency_ms(50) < TARGET_P50_MS),
-        ("P3 capture-to-result latency p99", f"{s.latency_ms(99):.1f} ms", f"< {TARGET_P99_MS:.0f} ms",
+        (f"P3 capture-to-result latency p99{mode}", f"{s.latency_ms(99):.1f} ms", f"< {TARGET_P99_MS:.0f} ms",
          s.latency_ms(99) < TARGET_P99_MS),
-        ("P3 pairs lost inside processing", f"{s.pairs_lost} of {s.pairs_sent}", "0",
+        (f"P3 pairs lost inside processing{mode}", f"{s.pairs_lost} of {s.pairs_sent}", "0",
          s.pairs_lost == 0 and s.pairs_sent > 0),
     ]
+    if s.roi_mode == "auto" and s.search_ms:
+        p50 = percentile(sorted(s.search_ms.values()), 50)
+        rows.append(("automatic ROI search per call on the cart (p50)", f"{p50:.2f} ms",
+                     f"<= {SEARCH_TARGET_MS:.0f} ms", p50 <= SEARCH_TARGET_MS))
+    return rows
 
 
-def run(seconds: float = 60.0, *, warmup_s: float = 3.0) -> StreamStats:
+def run(seconds: float = 60.0, *, warmup_s: float = 3.0, roi_mode: str = "fixed") -> StreamStats:
     """Start a full-size 60 fps cart, stream for ``seconds`` and stop it."""
     cart = BenchCart(width=WIDTH, height=HEIGHT, fps=FPS, exposure_us=EXPOSURE_US)
     try:
         cart.start()
-        return stream(cart, seconds, warmup_s=warmup_s)
+        return stream(cart, seconds, warmup_s=warmup_s, roi_mode=roi_mode)
     finally:
         cart.stop()
 
@@ -261,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print the P3 figures; exit status 0 (a benchmark reports, the table says PASS/MISS)."""
     parser = argparse.ArgumentParser(description="P3: end to end on the simulated cart")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured time (after warm-up)")
+    parser.add_argument("--auto-roi", action="store_true", help="stream with the automatic ROI search on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    s = run(args.seconds)
+    s = run(args.seconds, roi_mode="auto" if args.auto_roi else "fixed")
     for name, value in s.summary().items():
         print(f"  {name:22s} {value}")
     for name, measured, target, met in verdicts(s):

@@ -129,7 +129,12 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     },
     "processing": {
         "sbr_threshold": _f(2.0, 1.0, 100.0),
-        "saturation_limit": _f(0.01, 0.0, 1.0, "fraction of the signal ROI at full scale"),
+        "saturation_limit": _f(0.0, 0.0, 1.0, "largest fraction of an ROI at full scale in a valid result (0: any saturated pixel invalidates)"),
+        "intensity_floor_cps_mw": _f(50.0, 0.0, 1e6, "a positive call needs at least this intensity, counts/s/mW (no-ICG autofluorescence reads ~2, ICG tumor ~1,190)"),
+        "cnr_floor": _f(3.0, 0.0, 1000.0, "a positive call needs at least this CNR (Rose criterion)"),
+        "motion_limit_px": _f(1.0, 0.0, 100.0, "largest shift between consecutive laser-on frames in a valid result, px"),
+        "background_min_snr": _f(10.0, 0.0, 1e6, "the background mean must be at least this many standard errors of itself"),
+        "capture_requires_calibration": _b(False, "a capture needs a valid flat field and a passed QC of the day (always so in the device profile)"),
         "average_pairs": _i(1, 1, 64),
         "preview_downsample": _i(8, 1, 32),
         "signal_roi": Spec(list, [], doc="[x, y, w, h]; empty: automatic"),

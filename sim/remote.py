@@ -33,6 +33,7 @@ def scene_to_dict(s: SceneSnapshot) -> dict:
         "white_light": s.white_light, "k_fluo": s.k_fluo,
         "filters": [[k, list(v)] for k, v in sorted(s.filters.items())],
         "camera_platform": s.camera_platform,
+        "motion_px": s.motion_px,
     }
 
 
@@ -45,6 +46,7 @@ def scene_from_dict(d: dict) -> SceneSnapshot:
         white_light=bool(d["white_light"]), k_fluo=float(d["k_fluo"]),
         filters={int(k): tuple(v) for k, v in d["filters"]},
         camera_platform=str(d.get("camera_platform", "pi4")),
+        motion_px=float(d.get("motion_px", 0.0)),
     )
 
 

@@ -55,6 +55,13 @@ phantom and illumination content, and the per-pixel offset and noise scale per
 nine in-place integer operations on 16-bit values and three or four float32 passes,
 in cache-sized slices.
 
+Motion (SIM.md ``motion_px``): when the scene's ``motion_px`` is not 0 the rendered field
+moves that many pixels to the right from one rendered frame to the next (so by
+``motion_px`` between a pair's two frames and twice that between consecutive laser-on
+frames), wrapping round at the frame edge; the shift accumulates over frames and is
+rounded to whole pixels. The whole precomputed field moves (the illumination profile
+with the tissue: a test of motion needs only the shift).
+
 Seeding: the generator is seeded from ``(seed, scene.seed)`` the first time and re-seeded
 whenever ``scene.seed`` changes, so a run is reproducible.
 """
@@ -177,6 +184,9 @@ class FrameRenderer:
         self._noise = np.empty(chunk, np.uint16)
         self._scratch = np.empty(chunk, np.uint16)
         self._counts_f = np.empty(chunk, np.float32)
+        self._motion_total = 0.0  # pixels moved so far (SIM.md motion_px)
+        self._moved_offset: np.ndarray | None = None
+        self._moved_scale: np.ndarray | None = None
 
     # -- public -------------------------------------------------------------------------
     def render(
@@ -199,6 +209,9 @@ class FrameRenderer:
                 f"{DEVICE}: out must be a writeable C-contiguous uint16 array of shape "
                 f"{(h, w)}, got {out.dtype} {out.shape}")
         settings = self._settings_for(scene, laser_mw, exposure_us, gain)
+        motion = float(getattr(scene, "motion_px", 0.0) or 0.0)
+        if motion:
+            settings = self._moved(settings, motion)
         bitgen = self._generator(scene)
         flat_out = out.reshape(-1)
         full_scale = float(self.full_scale)
@@ -237,6 +250,24 @@ class FrameRenderer:
         self._check_gain(gain)
         e = self._electrons(scene, float(laser_mw), int(exposure_us))
         return e * (self.sensor.adu_per_e * float(gain)) + self.sensor.black_level
+
+    def _moved(self, settings: _Settings, motion_px: float) -> _Settings:
+        """The per-pixel constants shifted by the motion accumulated up to this frame."""
+        self._motion_total += motion_px
+        h, w = self.sensor.height, self.sensor.width
+        shift = int(round(self._motion_total)) % w
+        if shift == 0:
+            return settings
+        if self._moved_offset is None:
+            self._moved_offset = np.empty(h * w, np.float32)
+        np.copyto(self._moved_offset.reshape(h, w), np.roll(settings.offset.reshape(h, w), shift, axis=1))
+        scale = settings.scale
+        if isinstance(scale, np.ndarray):
+            if self._moved_scale is None:
+                self._moved_scale = np.empty(h * w, np.float32)
+            np.copyto(self._moved_scale.reshape(h, w), np.roll(scale.reshape(h, w), shift, axis=1))
+            scale = self._moved_scale
+        return _Settings(self._moved_offset, scale, settings.needs_clip)
 
     # -- validation ------------------------------------------------------------------------
     @staticmethod

@@ -12,6 +12,7 @@ import math
 from hal.errors import InvalidArgument
 
 MAX_INCLUSIONS = 32
+MAX_MOTION_PX = 50.0  # per frame; more would carry a focus out of a test frame at once
 FAULT_KEYS = ("camera_stall", "serial_corruption", "mcu_overtemp", "wheel_stuck", "photodiode_gain")
 
 
@@ -70,10 +71,19 @@ def validate(args, width: int = 1456, height: int = 1088) -> dict:
             out[key] = v
         elif key == "wheel":
             out[key] = _wheel(v)
+        elif key == "scene":
+            from sim.scenes import NAMES
+
+            if v not in NAMES:
+                raise InvalidArgument(f"sim.set scene: {v!r}, allowed {', '.join(NAMES)}")
+            out[key] = v
+        elif key == "motion_px":
+            out[key] = _num(key, v, 0.0, MAX_MOTION_PX)
         else:
             raise InvalidArgument(
                 f"sim.set: unknown argument {key!r}; known: interlock, key, footswitch, ambient_e_per_ms, "
-                "illumination, laser_leak, phantom, fault, seed, pulse, service_jumper, camera_platform, wheel")
+                "illumination, laser_leak, phantom, fault, seed, pulse, service_jumper, camera_platform, wheel, "
+                "scene, motion_px")
     return out
 
 

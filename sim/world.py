@@ -119,6 +119,8 @@ class SceneSnapshot:
     k_fluo: float
     filters: dict[int, tuple[float, float, float]]
     camera_platform: str = "pi4"  # what the picamera2 stand-in imitates (sim.set)
+    # SIM.md motion_px: the scene moves this many pixels from one frame to the next
+    motion_px: float = 0.0
 
 
 Listener = Callable[[str, dict], None]
@@ -173,6 +175,8 @@ class World:
         self.phantom = Phantom.default(self.sensor.width, self.sensor.height)
         self.ambient_e_per_ms = 5.0
         self.illumination: Any = "uniform"
+        self.scene_name = "default"  # SIM.md sim.set scene (sim/scenes.py)
+        self.motion_px = 0.0
         self.laser_leak = 0.0
         self.seed = 12345
         self.k_fluo = float(k_fluo)
@@ -426,6 +430,13 @@ class World:
                     self.wheel.update(v)
                     if v.get("powerup_garbage"):
                         self.wheel_power_cycles += 1
+                elif k == "scene":
+                    from sim.scenes import build
+
+                    self.phantom = Phantom.from_dict(build(v, self.sensor.width, self.sensor.height).phantom)
+                    self.scene_name = v
+                elif k == "motion_px":
+                    self.motion_px = float(v)
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
@@ -451,6 +462,8 @@ class World:
                 "seed": self.seed,
                 "camera_platform": self.camera_platform,
                 "wheel": dict(self.wheel),
+                "scene": self.scene_name,
+                "motion_px": self.motion_px,
                 "laser_output_mw": self._laser_events[-1][1],
                 "filter_position": self.filter_position,
                 "filter_moving": self.filter_moving,
@@ -475,6 +488,7 @@ class World:
                 k_fluo=self.k_fluo,
                 filters=dict(self.filters),
                 camera_platform=self.camera_platform,
+                motion_px=self.motion_px,
             )
 
 

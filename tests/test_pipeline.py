@@ -336,15 +336,19 @@ def test_saturated_tumour_is_flagged_and_not_valid():
     assert r["frame_saturated_fraction"] == pytest.approx(disk_fraction, rel=0.05)
 
 
-def test_saturation_below_the_limit_stays_valid():
+def test_one_saturated_pixel_invalidates_by_default_and_a_limit_allows_some():
     scene = Scene()
     on, off, m_on, m_off = pair(scene, np.random.default_rng(5))
     on = on.copy()
     rows, cols = SIGNAL.slices()
-    on[rows, cols][:1, :50] = 1023  # 50 of 10000 px: 0.5 %, under the 1 % limit
-    r = processor().process(on, off, m_on, m_off)
-    assert r["saturated_fraction"] == pytest.approx(0.005)
-    assert r["valid"] and "saturated" not in r["flags"]
+    on[rows, cols][0, 0] = 1023  # 1 of 10000 px
+    default = processor().process(on, off, m_on, m_off)
+    assert default["saturated_fraction"] == pytest.approx(1e-4)
+    assert "saturated" in default["flags"] and not default["valid"]
+    on[rows, cols][:1, :50] = 1023  # 50 of 10000 px: 0.5 %
+    lenient = processor(saturation_limit=0.01).process(on, off, m_on, m_off)
+    assert lenient["saturated_fraction"] == pytest.approx(0.005)
+    assert lenient["valid"] and "saturated" not in lenient["flags"]
     strict = processor(saturation_limit=0.001).process(on, off, m_on, m_off)
     assert "saturated" in strict["flags"] and not strict["valid"]
 

@@ -1,6 +1,7 @@
 """The processing service's handling of pairs, in-process (no sockets): ROIs by command or
-found automatically, re-found as the scene changes, and an honest result when nothing
-fluorescent is in view."""
+found automatically, re-found as the scene changes, a measurement (a negative) when nothing
+fluorescent stands out, every result tagged with the ROIs' generation and the time they were
+found, and the search in its own thread."""
 
 from __future__ import annotations
 
@@ -61,12 +62,77 @@ def handle(svc, conc, seq, roi="auto", roi_version=1):
     return svc.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
 
 
-def test_nothing_fluorescent_gives_an_invalid_result_not_an_error(service):
+def test_nothing_fluorescent_gives_a_negative_measurement_not_a_missing_one(service):
     r = handle(service, scene(with_disk=False), 0)
-    assert r["valid"] is False and r["flags"] == ["no_roi"] and r["sbr"] is None
+    assert r["valid"] is True and r["flags"] == [] and r["positive"] is False
+    assert r["sbr"] == pytest.approx(1.0, rel=0.05)
+    assert "sbr" in r["criteria_failed"]
     assert r["t_capture_ns"] == 1
+    assert r["roi_mode"] == "auto" and r["roi_generation"] >= 1 and r["roi_frame_seq"] == 0
     published = [bus_mod.unpack(p[1]) for p in service.sent if p[0] == b"result"]
-    assert published and published[-1]["flags"] == ["no_roi"]
+    assert published and published[-1]["roi_generation"] == r["roi_generation"]
+
+
+def test_each_search_is_a_new_generation_found_after_the_pairs_it_tags(service):
+    import time
+
+    before = time.time_ns()
+    first = handle(service, scene(), 0)
+    second = handle(service, scene(), 2)
+    assert second["roi_generation"] > first["roi_generation"]
+    assert before <= first["roi_found_ns"] <= second["roi_found_ns"] <= time.time_ns()
+    assert second["roi_frame_seq"] == 2
+
+
+def test_a_capture_request_makes_the_search_use_a_later_pair(service, monkeypatch):
+    monkeypatch.setattr(processing_main, "AUTO_ROI_REFRESH_S", 3600.0)  # no periodic search
+    first = handle(service, scene(), 0)
+    same = handle(service, scene(), 2)
+    assert same["roi_generation"] == first["roi_generation"]
+    on, off = frames(scene(), 4)
+    # a capture asked at t = 100 ns: the pair of t_end 5 is older, the one of t_end 7 not
+    for seq, expect_new in ((4, False), (6, True)):
+        meta = lambda lit: {"seq": seq, "mcu_frame": seq, "lit": lit, "t_start_ns": seq, "t_end_ns": seq + 1 if seq == 4 else 200,  # noqa: E731
+                            "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                            "filter_position": 1, "bits": 10, "black_level": 16, "width": W, "height": H}
+        header = {"frame_seq": seq, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": "auto",
+                  "roi_version": 1, "calibration_id": "c", "flat_field": None, "roi_refresh_after_ns": 100}
+        r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
+        assert (r["roi_generation"] > first["roi_generation"]) is expect_new
+        if expect_new:
+            assert r["roi_frame_seq"] == 6
+
+
+def test_the_search_thread_hands_rois_to_the_pair_path(service):
+    import threading
+    import time
+
+    threads = []
+    search = service._search
+
+    def recording(*job):
+        threads.append(threading.current_thread().name)
+        return search(*job)
+
+    service._search = recording
+    service.start_search_thread()
+    try:
+        deadline = time.monotonic() + 20.0
+        r = handle(service, scene(), 0)
+        if r.get("roi_generation") is None:  # the search has not answered yet: no number, and why
+            assert r["flags"] == ["roi_pending"] and r["valid"] is False
+        seq = 2
+        while r.get("roi_generation") is None:
+            assert time.monotonic() < deadline, "the search thread never answered"
+            r = handle(service, scene(), seq)
+            seq += 2
+            time.sleep(0.01)
+        assert r["valid"] and r["sbr"] == pytest.approx(4.0, rel=0.05)
+        assert r["roi_search_ms"] is not None and r["roi_search_ms"] > 0
+        assert threads and set(threads) == {"roi-search"}  # never on the per-pair path
+    finally:
+        service.stop_event.set()
+        service._search_thread.join(timeout=5)
 
 
 def test_automatic_rois_follow_the_scene(service):
@@ -86,3 +152,30 @@ def test_rois_by_command_win_and_auto_comes_back(service):
     assert r["roi"] == boxes
     r = handle(service, scene(), 2, roi="auto", roi_version=3)
     assert r["roi"] != boxes and r["valid"]
+
+
+@pytest.mark.parametrize("frame,key,flag", [("off", "lit", "off_frame_lit"), ("off", "cut", "off_frame_lit"),
+                                            ("on", "cut", "on_frame_cut")])
+def test_the_gating_record_in_the_pair_header_invalidates(service, frame, key, flag):
+    """The MCU's record of a frame (``lit``; ``cut`` for a frame the laser was cut during)
+    travels in the pair header's frame metadata; the service flags it."""
+    on, off = frames(scene(), 0)
+    meta = lambda lit: {"seq": 0, "mcu_frame": 0, "lit": lit, "t_start_ns": 0, "t_end_ns": 1,  # noqa: E731
+                        "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                        "filter_position": 1, "bits": 10, "black_level": 16, "width": W, "height": H}
+    header = {"frame_seq": 0, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": "auto",
+              "roi_version": 1, "calibration_id": "c", "flat_field": None}
+    header[frame][key] = True
+    r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
+    assert flag in r["flags"] and r["valid"] is False and r["positive"] is False
+
+
+def test_the_open_filter_in_the_pair_header_invalidates(service):
+    on, off = frames(scene(), 0)
+    meta = lambda lit: {"seq": 0, "mcu_frame": 0, "lit": lit, "t_start_ns": 0, "t_end_ns": 1,  # noqa: E731
+                        "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                        "filter_position": 2, "bits": 10, "black_level": 16, "width": W, "height": H}
+    header = {"frame_seq": 0, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": "auto",
+              "roi_version": 1, "calibration_id": "c", "flat_field": None}
+    r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
+    assert r["flags"] == ["filter_not_emission"]

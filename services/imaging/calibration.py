@@ -328,6 +328,31 @@ class Calibration:
         with self._lock:
             return self._flat["file"] if self._flat_usable(s) else None
 
+    def capture_problems(self) -> list[str]:
+        """Why a patient capture should not be taken now (PRODUCT.md section 7, v2): no
+        valid flat field for the camera's frame size, no QC check today (the cart's local
+        calendar day), or today's last QC check failed. Empty when all is well."""
+        s = self._camera_settings()
+        problems = []
+        with self._lock:
+            if not self._flat_usable(s):
+                problems.append(f"no valid flat field for {s.width}x{s.height} (run calibrate.flat)")
+            last = self.last_qc
+        if last is None:
+            problems.append("no QC check on record (run qc.run on the reference target)")
+        else:
+            import datetime as _dt
+
+            now = _dt.datetime.fromtimestamp(self.clock.time_ns() / 1e9).date()
+            created = last.get("created_ns")
+            day = _dt.datetime.fromtimestamp(created / 1e9).date() if isinstance(created, int) else None
+            if day != now:
+                problems.append(f"no QC check today (the last, {last.get('id')}, was on {day}); run qc.run")
+            elif not last.get("passed"):
+                problems.append(f"today's last QC check {last.get('id')} failed; do not image patients "
+                                "until a QC check passes")
+        return problems
+
     def on_pair(self, on, off, header: dict | None = None) -> None:
         """The controller calls this for every laser-on/laser-off pair (acquisition thread).
         Costs one attribute read unless a flat-field calibration is collecting."""

@@ -27,8 +27,9 @@ MAX_PAIRS_LISTED = 4096
 
 
 class _Collecting:
-    def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict):
+    def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict, t_request_ns: int = 0):
         self.capture_id, self.case_id, self.folder, self.extra = capture_id, case_id, folder, extra
+        self.t_request_ns = t_request_ns  # automatic ROIs must be found after this (wall clock)
         self.forwarded: list[int] = []
         self.index = 0
         self.first_on_meta: dict | None = None
@@ -58,6 +59,8 @@ class RecordTap:
         if c is None:
             return
         try:
+            # processing searches ROIs afresh on a pair captured after the request
+            header["roi_refresh_after_ns"] = c.t_request_ns
             seq = header["frame_seq"]
             msg = {"capture_id": c.capture_id, "case_id": c.case_id, "folder": c.folder, "index": c.index,
                    "frame_seq": seq, "on": header["on"], "off": header["off"], "extra": c.extra}
@@ -87,10 +90,13 @@ class RecordTap:
         extra = args.get("extra") or {}
         if not isinstance(extra, dict):
             raise InvalidArgument("record.begin: extra must be a map")
+        t_request_ns = args.get("t_request_ns", 0)
+        if not isinstance(t_request_ns, int) or isinstance(t_request_ns, bool) or t_request_ns < 0:
+            raise InvalidArgument("record.begin: t_request_ns must be a non-negative whole number")
         with self._lock:
             if self._collecting is not None:
                 raise Busy(f"capture {self._collecting.capture_id} is being recorded")
-            self._collecting = _Collecting(args["capture_id"], args["case_id"], args["folder"], extra)
+            self._collecting = _Collecting(args["capture_id"], args["case_id"], args["folder"], extra, t_request_ns)
         return {"capture_id": args["capture_id"]}
 
     def _status(self, c: _Collecting) -> dict:

@@ -6,6 +6,16 @@ It subscribes to laser-on/laser-off pairs from the controller (``frames.ipc``: t
 (:mod:`services.processing.pipeline`) and pushes one ``result`` per pair, and a false-colour
 ``preview`` at a modest rate, back to the controller (``results.ipc``), which publishes
 them on the telemetry endpoint.
+
+In automatic-ROI mode the ROI search (:mod:`services.processing.roi`) runs off the per-pair path, in
+its own thread: it takes the newest pair (the frames are shared, not copied), searches,
+and hands back ROIs tagged with a generation number, the time they were found
+(``roi_found_ns``, wall clock) and the pair they were found on. The per-pair path applies
+the newest ROIs at its next pair and tags every result with them, so a capture can take
+only results whose ROIs were found after its request arrived. A search runs every
+``AUTO_ROI_REFRESH_S``, at once when automatic mode is (re)entered, and at once when a
+pair header carries a newer ``roi_refresh_after_ns`` (a capture's request time): that
+search uses a pair captured after it.
 """
 
 from __future__ import annotations
@@ -30,6 +40,21 @@ log = logging.getLogger(__name__)
 AUTO_ROI_REFRESH_S = 1.0
 
 
+class _Found:
+    """One automatic search's outcome, as handed from the search thread to the pair path."""
+
+    __slots__ = ("generation", "signal", "background", "found_ns", "frame_seq", "search_s", "request_ns")
+
+    def __init__(self, generation, signal, background, found_ns, frame_seq, search_s, request_ns):
+        self.generation = generation
+        self.signal = signal
+        self.background = background
+        self.found_ns = found_ns
+        self.frame_seq = frame_seq
+        self.search_s = search_s
+        self.request_ns = request_ns
+
+
 class ProcessingService:
     def __init__(self, cfg, runtime_dir: Path, *, context: zmq.Context | None = None):
         from services.processing.pipeline import PairProcessor
@@ -39,15 +64,25 @@ class ProcessingService:
         self.ctx = context or zmq.Context()
         p = cfg.processing
         cam = cfg.camera
-        self.proc = PairProcessor(cam.width, cam.height, cam.bits, sbr_threshold=p.sbr_threshold,
-                                  saturation_limit=p.saturation_limit, preview_downsample=p.preview_downsample,
-                                  average_pairs=p.average_pairs)
+        self.proc = self._new_processor(cam.width, cam.height, cam.bits)
         self._proc_shape = (cam.height, cam.width, cam.bits)
         self.preview_period_s = 1.0 / cfg.bus.preview_rate_hz
         self._next_preview = 0.0
         self._roi_version = None
-        self._auto_rois = None  # (signal, background) found by the automatic search
+        self._auto_rois = None  # (signal, background) found by the automatic search, applied
+        self._roi_tag: dict = {}  # what every result says about its ROIs
+        self._roi_generation = 0
+        # the automatic search: the newest pair waits in a one-place mailbox for the thread
+        self._search_cond = threading.Condition()
+        self._search_pair: tuple | None = None  # (on, off, seq, t_capture_ns, flat, shape)
+        self._search_due = True  # search at the next chance
+        self._search_after_ns = 0  # a capture's request: search on a pair captured after it
         self._next_auto_roi = 0.0
+        self._found: _Found | None = None
+        self._search_epoch = 0  # bumped when found ROIs go stale (new frame size, auto re-entered)
+        self._finder = None
+        self._search_thread: threading.Thread | None = None
+        self.search_times_s: list[float] = []  # the last searches' durations (bench)
         self.pairs_received = 0
         self.pairs_missing = 0
         self._last_seq: int | None = None
@@ -70,7 +105,57 @@ class ProcessingService:
         self.push.setsockopt(zmq.SNDHWM, 200)
         self.push.connect(f"ipc://{self.runtime_dir / 'results.ipc'}")
 
+    def _new_processor(self, width: int, height: int, bits: int):
+        from services.processing.pipeline import PairProcessor
+
+        p = self.cfg.processing
+        return PairProcessor(width, height, bits, sbr_threshold=p.sbr_threshold,
+                             saturation_limit=p.saturation_limit, preview_downsample=p.preview_downsample,
+                             average_pairs=p.average_pairs, intensity_floor_cps_mw=p.intensity_floor_cps_mw,
+                             cnr_floor=p.cnr_floor, motion_limit_px=p.motion_limit_px,
+                             background_min_snr=p.background_min_snr,
+                             emission_filter=self.cfg.filter_wheel.emission_position)
+
+    def start_search_thread(self) -> None:
+        """Run the automatic ROI search in its own thread (``serve`` does this; without it
+        the search runs inline in :meth:`handle`, as the in-process tests use it)."""
+        if self._search_thread is None:
+            self._search_thread = threading.Thread(target=self._search_loop, name="roi-search", daemon=True)
+            self._search_thread.start()
+
+    def _search_loop(self) -> None:
+        while not self.stop_event.is_set():
+            with self._search_cond:
+                if self._search_pair is None:
+                    self._search_cond.wait(0.2)
+                job, self._search_pair = self._search_pair, None
+            if job is not None:
+                epoch, job = job[0], job[1:]
+                try:
+                    found = self._search(*job)
+                except Exception:  # a bad frame must not end the search thread
+                    log.exception("automatic ROI search failed")
+                    continue
+                with self._search_cond:
+                    if epoch == self._search_epoch:  # else: found on a view that no longer applies
+                        self._found = found
+
+    def _search(self, on, off, seq, t_capture_ns, flat, shape, request_ns) -> _Found:
+        """One automatic search (in whichever thread runs it)."""
+        from services.processing.roi import RoiFinder
+
+        h, w = shape
+        if self._finder is None or (self._finder.height, self._finder.width) != (h, w):
+            self._finder = RoiFinder(w, h)
+        got = self._finder.find((on, off), flat)
+        self.search_times_s = (self.search_times_s + [got.elapsed_s])[-1000:]
+        with self._search_cond:
+            self._roi_generation += 1
+            generation = self._roi_generation
+        return _Found(generation, got.signal, got.background, time.time_ns(), seq, got.elapsed_s, request_ns)
+
     def serve(self) -> None:
+        self.start_search_thread()
         while not self.stop_event.is_set():
             self.watchdog()
             if not self.sub.poll(200):
@@ -84,15 +169,14 @@ class ProcessingService:
     def _ensure_processor(self, width: int, height: int, bits: int) -> None:
         if self._proc_shape == (height, width, bits):
             return
-        from services.processing.pipeline import PairProcessor
-
-        p = self.cfg.processing
-        self.proc = PairProcessor(width, height, bits, sbr_threshold=p.sbr_threshold,
-                                  saturation_limit=p.saturation_limit, preview_downsample=p.preview_downsample,
-                                  average_pairs=p.average_pairs)
+        self.proc = self._new_processor(width, height, bits)
         self._proc_shape = (height, width, bits)
         self._roi_version = None
         self._auto_rois = None
+        with self._search_cond:
+            self._found = None  # found on frames of the old size
+            self._search_epoch += 1
+            self._search_due = True
 
     def handle(self, frames) -> dict:
         header = bus_mod.unpack(frames[1].bytes)
@@ -107,14 +191,16 @@ class ProcessingService:
             self.pairs_missing += (seq - self._last_seq) // 2 - 1
         self._last_seq = seq
 
-        rois_ready = self._update_rois(header, on, off, w, h)
         flat_ok = self._apply_flat_field(header.get("flat_field"), w, h)
+        t_capture_ns = max(m_on["t_end_ns"], m_off["t_end_ns"])
+        rois_ready = self._update_rois(header, on, off, w, h, seq, t_capture_ns)
         meta_on = dict(m_on, frame_seq=seq)
         meta_off = dict(m_off, frame_seq=seq)
         if rois_ready:
             result = self.proc.process(on, off, meta_on, meta_off)
         else:
             result = self._result_without_rois(meta_on, meta_off)
+        result.update(self._roi_tag)
         result["calibration_id"] = header.get("calibration_id")  # every result records its calibration
         result["flat_field_applied"] = flat_ok
         result["t_done_ns"] = time.time_ns()
@@ -129,10 +215,10 @@ class ProcessingService:
                                                                 "frame_seq": seq}), rgb])
         return result
 
-    def _update_rois(self, header: dict, on, off, width: int, height: int) -> bool:
-        """Apply the ROIs the controller asks for. In automatic mode the search runs again
-        every ``AUTO_ROI_REFRESH_S`` (the field of view moves during surgery); an unchanged
-        answer keeps the running average. Returns whether ROIs are in place."""
+    def _update_rois(self, header: dict, on, off, width: int, height: int, seq, t_capture_ns: int) -> bool:
+        """Apply the ROIs the controller asks for. In automatic mode, offer this pair to
+        the search when one is due and apply the newest ROIs found (an unchanged answer
+        keeps the running average). Returns whether ROIs are in place."""
         from services.processing.pipeline import Roi
 
         roi = header["roi"]
@@ -141,32 +227,61 @@ class ProcessingService:
             if header["roi_version"] != self._roi_version:
                 self.proc.set_rois(Roi(*roi["signal"]), Roi(*roi["background"]))
                 self._roi_version = header["roi_version"]
-            return True
-        if header["roi_version"] != self._roi_version or now >= self._next_auto_roi:
-            from services.processing.roi import auto_rois
-
-            self._next_auto_roi = now + AUTO_ROI_REFRESH_S
-            if header["roi_version"] != self._roi_version:
-                self._auto_rois = None  # coming from boxes set by command: apply what is found
-                self._roi_version = header["roi_version"]
-            try:
-                found = auto_rois((on, off), width, height)
-            except NirfError as err:
-                if self._auto_rois is not None:
-                    log.info("automatic ROI: nothing found (%s)", err)
                 self._auto_rois = None
-            else:
-                if found != self._auto_rois:
-                    self.proc.set_rois(*found)
-                    self._auto_rois = found
+                with self._search_cond:
+                    self._roi_generation += 1
+                    generation = self._roi_generation
+                self._roi_tag = {"roi_mode": "set", "roi_generation": generation, "roi_found_ns": time.time_ns(),
+                                 "roi_frame_seq": seq, "roi_search_ms": None}
+            return True
+        if header["roi_version"] != self._roi_version:
+            # (re)entering automatic mode: forget boxes set by command, search at once
+            self._roi_version = header["roi_version"]
+            self._auto_rois = None
+            self._roi_tag = {}
+            with self._search_cond:
+                self._found = None
+                self._search_epoch += 1
+                self._search_due = True
+        after = header.get("roi_refresh_after_ns")
+        with self._search_cond:
+            if isinstance(after, int) and after > self._search_after_ns:
+                self._search_after_ns = after
+                self._search_due = True
+            due = self._search_due or now >= self._next_auto_roi
+            fresh_enough = t_capture_ns >= self._search_after_ns
+            job = None
+            if due and fresh_enough:
+                self._search_due = False
+                self._next_auto_roi = now + AUTO_ROI_REFRESH_S
+                job = (on, off, seq, t_capture_ns, self.proc.flat_field, (height, width), self._search_after_ns)
+                if self._search_thread is not None:
+                    self._search_pair = (self._search_epoch, *job)
+                    self._search_cond.notify_all()
+                    job = None
+        if job is not None:  # no search thread: search inline
+            found = self._search(*job)
+            with self._search_cond:
+                self._found = found
+        with self._search_cond:
+            found = self._found
+        if found is not None and self._roi_tag.get("roi_generation") != found.generation:
+            if (found.signal, found.background) != self._auto_rois:
+                self.proc.set_rois(found.signal, found.background)
+                self._auto_rois = (found.signal, found.background)
+            self._roi_tag = {"roi_mode": "auto", "roi_generation": found.generation, "roi_found_ns": found.found_ns,
+                             "roi_frame_seq": found.frame_seq, "roi_search_ms": round(found.search_s * 1e3, 3)}
         return self._auto_rois is not None
 
     def _result_without_rois(self, meta_on: dict, meta_off: dict) -> dict:
-        """A result that says why there is no number: no fluorescent region was found."""
+        """A result that says why there is no number: the first automatic search has not
+        finished yet (``roi_pending``)."""
+        p = self.cfg.processing
         return {"frame_seq": meta_on["frame_seq"], "t_capture_ns": max(meta_on["t_end_ns"], meta_off["t_end_ns"]),
                 "intensity": None, "signal_mean": None, "background_mean": None, "sbr": None, "cnr": None,
-                "saturated_fraction": None, "valid": False, "flags": ["no_roi"], "positive": False,
-                "threshold": self.cfg.processing.sbr_threshold, "roi": None}
+                "saturated_fraction": None, "valid": False, "flags": ["roi_pending"], "positive": False,
+                "threshold": p.sbr_threshold, "intensity_floor": p.intensity_floor_cps_mw, "cnr_floor": p.cnr_floor,
+                "criteria_met": [], "criteria_failed": ["sbr", "intensity", "cnr"], "roi": None}
 
     def _apply_flat_field(self, name: str | None, width: int, height: int) -> bool:
         """Load and apply the named flat field when the name (or the processor) changed;

@@ -15,6 +15,16 @@ Only what needs every pixel touches every pixel: the ROI statistics read the ROI
 only, the preview reads a strided view, and the frame-wide saturation check is one fast
 maximum over the on frame (an exact count follows only when that maximum is at full scale).
 All working buffers are allocated when the ROIs or the flat field change, never per frame.
+
+The call (PRODUCT.md section 7, v2): positive only when SBR >= ``sbr_threshold`` and
+intensity >= ``intensity_floor_cps_mw`` and CNR >= ``cnr_floor`` (:func:`call`); every
+result names the criteria that held (``criteria_met``) and failed (``criteria_failed``).
+A result is not valid, with its reasons in ``flags``, for saturation in an ROI beyond the
+allowed fraction, overlapping ROIs, a filter other than the emission filter, motion of
+more than ``motion_limit_px`` between consecutive laser-on frames, an off frame that saw
+laser light (the MCU's gating record: ``lit`` or ``cut`` in its metadata), an on frame
+cut mid-exposure, settings that differ within the pair, no laser power, and a background
+that is not positive or too faint against its own noise.
 """
 
 from __future__ import annotations
@@ -242,6 +252,145 @@ def box_smooth(image: np.ndarray, radius: int) -> np.ndarray:
     return (c[:, k:] - c[:, :-k]) / k
 
 
+# --- the call -------------------------------------------------------------------------
+
+CRITERIA = ("sbr", "intensity", "cnr")
+
+
+def call(sbr: float | None, intensity: float | None, cnr: float | None, *, sbr_threshold: float,
+         intensity_floor: float, cnr_floor: float) -> tuple[bool, list[str], list[str]]:
+    """The positive/negative call: ``(positive, criteria met, criteria failed)``.
+
+    Positive only when every criterion holds: SBR >= ``sbr_threshold``, intensity (counts
+    per second per mW) >= ``intensity_floor``, CNR >= ``cnr_floor``. A value that is
+    undefined (None) fails its criterion.
+    """
+    checks = {"sbr": (sbr, sbr_threshold), "intensity": (intensity, intensity_floor),
+              "cnr": (cnr, cnr_floor)}
+    met, failed = [], []
+    for name in CRITERIA:
+        value, limit = checks[name]
+        ok = value is not None and math.isfinite(value) and value >= limit
+        (met if ok else failed).append(name)
+    return not failed, met, failed
+
+
+# --- motion between consecutive laser-on frames -----------------------------------------
+
+# Shifts searched, pixels each way; a larger motion reads as this (and is flagged).
+MOTION_SEARCH_PX = 12
+# The profiles come from two stripes this wide through the signal ROI's centre (where
+# motion matters most): rows for the horizontal shift, columns for the vertical one. Both
+# together read some 7 % of a frame.
+MOTION_STRIPE_PX = 48
+# A shift counts only when the fit at the best shift beats no shift by this many standard
+# deviations of the fit's own noise (a featureless field has no measurable motion).
+MOTION_SIGNIFICANCE = 8.0
+
+
+class _Profile:
+    """A 1-D profile with what comparing it as the previous one needs: float64 values and
+    running sums of them and of their squares (computed once, used when it is "previous")."""
+
+    __slots__ = ("v", "c1", "c2")
+
+    def __init__(self, values: np.ndarray):
+        self.v = values.astype(np.float64)
+        n = self.v.size
+        self.c1 = np.empty(n + 1)
+        self.c1[0] = 0.0
+        np.cumsum(self.v, out=self.c1[1:])
+        self.c2 = np.empty(n + 1)
+        self.c2[0] = 0.0
+        np.cumsum(np.square(self.v), out=self.c2[1:])
+
+
+def _profile_shift(prev, cur, search: int) -> float | None:
+    """The shift (pixels, positive: ``cur`` is ``prev`` moved to higher indices) that best
+    aligns two 1-D profiles (arrays or :class:`_Profile`), to a fraction of a pixel; 0.0
+    when no shift fits significantly better than none; None when the profiles are too
+    short."""
+    prev = prev if isinstance(prev, _Profile) else _Profile(prev)
+    cur_v = cur.v if isinstance(cur, _Profile) else np.asarray(cur, dtype=np.float64)
+    n = prev.v.size - 2 * search
+    if n < 16 or cur_v.size != prev.v.size:
+        return None
+    a = cur_v[search:search + n] - cur_v[search:search + n].mean()
+    # The mean squared difference between a and each window k of prev (prev[k:k+n], both
+    # zero-mean), from running sums and one correlation: sum(a^2) + sum((b - m)^2) - 2 a.b.
+    # Window k aligns with cur for the shift search - k.
+    s1 = prev.c1[n:] - prev.c1[:-n]
+    s2 = prev.c2[n:] - prev.c2[:-n]
+    cross = np.correlate(prev.v, a, mode="valid")
+    err = ((float(np.dot(a, a)) + s2 - s1 * s1 / n - 2.0 * cross) / n)[::-1]  # index i: shift i - search
+    err = np.maximum(err, 0.0)
+    j = int(np.argmin(err))
+    e_min, e_zero = err[j], err[search]
+    # Under no motion both are noise: e ~ 2 var with a spread of about e * sqrt(2 / n).
+    if j == search or e_zero - e_min <= MOTION_SIGNIFICANCE * max(e_min, 1e-12) * math.sqrt(2.0 / n):
+        return 0.0
+    shift = float(j - search)
+    if 0 < j < 2 * search:  # parabola through the minimum and its neighbours
+        den = err[j - 1] - 2.0 * err[j] + err[j + 1]
+        if den > 0:
+            shift += 0.5 * (err[j - 1] - err[j + 1]) / den
+    return shift
+
+
+# A pair lost in between is bridged: the shift over that many frame numbers is divided
+# down to one laser-on interval. Beyond this gap the motion is unknown.
+MOTION_MAX_GAP = 8
+
+
+class MotionTracker:
+    """Measures the shift of the scene between consecutive laser-on frames from two
+    profiles of the raw on frame through the signal ROI's centre: column sums over a band
+    of rows (horizontal motion) and row sums over a band of columns (vertical). The off
+    frame holds little but ambient light, so motion is measured on to on. A featureless
+    field has no measurable motion (and motion there moves nothing the ROIs would see).
+
+    When the ROIs move, the new frame is also read at the old centre, so the shift is
+    still measured; a lost pair or two are bridged (the shift divided by the laser-on
+    intervals spanned). Only the first pair, or one after a long gap, has no measurement."""
+
+    def __init__(self) -> None:
+        self._prev: tuple | None = None  # (frame_seq, centre, x profile, y profile)
+
+    def reset(self) -> None:
+        """Forget the previous frame (the next measurement is unknown)."""
+        self._prev = None
+
+    @staticmethod
+    def _profiles(on: np.ndarray, centre: tuple[int, int]) -> tuple[_Profile, _Profile]:
+        h, w = on.shape
+        half = MOTION_STRIPE_PX // 2
+        cx, cy = centre
+        y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
+        return (_Profile(np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.uint32)),
+                _Profile(np.add.reduce(on[:, x0:x0 + 2 * half], axis=1, dtype=np.uint32)))
+
+    def update(self, on: np.ndarray, frame_seq: int | None, centre: tuple[int, int],
+               seq_step: int = 2) -> tuple[float, float] | None:
+        """``(dx, dy)`` in pixels per laser-on interval since the previous laser-on frame
+        seen, or None when there is none to compare with (the first pair, a gap of more
+        than :data:`MOTION_MAX_GAP` frame numbers, frame numbers out of order)."""
+        xp, yp = self._profiles(on, centre)
+        prev, self._prev = self._prev, (frame_seq, centre, xp, yp)
+        if prev is None or frame_seq is None or prev[0] is None:
+            return None
+        gap = frame_seq - prev[0]
+        if gap <= 0 or gap % seq_step or gap > MOTION_MAX_GAP:
+            return None
+        if prev[1] != centre:  # the ROIs moved: compare where the previous profiles were taken
+            xp, yp = self._profiles(on, prev[1])
+        dx = _profile_shift(prev[2], xp, MOTION_SEARCH_PX)
+        dy = _profile_shift(prev[3], yp, MOTION_SEARCH_PX)
+        if dx is None and dy is None:
+            return None
+        intervals = gap // seq_step
+        return ((dx or 0.0) / intervals, (dy or 0.0) / intervals)
+
+
 # --- the processor -----------------------------------------------------------------------
 
 
@@ -274,14 +423,22 @@ class PairProcessor:
     ``saturation_limit``: the largest fraction of an ROI allowed at full scale;
     ``preview_downsample``: the preview keeps every n-th row and column;
     ``flat_field``: an optional gain map (see :meth:`set_flat_field`);
-    ``average_pairs``: results also carry the average of the last N valid pairs.
+    ``average_pairs``: results also carry the average of the last N valid pairs;
+    ``intensity_floor_cps_mw``, ``cnr_floor``: the call's other criteria (:func:`call`);
+    ``emission_filter``: the filter position a valid pair must be taken through (None: not
+    checked); ``motion_limit_px``: the largest on-to-on shift of a valid pair;
+    ``background_min_snr``: the background mean must be at least this many standard
+    errors of itself (its spread over the square root of its pixel count).
 
     Not thread-safe: one processor per processing thread.
     """
 
     def __init__(self, width: int, height: int, bits: int, *, sbr_threshold: float = 2.0,
-                 saturation_limit: float = 0.01, preview_downsample: int = 8,
-                 flat_field: np.ndarray | None = None, average_pairs: int = 1):
+                 saturation_limit: float = 0.0, preview_downsample: int = 8,
+                 flat_field: np.ndarray | None = None, average_pairs: int = 1,
+                 intensity_floor_cps_mw: float = 50.0, cnr_floor: float = 3.0,
+                 emission_filter: int | None = None, motion_limit_px: float = 1.0,
+                 background_min_snr: float = 10.0):
         for name, v, lo, hi in (("width", width, 2, 16384), ("height", height, 2, 16384),
                                 ("bits", bits, 1, 16), ("preview_downsample", preview_downsample, 1, 64),
                                 ("average_pairs", average_pairs, 1, 4096)):
@@ -292,10 +449,25 @@ class PairProcessor:
             raise InvalidArgument(f"pipeline: sbr_threshold = {sbr_threshold!r}, must be a positive number")
         if not (isinstance(saturation_limit, numbers.Real) and 0.0 <= saturation_limit <= 1.0):
             raise InvalidArgument(f"pipeline: saturation_limit = {saturation_limit!r}, allowed 0.0 to 1.0")
+        for name, v in (("intensity_floor_cps_mw", intensity_floor_cps_mw), ("cnr_floor", cnr_floor),
+                        ("motion_limit_px", motion_limit_px), ("background_min_snr", background_min_snr)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"pipeline: {name} = {v!r}, must be a number >= 0")
+        if emission_filter is not None and (isinstance(emission_filter, bool)
+                                            or not isinstance(emission_filter, (int, np.integer))):
+            raise InvalidArgument(f"pipeline: emission_filter = {emission_filter!r}, expected a "
+                                  "filter position (whole number) or None")
         self.width = int(width)
         self.height = int(height)
         self.bits = int(bits)
         self.full_scale = (1 << self.bits) - 1
+        self.intensity_floor = float(intensity_floor_cps_mw)
+        self.cnr_floor = float(cnr_floor)
+        self.emission_filter = None if emission_filter is None else int(emission_filter)
+        self.motion_limit_px = float(motion_limit_px)
+        self.background_min_snr = float(background_min_snr)
+        self.motion = MotionTracker()
+        self._rois_overlap = False
         self.sbr_threshold = float(sbr_threshold)
         self.saturation_limit = float(saturation_limit)
         self.preview_downsample = int(preview_downsample)
@@ -331,7 +503,8 @@ class PairProcessor:
         """Use these ROIs from the next pair on (resets the running average).
 
         Both must lie inside the frame; the background needs at least 2 pixels for its
-        spread. Overlapping ROIs are allowed but logged: they make SBR meaningless.
+        spread. Overlapping ROIs are accepted, but every result of theirs is not valid
+        (``rois_overlap``): they make SBR meaningless.
         """
         if not isinstance(signal, Roi) or not isinstance(background, Roi):
             raise InvalidArgument(f"pipeline: set_rois expects two Roi objects, got "
@@ -341,13 +514,20 @@ class PairProcessor:
         if background.area_px < 2:
             raise InvalidArgument(f"background ROI {background.to_list()} has "
                                   f"{background.area_px} px; at least 2 are needed for its spread")
-        if signal.overlaps(background):
+        self._rois_overlap = signal.overlaps(background)
+        if self._rois_overlap:
             log.warning("signal ROI %s overlaps background ROI %s", signal.to_list(),
                         background.to_list())
         self._signal = _RoiWork(signal)
         self._background = _RoiWork(background)
         self._attach_gain()
         self.reset_average()
+
+    @property
+    def flat_field(self) -> np.ndarray | None:
+        """The gain map in use (normalised to mean 1 over the centre), or None. Treat it as
+        read-only: it is shared with the automatic ROI search."""
+        return self._gain
 
     def set_flat_field(self, gain_map: np.ndarray | None) -> None:
         """Use a flat-field gain map (or none). The map is the relative excitation per
@@ -473,13 +653,32 @@ class PairProcessor:
             flags.append("settings_changed")
         if laser_mw <= 0.0:
             flags.append("laser_off")
+        if self._rois_overlap:
+            flags.append("rois_overlap")
+        if self.emission_filter is not None and meta_on["filter_position"] != self.emission_filter:
+            flags.append("filter_not_emission")
+        # the MCU's gating record: the off frame must have had no laser light at all
+        if meta_off.get("lit") or meta_off.get("cut"):
+            flags.append("off_frame_lit")
+        if meta_on.get("cut"):
+            flags.append("on_frame_cut")
+        roi_s, roi_b = self._signal.roi, self._background.roi
+        shift = self.motion.update(on, meta_on.get("frame_seq"), (roi_s.x + roi_s.w // 2, roi_s.y + roi_s.h // 2))
+        motion_px = None if shift is None else math.hypot(*shift)
+        if motion_px is not None and motion_px > self.motion_limit_px:
+            flags.append("motion")
         sbr = s_mean / b_mean if b_mean > 0 else None
         if sbr is None:
             flags.append("background_not_positive")
+        elif b_std and b_mean < self.background_min_snr * b_std / math.sqrt(self._background.flat.size):
+            # a background at the noise (a drape, no ICG): any SBR would be noise over noise
+            flags.append("background_too_dim")
+            sbr = None
         intensity = s_mean / (exposure_s * gain * laser_mw) if laser_mw > 0 else None
         cnr = (s_mean - b_mean) / b_std if b_std else None
         valid = not flags
-        roi_s, roi_b = self._signal.roi, self._background.roi
+        positive, met, failed = call(sbr, intensity, cnr, sbr_threshold=self.sbr_threshold,
+                                     intensity_floor=self.intensity_floor, cnr_floor=self.cnr_floor)
         result: dict[str, Any] = {
             "frame_seq": int(meta_on["frame_seq"]),
             "t_capture_ns": int(max(meta_on["t_end_ns"], meta_off["t_end_ns"])),
@@ -494,8 +693,14 @@ class PairProcessor:
             "frame_saturated_fraction": frame_sat,
             "valid": valid,
             "flags": flags,
-            "positive": bool(valid and sbr is not None and sbr >= self.sbr_threshold),
+            "positive": bool(valid and positive),
             "threshold": self.sbr_threshold,
+            "intensity_floor": self.intensity_floor,
+            "cnr_floor": self.cnr_floor,
+            "criteria_met": met,
+            "criteria_failed": failed,
+            "motion_px": motion_px,
+            "motion_shift": None if shift is None else [shift[0], shift[1]],
             "roi": {"signal": roi_s.to_list(), "background": roi_b.to_list()},
         }
         if self.average_pairs > 1:
@@ -522,22 +727,29 @@ class PairProcessor:
         n = len(self._window)
         if n == 0:
             return {"pairs": 0, "intensity": None, "signal_mean": None, "background_mean": None,
-                    "sbr": None, "cnr": None, "valid": False, "positive": False}
+                    "sbr": None, "cnr": None, "valid": False, "positive": False,
+                    "criteria_met": [], "criteria_failed": list(CRITERIA)}
         s = sum(p.signal_mean for p in self._window) / n
         b = sum(p.background_mean for p in self._window) / n
         std = sum(p.background_std for p in self._window) / n
         intens = [p.intensity for p in self._window if p.intensity is not None]
         sbr = s / b if b > 0 else None
+        intensity = sum(intens) / len(intens) if intens else None
+        # contrast against a single pair's pixel spread (see docs/processing.md)
+        cnr = (s - b) / std if std > 0 else None
+        positive, met, failed = call(sbr, intensity, cnr, sbr_threshold=self.sbr_threshold,
+                                     intensity_floor=self.intensity_floor, cnr_floor=self.cnr_floor)
         return {
             "pairs": n,
-            "intensity": sum(intens) / len(intens) if intens else None,
+            "intensity": intensity,
             "signal_mean": s,
             "background_mean": b,
             "sbr": sbr,
-            # contrast against a single pair's pixel spread (see docs/processing.md)
-            "cnr": (s - b) / std if std > 0 else None,
+            "cnr": cnr,
             "valid": sbr is not None,
-            "positive": bool(sbr is not None and sbr >= self.sbr_threshold),
+            "positive": bool(sbr is not None and positive),
+            "criteria_met": met,
+            "criteria_failed": failed,
         }
 
     # -- preview ---------------------------------------------------------------------------

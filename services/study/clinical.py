@@ -10,12 +10,20 @@ A capture, step by step:
 2. from now on every laser-on/laser-off pair the acquisition produces is forwarded by the
    imaging process to the recorder (``record.begin``; services/imaging/record_tap.py, never
    blocking: a pair the socket cannot take at once is counted and shows up as lost frames);
-3. the next ``pairs`` valid results of pairs forwarded in step 2 are collected and averaged;
+3. the next ``pairs`` valid results of pairs forwarded in step 2 are collected and averaged
+   (in automatic-ROI mode only results whose ROIs were found after the request arrived:
+   the pair headers ask processing for a fresh search; a capture whose results keep coming
+   back not valid is refused with their reasons); the call needs SBR, intensity and CNR
+   (:func:`services.processing.pipeline.call`);
 4. the recorder is told which pairs those were (``end``); it writes exactly their frames
    and answers with the files, the frames lost and any error (a full disk refuses the
    capture: nothing is stored);
 5. the capture is stored in the case store (one transaction) and announced on telemetry
    (``event`` of kind ``capture``).
+
+In the ``device`` profile (or with ``[processing] capture_requires_calibration``) a
+capture needs a valid flat field and a passed QC check of the day; ``override_reason``
+takes it anyway, and the capture stores the override with the reason and the problems.
 
 A capture is a long command: it runs in the study process's worker and blocks only the
 request that started it (PRODUCT S14); the safety core never waits for it, and a capture
@@ -59,14 +67,18 @@ RECORDER_PER_PAIR_S = 0.5
 # How long to wait for the acquisition thread to hand over the last needed pair.
 HANDOVER_TIMEOUT_S = 2.0
 _POLL_S = 0.2
+# A capture gives up once this many (at least; 3 per pair asked for) of its results were not
+# valid, and names their reasons.
+INVALID_MIN = 12
 
 
 class _Collecting:
     """The capture that is currently collecting pairs; the pairs themselves go from the
     imaging process to the recorder (services/imaging/record_tap.py)."""
 
-    def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict):
+    def __init__(self, capture_id: str, case_id: str, folder: str, extra: dict, t_request_ns: int = 0):
         self.capture_id = capture_id
+        self.t_request_ns = t_request_ns  # wall clock: automatic ROIs must be found after it
         self.case_id = case_id
         self.folder = folder
         self.extra = extra
@@ -283,7 +295,8 @@ class Clinical:
 
     def cmd_capture(self, args: dict, caller=None) -> dict:
         """``capture``: average the next valid results, record their frames, store it."""
-        _only(args, {"site", "label", "pairs", "clock_override_reason"}, "capture")
+        t_request_ns = time.time_ns()
+        _only(args, {"site", "label", "pairs", "clock_override_reason", "override_reason"}, "capture")
         site = args.get("site")
         if site not in SITES:
             raise InvalidArgument(f"site = {site!r}: allowed {', '.join(SITES)}")
@@ -293,21 +306,47 @@ class Clinical:
         pairs = args.get("pairs", DEFAULT_PAIRS)
         if isinstance(pairs, bool) or not isinstance(pairs, int) or not 1 <= pairs <= MAX_PAIRS:
             raise InvalidArgument(f"pairs = {pairs!r}: a whole number from 1 to {MAX_PAIRS}")
+        override = self._calibration_gate(args.get("override_reason"), caller)
         case = self.store.current_case()
         if case is None:
             raise NoCase("no case is open; open one with case.open before capturing")
-        synced, override = self._clock_gate("capture", args)
+        synced, override_clock = self._clock_gate("capture", args)
         self._check_imaging()
         if not self._capture_lock.acquire(blocking=False):
             raise Busy("another capture is running; try again when it has finished")
         try:
             # read by _capture when it stores the capture (set under the capture lock)
-            self._clock_synced, self._clock_override = synced, override
-            return self._capture(case, site, label, pairs)
+            self._clock_synced, self._clock_override = synced, override_clock
+            return self._capture(case, site, label, pairs, t_request_ns, override)
         finally:
             self._capture_lock.release()
 
     # ------------------------------------------------------------------ the capture
+    def _calibration_gate(self, reason, caller) -> dict | None:
+        """Refuse a capture without a valid flat field and a passed QC of the day where
+        that is required (the device profile); an ``override_reason`` lets it through and
+        is returned for the capture to store."""
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()
+                                   or len(reason) > LABEL_MAX_CHARS):
+            raise InvalidArgument(f"override_reason = {reason!r}: a non-empty string of at most "
+                                  f"{LABEL_MAX_CHARS} characters")
+        required = self.cfg.profile == "device" or bool(getattr(self.cfg.processing,
+                                                                 "capture_requires_calibration", False))
+        calibration = getattr(self.service, "calibration", None)
+        if not required or calibration is None:
+            return None
+        problems = calibration.capture_problems()
+        if not problems:
+            return None
+        if reason is None:
+            raise WrongState("capture refused: " + "; ".join(problems) + ". Calibrate and run QC, or give "
+                             "override_reason to capture anyway (it is stored with the capture)")
+        override = {"reason": reason.strip(), "problems": problems, "by": getattr(caller, "name", None),
+                    "t_ns": time.time_ns()}
+        log.warning("capture without calibration, overridden by %s: %s (%s)", override["by"], override["reason"],
+                    "; ".join(problems))
+        return override
+
     def _check_imaging(self) -> None:
         from controller.state import State
 
@@ -317,7 +356,8 @@ class Clinical:
             raise WrongState(f"capture needs fluorescence acquisition while the laser emits; state is "
                              f"{getattr(state, 'value', state)}, acquisition {mode}")
 
-    def _capture(self, case: dict, site: str, label: str, pairs: int) -> dict:
+    def _capture(self, case: dict, site: str, label: str, pairs: int, t_request_ns: int = 0,
+                 override: dict | None = None) -> dict:
         case_id = case["case_id"]
         capture_id = self.store.next_capture_id()
         folder = f"{CAPTURES_FOLDER}/{case_id}/{capture_id}"
@@ -325,12 +365,12 @@ class Clinical:
         filt = dict(getattr(self.service, "filter", {}) or {})
         extra = {"site": site, "label": label, "filter_name": filt.get("name"),
                  "software_version": self.store.software_version, "config_sha256": self.cfg.sha256}
-        c = _Collecting(capture_id, case_id, folder, extra)
+        c = _Collecting(capture_id, case_id, folder, extra, t_request_ns)
         started = time.monotonic()
         self._drain_acks()
         imaging = self.service.imaging
         imaging.call("record.begin", {"capture_id": capture_id, "case_id": case_id, "folder": folder,
-                                      "extra": extra})
+                                      "extra": extra, "t_request_ns": t_request_ns})
         self._collecting = c
         try:
             results = self._collect(c, pairs)
@@ -349,7 +389,7 @@ class Clinical:
         if c.sent == 0:
             raise DeviceError(DEVICE, f"capture {capture_id}: none of {c.not_sent} pair(s) could be handed to "
                                       f"the recorder (is the recorder running?); capture refused")
-        summary = _average(results, self.cfg.processing.sbr_threshold)
+        summary = _average(results, self.cfg.processing)
         first_roi = results[0].get("roi") if isinstance(results[0].get("roi"), dict) else {}
         # What the recorder's DICOM report carries (PRODUCT.md section 9).
         measurements = {"sbr": summary["sbr"], "intensity": summary["intensity"], "cnr": summary["cnr"],
@@ -367,7 +407,13 @@ class Clinical:
             "pairs_forwarded": c.sent + c.not_sent, "recording": done.get("gaps", {}),
             "missing_pairs": done.get("missing_pairs", []),
             "collect_s": round(time.monotonic() - started, 3),
+            "call": {k: summary[k] for k in ("criteria_met", "criteria_failed", "intensity_floor", "cnr_floor")},
+            "roi_search": {k: results[0].get(k) for k in ("roi_mode", "roi_generation", "roi_found_ns",
+                                                          "roi_frame_seq")},
+            "request_ns": t_request_ns,
         }
+        if override is not None:
+            settings["override"] = override
         first_result = results[0]
         rois = first_result.get("roi") if isinstance(first_result.get("roi"), dict) else {}
         stored = self.store.add_capture(
@@ -380,28 +426,35 @@ class Clinical:
         reply = {"capture_id": capture_id, "sbr": summary["sbr"], "intensity": summary["intensity"],
                  "cnr": summary["cnr"], "positive": summary["positive"], "threshold": summary["threshold"],
                  "files": done["files"], "site": site, "label": label, "pairs": len(results),
-                 "frames_lost": stored["frames_lost"], "warnings": stored.get("warnings", [])}
+                 "frames_lost": stored["frames_lost"], "warnings": stored.get("warnings", []),
+                 "criteria_met": summary["criteria_met"], "criteria_failed": summary["criteria_failed"],
+                 "roi": rois, "override": override}
         self._event("capture", case_id=case_id, capture_id=capture_id, site=site, label=label,
                     sbr=summary["sbr"], positive=summary["positive"], threshold=summary["threshold"],
                     files=len(done["files"]), frames_lost=stored["frames_lost"],
+                    override=None if override is None else override["reason"],
                     warnings=[w.get("kind") for w in stored.get("warnings", [])])
         return reply
 
     def _collect(self, c: _Collecting, pairs: int) -> list[dict]:
-        """The next ``pairs`` valid results of pairs forwarded to the recorder."""
+        """The next ``pairs`` valid results of pairs forwarded to the recorder, with
+        automatic ROIs found after the request. Refused with the results' reasons when
+        they keep coming back not valid."""
         fps = float(self.service.fps or 1.0)
         timeout_s = RESULTS_MARGIN_S + 3.0 * pairs * 2.0 / max(fps, 1.0)
         deadline = time.monotonic() + timeout_s
         got: list[dict] = []
         seen: set[int] = set()
+        reasons: dict[str, int] = {}
+        not_valid = 0
+        give_up = max(3 * pairs, INVALID_MIN)
         while len(got) < pairs:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeviceTimeout("capture", f"only {len(got)} of {pairs} valid result(s) within "
-                                               f"{timeout_s:.1f} s (are results flagged invalid? check the "
-                                               f"result flags); capture refused")
+                                               f"{timeout_s:.1f} s{_reasons_text(reasons)}; capture refused")
             # Short waits so a laser or acquisition stop ends the capture at once.
-            batch = self.service.wait_results(pairs - len(got), min(_POLL_S, remaining), valid_only=True)
+            batch = self.service.wait_results(pairs - len(got), min(_POLL_S, remaining), valid_only=False)
             for r in batch:
                 seq = r.get("frame_seq")
                 if not isinstance(seq, int) or seq in seen:
@@ -410,11 +463,25 @@ class Clinical:
                     c.update(self.service.imaging.call("record.status", {"capture_id": c.capture_id}))
                 # A result of a pair sent before the capture started has no frames here.
                 ours = seq in c.forwarded or (c.first_seq is not None and seq > c.first_seq)
-                if ours:
-                    seen.add(seq)
-                    got.append(r)
-                    if len(got) == pairs:
-                        break
+                if not ours:
+                    continue
+                if "roi_pending" in (r.get("flags") or []) or (
+                        r.get("roi_mode") == "auto" and not (isinstance(r.get("roi_found_ns"), int)
+                                                             and r["roi_found_ns"] >= c.t_request_ns)):
+                    continue  # no ROIs yet, or found before the request: the scene may have changed since
+                seen.add(seq)
+                if not r.get("valid"):
+                    not_valid += 1
+                    for flag in r.get("flags") or ["not_valid"]:
+                        reasons[flag] = reasons.get(flag, 0) + 1
+                    if not_valid >= give_up:
+                        # the same refusal as the timeout (clients know it), sooner and with reasons
+                        raise DeviceTimeout("capture", f"only {len(got)} of {pairs} valid result(s): {not_valid} "
+                                                       f"not valid{_reasons_text(reasons)}; capture refused")
+                    continue
+                got.append(r)
+                if len(got) == pairs:
+                    break
             if len(got) < pairs:
                 self._check_imaging()
         return got
@@ -569,12 +636,19 @@ def _mean(values: list) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _average(results: list[dict], default_threshold: float) -> dict:
+def _average(results: list[dict], processing) -> dict:
     """One capture's figures from its results, as the pipeline averages: the mean of the
     per-pair ROI means (the ROIs have the same pixels in every pair), SBR the ratio of the
     averaged means (a mean of per-pair ratios would be biased upward by noise), CNR against
-    the mean background spread, intensity the mean."""
+    the mean background spread, intensity the mean; the call on those
+    (:func:`services.processing.pipeline.call`: SBR, intensity and CNR must all reach their limits).
+    ``processing`` is the ``[processing]`` configuration (its floors and threshold)."""
+    from services.processing.pipeline import call
+
+    default_threshold = float(processing.sbr_threshold)
     threshold = results[-1].get("threshold", default_threshold) if results else default_threshold
+    intensity_floor = float(getattr(processing, "intensity_floor_cps_mw", 0.0))
+    cnr_floor = float(getattr(processing, "cnr_floor", 0.0))
     signal = _mean([r.get("signal_mean") for r in results])
     background = _mean([r.get("background_mean") for r in results])
     spread = _mean([r.get("background_std") for r in results])
@@ -584,8 +658,21 @@ def _average(results: list[dict], default_threshold: float) -> dict:
     else:
         sbr = _mean([r.get("sbr") for r in results])
         cnr = _mean([r.get("cnr") for r in results])
-    return {"sbr": sbr, "intensity": _mean([r.get("intensity") for r in results]), "cnr": cnr,
-            "positive": None if sbr is None else bool(sbr >= threshold), "threshold": float(threshold)}
+    intensity = _mean([r.get("intensity") for r in results])
+    positive, met, failed = call(sbr, intensity, cnr, sbr_threshold=float(threshold),
+                                 intensity_floor=intensity_floor, cnr_floor=cnr_floor)
+    return {"sbr": sbr, "intensity": intensity, "cnr": cnr,
+            "positive": None if sbr is None else bool(positive), "threshold": float(threshold),
+            "criteria_met": met, "criteria_failed": failed, "intensity_floor": intensity_floor,
+            "cnr_floor": cnr_floor}
+
+
+def _reasons_text(reasons: dict[str, int]) -> str:
+    """``" (not valid: motion 12, saturated 3)"``, or nothing when there are none."""
+    if not reasons:
+        return ""
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f" (not valid: {parts})"
 
 
 def _capture_t_ns(results: list[dict]) -> int | None:

@@ -1,0 +1,305 @@
+"""The study's scenes (SIM.md ``scene``), captured in automatic-ROI mode through the bus on
+the running simulated cart, judged against each scene's geometry and truth in
+:mod:`sim.scenes` (not against the pipeline's opinion); and each validity reason of
+PRODUCT.md section 7 on the running cart.
+
+- ``clean_bed``: a stored negative capture, SBR within 10 % of the truth of its ROIs;
+- ``residual_focus``, ``rim``, each focus of ``small_foci``: positive, SBR within 5 % of
+  the truth, the signal ROI at least 90 % on the uptake;
+- ``no_icg``, ``drape``: a negative, or a refusal naming the results' reasons; never
+  a positive;
+- the same under Gaussian illumination with a calibrated flat field.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from services.cli.client import CartClient, CartError
+from sim import scenes
+from tests.cartproc import start_cart
+
+pytestmark = pytest.mark.e2e
+
+W, H = 728, 544
+LASER_MW = 50
+PAIRS = 4
+GAUSSIAN = {"gaussian_sigma_frac": 0.35}
+
+
+def connect(cart, timeout_s: float = 60.0) -> CartClient:
+    cart.wait_for_keys(timeout_s)
+    client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry)
+    client.subscribe("status", "event", "result")
+    assert client.wait_for("status", timeout_s=timeout_s) is not None, cart.log_text()[-3000:]
+    return client
+
+
+@pytest.fixture(scope="module")
+def cart(tmp_path_factory):
+    c = start_cart(tmp_path_factory.mktemp("scenes"), width=W, height=H)
+    try:
+        client = connect(c)
+        client.call("arm")
+        assert client.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=15), "never ARMED"
+        client.call("laser.on", {"power_mw": LASER_MW})
+        client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
+        injected = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat(timespec="seconds")
+        client.call("case.open", {"case_id": "SCN-001", "histology": "DFSP", "arm": "icg_25mg",
+                                  "injection_time": injected})
+        client.close()
+        yield c
+    finally:
+        c.stop()
+
+
+# the light the cart's stored flat field was calibrated under (the cart keeps the last one)
+_FLAT = {"light": None}
+
+
+@pytest.fixture
+def client(cart):
+    cl = connect(cart)
+    cl.call("roi.set", {"auto": True})
+    cl.call("sim.set", {"illumination": "uniform", "motion_px": 0, "scene": "default"})
+    if _FLAT["light"] not in (None, "uniform"):
+        # a Gaussian flat field under uniform light would make the dim corners look bright
+        calibrate_flat(cl, "uniform")
+        sim_set(cl, {"scene": "default"})
+    yield cl
+    cl.call("sim.set", {"illumination": "uniform", "motion_px": 0, "scene": "default"})
+    cl.close()
+
+
+def sim_set(client, args: dict) -> None:
+    """sim.set, then wait for a result of a pair exposed well after it (the camera learns
+    the new scene from the hardware process a moment later)."""
+    client.call("sim.set", args)
+    after = time.time_ns() + 150_000_000
+    assert client.wait_for("result", lambda m: m["t_capture_ns"] > after, timeout_s=20), "no result after sim.set"
+
+
+def capture(client, label: str):
+    """A tumor-bed capture in automatic mode: the reply, or the CartError refusing it."""
+    try:
+        return client.call("capture", {"site": "tumor_bed", "label": label, "pairs": PAIRS}, timeout_s=60)
+    except CartError as err:
+        return err
+
+
+def calibrate_flat(client, light: str) -> dict | str:
+    """A flat field of the light from a uniform target (what calibrate.flat is for); the
+    cart keeps the last one, so every test calibrates for its own light. Returns the
+    illumination for sim.set."""
+    illum = GAUSSIAN if light == "gaussian" else "uniform"
+    sim_set(client, {"illumination": illum,
+                     "phantom": {"background_icg_nM": 100.0, "autofluorescence_nM": 0.0, "inclusions": []}})
+    client.call("calibrate.flat", {"pairs": 8}, timeout_s=60)
+    _FLAT["light"] = light
+    return illum
+
+
+def judged(reply, scene, shape=None) -> dict:
+    """The capture judged from the scene's geometry."""
+    sig, bg = reply["roi"]["signal"], reply["roi"]["background"]
+    return {"truth": scenes.roi_true_sbr(scene, sig, bg, W, H),
+            "on_uptake": scenes.uptake_fraction(scene, sig, W, H, shape)}
+
+
+@pytest.mark.parametrize("light", ["uniform", "gaussian"])
+def test_focal_uptake_is_positive_and_measured_on_the_uptake(client, light):
+    illum = calibrate_flat(client, light)
+    for name in ("residual_focus", "rim"):
+        sc = scenes.build(name, W, H)
+        sim_set(client, {"scene": name, "illumination": illum})
+        reply = capture(client, f"{name} {light}")
+        assert not isinstance(reply, CartError), reply
+        j = judged(reply, sc)
+        assert reply["positive"] is True, (name, reply)
+        assert reply["sbr"] == pytest.approx(sc.true_sbr, rel=0.05), (name, reply, j)
+        assert j["on_uptake"] >= 0.90, (name, reply, j)
+        assert reply["criteria_failed"] == [] and set(reply["criteria_met"]) == {"sbr", "intensity", "cnr"}
+
+
+@pytest.mark.parametrize("light", ["uniform", "gaussian"])
+def test_each_small_focus_is_positive_on_its_own(client, light):
+    illum = calibrate_flat(client, light)
+    sc = scenes.build("small_foci", W, H)
+    # all three in view: the ROI lands on one of them
+    sim_set(client, {"scene": "small_foci", "illumination": illum})
+    reply = capture(client, f"small_foci {light}")
+    assert not isinstance(reply, CartError), reply
+    assert reply["positive"] is True and reply["sbr"] == pytest.approx(sc.true_sbr, rel=0.05), reply
+    assert max(scenes.uptake_fraction(sc, reply["roi"]["signal"], W, H, f) for f in sc.findings) >= 0.90
+    # each focus alone (the others out of view), down to radius 10 px
+    for i, focus in enumerate(sc.findings):
+        ph = dict(sc.phantom, inclusions=[sc.phantom["inclusions"][i]])
+        sim_set(client, {"phantom": ph, "illumination": illum})
+        reply = capture(client, f"focus r{focus.outer:.0f} {light}")
+        assert not isinstance(reply, CartError), reply
+        j = judged(reply, sc, focus)
+        assert reply["positive"] is True, (focus, reply)
+        assert reply["sbr"] == pytest.approx(sc.true_sbr, rel=0.05), (focus, reply, j)
+        assert j["on_uptake"] >= 0.90, (focus, reply, j)
+
+
+@pytest.mark.parametrize("light", ["uniform", "gaussian"])
+def test_a_clean_bed_is_a_stored_negative(client, light):
+    illum = calibrate_flat(client, light)
+    sc = scenes.build("clean_bed", W, H)
+    sim_set(client, {"scene": "clean_bed", "illumination": illum})
+    reply = capture(client, f"clean bed {light}")
+    assert not isinstance(reply, CartError), reply
+    assert reply["capture_id"] and reply["files"]
+    assert reply["positive"] is False and "sbr" in reply["criteria_failed"]
+    j = judged(reply, sc)
+    assert reply["sbr"] == pytest.approx(j["truth"], rel=0.10), (reply, j)
+    assert reply["sbr"] < 1.2
+
+
+@pytest.mark.parametrize("light", ["uniform", "gaussian"])
+@pytest.mark.parametrize("name", ["no_icg", "drape"])
+def test_no_icg_and_drape_are_never_positive(client, name, light):
+    illum = calibrate_flat(client, light)
+    sim_set(client, {"scene": name, "illumination": illum})
+    for attempt in range(2):
+        reply = capture(client, f"{name} {light} {attempt}")
+        if isinstance(reply, CartError):
+            assert reply.code == "TIMEOUT" and "not valid: " in reply.message, reply
+        else:
+            assert reply["positive"] is False, reply
+            assert reply["criteria_failed"], reply
+
+
+def results(client, predicate, count: int = 3, timeout_s: float = 20.0) -> list[dict]:
+    """The next ``count`` results that satisfy ``predicate``."""
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"only {len(got)} matching results within {timeout_s} s"
+        m = client.wait_for("result", predicate, timeout_s=remaining)
+        if m is not None:
+            got.append(m)
+    return got
+
+
+def test_motion_between_laser_on_frames_is_flagged_with_its_shift(client):
+    sim_set(client, {"scene": "residual_focus"})
+    still = results(client, lambda m: m.get("motion_px") is not None and m.get("roi") is not None)
+    assert all("motion" not in r["flags"] and r["motion_px"] <= 1.0 for r in still), still
+    sim_set(client, {"motion_px": 3})
+    moving = results(client, lambda m: "motion" in m["flags"])
+    for r in moving:
+        assert r["valid"] is False and r["positive"] is False
+        assert r["motion_shift"][0] == pytest.approx(6.0, abs=1.0), r  # 3 px a frame: 6 px on to on
+    refused = capture(client, "moving")
+    seen = []
+    while (m := client.wait_for("result", timeout_s=0.2)) is not None and len(seen) < 20:
+        seen.append((m["frame_seq"], m["flags"], m.get("motion_shift"), m["roi"]["signal"] if m["roi"] else None,
+                     m.get("roi_generation")))
+    assert isinstance(refused, CartError) and "motion" in refused.message, (refused, seen)
+
+
+def test_a_saturated_roi_pixel_is_flagged(client):
+    sim_set(client, {"scene": "default"})
+    client.call("laser.set", {"power_mw": 100})  # the 200 nM disk reaches full scale
+    try:
+        got = results(client, lambda m: "saturated" in m["flags"])
+        assert all(r["saturated_fraction"] > 0 and not r["valid"] for r in got)
+    finally:
+        client.call("laser.set", {"power_mw": LASER_MW})
+
+
+def test_overlapping_rois_are_flagged(client):
+    client.call("roi.set", {"signal": [300, 200, 100, 100], "background": [350, 250, 100, 100]})
+    got = results(client, lambda m: m.get("roi_mode") == "set" and m["roi"]["signal"] == [300, 200, 100, 100])
+    assert all("rois_overlap" in r["flags"] and not r["valid"] for r in got), got
+
+
+def test_a_background_on_the_drape_is_no_background(client):
+    sc = scenes.build("drape", W, H)
+    sim_set(client, {"scene": "drape"})
+    on_drape = [20, 20, 60, 60]
+    assert sc.drape.mask(W, H)[20:80, 20:80].all()
+    client.call("roi.set", {"signal": [500, 250, 60, 60], "background": on_drape})
+    got = results(client, lambda m: m.get("roi_mode") == "set" and m["roi"]["background"] == on_drape)
+    for r in got:
+        assert not r["valid"] and r["sbr"] is None and not r["positive"]
+        assert {"background_too_dim", "background_not_positive"} & set(r["flags"]), r
+
+
+def test_the_open_filter_is_flagged(client):
+    sim_set(client, {"scene": "default"})
+    client.call("filter.move", {"name": "open"}, timeout_s=15)
+    try:
+        got = results(client, lambda m: "filter_not_emission" in m["flags"], timeout_s=30)
+        assert all(not r["valid"] and not r["positive"] for r in got)
+    finally:
+        client.call("filter.move", {"name": "icg_emission"}, timeout_s=15)
+
+
+# --- the calibration gate (PRODUCT.md section 7: device profile) ------------------------
+
+
+def test_a_capture_needs_flat_field_and_todays_qc_or_a_recorded_override(tmp_path):
+    """The gate the device profile always has, switched on here in the sim profile."""
+    from services.study.casestore import CaseStore
+
+    c = start_cart(tmp_path, width=W, height=H, extra="[processing]\ncapture_requires_calibration = true\n")
+    try:
+        cl = connect(c)
+        cl.call("arm")
+        assert cl.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=15), "never ARMED"
+        cl.call("laser.on", {"power_mw": LASER_MW})
+        cl.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
+        injected = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat(timespec="seconds")
+        cl.call("case.open", {"case_id": "GATE-1", "histology": "DFSP", "arm": "icg_25mg", "injection_time": injected})
+        refused = capture(cl, "uncalibrated")
+        assert isinstance(refused, CartError) and refused.code == "WRONG_STATE", refused
+        assert "flat field" in refused.message and "QC" in refused.message and "override_reason" in refused.message
+        with pytest.raises(CartError, match="override_reason"):
+            cl.call("capture", {"site": "tumor_bed", "pairs": PAIRS, "override_reason": "  "})
+        over = cl.call("capture", {"site": "tumor_bed", "label": "overridden", "pairs": PAIRS,
+                                   "override_reason": "QC target cracked; surgeon accepts"}, timeout_s=60)
+        assert over["override"]["reason"] == "QC target cracked; surgeon accepts"
+        stored = CaseStore(c.state_dir / "study.db").get_capture(over["capture_id"])
+        settings = stored["settings"]
+        assert settings["override"]["reason"] == "QC target cracked; surgeon accepts"
+        assert any("flat field" in p for p in settings["override"]["problems"])
+        # calibrated, baseline and a passed QC today: no override needed, none stored
+        calibrate_flat(cl, "uniform")
+        cl.call("qc.baseline", {"results": 4}, timeout_s=60)
+        assert cl.call("qc.run", {"results": 4}, timeout_s=60)["passed"] is True
+        sim_set(cl, {"scene": "residual_focus"})
+        fine = cl.call("capture", {"site": "tumor_bed", "label": "calibrated", "pairs": PAIRS}, timeout_s=60)
+        assert fine["override"] is None and fine["positive"] is True
+        assert "override" not in CaseStore(c.state_dir / "study.db").get_capture(fine["capture_id"])["settings"]
+        cl.close()
+    finally:
+        c.stop()
+
+
+def test_the_device_profile_always_gates_captures():
+    """Unit level: the device profile's gate cannot be switched off by the key."""
+    from types import SimpleNamespace
+
+    from hal.errors import WrongState
+    from services.study.clinical import Clinical
+
+    gate = Clinical._calibration_gate
+    calibration = SimpleNamespace(capture_problems=lambda: ["no QC check today"])
+    for profile, key, refused in (("device", False, True), ("device", True, True), ("sim", False, False),
+                                  ("sim", True, True)):
+        fake = SimpleNamespace(cfg=SimpleNamespace(profile=profile,
+                                                   processing=SimpleNamespace(capture_requires_calibration=key)),
+                               service=SimpleNamespace(calibration=calibration))
+        if refused:
+            with pytest.raises(WrongState, match="no QC check today"):
+                gate(fake, None, None)
+            assert gate(fake, "target lost", SimpleNamespace(name="op"))["problems"] == ["no QC check today"]
+        else:
+            assert gate(fake, None, None) is None
