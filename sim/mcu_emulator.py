@@ -343,6 +343,11 @@ class McuEmulator:
     def _advance(self) -> None:
         now_s = self.clock.monotonic()
         now_ns = self.clock.time_ns()
+        # The watchdog is the firmware's own timer interrupt: after a stall of the emulator
+        # (its process frozen), a deadline that passed meanwhile acts before any late frame
+        # trigger is replayed, so catching up never lights the laser again.
+        if self._enabled and now_s - self._last_feed_s > self._wdt_ms / 1000.0:
+            self._latch(["WDOG"], now_ns)
         # Frames first, at their exact scheduled times; then the checks at "now".
         self._run_frames(now_ns)
         self._update_thermal(now_s, now_ns)

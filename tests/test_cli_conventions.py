@@ -53,11 +53,12 @@ def test_export_json_after_the_subcommand_gives_the_rows_as_maps(tmp_path, capsy
     code = cli.main(["--state-dir", str(tmp_path), "export", "--case", "DFSP-014", "--json"])
     out, err = capsys.readouterr()
     doc = json.loads(out)
-    assert code == 0 and doc["ok"] is True and doc["result"]["rows"] == 2
-    # the same rows as the CSV export
+    # the same rows as the CSV export (long format: the case's record, then one per capture)
     cli.main(["--state-dir", str(tmp_path), "export", "--case", "DFSP-014"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert doc["result"]["captures"] == rows and [r["label"] for r in rows] == ["spot 0", "spot 1"]
+    assert code == 0 and doc["ok"] is True and doc["result"]["rows"] == len(rows)
+    assert doc["result"]["records"] == rows
+    assert [r["label"] for r in rows if r["record_type"] == "capture"] == ["spot 0", "spot 1"]
 
 
 def test_export_json_to_a_file_reports_it(tmp_path, capsys):
@@ -65,7 +66,10 @@ def test_export_json_to_a_file_reports_it(tmp_path, capsys):
     out_file = tmp_path / "x.csv"
     assert cli.main(["--json", "--state-dir", str(tmp_path), "export", "--out", str(out_file)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["result"] == {"rows": 1, "case_id": None, "out": str(out_file)} and out_file.stat().st_size > 0
+    with open(out_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert doc["result"] == {"rows": len(rows), "case_id": None, "out": str(out_file), "dictionary": None}
+    assert [r["record_type"] for r in rows].count("capture") == 1
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):

@@ -397,7 +397,7 @@ def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
         client.subscribe("status")
         assert client.wait_for("status", timeout_s=60) is not None, cart.log_text()
         injected = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=20)).isoformat(timespec="seconds")
-        client.call("case.open", {"case_id": "SSCC-42", "histology": "sSCC", "arm": "icg_25mg",
+        client.call("case.open", {"case_id": "SSCC-042", "histology": "sSCC", "arm": "icg_25mg",
                                   "injection_time": injected})
         client.call("roi.set", {"signal": [152, 106, 60, 60], "background": [10, 10, 60, 60]})
         client.call("arm")
@@ -407,7 +407,7 @@ def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
         client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
         reply = client.call("capture", {"site": "tumor_bed", "label": "e2e", "pairs": 2}, timeout_s=90)
         client.call("laser.off")
-        folder = cart.state_dir / "captures" / "SSCC-42" / reply["capture_id"]
+        folder = cart.state_dir / "captures" / "SSCC-042" / reply["capture_id"]
         local = sorted(folder.glob("*.dcm"))
         assert [p.name.rsplit("-", 1)[1] for p in local] == ["frames.dcm", "sr.dcm"]
         uids = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in local)
@@ -415,7 +415,7 @@ def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
         sr = pydicom.dcmread([p for p in local if p.name.endswith("sr.dcm")][0])
         sbr = {n: float(it.MeasuredValueSequence[0].NumericValue) for n, it in items(sr) if it.ValueType == "NUM"}
         assert sbr["Signal-to-background ratio"] == pytest.approx(reply["sbr"], rel=1e-6)
-        assert sr.PatientID == "SSCC-42"
+        assert sr.PatientID == "SSCC-042"
     finally:
         if client is not None:
             client.close()

@@ -271,7 +271,7 @@ def _open_stream(srv, rcvbuf: int | None = None) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.settimeout(5)
     s.connect(("127.0.0.1", srv.server_address[1]))
-    s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{srv.server_address[1]}\r\n\r\n".encode())
     return s
 
 
@@ -616,3 +616,43 @@ def test_the_page_warns_stale_when_the_cart_stops(live):
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def test_a_request_naming_another_host_is_refused(server):
+    """C8: a page of another site reaching the display through the browser (DNS rebinding)
+    names its own host; the display answers 421 and shows nothing."""
+    for host, code in (("evil.example", 421), ("127.0.0.1:1", 421), (f"127.0.0.1:{server.server_address[1]}", 200),
+                       (f"localhost:{server.server_address[1]}", 200)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        try:
+            conn.request("GET", "/snapshot.json", headers={"Host": host})
+            r = conn.getresponse()
+            body = r.read()
+            assert r.status == code, (host, r.status)
+            if code != 200:
+                assert b"state" not in body
+        finally:
+            conn.close()
+
+
+def test_idle_connections_beyond_the_cap_close_the_oldest_and_the_page_answers(server):
+    """C8: silent connections are capped; at the cap the oldest idle one is closed, so a
+    flood of them never starves the page."""
+    import services.display.main as display_main
+
+    idle = []
+    try:
+        for _ in range(display_main.MAX_CONNECTIONS + 40):
+            idle.append(socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5))
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        conn.request("GET", "/snapshot.json")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert server.connections_open <= display_main.MAX_CONNECTIONS
+        assert server.closed_for_room >= 40
+        # the oldest were closed by the server: reading them gives end of file
+        idle[0].settimeout(5)
+        assert idle[0].recv(10) == b""
+    finally:
+        for s in idle:
+            s.close()

@@ -23,7 +23,7 @@ from drivers.laser_mcu import McuLaser
 from hal.camera import CameraSettings
 from hal.clock import SystemClock
 from services.processing.pipeline import PairProcessor, Roi
-from sim.mcu_emulator import McuEmulator
+from sim.mcu_emulator import McuEmulator, factory_for
 from sim.picamera2_standin import Picamera2StandIn
 from sim.serial_link import PtyLink
 from sim.world import SensorModel, World
@@ -49,8 +49,9 @@ class Cart:
         self.world = World(clock, SensorModel(width=W, height=H))
         self.world.apply({"camera_platform": platform})
         self.view = LocalWorldView(self.world)
-        self.link = PtyLink(McuEmulator(self.world, clock, full_scale_mw=FULL_SCALE_MW,
-                                        duty_ceiling=0.8), "mcu").start()
+        # the factory record a factory would write: the diode's true curve and a 200 mW limit
+        self.link = PtyLink(McuEmulator(self.world, clock, full_scale_mw=FULL_SCALE_MW, duty_ceiling=0.8,
+                                        factory=factory_for(FULL_SCALE_MW, 200.0, 600.0)), "mcu").start()
         self.laser = McuLaser(lambda: serial.Serial(self.link.port, 115200, timeout=0.05))
         self.laser.connect()
         self._beat_stop = threading.Event()
@@ -85,8 +86,8 @@ class Cart:
     def run(self, exposure_us: int, fps: float, n_pairs: int, duty: float = DUTY) -> list:
         self.duty = duty
         self.acq.configure(CameraSettings(exposure_us, 1.0, W, H), fps)
-        self.laser.set_duty(duty)
-        self.laser.set_enabled(True)
+        self.laser.set_duty(duty, duty * FULL_SCALE_MW)
+        self.laser.set_enabled(True, duty * FULL_SCALE_MW)
         self.acq.start("fluorescence")
         deadline = time.monotonic() + WAIT_S
         with self.got_pairs:
