@@ -28,6 +28,10 @@ OVER_TEMP = "OVER_TEMP"
 OUTPUT_MISMATCH = "OUTPUT_MISMATCH"
 MCU_FAULT_PREFIX = "MCU_"
 INPUT_DISAGREE = "INPUT_DISAGREE"
+# MCU fault codes of PRODUCT S6a/S7a, as the controller reports them
+MCU_OPTICAL_TRIP = "MCU_OPT"
+MCU_EXPECTED_MW = "MCU_XMW"
+MCU_BUDGET = "MCU_BUDGET"
 
 RECOVERY = {
     INTERLOCK_OPEN: "close the interlock loop (door, connector, emergency stop), then fault.reset",
@@ -39,6 +43,12 @@ RECOVERY = {
                      "and its calibration before fault.reset",
     INPUT_DISAGREE: "the laser controller and the Pi read the safety inputs differently: check "
                     "the wiring, then fault.reset",
+    MCU_OPTICAL_TRIP: "the laser controller's own photodiode read more than 1.1 x laser.max_power_mw: "
+                      "have the laser and its calibration checked before fault.reset",
+    MCU_EXPECTED_MW: "the laser controller's photodiode disagreed with the expected power by more than "
+                     "20 %: check the power calibration (calibrate.power) before fault.reset",
+    MCU_BUDGET: "the laser controller's emission budget (S7a) is used up: wait for budget to free, "
+                "then fault.reset",
 }
 
 
@@ -53,6 +63,8 @@ class Fault:
 
 
 def recovery_hint(code: str) -> str:
+    if code in RECOVERY:
+        return RECOVERY[code]
     if code.startswith(MCU_FAULT_PREFIX):
         return "the laser controller latched this fault; remove its cause, then fault.reset"
     return RECOVERY.get(code, "remove the cause, then fault.reset")

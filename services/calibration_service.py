@@ -7,7 +7,10 @@ Four procedures, each a command on the control endpoint (operators only):
 - ``calibrate.flat``: a flat-field gain map from laser-on minus laser-off pairs of a
   uniform fluorescent target (the relative excitation at each pixel);
 - ``calibrate.power``: the PWM-duty-to-optical-mW table measured by the technician with a
-  power meter at the working distance, applied to the running cart at once;
+  power meter at the working distance, applied to the running cart at once. A service act
+  (PRODUCT S6a): only in SAFE, from an operator, with the key turned off (>= 0.5 s) and on at
+  the cart within the 60 s before, and within the tolerance band around the MCU's factory
+  table; a ``reason`` is required and audited with the caller;
 - ``qc.baseline`` / ``qc.run``: the daily quality-control check against a reference target:
   mean intensity and SBR over N results compared with a stored baseline, pass or fail,
   appended to ``qc.jsonl`` and to the audit log.
@@ -42,7 +45,7 @@ import numpy as np
 from controller.calibration import PowerCalibration
 from controller.state import State
 from hal.errors import (Busy, ConfigError, DeviceError, DeviceTimeout, InvalidArgument, NirfError,
-                        WrongState)
+                        NotPermitted, WrongState)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ MAX_FRAMES = 256  # per procedure: enough to beat down noise, small enough to fi
 MIN_POWER_POINTS, MAX_POWER_POINTS = 2, 32
 MAX_CALIBRATED_MW = 1000.0
 PHOTODIODE_FACTOR_RANGE = (0.1, 10.0)
+MAX_REASON_CHARS = 500
 
 # A uniform target must give at least this mean difference (counts) over the centre of the
 # field, else the flat field would be mostly noise.
@@ -353,8 +357,18 @@ class Calibration:
             self._problem(f"power calibration {meta['file']} cannot be used ({err}); the nominal table "
                           "is in use")
             return
+        # The cart re-validates this table against the MCU's factory record when it connects
+        # (S6a): a table outside the band (a tampered file) is refused there, the factory
+        # table used and the refusal reported under ``problems``.
         self._power = meta
         self.service.cart.calibration = cal
+
+    def _power_in_use(self) -> dict | None:
+        """The stored power calibration's metadata, if the cart actually uses it."""
+        p = self._power
+        if p is None or self.service.cart.calibration.calibration_id != p.get("id"):
+            return None
+        return p
 
     def _last_qc_record(self) -> dict | None:
         path = self.folder / QC_LOG_FILE
@@ -385,7 +399,8 @@ class Calibration:
         of the camera's current exposure and gain); ``-`` where there is none."""
         s = self._camera_settings()
         with self._lock:
-            p = self._power["id"] if self._power else "nominal"
+            power = self._power_in_use()
+            p = power["id"] if power else self.service.cart.calibration.calibration_id
             f = self._flat["id"] if self._flat_usable(s) else "-"
             d = self._darks.get(dark_key(s.exposure_us, s.gain))
         return f"p:{p}|f:{f}|d:{d['id'] if d else '-'}"
@@ -444,9 +459,9 @@ class Calibration:
             current = {"power": self._power, "flat": self._flat, "darks": dict(self._darks)}
         write_atomic(self.folder / CURRENT_FILE, _json_bytes(current))
 
-    def _announce(self, what: str, meta: dict, caller) -> None:
+    def _announce(self, what: str, meta: dict, caller, **extra) -> None:
         detail = {"what": what, "id": meta.get("id"), "calibration_id": self.current_id(),
-                  "by": getattr(caller, "name", None)}
+                  "by": getattr(caller, "name", None), **extra}
         self.service.audit.write("calibration", **detail)
         try:
             self.service.telemetry.publish("event", {"kind": "calibration", **detail})
@@ -563,38 +578,61 @@ class Calibration:
 
     # --- laser power ------------------------------------------------------------------------
     def cmd_power(self, args, caller) -> dict:
-        """``calibrate.power {points: [[duty, mW], ...], photodiode_factor}``: store the
-        technician's power-meter table and apply it. Not while emitting (the output would
-        jump)."""
+        """``calibrate.power {points: [[duty, mW], ...], photodiode_factor, reason}``: store the
+        technician's power-meter table and apply it. A service act (S6a): SAFE only, an
+        operator, the key turned off (>= 0.5 s) and on at the cart within the 60 s before,
+        the table monotonic and within the band around the MCU's factory table, the
+        photodiode factor within 20 % of the factory one, and a ``reason`` (audited with the
+        caller). Every refusal names the limit and is audited too."""
         cmd = "calibrate.power"
-        _only(args, {"points", "photodiode_factor"}, cmd)
+        try:
+            return self._cmd_power(cmd, args, caller)
+        except NirfError as err:
+            self.service.audit.write("calibration_refused", what="power", by=getattr(caller, "name", None),
+                                     code=err.code, error=str(err))
+            raise
+
+    def _cmd_power(self, cmd: str, args, caller) -> dict:
+        _only(args, {"points", "photodiode_factor", "reason"}, cmd)
+        if getattr(caller, "role", None) != "operator":
+            raise NotPermitted(f"{cmd} needs the operator role, caller has {getattr(caller, 'role', None)!r}")
         if "points" not in args:
             raise InvalidArgument(f"{cmd}: points is required, [[duty, mW], ...] from the power meter")
+        reason = args.get("reason")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(f"{cmd}: reason is required: why the table changes, 1 to "
+                                  f"{MAX_REASON_CHARS} characters (got {reason!r:.60})")
         duties, powers = validate_power_points(args["points"])
-        factor = _number(cmd, "photodiode_factor", args.get("photodiode_factor", 1.0), *PHOTODIODE_FACTOR_RANGE)
         svc = self.service
-        if svc.cart.state is State.EMITTING:
-            raise WrongState(f"{cmd} is refused while EMITTING (the output would change under the "
-                             "operator); laser.off first")
+        cart = svc.cart
+        if cart.factory is None:
+            raise WrongState(f"{cmd}: the laser controller's factory record has not been read; "
+                             "no table can be checked against it")
+        factor = _number(cmd, "photodiode_factor", args.get("photodiode_factor", cart.factory.photodiode_factor),
+                         *PHOTODIODE_FACTOR_RANGE)
+        refusal = cart.service_act_refusal()
+        if refusal is not None:
+            raise WrongState(f"{cmd}: {refusal}")
         cal_id, name, t_ns = self._new_name("power", ".json")
         cal = PowerCalibration(duties, powers, factor, cal_id,
-                               {"created": utc_iso(t_ns), "by": getattr(caller, "name", None)})
+                               {"created": utc_iso(t_ns), "by": getattr(caller, "name", None), "reason": reason})
+        cart.check_calibration(cal)  # the S6a band, before anything is written
         write_atomic(self.folder / name, _json_bytes(cal.to_dict()))
+        # checks the state, key cycle and band again under the cart's lock, then swaps the table
+        cart.install_calibration(cal)
         lc = svc.cfg.laser
-        reachable_mw = cal.power_for(lc.duty_ceiling)
+        reachable_mw = cal.power_for(min(lc.duty_ceiling, cart.factory.duty_ceiling))
         warnings = []
         if reachable_mw < lc.max_power_mw:
             warnings.append(f"at the MCU's duty ceiling {lc.duty_ceiling} the table gives {reachable_mw:.1f} mW, "
                             f"below laser.max_power_mw {lc.max_power_mw}: higher setpoints will be refused")
         meta = {"id": cal_id, "file": name, "created": utc_iso(t_ns), "created_ns": t_ns,
                 "by": getattr(caller, "name", None), "points": [[d, p] for d, p in zip(duties, powers)],
-                "photodiode_factor": factor}
+                "photodiode_factor": factor, "reason": reason}
         with self._lock:
             self._power = meta
-        # the supervisor reads this on its next tick; a plain attribute swap is atomic
-        svc.cart.calibration = cal
         self._save_current()
-        self._announce("power", meta, caller)
+        self._announce("power", meta, caller, reason=reason)
         return {**meta, "max_calibrated_mw": powers[-1], "reachable_mw_at_ceiling": round(reachable_mw, 2),
                 "warnings": warnings, "calibration_id": self.current_id()}
 
@@ -605,14 +643,16 @@ class Calibration:
         _only(args, set(), "calibrate.status")
         s = self._camera_settings()
         with self._lock:
-            power = dict(self._power) if self._power else {"id": "nominal"}
+            in_use = self._power_in_use()
+            power = dict(in_use) if in_use else {"id": self.service.cart.calibration.calibration_id}
             flat = dict(self._flat) if self._flat else None
             flat_in_use = self._flat_usable(s)
             darks = sorted((dict(d) for d in self._darks.values()), key=lambda d: (d["exposure_us"], d["gain"]))
             dark = self._darks.get(dark_key(s.exposure_us, s.gain))
         return {"calibration_id": self.current_id(), "power": power, "flat": flat, "flat_in_use": flat_in_use,
                 "darks": darks, "dark_in_use": dark["id"] if dark else None,
-                "qc_baseline": self.qc_baseline, "last_qc": self.last_qc, "problems": list(self.problems)}
+                "qc_baseline": self.qc_baseline, "last_qc": self.last_qc,
+                "problems": list(self.problems) + list(self.service.cart.calibration_problems)}
 
     # --- quality control -------------------------------------------------------------------------
     def _qc_results(self, cmd: str, args) -> int:
