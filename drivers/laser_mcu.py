@@ -32,7 +32,7 @@ from hal.errors import (
     InvalidArgument,
     ProtocolError,
 )
-from hal.laser import FrameTag, LaserSource, LaserStatus, McuNotice
+from hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ _PORT_ERRORS = (SerialException, OSError)
 # "- ERR <code>" and "<seq> ERR <code>" codes that mean the command line was damaged on its
 # way to the MCU: resending the identical line is the cure.
 _RESEND_CODES = ("CRC", "MALFORMED")
-_STATUS_KEYS = ("out", "duty", "ceil", "ilk", "key", "temp", "pd", "faults", "fc", "ft", "mod")
+_STATUS_KEYS = ("out", "duty", "ceil", "ilk", "key", "temp", "pd", "faults", "fc", "ft", "mod",
+                "ilkc", "keyc", "ont", "bud")
+_FACTORY_KEYS = ("n", "pdf", "max", "ceil", "trip", "budget")
 
 
 def crc16_ccitt(data: bytes) -> int:
@@ -114,6 +116,8 @@ class McuLaser(LaserSource):
         self._frames: collections.deque[FrameTag] = collections.deque(maxlen=FRAME_QUEUE_LEN)
         self._notices: collections.deque[McuNotice] = collections.deque(maxlen=NOTICE_QUEUE_LEN)
         self._identity = ""
+        self._factory: FactoryCalibration | None = None
+        self._factory_error = "not connected"
         # counters for telemetry and tests
         self.corrupt_lines = 0  # received lines that failed their checksum or parse
         self.resends = 0  # command lines sent again
@@ -199,9 +203,57 @@ class McuLaser(LaserSource):
                 frame_timing=fields["ft"] == "1",
                 modulation=fields["mod"] == "1",
                 duty_ceiling=float(fields["ceil"]),
+                interlock_openings=int(fields["ilkc"]),
+                key_offs=int(fields["keyc"]),
+                on_time_s=float(fields["ont"]),
+                budget_s=float(fields["bud"]),
             )
         except ValueError as err:
             raise ProtocolError(self.device, f"status reply has a bad value: {payload!r}") from err
+
+    def factory(self) -> FactoryCalibration:
+        """The MCU's factory record as read at connect (DeviceError when the MCU has none
+        or it could not be read)."""
+        with self._lock:
+            if self._factory is None:
+                raise DeviceError(self.device, f"no factory record: {self._factory_error}")
+            return self._factory
+
+    def read_factory(self) -> FactoryCalibration:
+        """Read the factory record from the MCU now (``FAC`` then ``FACR`` per point) and
+        cache it."""
+        with self._lock:
+            try:
+                payload = self._command("FAC")
+            except DeviceRejected as err:
+                self._factory, self._factory_error = None, str(err)
+                raise
+            fields = dict(tok.partition("=")[::2] for tok in payload.split(" ") if "=" in tok)
+            missing = [k for k in _FACTORY_KEYS if k not in fields]
+            if missing:
+                raise ProtocolError(self.device, f"factory reply lacks {', '.join(missing)}: {payload!r}")
+            try:
+                n = int(fields["n"])
+                points = []
+                for i in range(n):
+                    pf = dict(tok.partition("=")[::2] for tok in self._command(f"FACR {i}").split(" ") if "=" in tok)
+                    if int(pf.get("i", -1)) != i:
+                        raise ProtocolError(self.device, f"factory point reply for {i} names {pf.get('i')!r}")
+                    points.append((float(pf["d"]), float(pf["mw"])))
+                fc = FactoryCalibration(tuple(points), float(fields["pdf"]), float(fields["max"]),
+                                        float(fields["ceil"]), float(fields["trip"]), float(fields["budget"]))
+            except (KeyError, ValueError, InvalidArgument) as err:
+                raise ProtocolError(self.device, f"factory record unreadable: {err}") from err
+            self._factory = fc
+            return fc
+
+    def _do_write_factory(self, fc: FactoryCalibration) -> None:
+        with self._lock:
+            self._command(f"FACB {len(fc.points)} {fc.photodiode_factor:.6f} {fc.max_power_mw:.3f} {fc.budget_s:.3f}")
+            for i, (d, mw) in enumerate(fc.points):
+                self._command(f"FACW {i} {d:.6f} {mw:.3f}")
+            self._command("FACC")
+            self.read_factory()
 
     def clear_faults(self) -> None:
         """Clear latched MCU faults; DeviceRejected names the cause that persists."""
@@ -232,17 +284,17 @@ class McuLaser(LaserSource):
             return frames, notices
 
     # -- I/O hooks --------------------------------------------------------------------------
-    def _do_set_duty(self, duty: float) -> None:
-        self._command(f"DUTY {duty:.6f}")
+    def _do_set_duty(self, duty: float, expected_mw: float) -> None:
+        self._command(f"DUTY {duty:.6f} {expected_mw:.3f}")
 
-    def _do_set_enabled(self, on: bool) -> None:
-        self._command("EN 1" if on else "EN 0")
+    def _do_set_enabled(self, on: bool, expected_mw: float) -> None:
+        self._command(f"EN 1 {expected_mw:.3f}" if on else "EN 0")
 
     def _do_force_off(self) -> None:
         with self._lock:
             try:
                 self._command("EN 0")
-                self._command("DUTY 0")
+                self._command("DUTY 0 0")
             except DeviceError as err:
                 # Never raises: with a dead link the MCU's watchdog turns the laser off.
                 log.error("laser-mcu: could not confirm output off (%s); relying on the MCU watchdog", err)
@@ -372,7 +424,15 @@ class McuLaser(LaserSource):
             return f"{command!r} refused: duty {value} above the MCU's duty ceiling {err[2]}"
         if err[0] == "REFUSED" and len(err) >= 2:
             reason = {"FAULT": "faults latched", "ILK": "interlock open", "KEY": "key off",
-                      "OTEMP": "over temperature"}.get(err[1], err[1])
+                      "OTEMP": "over temperature",
+                      "JUMPER": "the MCU's service jumper is open (factory values are written only with it closed)",
+                      "NOFAC": "the MCU has no factory record",
+                      "BUDGET": "the MCU's emission budget is used up (seconds until enough is free)",
+                      "XMW": "expected mW disagrees with the MCU's factory table at this duty (factory mW)",
+                      "LIMIT": "expected mW above the MCU's optical trip (trip mW)",
+                      "OUT": "the output is on",
+                      "TABLE": "factory record invalid",
+                      "INCOMPLETE": "factory record incomplete (missing points)"}.get(err[1], err[1])
             detail = f" ({' '.join(err[2:])})" if len(err) > 2 else ""
             return f"{command!r} refused: {reason}{detail}"
         if err[0] == "ARG":
@@ -401,6 +461,10 @@ class McuLaser(LaserSource):
             return
         if kind == "FAULT":
             log.warning("laser-mcu: MCU latched fault %s", " ".join(detail))
+        elif kind == "CUT":
+            log.info("laser-mcu: lit frame %s cut mid-exposure", " ".join(detail))
+        elif kind == "IN":
+            kind = "INPUT"
         elif kind == "BOOT":
             log.warning("laser-mcu: MCU reset (%s)", " ".join(detail))
         if len(self._notices) == self._notices.maxlen:
@@ -423,11 +487,21 @@ class McuLaser(LaserSource):
         try:
             # S1: the first act on the link forces the output off.
             self._command("EN 0")
-            self._command("DUTY 0")
+            self._command("DUTY 0 0")
             self._identity = self._command("ID")
             self._command(f"WDT {self.heartbeat_timeout_ms}")
         except DeviceError:
             # Never keep a port on which the output was not confirmed off.
+            self._drop_port()
+            raise
+        try:
+            # S6a: the absolute limits come from the MCU, never from the host's own files.
+            self.read_factory()
+        except DeviceRejected as err:
+            # An MCU without a record refuses to emit; connecting still lets a service
+            # tool write one.
+            log.error("laser-mcu: MCU has no factory record (%s); it will refuse to emit", err)
+        except DeviceError:
             self._drop_port()
             raise
         log.info("laser-mcu: connected to %s, output off", self._identity)

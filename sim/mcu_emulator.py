@@ -7,8 +7,15 @@ replies to a retried line served from a cache, heartbeat watchdog, its own maxim
 on-time and duty ceiling, latched faults, a thermal model, a monitor photodiode, and the
 frame timing (camera triggers with the laser gated on even frames).
 
+Protocol 2 adds the factory record (S6a: table, photodiode factor, duty ceiling and optical
+trip, written only with the service jumper closed), the expected-mW cross-check on every
+on/set command, edge-latched inputs (a World listener stands for the firmware's pin-change
+interrupt), the accumulated emission budget over a sliding window (S7a) and the frame-
+boundary gating of turn-on and power increases while modulating (S15).
+
 It drives the diode on the :class:`~sim.world.World`; the World applies the key/interlock
-series loop on its own, as the hardware does. Everything time-driven reads the clock it was
+series loop on its own, as the hardware does. The diode's true response is linear,
+``full_scale_mw`` x duty; :func:`factory_for` builds the factory record that measures it. Everything time-driven reads the clock it was
 given: ``monotonic()`` for durations (watchdog, on-time, thermal model), ``time_ns()`` for
 world timestamps (frame triggers, laser drive changes).
 """
@@ -24,13 +31,14 @@ import threading
 
 from hal.clock import Clock
 from hal.errors import InvalidArgument
+from hal.laser import MAX_FACTORY_POINTS, OPTICAL_TRIP_FACTOR, FactoryCalibration
 from sim.world import World
 
 log = logging.getLogger(__name__)
 
 MODEL = "NIRF-LMCU"
-FIRMWARE_VERSION = "1.0.0"
-PROTOCOL_VERSION = 1
+FIRMWARE_VERSION = "2.0.0"
+PROTOCOL_VERSION = 2
 
 MAX_LINE_BYTES = 96  # longest command line the firmware buffers, terminator excluded
 TX_LIMIT_BYTES = 65536  # like a UART transmit buffer: lines beyond it are dropped
@@ -55,9 +63,18 @@ OTEMP_HYSTERESIS_C = 5.0  # OTEMP may be cleared only this far below the limit
 
 PD_NOISE_MW = 0.2  # monitor photodiode noise floor (1 sigma)
 PD_NOISE_REL = 0.002  # and proportional noise (1 sigma)
+# The simulated photodiode's true response: optical mW per pd unit (the factory measures it).
+PD_MW_PER_UNIT = 1.0
+
+OPT_TRIP_S = 0.005  # S6a: own reading above the optical trip for longer than this -> OPT
+XMW_TRIP_S = 0.050  # S6a: reading and expected mW disagreeing for longer than this -> XMW
+XMW_REL = 0.20  # "disagree": by more than 20 % of the larger of the two ...
+XMW_FS_ALLOWANCE = 0.02  # ... plus 2 % of the factory table's full scale (S6a's own allowance)
+XMW_FLOOR_MW = 1.0  # ... plus the photodiode's noise floor, so 0 mW vs 0.3 mW is no mismatch
+BUDGET_MIN_FREE_MAX_S = 60.0  # EN 1 needs min(60 s, budget / 10) of budget free
 
 # Strict number formats: no signs, exponents, nan or inf ever reach the firmware's maths.
-_DECIMAL = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,6})?$")
+_DECIMAL = re.compile(r"^[0-9]{1,4}(\.[0-9]{1,6})?$")
 _UINT = re.compile(r"^[0-9]{1,8}$")
 _SEQ = re.compile(r"^[0-9]{1,5}$")
 _HEX4 = re.compile(r"^[0-9A-Fa-f]{4}$")
@@ -87,9 +104,23 @@ class _Reply(Exception):
         self.text = text
 
 
+def factory_for(full_scale_mw: float, max_power_mw: float, budget_s: float,
+                photodiode_factor: float = PD_MW_PER_UNIT) -> FactoryCalibration:
+    """The factory record a factory would measure on the simulated diode: its true
+    (linear) duty -> mW curve, its photodiode's true factor, and the given limits."""
+    return FactoryCalibration.build(((0.0, 0.0), (1.0, float(full_scale_mw))), photodiode_factor,
+                                    max_power_mw, budget_s)
+
+
 class McuEmulator:
     """The laser MCU, emulated at the byte level (an EmulatorCore for PtyLink and
-    LoopbackSerial)."""
+    LoopbackSerial).
+
+    ``factory`` is the record held in the MCU's flash at boot (None: a blank MCU, which
+    refuses to emit until one is written with the service jumper closed). Without it, the
+    emulator is given a record measuring its own diode whose ceiling is ``duty_ceiling``
+    and whose budget is ``max_on_s`` (the version-1 constructor, kept for older tests).
+    """
 
     def __init__(
         self,
@@ -102,6 +133,7 @@ class McuEmulator:
         max_on_s: float = 1800.0,
         max_temp_c: float = 65.0,
         seed: int = 0,
+        factory: FactoryCalibration | None | str = "default",
     ):
         if not (math.isfinite(full_scale_mw) and full_scale_mw > 0):
             raise InvalidArgument(f"MCU emulator: full_scale_mw {full_scale_mw!r} must be > 0")
@@ -116,12 +148,18 @@ class McuEmulator:
             raise InvalidArgument(f"MCU emulator: max_temp_c {max_temp_c!r} must be finite")
         self.world = world
         self.clock = clock
-        self.full_scale_mw = float(full_scale_mw)
-        self.duty_ceiling = float(duty_ceiling)
+        self.full_scale_mw = float(full_scale_mw)  # the diode's true mW at duty 1.0
         self.max_on_s = float(max_on_s)
         self.max_temp_c = float(max_temp_c)
         self.serial_number = f"EMU{int(seed) & 0xFFFFFF:06d}"
+        if factory == "default":
+            factory = factory_for(full_scale_mw, duty_ceiling * full_scale_mw / OPTICAL_TRIP_FACTOR, max_on_s)
+        elif factory is not None and not isinstance(factory, FactoryCalibration):
+            raise InvalidArgument(f"MCU emulator: factory {factory!r} is not a FactoryCalibration")
+        self._factory: FactoryCalibration | None = factory
+        self._fac_stage: dict | None = None  # a record being written (FACB/FACW), until FACC
         self._rng = random.Random(seed)
+        self._pd_rng = random.Random(seed + 1)  # photodiode noise, apart from line corruption
         self._lock = threading.RLock()
         # link
         self._rx = bytearray()
@@ -134,12 +172,32 @@ class McuEmulator:
         # output
         now_s = clock.monotonic()
         self._boot_ns = clock.time_ns()
-        self._enabled = False
-        self._duty = 0.0
+        self._enabled = False  # permission to emit (EN 1 accepted, no trip since)
+        self._duty = 0.0  # commanded duty and the mW the host expects from it
+        self._expected_mw = 0.0
+        # The level in effect. Outside modulation it follows the command at once; while
+        # modulating an increase waits for the next lit trigger (S15).
+        self._applied_duty = 0.0
+        self._applied_mw = 0.0
         self._wdt_ms = int(heartbeat_timeout_ms)
         self._last_feed_s = now_s
         self._on_since_s = now_s
         self._faults: list[str] = []
+        # monitor photodiode (calibrated mW) and the S6a timers
+        self._pd_live_mw = 0.0
+        self._pd_held_mw = 0.0  # last lit-level sample while modulating (status shows it)
+        self._pd_held_valid = False  # a lit sample taken at the level now in effect
+        self._opt_since: float | None = None
+        self._xmw_since: float | None = None
+        # inputs, as the pin-change interrupt saw them
+        inputs = world.inputs()
+        self._ilk_closed = bool(inputs["interlock_closed"])
+        self._key_on = bool(inputs["key"])
+        self._ilk_openings = 0
+        self._key_offs = 0
+        # S7a: emission-permitted intervals (start_s, end_s) within the sliding window
+        self._on_intervals: collections.deque[tuple[float, float]] = collections.deque()
+        self._permit_since: float | None = None
         # thermal model
         self._temp_c = AMBIENT_C
         self._thermal_s = now_s
@@ -153,8 +211,10 @@ class McuEmulator:
         self._next_frame = 0  # counter of the next frame to trigger
         self._frame_count = 0  # frames triggered since the last start
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
+        self._frame_lit = False  # the frame in progress was triggered lit and is still lit
         # Safe at boot: no drive, whatever the world held before.
         self.world.set_laser_drive(0.0, self._boot_ns)
+        self.world.add_listener(self._on_world)
         self._send(f"! BOOT {MODEL} {FIRMWARE_VERSION}")
 
     # -- EmulatorCore ------------------------------------------------------------------------
@@ -204,6 +264,23 @@ class McuEmulator:
         with self._lock:
             return tuple(self._faults)
 
+    @property
+    def factory(self) -> FactoryCalibration | None:
+        """The factory record in effect (None on a blank MCU)."""
+        with self._lock:
+            return self._factory
+
+    @property
+    def duty_ceiling(self) -> float:
+        """The duty ceiling of the factory record (0 on a blank MCU: nothing allowed)."""
+        with self._lock:
+            return self._factory.duty_ceiling if self._factory else 0.0
+
+    def on_time_s(self) -> float:
+        """Emission-permitted seconds within the current window of 2 x budget."""
+        with self._lock:
+            return self._used_s(self.clock.monotonic())
+
     # -- output line -----------------------------------------------------------------------------
     def _send(self, text: str) -> None:
         line = f"{text}*{crc16_ccitt(text.encode('ascii')):04X}"
@@ -217,6 +294,32 @@ class McuEmulator:
             return  # nobody is reading; a real UART buffer overflows the same way
         self._tx += data
 
+    # -- input interrupt ----------------------------------------------------------------------
+    def _on_world(self, kind: str, payload: dict) -> None:
+        """The pin-change interrupt: every input edge, at once, whatever the tick."""
+        if kind != "inputs":
+            return
+        with self._lock:
+            self._advance()
+            ilk, key = bool(payload["interlock_closed"]), bool(payload["key"])
+            new: list[str] = []
+            if ilk != self._ilk_closed:
+                self._ilk_closed = ilk
+                self._send(f"! IN ILK {int(ilk)}")
+                if not ilk:
+                    self._ilk_openings += 1
+                    new.append("ILK")
+            if key != self._key_on:
+                self._key_on = key
+                self._send(f"! IN KEY {int(key)}")
+                if not key:
+                    self._key_offs += 1
+                    new.append("KEY")
+            # An opening latches while the output is permitted, even if it closes again
+            # before the next tick: the edge is what counts (S3a).
+            if new and self._enabled:
+                self._latch(new, self.clock.time_ns())
+
     # -- time-driven behaviour ----------------------------------------------------------------
     def _advance(self) -> None:
         now_s = self.clock.monotonic()
@@ -224,7 +327,11 @@ class McuEmulator:
         # Frames first, at their exact scheduled times; then the checks at "now".
         self._run_frames(now_ns)
         self._update_thermal(now_s, now_ns)
+        self._sample_photodiode()
         self._check_safety(now_s, now_ns)
+
+    def _modulating(self) -> bool:
+        return self._ft_running and self._ft_modulate
 
     def _run_frames(self, now_ns: int) -> None:
         if not self._ft_running or now_ns < self._t0_ns:
@@ -238,12 +345,16 @@ class McuEmulator:
             n = self._next_frame
             t_ns = self._t0_ns + n * self._period_ns
             self._gate_frame = n
-            drive_mw = self._drive_mw()
             lit = self._enabled and self._gate_open(n)
+            if lit and (self._applied_duty, self._applied_mw) != (self._duty, self._expected_mw):
+                # S15: the frame boundary is where a pending turn-on or increase applies.
+                self._applied_duty, self._applied_mw = self._duty, self._expected_mw
+                self._pd_held_valid = False
+            self._frame_lit = lit
             # The gate for this frame is set before the trigger, at the trigger's time, so
             # the whole frame period is lit (or dark).
-            self.world.set_laser_drive(drive_mw, t_ns)
-            self.world.trigger(n, t_ns, lit)
+            self.world.set_laser_drive(self._drive_mw(), t_ns)
+            self.world.trigger(n, t_ns, lit, self._exposure_us * 1000)
             self._send(f"! FRM {n} {'L' if lit else 'D'} {self._mcu_us(t_ns)}")
             self._next_frame = n + 1
             self._frame_count = n + 1
@@ -267,21 +378,76 @@ class McuEmulator:
             return OVERTEMP_READING_C
         return self._temp_c
 
+    def _pdf(self) -> float:
+        return self._factory.photodiode_factor if self._factory else PD_MW_PER_UNIT
+
+    def _sample_photodiode(self) -> None:
+        """One ADC sample of the monitor photodiode, in factory-calibrated mW. While
+        modulating, samples taken in lit frames are held, so the reading is the lit level
+        and does not flicker with the gate."""
+        optical = self.world.laser_output_mw()
+        gain = float(self.world.faults.get("photodiode_gain", 1.0))
+        units = optical * gain / PD_MW_PER_UNIT
+        units += self._pd_rng.gauss(0.0, (PD_NOISE_MW + PD_NOISE_REL * abs(optical * gain)) / PD_MW_PER_UNIT)
+        self._pd_live_mw = max(0.0, units) * self._pdf()
+        if not self._enabled:
+            self._pd_held_mw = self._pd_live_mw
+            self._pd_held_valid = False
+        elif self._modulating():
+            if self._frame_lit:
+                self._pd_held_mw = self._pd_live_mw
+                self._pd_held_valid = True
+        else:
+            self._pd_held_mw = self._pd_live_mw
+            self._pd_held_valid = True
+
+    def _xmw_disagrees(self) -> bool:
+        reading, expected = self._pd_held_mw, self._applied_mw
+        full_scale = self._factory.points[-1][1] if self._factory else 0.0
+        tolerance = XMW_REL * max(reading, expected) + XMW_FS_ALLOWANCE * full_scale + XMW_FLOOR_MW
+        return abs(reading - expected) > tolerance
+
     def _check_safety(self, now_s: float, now_ns: int) -> None:
         new: list[str] = []
         if self._enabled:
             inputs = self.world.inputs()
-            if not inputs["interlock_closed"]:
+            # the interrupt's view, and the level now (an input changed behind the World's
+            # back by a test still counts)
+            if not self._ilk_closed or not inputs["interlock_closed"]:
                 new.append("ILK")
-            if not inputs["key"]:
+            if not self._key_on or not inputs["key"]:
                 new.append("KEY")
             if now_s - self._last_feed_s > self._wdt_ms / 1000.0:
                 new.append("WDOG")
             if now_s - self._on_since_s >= self.max_on_s:
                 new.append("MAXON")
+            if self._factory is not None and self._used_s(now_s) >= self._factory.budget_s:
+                new.append("BUDGET")
+        # S6a optical trip on the live reading, whatever the gate.
+        if self._factory is not None and self._pd_live_mw > self._factory.optical_trip_mw:
+            if self._opt_since is None:
+                self._opt_since = now_s
+            elif now_s - self._opt_since > OPT_TRIP_S:
+                new.append("OPT")
+        else:
+            self._opt_since = None
+        # S6a expected-mW cross-check, on a reading taken at the level now in effect.
+        if self._enabled and self._pd_held_valid and self._xmw_disagrees():
+            if self._xmw_since is None:
+                self._xmw_since = now_s
+            elif now_s - self._xmw_since > XMW_TRIP_S:
+                new.append("XMW")
+        else:
+            self._xmw_since = None
         if self._temp_reading_c() > self.max_temp_c:
             new.append("OTEMP")
-        new = [code for code in new if code not in self._faults]
+        self._latch(new, now_ns)
+
+    def _latch(self, codes: list[str], now_ns: int) -> None:
+        new = []
+        for code in codes:
+            if code not in self._faults and code not in new:
+                new.append(code)
         if not new:
             return
         for code in new:
@@ -289,35 +455,105 @@ class McuEmulator:
             log.warning("MCU emulator: fault %s latched", code)
             self._send(f"! FAULT {code}")
         if self._enabled:
-            self._enabled = False
-            self._apply_drive(now_ns)
+            self._turn_off(now_ns)
+
+    # -- S7a budget -----------------------------------------------------------------------------
+    def _used_s(self, now_s: float) -> float:
+        if self._factory is None:
+            return 0.0
+        window_start = now_s - 2.0 * self._factory.budget_s
+        while self._on_intervals and self._on_intervals[0][1] <= window_start:
+            self._on_intervals.popleft()
+        used = sum(min(end, now_s) - max(start, window_start) for start, end in self._on_intervals)
+        if self._permit_since is not None:
+            used += now_s - max(self._permit_since, window_start)
+        return max(0.0, used)
+
+    def _min_free_s(self) -> float:
+        return min(BUDGET_MIN_FREE_MAX_S, self._factory.budget_s / 10.0) if self._factory else 0.0
+
+    def _wait_for_free_s(self, now_s: float) -> float:
+        """Seconds until min_free of budget is free, if nothing emits meanwhile."""
+        budget = self._factory.budget_s
+        need = self._used_s(now_s) - (budget - self._min_free_s())
+        if need <= 0:
+            return 0.0
+        # Used time leaves the window oldest first, at the rate the old intervals covered it.
+        window_start = now_s - 2.0 * budget
+        for start, end in self._on_intervals:
+            start = max(start, window_start)
+            span = end - start
+            if span >= need:
+                return start + need - window_start
+            need -= span
+        return 2.0 * budget
 
     # -- drive ---------------------------------------------------------------------------------
     def _gate_open(self, frame: int) -> bool:
-        return not (self._ft_running and self._ft_modulate) or frame % 2 == 0
+        return not self._modulating() or frame % 2 == 0
 
     def _drive_mw(self) -> float:
-        if not self._enabled or not self._gate_open(self._gate_frame):
+        if not self._enabled:
             return 0.0
-        return self._duty * self.full_scale_mw
+        if self._modulating():
+            return self._applied_duty * self.full_scale_mw if self._frame_lit else 0.0
+        return self._applied_duty * self.full_scale_mw
 
     def _apply_drive(self, t_ns: int | None = None) -> None:
         self.world.set_laser_drive(self._drive_mw(), self.clock.time_ns() if t_ns is None else t_ns)
 
+    def _in_lit_exposure(self, now_ns: int) -> bool:
+        if not (self._ft_running and self._frame_lit):
+            return False
+        t_start = self._t0_ns + self._gate_frame * self._period_ns
+        return t_start <= now_ns < t_start + self._exposure_us * 1000
+
+    def _turn_off(self, now_ns: int) -> None:
+        """Output off at once (command, trip or watchdog); never waits for a boundary."""
+        if self._in_lit_exposure(now_ns):
+            self._send(f"! CUT {self._gate_frame}")
+        was = self._enabled
+        self._enabled = False
+        self._frame_lit = False
+        self._pd_held_valid = False
+        self._xmw_since = None
+        if was and self._permit_since is not None:
+            self._on_intervals.append((self._permit_since, self.clock.monotonic()))
+        self._permit_since = None
+        self._apply_drive(now_ns)
+
+    def _set_level(self, duty: float, mw: float) -> None:
+        """A new commanded level. Decreases act at once; increases too, except while
+        modulating with the output on, when they wait for the next lit trigger (S15)."""
+        self._duty, self._expected_mw = duty, mw
+        if not self._enabled or not self._modulating():
+            if (self._applied_duty, self._applied_mw) != (duty, mw):
+                self._pd_held_valid = False
+            self._applied_duty, self._applied_mw = duty, mw
+            self._apply_drive()
+            return
+        if duty <= self._applied_duty:
+            now_ns = self.clock.time_ns()
+            if duty < self._applied_duty and self._in_lit_exposure(now_ns):
+                self._send(f"! CUT {self._gate_frame}")
+            if (self._applied_duty, self._applied_mw) != (duty, mw):
+                self._pd_held_valid = False
+            self._applied_duty, self._applied_mw = duty, mw
+            self._apply_drive(now_ns)
+        # else: pending until the next lit trigger (_run_frames applies it)
+
     def _mcu_us(self, t_ns: int) -> int:
         return (t_ns - self._boot_ns) // 1000
 
-    def _photodiode_mw(self) -> float:
-        if self._ft_running and self._ft_modulate:
-            # The monitor is sampled during lit frames and held, so status does not
-            # flicker with the frame gate.
-            optical = self._duty * self.full_scale_mw if (self._enabled and self.world.enable_chain_closed()) else 0.0
-        else:
-            optical = self.world.laser_output_mw()
-        gain = float(self.world.faults.get("photodiode_gain", 1.0))
-        reading = optical * gain
-        reading += self._rng.gauss(0.0, PD_NOISE_MW + PD_NOISE_REL * abs(reading))
-        return max(0.0, reading)
+    def _check_expected(self, duty: float, mw: float) -> None:
+        """S6a at command time: the expected mW must be one the factory table allows at
+        this duty (within the same tolerance S6a grants the host's own table)."""
+        fc = self._factory
+        if mw > fc.optical_trip_mw:
+            raise _Reply(f"ERR REFUSED LIMIT {fc.optical_trip_mw:.3f}")
+        factory_mw = fc.mw_at(duty)
+        if abs(mw - factory_mw) > 0.2 * factory_mw + XMW_FS_ALLOWANCE * fc.points[-1][1] + 1e-6:
+            raise _Reply(f"ERR REFUSED XMW {factory_mw:.3f}")
 
     # -- command lines ----------------------------------------------------------------------------
     def _handle_line(self, raw: bytes) -> None:
@@ -371,40 +607,53 @@ class McuEmulator:
         return f"OK model={MODEL} fw={FIRMWARE_VERSION} proto={PROTOCOL_VERSION} sn={self.serial_number}"
 
     def _cmd_duty(self, args: list[str]) -> str:
-        _nargs(args, 1)
-        if not _DECIMAL.match(args[0]):
-            raise _Reply("ERR ARG")
-        duty = float(args[0])
+        _nargs(args, 2)
+        duty, mw = _decimal(args[0]), _decimal(args[1])
         if duty > 1.0:
             raise _Reply("ERR ARG")
-        if duty > self.duty_ceiling + 1e-9:
-            # rejected, never clamped: the duty stays what it was
-            raise _Reply(f"ERR REFUSED CEILING {self.duty_ceiling:.4f}")
-        self._duty = duty
-        self._apply_drive()
-        return f"OK duty={self._duty:.4f}"
+        if self._factory is None:
+            if duty > 0.0:
+                raise _Reply("ERR REFUSED NOFAC")
+        else:
+            if duty > self._factory.duty_ceiling + 1e-9:
+                # rejected, never clamped: the duty stays what it was
+                raise _Reply(f"ERR REFUSED CEILING {self._factory.duty_ceiling:.6f}")
+            self._check_expected(duty, mw)
+        self._set_level(duty, mw)
+        return f"OK duty={self._duty:.6f} mw={self._expected_mw:.3f}"
 
     def _cmd_en(self, args: list[str]) -> str:
-        _nargs(args, 1)
-        if args[0] == "0":
-            self._enabled = False
-            self._apply_drive()
+        if args == ["0"]:
+            self._turn_off(self.clock.time_ns())
             return "OK out=0"
+        _nargs(args, 2)
         if args[0] != "1":
             raise _Reply("ERR ARG")
+        mw = _decimal(args[1])
+        if self._factory is None:
+            raise _Reply("ERR REFUSED NOFAC")
         if self._faults:
             raise _Reply(f"ERR REFUSED FAULT {','.join(self._faults)}")
         inputs = self.world.inputs()
-        if not inputs["interlock_closed"]:
+        if not inputs["interlock_closed"] or not self._ilk_closed:
             raise _Reply("ERR REFUSED ILK")
-        if not inputs["key"]:
+        if not inputs["key"] or not self._key_on:
             raise _Reply("ERR REFUSED KEY")
+        self._check_expected(self._duty, mw)
         now_s = self.clock.monotonic()
         if not self._enabled:
-            self._on_since_s = now_s  # on-time counts from the off -> on transition
-        self._last_feed_s = now_s  # enabling arms the watchdog with a full timeout
-        self._enabled = True
-        self._apply_drive()
+            wait_s = self._wait_for_free_s(now_s)
+            if wait_s > 0:
+                raise _Reply(f"ERR REFUSED BUDGET {math.ceil(wait_s)}")
+            self._on_since_s = now_s  # MAXON: continuous on-time from the off -> on transition
+            self._permit_since = now_s  # S7a: accumulates across every on period
+            self._last_feed_s = now_s  # enabling arms the watchdog with a full timeout
+            self._enabled = True
+            self._frame_lit = False  # while modulating, light starts at the next lit trigger
+            self._pd_held_valid = False
+            if not self._modulating():
+                self._applied_duty = self._duty
+        self._set_level(self._duty, mw)
         return "OK out=1"
 
     def _cmd_hb(self, args: list[str]) -> str:
@@ -422,13 +671,17 @@ class McuEmulator:
     def _cmd_st(self, args: list[str]) -> str:
         _nargs(args, 0)
         inputs = self.world.inputs()
+        now_s = self.clock.monotonic()
+        pd_units = (self._pd_held_mw if self._modulating() and self._enabled else self._pd_live_mw) / self._pdf()
+        budget = self._factory.budget_s if self._factory else 0.0
         return (
-            f"OK out={int(self._enabled)} duty={self._duty:.4f} ceil={self.duty_ceiling:.4f}"
+            f"OK out={int(self._enabled)} duty={self._duty:.4f} ceil={self.duty_ceiling:.6f}"
             f" ilk={int(inputs['interlock_closed'])} key={int(inputs['key'])}"
-            f" temp={self._temp_reading_c():.1f} pd={self._photodiode_mw():.2f}"
+            f" temp={self._temp_reading_c():.1f} pd={pd_units:.2f}"
             f" faults={','.join(self._faults) or '-'} fc={self._frame_count}"
-            f" ft={int(self._ft_running)} mod={int(self._ft_running and self._ft_modulate)}"
-            f" wdt={self._wdt_ms}"
+            f" ft={int(self._ft_running)} mod={int(self._modulating())}"
+            f" wdt={self._wdt_ms} ilkc={self._ilk_openings} keyc={self._key_offs}"
+            f" ont={self._used_s(now_s):.3f} bud={budget:.3f}"
         )
 
     def _cmd_clr(self, args: list[str]) -> str:
@@ -443,6 +696,8 @@ class McuEmulator:
             if persisting.get(code, False):
                 # all or nothing: nothing is cleared while any latched cause persists
                 raise _Reply(f"ERR REFUSED {code}")
+        # BUDGET clears like the others; the used time itself is never cleared, and EN 1
+        # stays refused until enough of it has left the window.
         cleared = ",".join(self._faults) or "-"
         self._faults.clear()
         return f"OK cleared={cleared}"
@@ -463,6 +718,9 @@ class McuEmulator:
         self._next_frame = 0
         self._frame_count = 0
         self._gate_frame = 0
+        # Dark until frame 0's trigger (at t0, on the next step) decides its gate.
+        self._frame_lit = False
+        self._pd_held_valid = False
         self._apply_drive(self._t0_ns)
         return f"OK t0={self._mcu_us(self._t0_ns)}"
 
@@ -470,8 +728,74 @@ class McuEmulator:
         _nargs(args, 0)
         self._ft_running = False
         self._ft_modulate = False
-        self._apply_drive()  # back to continuous while enabled
+        self._frame_lit = False
+        # back to continuous while enabled, at the commanded level
+        self._applied_duty, self._applied_mw = self._duty, self._expected_mw
+        self._pd_held_valid = False
+        self._apply_drive()
         return f"OK fc={self._frame_count}"
+
+    # -- factory record (S6a) ------------------------------------------------------------------
+    def _require_jumper(self) -> None:
+        if not self.world.service_jumper:
+            raise _Reply("ERR REFUSED JUMPER")
+        if self._enabled:
+            raise _Reply("ERR REFUSED OUT")
+
+    def _cmd_fac(self, args: list[str]) -> str:
+        _nargs(args, 0)
+        fc = self._factory
+        if fc is None:
+            raise _Reply("ERR REFUSED NOFAC")
+        return (f"OK n={len(fc.points)} pdf={fc.photodiode_factor:.6f} max={fc.max_power_mw:.3f}"
+                f" ceil={fc.duty_ceiling:.6f} trip={fc.optical_trip_mw:.3f} budget={fc.budget_s:.3f}")
+
+    def _cmd_facr(self, args: list[str]) -> str:
+        _nargs(args, 1)
+        if self._factory is None:
+            raise _Reply("ERR REFUSED NOFAC")
+        if not _UINT.match(args[0]) or int(args[0]) >= len(self._factory.points):
+            raise _Reply("ERR ARG")
+        i = int(args[0])
+        d, mw = self._factory.points[i]
+        return f"OK i={i} d={d:.6f} mw={mw:.3f}"
+
+    def _cmd_facb(self, args: list[str]) -> str:
+        _nargs(args, 4)
+        if not _UINT.match(args[0]) or not 2 <= int(args[0]) <= MAX_FACTORY_POINTS:
+            raise _Reply("ERR ARG")
+        pdf, max_mw, budget = _decimal(args[1]), _decimal(args[2]), _decimal(args[3])
+        self._require_jumper()
+        self._fac_stage = {"n": int(args[0]), "pdf": pdf, "max": max_mw, "budget": budget,
+                           "points": [None] * int(args[0])}
+        return f"OK n={int(args[0])}"
+
+    def _cmd_facw(self, args: list[str]) -> str:
+        _nargs(args, 3)
+        if not _UINT.match(args[0]):
+            raise _Reply("ERR ARG")
+        i, d, mw = int(args[0]), _decimal(args[1]), _decimal(args[2])
+        self._require_jumper()
+        if self._fac_stage is None or i >= self._fac_stage["n"] or d > 1.0:
+            raise _Reply("ERR ARG")
+        self._fac_stage["points"][i] = (d, mw)
+        return f"OK i={i}"
+
+    def _cmd_facc(self, args: list[str]) -> str:
+        _nargs(args, 0)
+        self._require_jumper()
+        stage, self._fac_stage = self._fac_stage, None
+        if stage is None or any(p is None for p in stage["points"]):
+            raise _Reply("ERR REFUSED INCOMPLETE")
+        try:
+            # The MCU derives the ceiling and the trip itself; nobody sends them.
+            fc = FactoryCalibration.build(tuple(stage["points"]), stage["pdf"], stage["max"], stage["budget"])
+        except InvalidArgument as err:
+            log.warning("MCU emulator: factory record refused: %s", err)
+            raise _Reply("ERR REFUSED TABLE") from None
+        self._factory = fc
+        log.warning("MCU emulator: new factory record written under the service jumper: %s", fc)
+        return f"OK ceil={fc.duty_ceiling:.6f} trip={fc.optical_trip_mw:.3f}"
 
     _COMMANDS = {
         "ID": _cmd_id,
@@ -483,7 +807,18 @@ class McuEmulator:
         "CLR": _cmd_clr,
         "FTON": _cmd_fton,
         "FTOFF": _cmd_ftoff,
+        "FAC": _cmd_fac,
+        "FACR": _cmd_facr,
+        "FACB": _cmd_facb,
+        "FACW": _cmd_facw,
+        "FACC": _cmd_facc,
     }
+
+
+def _decimal(text: str) -> float:
+    if not _DECIMAL.match(text):
+        raise _Reply("ERR ARG")
+    return float(text)
 
 
 def _nargs(args: list[str], n: int) -> None:

@@ -39,8 +39,10 @@ def validate(args, width: int = 1456, height: int = 1088) -> dict:
             if v not in ("open", "closed"):
                 raise InvalidArgument(f"sim.set interlock: {v!r}, allowed 'open' or 'closed'")
             out[key] = v
-        elif key in ("key", "footswitch"):
+        elif key in ("key", "footswitch", "service_jumper"):
             out[key] = _bool(key, v)
+        elif key == "pulse":
+            out[key] = _pulse(v)
         elif key == "ambient_e_per_ms":
             out[key] = _num(key, v, 0.0, 1e5)
         elif key == "laser_leak":
@@ -65,7 +67,7 @@ def validate(args, width: int = 1456, height: int = 1088) -> dict:
         else:
             raise InvalidArgument(
                 f"sim.set: unknown argument {key!r}; known: interlock, key, footswitch, ambient_e_per_ms, "
-                "illumination, laser_leak, phantom, fault, seed")
+                "illumination, laser_leak, phantom, fault, seed, pulse, service_jumper")
     return out
 
 
@@ -95,6 +97,17 @@ def _phantom(v, width: int, height: int) -> dict:
             "icg_nM": _num(f"phantom.inclusions[{i}].icg_nM", inc["icg_nM"], 0.0, 1e5),
         })
     return out
+
+
+MAX_PULSE_MS = 60_000
+
+
+def _pulse(v) -> dict:
+    if not isinstance(v, dict) or set(v) != {"input", "ms"}:
+        raise InvalidArgument(f"sim.set pulse: {v!r}, need exactly input and ms")
+    if v["input"] not in ("interlock", "key", "footswitch"):
+        raise InvalidArgument(f"sim.set pulse.input: {v['input']!r}, allowed 'interlock', 'key' or 'footswitch'")
+    return {"input": v["input"], "ms": _num("pulse.ms", v["ms"], 1.0, MAX_PULSE_MS)}
 
 
 def _fault(v) -> dict:

@@ -6,12 +6,20 @@ injected faults. It is thread-safe (one lock) and takes its clock as a parameter
 
 The key and interlock (and the foot switch, where wired that way) are in series with the
 laser enable here as in hardware: whatever the MCU drives, an open loop gives no light.
+
+Every input change is emitted to the listeners with its own timestamp, in the order it
+happened (one lock serialises the change and its notice), so a listener that stands for an
+interrupt line (the MCU emulator) sees every edge, however short the pulse. ``pulse``
+changes an input for an exact number of milliseconds on a dedicated timer thread. For the
+tests that judge the true optical output the world keeps the laser's step events and the
+camera trigger windows.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -89,6 +97,7 @@ class Trigger:
     counter: int
     t_start_ns: int
     lit: bool
+    exposure_ns: int = 0  # how long the exposure lasts from t_start_ns (0: not given)
 
 
 @dataclass(frozen=True)
@@ -112,11 +121,19 @@ class SceneSnapshot:
 
 Listener = Callable[[str, dict], None]
 
+# sim.set pulse inputs, their World attribute and the value that counts as "closed"/"on"
+PULSE_INPUTS = ("interlock", "key", "footswitch")
+MAX_PULSE_MS = 60_000
+# The pulse timer sleeps until this close to an edge, then spins (yielding) to hit it.
+_PULSE_SPIN_S = 0.002
+
 
 class World:
     """The physical truth of the simulated cart."""
 
     LASER_HISTORY_S = 5.0
+    TRIGGER_HISTORY = 4096
+    INPUT_HISTORY = 4096
 
     def __init__(
         self,
@@ -129,6 +146,10 @@ class World:
     ):
         self._clock = clock
         self._lock = threading.RLock()
+        # Serialises an input change together with its notice (taken before _lock, never
+        # while holding it), so listeners see the edges in the order they happened.
+        self._input_lock = threading.RLock()
+        self.laser_history_s = self.LASER_HISTORY_S  # tests may keep a longer record
         self.sensor = sensor or SensorModel()
         self.laser_max_mw = float(laser_max_mw)
         self.footswitch_in_series = footswitch_in_series
@@ -137,6 +158,11 @@ class World:
         self.key = True
         self.interlock_closed = True
         self.footswitch = False
+        # the MCU's hardware service input (S6a): only while closed does it accept factory values
+        self.service_jumper = False
+        self._input_events: deque[tuple[int, str, bool]] = deque(maxlen=self.INPUT_HISTORY)
+        self._pulses: dict[str, threading.Thread] = {}
+        self._triggers: deque[Trigger] = deque(maxlen=self.TRIGGER_HISTORY)
         # scene
         self.phantom = Phantom.default(self.sensor.width, self.sensor.height)
         self.ambient_e_per_ms = 5.0
@@ -202,7 +228,7 @@ class World:
         last_t, last = self._laser_events[-1]
         if out != last:
             self._laser_events.append((max(t, last_t), out))
-            horizon = t - int(self.LASER_HISTORY_S * 1e9)
+            horizon = t - int(self.laser_history_s * 1e9)
             while len(self._laser_events) > 2 and self._laser_events[1][0] < horizon:
                 self._laser_events.popleft()
             emit = True
@@ -225,9 +251,98 @@ class World:
             return mean_of_steps(list(self._laser_events), t0_ns, t1_ns)
 
     # -- triggers -----------------------------------------------------------------------------
-    def trigger(self, counter: int, t_start_ns: int, lit: bool) -> None:
-        """The MCU triggers one camera exposure."""
-        self._emit("trigger", {"counter": counter, "t_start_ns": t_start_ns, "lit": lit})
+    def trigger(self, counter: int, t_start_ns: int, lit: bool, exposure_ns: int = 0) -> None:
+        """The MCU triggers one camera exposure (of ``exposure_ns``, when given)."""
+        with self._lock:
+            self._triggers.append(Trigger(int(counter), int(t_start_ns), bool(lit), int(exposure_ns)))
+        payload = {"counter": counter, "t_start_ns": t_start_ns, "lit": lit}
+        if exposure_ns:
+            payload["exposure_ns"] = int(exposure_ns)
+        self._emit("trigger", payload)
+
+    def triggers(self) -> list[Trigger]:
+        """The most recent camera triggers (at most TRIGGER_HISTORY), oldest first."""
+        with self._lock:
+            return list(self._triggers)
+
+    # -- input changes and pulses --------------------------------------------------------------
+    def set_inputs(self, changes: dict, t_ns: int | None = None) -> dict:
+        """Change inputs (``interlock``: "open"/"closed", ``key``, ``footswitch``: bool) at
+        once and notify the listeners with an ``inputs`` message carrying ``t_ns``. Returns
+        that message."""
+        with self._input_lock:
+            with self._lock:
+                t = self._clock.time_ns() if t_ns is None else int(t_ns)
+                for k, v in changes.items():
+                    if k == "interlock":
+                        value = v == "closed" if isinstance(v, str) else bool(v)
+                        if value != self.interlock_closed:
+                            self._input_events.append((t, "interlock", value))
+                        self.interlock_closed = value
+                    elif k in ("key", "footswitch"):
+                        if bool(v) != getattr(self, k):
+                            self._input_events.append((t, k, bool(v)))
+                        setattr(self, k, bool(v))
+                    else:
+                        raise InvalidArgument(f"unknown world input {k!r}; known: {', '.join(PULSE_INPUTS)}")
+                self._record_output(t)
+                payload = dict(self.inputs(), t_ns=t)
+            self._emit("inputs", payload)
+        return payload
+
+    def input_events(self) -> list[tuple[int, str, bool]]:
+        """Recent input changes as (t_ns, input, new value: closed/on/held), oldest first."""
+        with self._lock:
+            return list(self._input_events)
+
+    def _input_value(self, name: str) -> bool:
+        return {"interlock": self.interlock_closed, "key": self.key, "footswitch": self.footswitch}[name]
+
+    def pulse(self, name: str, ms: float) -> None:
+        """Invert input ``name`` now and restore it exactly ``ms`` later, on a timer thread
+        of its own (an interlock or key pulse is an opening; a foot switch held is a
+        release). Refused while a pulse of the same input runs."""
+        if name not in PULSE_INPUTS:
+            raise InvalidArgument(f"pulse input {name!r}; allowed {', '.join(PULSE_INPUTS)}")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 1 <= ms <= MAX_PULSE_MS:
+            raise InvalidArgument(f"pulse ms {ms!r} outside 1-{MAX_PULSE_MS}")
+        with self._lock:
+            running = self._pulses.get(name)
+            if running is not None and running.is_alive():
+                raise InvalidArgument(f"a pulse of {name} is still running")
+            before = self._input_value(name)
+            t = threading.Thread(target=self._run_pulse, args=(name, before, float(ms)),
+                                 name=f"pulse-{name}", daemon=True)
+            self._pulses[name] = t
+        t.start()
+
+    def _run_pulse(self, name: str, before: bool, ms: float) -> None:
+        def value(v: bool):
+            return ("closed" if v else "open") if name == "interlock" else v
+
+        start = self._clock.monotonic()
+        self.set_inputs({name: value(not before)})
+        self._sleep_until(start + ms / 1000.0)
+        self.set_inputs({name: value(before)})
+
+    def _sleep_until(self, target_s: float) -> None:
+        """Sleep on the world's clock until ``target_s``: coarsely, then spinning for the
+        last moments so the edge lands well within a millisecond of its time."""
+        spin_started = None
+        while True:
+            remaining = target_s - self._clock.monotonic()
+            if remaining <= 0:
+                return
+            if remaining > _PULSE_SPIN_S:
+                self._clock.sleep(remaining - _PULSE_SPIN_S)
+                continue
+            if spin_started is None:
+                spin_started = time.perf_counter()
+            elif time.perf_counter() - spin_started > 4 * _PULSE_SPIN_S:
+                # a clock that does not move by itself (a manual test clock): just step it
+                self._clock.sleep(remaining)
+                continue
+            time.sleep(0)  # yield the interpreter, keep the core
 
     # -- filter --------------------------------------------------------------------------------
     def set_filter(self, position: int, moving: bool) -> None:
@@ -252,18 +367,14 @@ class World:
     # -- sim.set ---------------------------------------------------------------------------------
     def apply(self, changes: dict) -> dict:
         """Apply a validated ``sim.set`` map (see :func:`sim.simset.validate`)."""
-        inputs_changed = False
+        input_changes = {k: changes[k] for k in PULSE_INPUTS if k in changes}
+        pulse = changes.get("pulse")
         with self._lock:
             for k, v in changes.items():
-                if k == "interlock":
-                    self.interlock_closed = v == "closed"
-                    inputs_changed = True
-                elif k == "key":
-                    self.key = bool(v)
-                    inputs_changed = True
-                elif k == "footswitch":
-                    self.footswitch = bool(v)
-                    inputs_changed = True
+                if k in PULSE_INPUTS or k == "pulse":
+                    continue  # applied below, with their notices
+                if k == "service_jumper":
+                    self.service_jumper = bool(v)
                 elif k == "ambient_e_per_ms":
                     self.ambient_e_per_ms = float(v)
                 elif k == "illumination":
@@ -279,10 +390,10 @@ class World:
                 else:
                     raise InvalidArgument(f"sim.set: unknown argument {k!r}")
             self._scene_version += 1
-            if inputs_changed:
-                self._record_output()
-        if inputs_changed:
-            self._emit("inputs", self.inputs())
+        if input_changes:
+            self.set_inputs(input_changes)
+        if pulse is not None:
+            self.pulse(pulse["input"], pulse["ms"])
         self._emit("scene", {})
         return self.values()
 
@@ -304,6 +415,7 @@ class World:
                 "filter_moving": self.filter_moving,
                 "indicator": self.indicator,
                 "white_light": self.white_light,
+                "service_jumper": self.service_jumper,
             }
 
     def scene(self) -> SceneSnapshot:

@@ -85,21 +85,22 @@ def test_laser_identity_and_status_fields(laser):
 
 def test_laser_rejects_duty_outside_range_and_above_ceiling(laser):
     with pytest.raises(InvalidArgument):
-        laser.set_duty(1.5)
+        laser.set_duty(1.5, 0.0)
     with pytest.raises(InvalidArgument):
-        laser.set_duty(float("nan"))
+        laser.set_duty(float("nan"), 0.0)
     ceiling = laser.status().duty_ceiling
     if ceiling < 1.0:
         with pytest.raises(DeviceRejected):
-            laser.set_duty(min(1.0, ceiling + 0.05))
+            laser.set_duty(min(1.0, ceiling + 0.05), 0.0)
         assert laser.status().duty <= ceiling
 
 
 def test_laser_enable_emits_and_force_off_stops(laser):
     if laser.kind == "hardware" and not HW_EMISSION:
         pytest.skip("emission on real hardware needs NIRF_HW_ALLOW_EMISSION=1")
-    laser.set_duty(0.1)
-    laser.set_enabled(True)
+    expected_mw = laser.factory().mw_at(0.1)
+    laser.set_duty(0.1, expected_mw)
+    laser.set_enabled(True, expected_mw)
     assert laser.status().output_on
     laser.force_off()
     st = laser.status()

@@ -69,7 +69,7 @@ class Rig:
 
     def enable_behind_the_drivers_back(self, duty: float = 0.2) -> None:
         """Another host (or a previous run) left the MCU emitting."""
-        for i, cmd in enumerate((f"DUTY {duty}", "EN 1")):
+        for i, cmd in enumerate((f"DUTY {duty} {duty * FULL_SCALE_MW:.1f}", f"EN 1 {duty * FULL_SCALE_MW:.1f}")):
             self.emu.feed(raw_line(f"{60000 + i} {cmd}"))
         self.emu.take_output()
 
@@ -93,7 +93,7 @@ def test_off_after_connect_even_if_left_enabled(rig):
     st = rig.laser.status()
     assert not st.output_on and st.duty == 0.0
     # the first commands on the link force the output off
-    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0 0"]
 
 
 def test_constructing_does_no_io(rig):
@@ -103,8 +103,8 @@ def test_constructing_does_no_io(rig):
 def test_identity_status_and_emission(connected):
     laser, world = connected.laser, connected.world
     assert "model=NIRF-LMCU" in laser.identity()
-    laser.set_duty(0.2)
-    laser.set_enabled(True)
+    laser.set_duty(0.2, 100.0)
+    laser.set_enabled(True, 100.0)
     laser.heartbeat()
     st = laser.status()
     assert isinstance(st, LaserStatus)
@@ -123,7 +123,7 @@ def test_watchdog_timeout_set_at_connect():
     rig = Rig(heartbeat_timeout_ms=300)
     rig.laser.connect()
     assert any(command_of(ln) == "WDT 300" for ln in written_lines(rig.port))
-    rig.laser.set_enabled(True)
+    rig.laser.set_enabled(True, 0.0)
     rig.clock.advance(0.35)
     st = rig.laser.status()
     assert "WDOG" in st.faults and not st.output_on
@@ -131,10 +131,10 @@ def test_watchdog_timeout_set_at_connect():
 
 def test_duty_above_ceiling_rejected_at_once(connected):
     laser = connected.laser
-    laser.set_duty(0.3)
+    laser.set_duty(0.3, 150.0)
     before = len(written_lines(connected.port))
     with pytest.raises(DeviceRejected) as info:
-        laser.set_duty(0.9)
+        laser.set_duty(0.9, 450.0)
     msg = str(info.value)
     assert "laser-mcu" in msg and "0.9" in msg and "0.8" in msg
     assert len(written_lines(connected.port)) == before + 1  # no retry of a refusal
@@ -144,12 +144,12 @@ def test_duty_above_ceiling_rejected_at_once(connected):
 def test_enable_refused_names_the_cause(connected):
     connected.world.apply({"interlock": "open"})
     with pytest.raises(DeviceRejected, match="interlock"):
-        connected.laser.set_enabled(True)
+        connected.laser.set_enabled(True, 0.0)
 
 
 def test_clear_faults_refused_then_accepted(connected):
     laser, world = connected.laser, connected.world
-    laser.set_enabled(True)
+    laser.set_enabled(True, 0.0)
     world.apply({"key": False})
     _, notices = laser.poll()
     assert any(n.kind == "FAULT" and "KEY" in n.detail for n in notices)
@@ -218,8 +218,8 @@ def test_retried_command_not_applied_twice(connected, mocker):
 
 def test_vanished_port_then_reconnect_forces_off(connected):
     rig = connected
-    rig.laser.set_duty(0.2)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.2, 100.0)
+    rig.laser.set_enabled(True, 100.0)
     assert rig.world.laser_output_mw() > 0
     old = rig.port
     old.close()  # the USB device went away
@@ -229,15 +229,15 @@ def test_vanished_port_then_reconnect_forces_off(connected):
     rig.laser.reconnect(attempts=3)
     assert rig.port is not old
     assert rig.factory_calls == 3  # connect, one failure, the fresh port
-    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0"]
+    assert [command_of(ln) for ln in written_lines(rig.port)[:2]] == ["EN 0", "DUTY 0 0"]
     assert rig.world.laser_output_mw() == 0.0
     assert not rig.laser.status().output_on
 
 
 def test_automatic_reconnect_on_next_call(connected):
     rig = connected
-    rig.laser.set_duty(0.2)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.2, 100.0)
+    rig.laser.set_enabled(True, 100.0)
     rig.port.close()
     with pytest.raises(DeviceDisconnected):
         rig.laser.status()
@@ -272,8 +272,8 @@ def test_commands_before_connect_raise_disconnected(rig):
 
 def test_close_forces_off_and_closes(connected):
     rig = connected
-    rig.laser.set_duty(0.1)
-    rig.laser.set_enabled(True)
+    rig.laser.set_duty(0.1, 50.0)
+    rig.laser.set_enabled(True, 50.0)
     rig.laser.close()
     assert rig.world.laser_output_mw() == 0.0
     assert not rig.port.is_open
@@ -284,8 +284,8 @@ def test_close_forces_off_and_closes(connected):
 def test_frame_tags_from_poll(connected):
     rig = connected
     laser = rig.laser
-    laser.set_duty(0.2)
-    laser.set_enabled(True)
+    laser.set_duty(0.2, 100.0)
+    laser.set_enabled(True, 100.0)
     laser.start_frames(50.0, 5_000, True)
     tags, notices = [], []
     for _ in range(10):
@@ -380,8 +380,8 @@ def test_over_a_real_pty(pty_rig):
     laser.connect()
     assert not emu.output_enabled
     assert "NIRF-LMCU" in laser.identity()
-    laser.set_duty(0.1)
-    laser.set_enabled(True)
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
     assert laser.status().output_on
     laser.start_frames(100.0, 2_000, True)
     tags = []

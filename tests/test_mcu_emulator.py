@@ -135,7 +135,7 @@ def test_identity(host):
     assert reply.startswith("OK ")
     fields = dict(tok.split("=", 1) for tok in reply[3:].split(" "))
     assert fields["model"] == "NIRF-LMCU"
-    assert fields["proto"] == "1"
+    assert fields["proto"] == "2"
     assert fields["fw"] and fields["sn"]
 
 
@@ -182,7 +182,7 @@ def test_overlong_line_answered_once_and_skipped(host):
 
 
 def test_bad_checksum_is_not_acted_on(host, world):
-    host.cmd("DUTY 0.2")
+    host.cmd("DUTY 0.2 100.0")
     bad = f"50 EN 1*{crc('50 EN 1') ^ 0x0001:04X}\n".encode()
     assert host.raw(bad) == ["- ERR CRC"]
     assert host.status()["out"] == "0"
@@ -206,8 +206,8 @@ def test_wrong_argument_count_is_arg(host):
 
 
 def test_repeated_seq_is_answered_from_cache_not_acted_twice(host, emu):
-    host.cmd("DUTY 0.2")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.2 100.0")
+    host.cmd("EN 1 100.0")
     first = host.cmd("FTON 20000 5000 1", seq=500)
     host.advance(0.05)  # frames 0, 1, 2 triggered (no other command: the cache holds one)
     triggered = sum(1 for n in host.notices if n.startswith("! FRM "))
@@ -222,17 +222,17 @@ def test_repeated_seq_is_answered_from_cache_not_acted_twice(host, emu):
 
 
 def test_same_seq_with_other_text_is_a_new_command(host):
-    host.cmd("DUTY 0.1", seq=42)
-    host.cmd("DUTY 0.3", seq=42)
+    host.cmd("DUTY 0.1 50.0", seq=42)
+    host.cmd("DUTY 0.3 150.0", seq=42)
     assert float(host.status()["duty"]) == pytest.approx(0.3)
 
 
 def test_enable_drives_the_world(host, world):
-    assert host.cmd("DUTY 0.2") == "OK duty=0.2000"
+    assert host.cmd("DUTY 0.2 100.0") == "OK duty=0.200000 mw=100.000"
     assert world.laser_output_mw() == 0.0  # duty alone does not emit
-    assert host.cmd("EN 1") == "OK out=1"
+    assert host.cmd("EN 1 100.0") == "OK out=1"
     assert world.laser_output_mw() == pytest.approx(0.2 * FULL_SCALE_MW)
-    assert host.cmd("DUTY 0.3").startswith("OK")
+    assert host.cmd("DUTY 0.3 150.0").startswith("OK")
     assert world.laser_output_mw() == pytest.approx(0.3 * FULL_SCALE_MW)
     assert host.cmd("EN 0") == "OK out=0"
     assert world.laser_output_mw() == 0.0
@@ -240,8 +240,8 @@ def test_enable_drives_the_world(host, world):
 
 @pytest.mark.parametrize("change, code", [({"interlock": "open"}, "ILK"), ({"key": False}, "KEY")])
 def test_open_loop_zeroes_output_and_latches(host, world, change, code):
-    host.cmd("DUTY 0.2")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.2 100.0")
+    host.cmd("EN 1 100.0")
     assert world.laser_output_mw() > 0
     world.apply(change)
     assert world.laser_output_mw() == 0.0  # the series loop, at once
@@ -258,32 +258,32 @@ def test_open_loop_zeroes_output_and_latches(host, world, change, code):
 
 
 def test_clear_refused_while_cause_persists(host, world):
-    host.cmd("EN 1")
+    host.cmd("EN 1 0.0")
     world.apply({"interlock": "open"})
     host.pump()
     assert host.cmd("CLR") == "ERR REFUSED ILK"
     assert "ILK" in host.status()["faults"]
-    assert host.cmd("EN 1").startswith("ERR REFUSED FAULT")
+    assert host.cmd("EN 1 0.0").startswith("ERR REFUSED FAULT")
     world.apply({"interlock": "closed"})
     assert host.cmd("CLR") == "OK cleared=ILK"
     st = host.status()
     assert st["faults"] == "-"
     assert st["out"] == "0"  # clearing never turns the output on
-    assert host.cmd("EN 1") == "OK out=1"
+    assert host.cmd("EN 1 0.0") == "OK out=1"
 
 
 def test_enable_refused_with_loop_open_without_latching(host, world):
     world.apply({"key": False})
-    assert host.cmd("EN 1") == "ERR REFUSED KEY"
+    assert host.cmd("EN 1 0.0") == "ERR REFUSED KEY"
     world.apply({"key": True, "interlock": "open"})
-    assert host.cmd("EN 1") == "ERR REFUSED ILK"
+    assert host.cmd("EN 1 0.0") == "ERR REFUSED ILK"
     assert host.status()["faults"] == "-"
 
 
 def test_watchdog_trips_when_host_goes_silent(host, world):
     assert host.cmd("WDT 200") == "OK wdt=200"
-    host.cmd("DUTY 0.1")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.1 50.0")
+    host.cmd("EN 1 50.0")
     host.advance(1.0, heartbeat_every_s=0.1)  # fed: stays on
     assert host.status()["out"] == "1"
     host.advance(0.15)
@@ -303,7 +303,7 @@ def test_watchdog_not_armed_while_off(host):
 
 
 def test_status_polls_do_not_feed_the_watchdog(host):
-    host.cmd("EN 1")
+    host.cmd("EN 1 0.0")
     for _ in range(10):
         host.clock.advance(0.1)
         host.cmd("ST")
@@ -312,7 +312,7 @@ def test_status_polls_do_not_feed_the_watchdog(host):
 
 def test_replayed_heartbeat_does_not_feed_the_watchdog(host):
     host.cmd("WDT 100")
-    host.cmd("EN 1")
+    host.cmd("EN 1 0.0")
     host.cmd("HB", seq=900)
     host.clock.advance(0.08)
     assert host.cmd("HB", seq=900) == "OK"  # replay
@@ -330,8 +330,8 @@ def test_watchdog_range(host, value):
 def test_max_on_time(world, clock):
     emu = McuEmulator(world, clock, max_on_s=3.0, heartbeat_timeout_ms=1000)
     host = Host(emu, clock)
-    host.cmd("DUTY 0.1")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.1 50.0")
+    host.cmd("EN 1 50.0")
     host.advance(2.9, heartbeat_every_s=0.2, step_s=0.1)
     assert host.status()["out"] == "1"
     host.advance(0.3, heartbeat_every_s=0.2, step_s=0.1)
@@ -342,17 +342,17 @@ def test_max_on_time(world, clock):
 
 
 def test_duty_above_ceiling_rejected_and_unchanged(host):
-    host.cmd("DUTY 0.5")
-    reply = host.cmd("DUTY 0.9")
+    host.cmd("DUTY 0.5 250.0")
+    reply = host.cmd("DUTY 0.9 450.0")
     assert reply.startswith("ERR REFUSED CEILING")
     assert float(reply.split()[-1]) == pytest.approx(CEILING)
     assert float(host.status()["duty"]) == pytest.approx(0.5)
-    assert host.cmd(f"DUTY {CEILING}").startswith("OK")  # the ceiling itself is allowed
+    assert host.cmd(f"DUTY {CEILING} {CEILING * FULL_SCALE_MW:.1f}").startswith("OK")  # the ceiling itself is allowed
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "abc", "nan", "1e-3", "0.1234567", ""])
 def test_duty_bad_values(host, value):
-    host.cmd("DUTY 0.25")
+    host.cmd("DUTY 0.25 125.0")
     reply = host.cmd(f"DUTY {value}") if value else host.cmd("DUTY")
     assert reply == "ERR ARG"
     assert float(host.status()["duty"]) == pytest.approx(0.25)
@@ -362,8 +362,8 @@ def test_temperature_rises_with_power(world, clock):
     emu = McuEmulator(world, clock, heartbeat_timeout_ms=1000, max_temp_c=90.0)
     host = Host(emu, clock)
     t_idle = float(host.status()["temp"])
-    host.cmd("DUTY 0.8")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.7 350.0")
+    host.cmd("EN 1 350.0")
     temps = []
     for _ in range(6):
         host.advance(10.0, heartbeat_every_s=0.5, step_s=0.5)
@@ -378,7 +378,7 @@ def test_temperature_rises_with_power(world, clock):
 
 
 def test_overtemp_latches_and_clear_waits_for_cooling(host, world):
-    host.cmd("EN 1")
+    host.cmd("EN 1 0.0")
     world.apply({"fault": {"mcu_overtemp": True}})
     host.pump()
     st = host.status()
@@ -391,8 +391,8 @@ def test_overtemp_latches_and_clear_waits_for_cooling(host, world):
 
 def test_photodiode_tracks_output_and_gain(host, world):
     assert float(host.status()["pd"]) < 2.0
-    host.cmd("DUTY 0.2")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.2 100.0")
+    host.cmd("EN 1 100.0")
     expected = world.laser_output_mw()
     assert float(host.status()["pd"]) == pytest.approx(expected, rel=0.05)
     world.apply({"fault": {"photodiode_gain": 0.5}})
@@ -436,8 +436,8 @@ def test_frame_timing_exact_times_and_alternate_lit_frames(host, world, clock):
     triggers = _collect_triggers(world)
     period_us, exposure_us = 33_333, 10_000
     host.cmd("WDT 1000")
-    host.cmd("DUTY 0.2")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.2 100.0")
+    host.cmd("EN 1 100.0")
     t_command_ns = clock.time_ns()
     reply = host.cmd(f"FTON {period_us} {exposure_us} 1")
     assert reply.startswith("OK t0=")
@@ -470,8 +470,8 @@ def test_frame_timing_exact_times_and_alternate_lit_frames(host, world, clock):
 
 def test_frame_timing_without_modulation_is_continuous(host, world, clock):
     triggers = _collect_triggers(world)
-    host.cmd("DUTY 0.1")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.1 50.0")
+    host.cmd("EN 1 50.0")
     host.cmd("FTON 20000 5000 0")
     host.advance(0.1, heartbeat_every_s=0.05, step_s=0.005)
     assert len(triggers) >= 5
@@ -482,7 +482,7 @@ def test_frame_timing_without_modulation_is_continuous(host, world, clock):
 
 def test_frames_dark_while_output_off(host, world):
     triggers = _collect_triggers(world)
-    host.cmd("DUTY 0.1")
+    host.cmd("DUTY 0.1 50.0")
     host.cmd("FTON 20000 5000 1")
     host.advance(0.1, step_s=0.01)
     assert triggers and not any(t["lit"] for t in triggers)
@@ -492,8 +492,8 @@ def test_frames_dark_while_output_off(host, world):
 def test_frame_timing_stop(host, world):
     triggers = _collect_triggers(world)
     host.cmd("WDT 1000")
-    host.cmd("DUTY 0.1")
-    host.cmd("EN 1")
+    host.cmd("DUTY 0.1 50.0")
+    host.cmd("EN 1 50.0")
     host.cmd("FTON 20000 5000 1")
     host.advance(0.05, step_s=0.01)
     reply = host.cmd("FTOFF")
