@@ -23,6 +23,9 @@ by what it reported last:
   opening, however short, and however the line reads by the time the callback runs: it is
   reported at once, without any wait. The return to closed/on is debounced in software: the
   callback waits ``debounce_ms`` and reports "closed" only if the line still reads so.
+  When that wait ends with the line closed again, the pulse's return edge is still queued
+  behind: it is remembered as owed and its callback ignored (for at most
+  :data:`OWED_RETURN_S`), so one pulse is one opening, not two.
 * foot switch: a release is reported only when the line still reads released
   :data:`FOOTSWITCH_RELEASE_CHECK` x ``debounce_ms`` after the edge (a release of
   ``debounce_ms``, 20 ms by default, or more always ends emission; a shorter one is contact
@@ -62,6 +65,11 @@ SETTLE_MARGIN_S = 0.002
 FOOTSWITCH_RELEASE_CHECK = 0.5
 # inputs whose opening edge is reported at once (never debounced)
 LATCHING_INPUTS = (KEY, INTERLOCK)
+# How long the return edge of a pulse already reported (opened and closed again) is
+# expected to follow; an edge after that is judged afresh (as an opening). Erring late only
+# reports one opening too many, never one too few... except when the library lost an edge,
+# which the MCU's edge counters and the supervisor's polling cover.
+OWED_RETURN_S = 0.5
 
 # What the RPi.GPIO API raises for misuse and failures (rpi-lgpio too); OSError for a GPIO
 # character device that vanished or is not permitted.
@@ -129,6 +137,8 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         self._listeners: list[InputListener] = []
         # Last debounced value reported per input; None until first read.
         self._state: dict[str, bool | None] = {n: None for n in INPUT_NAMES}
+        # when the return edge of a reported pulse became owed, per latching input
+        self._owed_return: dict[str, float] = {}
         self._claimed: list[int] = []  # channels we set up, to clean up only those
         self._closed = False
         try:
@@ -208,13 +218,19 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         name = self._names.get(channel)
         if name not in INPUT_NAMES or self._closed:
             return
+        opened = False
         if name in LATCHING_INPUTS:
+            now = self._clock.monotonic()
             with self._lock:
+                owed_at = self._owed_return.pop(name, None)
                 was_closed = self._state[name] is True
+            if was_closed and owed_at is not None and now - owed_at <= OWED_RETURN_S:
+                return  # the return edge of a pulse reported (open, then closed) already
             if was_closed:
                 # An edge from closed/on is an opening, even if the line is closed again
                 # by now (a pulse shorter than the callback's latency): report it at once.
                 self._report(name, False)
+                opened = True
             wait_s = self._debounce_ms / 1000.0 + SETTLE_MARGIN_S if self._debounce_ms > 0 else 0.0
         else:
             wait_s = self._debounce_ms / 1000.0 * FOOTSWITCH_RELEASE_CHECK
@@ -227,6 +243,9 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         except DeviceError:
             log.exception("gpio: cannot read the %s pin after an edge", name)
             return
+        if opened and value:
+            with self._lock:
+                self._owed_return[name] = self._clock.monotonic()
         self._report(name, value)
 
     def _report(self, name: str, value: bool) -> None:

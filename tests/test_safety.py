@@ -16,10 +16,7 @@ DEVICE_RULES = dict(safety={"footswitch_required": True, "boot_requires_key_cycl
 
 
 def key_cycle(rig):
-    rig.world.apply({"key": False})
-    rig.advance(0.1)
-    rig.world.apply({"key": True})
-    rig.advance(0.1)
+    rig.key_cycle(0.6)
 
 
 # ----------------------------------------------------------------------------- S1
@@ -44,7 +41,7 @@ def test_s1_output_forced_off_when_the_controller_connects():
 
 def test_s1_device_profile_needs_a_key_cycle_after_boot():
     rig = Rig(**DEVICE_RULES)
-    with pytest.raises(KeyOff, match="off and on again"):
+    with pytest.raises(KeyOff, match="and on again"):
         rig.cart.arm()
     key_cycle(rig)
     rig.cart.arm()
@@ -189,7 +186,7 @@ def test_s4_device_reset_after_an_interlock_trip_needs_a_key_cycle():
     rig.advance(0.1)
     rig.world.apply({"interlock": "closed"})
     rig.advance(0.1)
-    with pytest.raises(FaultActive, match="key off and on"):
+    with pytest.raises(FaultActive, match="turn the key off"):
         rig.cart.fault_reset()
     key_cycle(rig)
     rig.cart.fault_reset()
