@@ -73,7 +73,7 @@ class Rig:
 
     def __init__(self, *, footswitch_in_series: bool = False, budget_path=None, mcu_budget_s: float = 1800.0,
                  clock: ManualClock | None = None, world: World | None = None, mcu: McuEmulator | None = None,
-                 **sections):
+                 start: bool = True, **sections):
         self.cfg = make_config(**sections)
         self.clock = clock or ManualClock()
         self.world = world or World(self.clock, SensorModel(width=64, height=48),
@@ -94,6 +94,11 @@ class Rig:
         # the indicator's history, from the world's own record of its outputs
         self.indicator_on_since = None
         self.world.add_listener(self._on_world)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Connect (the factory record is read and the host table checked against it)."""
         self.cart.start()
         self.cart.tick()
 

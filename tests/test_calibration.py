@@ -24,6 +24,7 @@ from hal.clock import ManualClock
 from hal.errors import DeviceTimeout, InvalidArgument, WrongState
 from services import calibration_service as cs
 from services.calibration_service import Calibration
+from tests.safety_rig import Rig
 
 CFG = config.load("sim")
 CALLER = SimpleNamespace(name="tech", role="operator")
@@ -87,11 +88,17 @@ class Recorder:
 
 
 class FakeService:
-    def __init__(self, state_dir: Path, settings: CameraSettings | None = None):
+    """The calibration service's view of a controller: a real cart (tests.safety_rig: the
+    real MCU emulator and driver, on the service's manual clock) and fakes for the rest.
+    ``started=False`` leaves the cart unconnected, so a stored table is loaded first and
+    checked against the MCU's factory record when :meth:`start` connects, as at boot."""
+
+    def __init__(self, state_dir: Path, settings: CameraSettings | None = None, *, started: bool = True):
         self.cfg = CFG
         self.state_dir = state_dir
         self.clock = HookClock()
-        self.cart = SimpleNamespace(state=State.SAFE, calibration=PowerCalibration.nominal(500.0), setpoint_mw=0.0)
+        self.rig = Rig(clock=self.clock, start=started)
+        self.cart = self.rig.cart
         self.acquisition = FakeAcquisition(settings or CameraSettings(10_000, 1.0, W, H))
         self.clock.hooks.append(self.acquisition.tick)
         self.filter = {"position": 1, "name": "icg_emission", "moving": False}
@@ -146,12 +153,12 @@ def feed_uniform_pairs(svc, cal, level_counts=300.0, seed=3):
 
 
 # ---------------------------------------------------------------------- ids and storage
-def test_fresh_cart_is_nominal_and_says_so(svc):
+def test_fresh_cart_uses_the_factory_table_and_says_so(svc):
     cal = Calibration(svc)
-    assert cal.current_id() == "p:nominal|f:-|d:-"
+    assert cal.current_id() == "p:factory|f:-|d:-"
     assert cal.flat_field_file() is None
     st = cal.cmd_status({}, CALLER)
-    assert st["power"] == {"id": "nominal"} and st["flat"] is None and st["darks"] == []
+    assert st["power"] == {"id": "factory"} and st["flat"] is None and st["darks"] == []
     assert st["problems"] == []
 
 
@@ -199,7 +206,9 @@ def test_power_points_are_validated_with_the_value_and_limit(points, needle):
 def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
     cal = Calibration(svc)
     nominal_duty = svc.cart.calibration.duty_for(50.0)
-    r = cal.cmd_power({"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1}, CALLER)
+    svc.rig.key_cycle()
+    r = cal.cmd_power({"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1,
+                       "reason": "annual power-meter check"}, CALLER)
     assert r["id"].startswith("power-") and (cal.folder / r["file"]).is_file()
     assert svc.cart.calibration.calibration_id == r["id"]
     assert svc.cart.calibration.duty_for(50.0) == pytest.approx(50.0 / 550.0)
@@ -209,26 +218,32 @@ def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
     stored = json.loads((cal.folder / "current.json").read_text())
     assert stored["power"]["id"] == r["id"]
     assert ("calibration", ) == tuple(k for k, f in svc.audit.items if f.get("id") == r["id"])
+    audited = [f for k, f in svc.audit.items if f.get("id") == r["id"]][0]
+    assert audited["by"] == "tech" and audited["reason"] == "annual power-meter check"
 
-    # a restarted controller (new cart with the nominal table) picks it up again
-    svc2 = FakeService(svc.state_dir)
+    # a restarted controller (new cart with the nominal table) picks it up again, and its
+    # check against the factory record at connect accepts it
+    svc2 = FakeService(svc.state_dir, started=False)
     cal2 = Calibration(svc2)
+    svc2.rig.start()
     assert svc2.cart.calibration.duty_for(50.0) == pytest.approx(50.0 / 550.0)
     assert cal2.current_id() == cal.current_id()
 
 
 def test_calibrate_power_warns_when_the_ceiling_cannot_reach_the_maximum(svc):
-    r = Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 220.0]]}, CALLER)
-    # 0.8 x 220 = 176 mW < laser.max_power_mw 200
-    assert r["reachable_mw_at_ceiling"] == pytest.approx(176.0)
+    svc.rig.key_cycle()
+    r = Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 420.0]], "reason": "r"}, CALLER)
+    # the factory ceiling is the duty of 220 mW on the true curve, 0.44: 0.44 x 420 = 184.8 < 200
+    assert r["reachable_mw_at_ceiling"] == pytest.approx(184.8)
     assert any("max_power_mw" in w for w in r["warnings"])
 
 
 def test_calibrate_power_is_refused_while_emitting(svc):
-    svc.cart.state = State.EMITTING
+    svc.rig.key_cycle()
+    svc.rig.arm_and_emit(50)
     before = svc.cart.calibration
     with pytest.raises(WrongState, match="EMITTING"):
-        Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 500.0]]}, CALLER)
+        Calibration(svc).cmd_power({"points": [[0.0, 0.0], [1.0, 500.0]], "reason": "r"}, CALLER)
     assert svc.cart.calibration is before
     assert not list(Path(svc.state_dir, "calibration").glob("power-*"))
 
@@ -245,14 +260,16 @@ def test_unknown_arguments_and_bad_counts_are_refused(svc):
         cal.cmd_power({}, CALLER)
 
 
-def test_a_broken_power_file_is_reported_and_the_nominal_table_used(svc):
+def test_a_broken_power_file_is_reported_and_the_factory_table_used(svc):
     cal = Calibration(svc)
-    r = cal.cmd_power({"points": [[0.0, 0.0], [1.0, 450.0]]}, CALLER)
+    svc.rig.key_cycle()
+    r = cal.cmd_power({"points": [[0.0, 0.0], [1.0, 450.0]], "reason": "r"}, CALLER)
     (cal.folder / r["file"]).write_text("{ not json")
-    svc2 = FakeService(svc.state_dir)
+    svc2 = FakeService(svc.state_dir, started=False)
     cal2 = Calibration(svc2)
-    assert cal2.current_id().startswith("p:nominal|")
-    assert svc2.cart.calibration.calibration_id == "nominal"
+    svc2.rig.start()
+    assert cal2.current_id().startswith("p:factory|")
+    assert svc2.cart.calibration.calibration_id == "factory"
     assert any(r["file"] in p for p in cal2.cmd_status({}, CALLER)["problems"])
 
 
@@ -261,7 +278,7 @@ def test_an_unreadable_current_file_means_uncalibrated_with_a_problem(svc):
     folder.mkdir()
     (folder / "current.json").write_text("[1, 2")
     cal = Calibration(svc)
-    assert cal.current_id() == "p:nominal|f:-|d:-"
+    assert cal.current_id() == "p:factory|f:-|d:-"
     assert any("current.json" in p for p in cal.problems)
 
 
@@ -280,7 +297,7 @@ def test_calibrate_dark_averages_blocked_frames_for_the_current_settings(svc):
     assert float(master.std()) < 0.6
     assert r["frames"] == 8 and r["exposure_us"] == 10_000 and r["gain"] == 1.0
     assert r["id"].startswith("dark-10000-1-")
-    assert cal.current_id() == f"p:nominal|f:-|d:{r['id']}"
+    assert cal.current_id() == f"p:factory|f:-|d:{r['id']}"
     # the sink is restored for normal operation
     assert svc.acquisition.on_frame is not None and svc.acquisition.on_frame.__name__ != "add"
 
