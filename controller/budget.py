@@ -3,8 +3,8 @@
 Every stretch of time with emission permitted (state EMITTING, whatever the per-frame
 gating) is recorded as an interval. At most ``limit_s`` (``laser.max_emission_s``) of it may
 fall in any window of ``2 x limit_s``; once the limit has ended emission, a new turn-on
-waits until at least :data:`FREE_BEFORE_RESTART_S` of budget is free again (the whole
-budget when it is smaller than that).
+waits until at least :data:`FREE_BEFORE_RESTART_S` of budget is free again (half the
+budget when the budget is under twice that, so a short test budget is usable again).
 
 The intervals live on the wall clock (``clock.time_ns()``), not the monotonic one, because
 they must survive a restart of the safety core: they are written to a small JSON file at
@@ -182,16 +182,18 @@ class EmissionBudget:
         return max(0.0, self.limit_s - max(self.used_s(), mcu_used_s))
 
     def need_before_restart_s(self) -> float:
-        return min(FREE_BEFORE_RESTART_S, self.limit_s)
+        """Free budget a turn-on needs once the limit has ended emission."""
+        return min(FREE_BEFORE_RESTART_S, self.limit_s / 2.0)
 
-    def wait_s(self, need_free_s: float, mcu_used_s: float = 0.0) -> float:
+    def wait_s(self, need_free_s: float, mcu_used_s: float = 0.0, mcu_scale: float = 1.0) -> float:
         """Seconds from now until at least ``need_free_s`` of budget is free, if nothing more
-        is emitted. The MCU's count can only fall as fast as time passes, so its share of the
-        wait is a lower bound from it."""
+        is emitted. The MCU's count (``mcu_used_s``, in this budget's terms) falls at most
+        one MCU second per second, ``mcu_scale`` MCU seconds being one of ours, so its share
+        of the wait is a lower bound from that."""
         with self._lock:
             now = self._now()
             target = self.limit_s - need_free_s
-            mcu_wait = max(0.0, mcu_used_s - target)
+            mcu_wait = max(0.0, mcu_used_s - target) * mcu_scale
             if self._used_at(now, now) <= target:
                 host_wait = 0.0
             else:
@@ -205,7 +207,7 @@ class EmissionBudget:
                 host_wait = hi - now
         return max(host_wait, mcu_wait)
 
-    def turn_on_refusal(self, mcu_used_s: float = 0.0) -> str | None:
+    def turn_on_refusal(self, mcu_used_s: float = 0.0, mcu_scale: float = 1.0) -> str | None:
         """Why a turn-on must wait now, or None. Once the limit has ended emission, a turn-on
         needs :meth:`need_before_restart_s` of free budget; otherwise any free budget will
         do (the supervisor ends emission when it runs out)."""
@@ -217,7 +219,7 @@ class EmissionBudget:
                     self._exhausted = False
                     self._save(self._now())
             return None
-        wait = self.wait_s(need, mcu_used_s)
+        wait = self.wait_s(need, mcu_used_s, mcu_scale)
         return (f"emission budget used: {self.limit_s - free:.1f} s of laser.max_emission_s "
                 f"{self.limit_s:.0f} s in the last {self.window_s:.0f} s; wait {math.ceil(wait)} s "
                 f"until {need:.0f} s of budget is free")

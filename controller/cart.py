@@ -566,8 +566,22 @@ class Cart:
             self._trip(OUTPUT_MISMATCH, what)
 
     def _mcu_on_time_s(self) -> float:
+        """The MCU's on-time count in the host's terms (S7a: the larger count wins). The MCU
+        judges its count against its own ``budget_s`` in its own window of twice that; when
+        the two budgets are the same (the configuration writes the MCU's from
+        ``laser.max_emission_s``) this is its count as it is, otherwise the same fraction of
+        the host's budget, so a longer MCU window never locks the host out for its length."""
         st = self.mcu_status
-        return float(st.on_time_s) if st is not None else 0.0
+        if st is None or not st.budget_s > 0:
+            return 0.0
+        return float(st.on_time_s) * self.budget.limit_s / float(st.budget_s)
+
+    def _mcu_time_scale(self) -> float:
+        """MCU seconds per host-budget second (how fast the scaled MCU count can fall)."""
+        st = self.mcu_status
+        if st is None or not st.budget_s > 0:
+            return 1.0
+        return float(st.budget_s) / self.budget.limit_s
 
     def _stop_emission(self, reason: str) -> None:
         self._set_state(State.ARMED, reason)
@@ -705,7 +719,7 @@ class Cart:
             if self.footswitch_required and not self.footswitch_pressed:
                 raise WrongState("hold the foot switch to emit (safety.footswitch_required)")
             # S7a: re-issuing laser.on does not restart the clock
-            refusal = self.budget.turn_on_refusal(self._mcu_on_time_s())
+            refusal = self.budget.turn_on_refusal(self._mcu_on_time_s(), self._mcu_time_scale())
             if refusal is not None:
                 raise WrongState(f"laser.on refused: {refusal}")
             self.setpoint_mw = power_mw
@@ -829,6 +843,6 @@ class Cart:
             "footswitch": self.footswitch_pressed,
             "indicator": self._indicator_on_since is not None,
             # v2 additions: the S7a budget and the S16 heartbeat, as the sender measured it
-            "emission_budget": self.budget.status(float(st.on_time_s) if st is not None else 0.0),
+            "emission_budget": self.budget.status(self._mcu_on_time_s()),
             "heartbeat": self.heartbeat_stats(),
         }
