@@ -99,7 +99,8 @@ class FactoryCalibration:
     def build(cls, points, photodiode_factor: float, max_power_mw: float, budget_s: float) -> "FactoryCalibration":
         """A record whose ceiling and optical trip follow from the table and the maximum
         power, as the MCU itself derives them when the record is written."""
-        trip = OPTICAL_TRIP_FACTOR * float(max_power_mw)
+        # to the protocol's mW resolution (three decimals), so a record read back equals it
+        trip = round(OPTICAL_TRIP_FACTOR * float(max_power_mw), 3)
         probe = cls(tuple(points), photodiode_factor, max_power_mw, 1.0, trip, budget_s)
         return cls(probe.points, photodiode_factor, max_power_mw, probe.ceiling_for(trip), trip, budget_s)
 

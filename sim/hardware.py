@@ -9,7 +9,9 @@ stable ``/dev/serial/by-id`` name; the real drivers open them with pyserial.
 The stand-ins that live in the controller's process (RPi.GPIO, picamera2) learn the world
 from this process over two local sockets (see :mod:`sim.remote`):
 
-* ``world.pub`` (PUB): ``laser``, ``trigger``, ``inputs``, ``scene`` and ``values`` messages;
+* ``world.pub`` (PUB): ``laser``, ``trigger``, ``inputs``, ``scene`` and ``values`` messages
+  (an ``inputs`` message for each input edge carries the edge's ``t_ns``; the periodic
+  one does not);
 * ``world.ctl`` (ROUTER): requests ``get``, ``set`` (sim.set), ``output``, ``unplug``,
   ``replug``.
 
@@ -63,13 +65,18 @@ class HardwareProcess:
     # -------------------------------------------------------------- setup
     def start(self) -> dict:
         from sim.fw102c_emulator import Fw102cEmulator
-        from sim.mcu_emulator import McuEmulator
+        from sim.mcu_emulator import McuEmulator, factory_from_config
 
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         lc = self.cfg.laser
-        mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw, duty_ceiling=lc.duty_ceiling,
+        # The MCU's flash holds the record the factory wrote (S6a): the diode's true curve,
+        # measured, and the limits of the configuration it was built for. The service
+        # jumper stays open, so no command over the link can change it.
+        mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw,
                           heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms,
-                          max_on_s=self.cfg.sim.mcu_max_on_s, seed=self.cfg.sim.seed)
+                          max_on_s=self.cfg.sim.mcu_max_on_s, seed=self.cfg.sim.seed,
+                          factory=factory_from_config(self.cfg))
+        self.mcu = mcu
         wheel = Fw102cEmulator(self.world, self.clock, step_s=self.cfg.sim.wheel_step_s)
         self.links["mcu"] = PtyLink(mcu, "mcu", self.runtime_dir / "mcu.tty").start()
         # the wheel needs no millisecond timing (a move takes ~0.3 s a step): poll it gently
@@ -103,6 +110,7 @@ class HardwareProcess:
         if kind == "scene":
             self._publish("scene", scene_to_dict(self.world.scene()))
         elif kind in ("laser", "trigger", "inputs", "outputs"):
+            # inputs: one message per edge, both edges of a pulse (S3a), published at once
             self._publish(kind, payload)
 
     # -------------------------------------------------------------- requests

@@ -112,6 +112,20 @@ def factory_for(full_scale_mw: float, max_power_mw: float, budget_s: float,
                                     max_power_mw, budget_s)
 
 
+# The simulated factory sets the MCU's own budget this far above the host's
+# laser.max_emission_s, so in normal use the host ends emission first and the MCU's BUDGET
+# trip stays the backstop it is meant to be.
+SIM_BUDGET_MARGIN_S = 1.0
+
+
+def factory_from_config(cfg) -> FactoryCalibration:
+    """The record the simulated factory writes at boot: the diode's true curve
+    (``laser.full_scale_mw`` x duty), the photodiode's true factor, ``laser.max_power_mw``
+    and ``laser.max_emission_s`` (+ SIM_BUDGET_MARGIN_S) as the budget."""
+    lc = cfg.laser
+    return factory_for(lc.full_scale_mw, lc.max_power_mw, lc.max_emission_s + SIM_BUDGET_MARGIN_S)
+
+
 class McuEmulator:
     """The laser MCU, emulated at the byte level (an EmulatorCore for PtyLink and
     LoopbackSerial).
@@ -300,7 +314,8 @@ class McuEmulator:
         if kind != "inputs":
             return
         with self._lock:
-            self._advance()
+            # frames due before the edge first, so the record stays in time order
+            self._run_frames(self.clock.time_ns())
             ilk, key = bool(payload["interlock_closed"]), bool(payload["key"])
             new: list[str] = []
             if ilk != self._ilk_closed:

@@ -149,6 +149,7 @@ class World:
         # Serialises an input change together with its notice (taken before _lock, never
         # while holding it), so listeners see the edges in the order they happened.
         self._input_lock = threading.RLock()
+        self._last_input_s = 0.0
         self.laser_history_s = self.LASER_HISTORY_S  # tests may keep a longer record
         self.sensor = sensor or SensorModel()
         self.laser_max_mw = float(laser_max_mw)
@@ -273,6 +274,7 @@ class World:
         with self._input_lock:
             with self._lock:
                 t = self._clock.time_ns() if t_ns is None else int(t_ns)
+                self._last_input_s = self._clock.monotonic()  # the same instant, for pulse timing
                 for k, v in changes.items():
                     if k == "interlock":
                         value = v == "closed" if isinstance(v, str) else bool(v)
@@ -320,8 +322,9 @@ class World:
         def value(v: bool):
             return ("closed" if v else "open") if name == "interlock" else v
 
-        start = self._clock.monotonic()
-        self.set_inputs({name: value(not before)})
+        with self._input_lock:
+            self.set_inputs({name: value(not before)})
+            start = self._last_input_s  # timed from the edge itself, not from before it
         self._sleep_until(start + ms / 1000.0)
         self.set_inputs({name: value(before)})
 

@@ -14,6 +14,7 @@ from drivers.laser_mcu import McuLaser
 from hal.clock import ManualClock, SystemClock
 from hal.errors import (
     DeviceDisconnected,
+    DeviceError,
     DeviceRejected,
     DeviceTimeout,
     InvalidArgument,
@@ -398,3 +399,99 @@ def test_over_a_real_pty(pty_rig):
     laser.force_off()
     assert world.laser_output_mw() == 0.0
     assert not laser.status().output_on
+
+
+# -- protocol 2: factory record, expected mW, counts, notices ------------------------------
+def test_factory_record_read_at_connect_and_cached(rig):
+    from sim.mcu_emulator import factory_for
+
+    rig.emu = McuEmulator(rig.world, rig.clock, full_scale_mw=FULL_SCALE_MW, seed=3,
+                          factory=factory_for(FULL_SCALE_MW, 200.0, 301.0))
+    rig.laser.connect()
+    fc = rig.laser.factory()
+    assert fc == rig.emu.factory  # every field, read over the link
+    assert fc.duty_ceiling == pytest.approx(0.44) and fc.optical_trip_mw == pytest.approx(220.0)
+    assert fc.mw_at(fc.duty_ceiling) <= 220.0 and fc.duty_for(100.0) == pytest.approx(0.2)
+    sent = [command_of(ln) for ln in written_lines(rig.port)]
+    assert sent[:5] == ["EN 0", "DUTY 0 0", "ID", "WDT 500", "FAC"]
+    assert sent[5:] == ["FACR 0", "FACR 1"]
+    rig.laser.status()
+    rig.laser.factory()
+    assert [command_of(ln) for ln in written_lines(rig.port)][-1] == "ST"  # cached, not re-read
+
+
+def test_blank_mcu_connects_but_has_no_factory_record(rig):
+    rig.emu = McuEmulator(rig.world, rig.clock, full_scale_mw=FULL_SCALE_MW, seed=3, factory=None)
+    rig.laser.connect()
+    with pytest.raises(DeviceError, match="no factory record"):
+        rig.laser.factory()
+    with pytest.raises(DeviceRejected, match="no factory record"):
+        rig.laser.set_enabled(True, 0.0)
+
+
+def test_write_factory_needs_the_service_jumper(connected):
+    from hal.laser import FactoryCalibration
+
+    laser, world = connected.laser, connected.world
+    before = laser.factory()
+    new = FactoryCalibration.build(((0.0, 0.0), (0.5, 150.0), (1.0, 400.0)), 1.0, 200.0, 600.0)
+    with pytest.raises(DeviceRejected, match="service jumper"):
+        laser.write_factory(new)
+    assert laser.read_factory() == before
+    world.apply({"service_jumper": True})
+    laser.write_factory(new)
+    world.apply({"service_jumper": False})
+    assert laser.factory() == new == connected.emu.factory
+    # 220 mW lies on the 150 -> 400 mW segment at 0.5 + 0.5 x 70/250
+    assert laser.factory().duty_ceiling == pytest.approx(0.64)
+    with pytest.raises(InvalidArgument):
+        laser.write_factory("not a record")
+
+
+def test_every_on_and_set_line_carries_expected_mw(connected):
+    laser = connected.laser
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
+    laser.set_enabled(False)
+    sent = [command_of(ln) for ln in written_lines(connected.port)][-3:]
+    assert sent == ["DUTY 0.100000 50.000", "EN 1 50.000", "EN 0"]
+    for bad in (-1.0, float("nan"), 1e9, True):
+        with pytest.raises(InvalidArgument, match="expected power"):
+            laser.set_duty(0.1, bad)
+    with pytest.raises(DeviceRejected, match="factory table"):
+        laser.set_duty(0.4, 20.0)  # the version-1 lie: 20 mW claimed, 200 mW true
+
+
+def test_status_carries_edge_counts_and_on_time(connected):
+    laser, world, clock = connected.laser, connected.world, connected.clock
+    laser.set_duty(0.1, 50.0)
+    laser.set_enabled(True, 50.0)
+    clock.advance(0.3)
+    laser.heartbeat()
+    world.set_inputs({"key": False})
+    world.set_inputs({"key": True})
+    world.set_inputs({"interlock": "open"})
+    world.set_inputs({"interlock": "closed"})
+    world.set_inputs({"interlock": "open"})
+    world.set_inputs({"interlock": "closed"})
+    st = laser.status()
+    assert (st.key_offs, st.interlock_openings) == (1, 2)
+    assert st.on_time_s == pytest.approx(0.3, abs=0.01)
+    assert st.budget_s == connected.emu.factory.budget_s
+    assert "KEY" in st.faults and not st.output_on
+    _, notices = laser.poll()
+    inputs = [n.detail for n in notices if n.kind == "INPUT"]
+    assert inputs == [("KEY", "0"), ("KEY", "1"), ("ILK", "0"), ("ILK", "1"), ("ILK", "0"), ("ILK", "1")]
+
+
+def test_cut_notice_for_a_lit_frame_turned_off_mid_exposure(connected):
+    laser, clock = connected.laser, connected.clock
+    laser.set_duty(0.1, 50.0)
+    laser.start_frames(10.0, 50_000, modulate=True)
+    laser.set_enabled(True, 50.0)
+    clock.advance(0.21)  # frame 2 (lit) began at 0.2 s; its exposure runs to 0.25 s
+    laser.heartbeat()
+    laser.set_enabled(False)
+    frames, notices = laser.poll()
+    assert [n.detail for n in notices if n.kind == "CUT"] == [("2",)]
+    assert [(f.counter, f.lit) for f in frames][:3] == [(0, False), (1, False), (2, True)]
