@@ -129,8 +129,10 @@ class ControllerService:
         self.started_monotonic = time.monotonic()
         self.stop_event = threading.Event()
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        # the S7a emission budget is kept in the state folder so it survives a restart
         self.cart = Cart(cfg, laser=devices.laser, wheel=devices.wheel, inputs=devices.io,
-                         indicators=devices.io, clock=self.clock)
+                         indicators=devices.io, clock=self.clock,
+                         budget_path=self.state_dir / "safety" / "emission_budget.json")
         self._changes: queue.Queue = queue.Queue(maxsize=1000)
         self.cart.add_listener(self._on_cart_event)
         fw = cfg.filter_wheel
