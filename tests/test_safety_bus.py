@@ -40,8 +40,8 @@ OVER_LIMIT_ALLOWED_NS = 5_000_000  # S6a: never above 1.1 x max for more than 5 
 class Bench:
     """One running cart, its operator and the hardware's own view."""
 
-    def __init__(self, tmp, extra: str = ""):
-        self.cart = start_cart(tmp, width=WIDTH, height=HEIGHT, extra=extra)
+    def __init__(self, tmp, extra: str = "", safety: str = ""):
+        self.cart = start_cart(tmp, width=WIDTH, height=HEIGHT, extra=extra, safety=safety)
         try:
             self.cart.wait_for_keys()
             self.op = fi.Operator(self.cart, topics=("status", "event"))
@@ -84,6 +84,7 @@ class Bench:
         assert r["ok"], r
 
     def arm_to(self, stage: str, power_mw: float = 50.0) -> None:
+        self.op.drain()  # a queued status from before must not answer the waits below
         self.op.ok("arm")
         if stage == "ARMING":
             return
@@ -139,6 +140,7 @@ def test_first_a_recalibration_without_a_key_cycle_is_refused(bench, how):
 def test_a_recalibration_outside_safe_is_refused(bench):
     bench.to_safe()
     bench.key_cycle()
+    bench.op.drain()
     bench.op.ok("arm")
     bench.op.wait_state("ARMED", 10)
     r = bench.calibrate([[0.0, 0.0], [1.0, 490.0]], cycle=False)
@@ -181,6 +183,7 @@ def test_tables_just_inside_the_band_at_the_maximum_setpoint_never_exceed_1_1_x_
         r = bench.calibrate(band_tables()[kind], reason=f"band edge {kind}")
         assert r["ok"], r
         t0 = time.time_ns()
+        bench.op.drain()
         bench.op.ok("arm")
         bench.op.wait_state("ARMED", 10)
         reply = bench.op.call("laser.on", {"power_mw": MAX_MW})
@@ -266,7 +269,7 @@ def lit_s(events, t0_ns: int, t1_ns: int) -> float:
 
 
 def test_reissuing_laser_on_cannot_exceed_the_budget_which_survives_disarm_reset_and_restart(tmp_path):
-    budget_s = 4.0
+    budget_s = 8.0
     extra = f"[laser]\nmax_emission_s = {budget_s}\n"
     b = Bench(tmp_path, extra=extra)
     try:
@@ -274,7 +277,7 @@ def test_reissuing_laser_on_cannot_exceed_the_budget_which_survives_disarm_reset
         b.op.wait_state("ARMED", 10)
         t0 = time.time_ns()
         refusals = []
-        end = time.monotonic() + 12.0
+        end = time.monotonic() + 10.0
         while time.monotonic() < end:  # the attack: off and on again every 0.5 s
             b.op.call("laser.off")
             r = b.op.call("laser.on", {"power_mw": 50.0})
@@ -284,14 +287,13 @@ def test_reissuing_laser_on_cannot_exceed_the_budget_which_survives_disarm_reset
         t1 = time.time_ns()
         b.op.call("laser.off")
         events = b.probe.events()
-        step = int(0.25e9)
-        for w0 in range(t0, t1 - int(2 * budget_s * 1e9) + 1, step):
-            used = lit_s(events, w0, w0 + int(2 * budget_s * 1e9))
-            assert used <= budget_s + 0.1, f"{used:.2f} s lit in a {2 * budget_s} s window"
+        used = lit_s(events, t0, t1)  # the whole attack lies in one window of 2 x budget
+        assert used <= budget_s + 0.1, f"{used:.2f} s lit in {(t1 - t0) / 1e9:.1f} s"
         assert refusals and all(e["code"] == "WRONG_STATE" and re.search(r"wait \d+ s", e["message"])
                                 for e in refusals), refusals
         # used up now: disarm, trip and reset do not give the time back
         b.op.ok("disarm")
+        b.op.drain()
         b.op.ok("arm")
         b.op.wait_state("ARMED", 10)
         last = b.op.call("laser.on", {"power_mw": 50.0})
@@ -302,18 +304,23 @@ def test_reissuing_laser_on_cannot_exceed_the_budget_which_survives_disarm_reset
         b.probe.set({"pulse": {"input": "interlock", "ms": 2}})
         b.op.wait_state("FAULT", 5)
         b.op.ok("fault.reset")
+        b.op.drain()
         b.op.ok("arm")
         b.op.wait_state("ARMED", 10)
         r = b.op.call("laser.on", {"power_mw": 50.0})
         assert not r["ok"] and "wait" in r["error"]["message"], r
-        used_before = b.status()["emission_budget"]["used_s"]
+        events = b.probe.events()
     finally:
         b.close()
     # a restart of the whole cart, hardware included (the MCU's own count is gone with it)
     b2 = Bench(tmp_path, extra=extra)
     try:
         st = b2.status()
-        assert st["emission_budget"]["used_s"] >= min(used_before, budget_s) - 1.5, st["emission_budget"]
+        now = time.time_ns()
+        expected = lit_s(events, now - int(2 * budget_s * 1e9), now)  # what the world says is used
+        assert expected >= 1.0, "the restart took too long for this test to mean anything"
+        assert st["emission_budget"]["used_s"] == pytest.approx(expected, abs=0.6), st["emission_budget"]
+        b2.op.drain()
         b2.op.ok("arm")
         b2.op.wait_state("ARMED", 10)
         r = b2.op.call("laser.on", {"power_mw": 50.0})
@@ -330,7 +337,7 @@ def test_reissuing_laser_on_cannot_exceed_the_budget_which_survives_disarm_reset
 
 # ---------------------------------------------------------------------- foot switch
 def test_a_foot_switch_release_of_20_ms_ends_emission_2_ms_is_bounce(tmp_path):
-    b = Bench(tmp_path, extra="[safety]\nfootswitch_required = true\n")
+    b = Bench(tmp_path, safety="footswitch_required = true")
     try:
         b.probe.set({"footswitch": True})
         fi.wait_until(lambda: b.status()["footswitch"] is True, 5, "the foot switch held")
