@@ -127,6 +127,11 @@ class Rig:
                     self.cart.note_camera(True, self.clock.monotonic())
                 self.cart.tick()
 
+    def mcu_status_lost(self) -> bool:
+        """True when the cart has no MCU status now (a dead or garbled link): it cannot have
+        heard the MCU's counters then."""
+        return self.cart.mcu_status is None or not self.cart._link_ok
+
     @property
     def output_mw(self) -> float:
         return self.world.laser_output_mw()

@@ -618,6 +618,15 @@ def client(cart):
         ctx.destroy(linger=0)
 
 
+def key_cycle_at_the_cart(cl):
+    """The key off for more than 0.5 s and on again (S3a), seen by the controller."""
+    cl.call("sim.set", {"key": False})
+    assert cl.wait_for("status", lambda m: m["key"] is False, timeout_s=5) is not None
+    time.sleep(0.6)
+    cl.call("sim.set", {"key": True})
+    assert cl.wait_for("status", lambda m: m["key"] is True, timeout_s=5) is not None
+
+
 def emit_and_acquire(cl, power_mw=50.0):
     cl.call("arm")
     assert cl.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=5) is not None
@@ -728,14 +737,17 @@ def test_power_table_changes_the_duty_and_the_monitor_stays_consistent(client):
     client.call("laser.on", {"power_mw": 50})
     nominal = status_with(lambda m: m["state"] == "EMITTING" and m["sim"]["laser_output_mw"] > 0)
     assert nominal["sim"]["laser_output_mw"] == pytest.approx(50.0, rel=0.01)
-    refused = client.request("calibrate.power", {"points": [[0.0, 0.0], [0.8, 440.0]]})
+    refused = client.request("calibrate.power", {"points": [[0.0, 0.0], [0.8, 440.0]], "reason": "r"})
     assert refused["error"]["code"] == "WRONG_STATE"
 
-    client.call("laser.off")
+    client.call("disarm")  # S6a: a new table only in SAFE, with the key cycled at the cart
+    key_cycle_at_the_cart(client)
     # the power meter reads 10 % more than the module's rating; the monitor tap agrees
     r = client.call("calibrate.power", {"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]],
-                                        "photodiode_factor": 1.1})
+                                        "photodiode_factor": 1.1, "reason": "power meter reads 10 % high"})
     try:
+        client.call("arm")
+        status_with(lambda m: m["state"] == "ARMED")
         client.call("laser.on", {"power_mw": 50})
         s = status_with(lambda m: m["state"] == "EMITTING"
                         and m["sim"]["laser_output_mw"] == pytest.approx(50.0 / 1.1, rel=0.01))
@@ -747,4 +759,96 @@ def test_power_table_changes_the_duty_and_the_monitor_stays_consistent(client):
     finally:
         client.call("disarm")
         # back to the simulator's true table for the tests that follow
-        client.call("calibrate.power", {"points": [[0.0, 0.0], [1.0, 500.0]]})
+        key_cycle_at_the_cart(client)
+        client.call("calibrate.power", {"points": [[0.0, 0.0], [1.0, 500.0]], "reason": "back to the true table"})
+
+
+# ---------------------------------------------------------------------- S6a: a service act
+from controller.calibration import factory_violation  # noqa: E402
+from hal.errors import NotPermitted  # noqa: E402
+
+KINKED = SimpleNamespace(points=((0.0, 0.0), (0.5, 100.0), (1.0, 500.0)), photodiode_factor=1.0)
+
+
+def test_the_band_is_checked_at_the_factory_breakpoints_too():
+    # a straight line agrees with the kinked factory table at both ends and at every point of
+    # its own, but is 150 mW off at the factory's breakpoint (limit 0.2 x 100 + 0.02 x 500)
+    why = factory_violation((0.0, 1.0), (0.0, 500.0), 1.0, KINKED)
+    assert why is not None and "at duty 0.5 " in why and "limit 30.00 mW" in why
+    assert factory_violation((0.0, 0.5, 1.0), (0.0, 125.0, 500.0), 1.0, KINKED) is None
+
+
+@pytest.mark.parametrize("delta,ok", [(0.0, True), (29.9, True), (30.1, False), (-29.9, True), (-30.1, False)])
+def test_the_band_is_20_percent_plus_2_percent_of_full_scale(delta, ok):
+    why = factory_violation((0.0, 0.5, 1.0), (0.0, 100.0 + delta, 500.0), 1.0, KINKED)
+    assert (why is None) == ok
+
+
+@pytest.mark.parametrize("factor,ok", [(1.0, True), (0.81, True), (1.19, True), (0.79, False), (1.21, False)])
+def test_the_photodiode_factor_is_within_20_percent_of_the_factory_one(factor, ok):
+    assert (factory_violation((0.0, 0.5, 1.0), (0.0, 100.0, 500.0), factor, KINKED) is None) == ok
+
+
+def _refusal(svc, args, caller=CALLER):
+    with pytest.raises(NirfErrorBase) as err:
+        Calibration(svc).cmd_power(args, caller)
+    return err.value
+
+
+from hal.errors import NirfError as NirfErrorBase  # noqa: E402
+
+GOOD = {"points": [[0.0, 0.0], [1.0, 480.0]], "reason": "meter check"}
+
+
+@pytest.mark.parametrize("case,args,code,needle", [
+    ("attack", {"points": [[0.0, 0.0], [0.8, 40.0], [1.0, 50.0]], "photodiode_factor": 0.1, "reason": "x"},
+     "INVALID_ARGUMENT", "exceeds the limit"),
+    ("factor", {"points": [[0.0, 0.0], [1.0, 500.0]], "photodiode_factor": 1.5, "reason": "x"},
+     "INVALID_ARGUMENT", "more than 20 %"),
+    ("not monotonic", {"points": [[0.0, 0.0], [0.5, 260.0], [1.0, 250.0]], "reason": "x"},
+     "INVALID_ARGUMENT", "must rise strictly"),
+    ("no reason", {"points": [[0.0, 0.0], [1.0, 480.0]]}, "INVALID_ARGUMENT", "reason is required"),
+    ("blank reason", {"points": [[0.0, 0.0], [1.0, 480.0]], "reason": "  "}, "INVALID_ARGUMENT", "reason is required"),
+])
+def test_a_table_outside_the_rules_is_refused_audited_and_changes_nothing(svc, case, args, code, needle):
+    svc.rig.key_cycle()
+    before = svc.cart.calibration
+    err = _refusal(svc, args)
+    assert err.code == code and needle in str(err)
+    assert svc.cart.calibration is before
+    assert not list(Path(svc.state_dir, "calibration").glob("power-*"))
+    assert any(k == "calibration_refused" and f["code"] == code for k, f in svc.audit.items)
+
+
+def test_the_service_conditions_are_refused_with_the_limit_named(svc):
+    err = _refusal(svc, GOOD)  # no key cycle since start
+    assert err.code == "WRONG_STATE" and "within the 60 s before the command" in str(err)
+    svc.rig.key_cycle()
+    svc.clock.advance(61.0)
+    svc.rig.advance(0.02)
+    assert "s ago" in str(_refusal(svc, GOOD))
+    svc.rig.key_cycle()
+    svc.rig.cart.arm()
+    assert "only in SAFE" in str(_refusal(svc, GOOD))
+    observer = SimpleNamespace(name="screen", role="observer")
+    svc.rig.cart.disarm()
+    err = _refusal(svc, GOOD, observer)
+    assert isinstance(err, NotPermitted)
+
+
+def test_a_tampered_stored_table_is_refused_at_connect_and_reported(svc):
+    cal = Calibration(svc)
+    svc.rig.key_cycle()
+    r = cal.cmd_power(dict(GOOD), CALLER)
+    # someone edits the stored file: the attack of issue 14
+    path = cal.folder / r["file"]
+    data = json.loads(path.read_text())
+    data.update(duty=[0.0, 0.8, 1.0], power_mw=[0.0, 40.0, 50.0], photodiode_factor=0.1)
+    path.write_text(json.dumps(data))
+    svc2 = FakeService(svc.state_dir, started=False)
+    cal2 = Calibration(svc2)
+    svc2.rig.start()
+    assert svc2.cart.calibration.calibration_id == "factory"
+    assert cal2.current_id().startswith("p:factory|")
+    problems = cal2.cmd_status({}, CALLER)["problems"]
+    assert any(r["id"] in p and "refused" in p and "exceeds the limit" in p for p in problems)
