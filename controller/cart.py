@@ -354,10 +354,12 @@ class Cart:
         now = self.clock.monotonic()
         times = [t for t in list(self.heartbeat_sent) if t >= now - span_s]
         gaps = [(b - a) * 1000.0 for a, b in zip(times, times[1:])]
+        late = self.heartbeat_interval_s * 1000.0 + 10.0
         return {"interval_ms": round(self.heartbeat_interval_s * 1000.0, 3), "span_s": span_s,
                 "gaps": len(gaps),
                 "median_gap_ms": round(statistics.median(gaps), 3) if gaps else None,
-                "max_gap_ms": round(max(gaps), 3) if gaps else None}
+                "max_gap_ms": round(max(gaps), 3) if gaps else None,
+                "late_gaps": sum(1 for g in gaps if g > late)}
 
     # ------------------------------------------------------------------ readings
     def _read_inputs(self) -> None:
