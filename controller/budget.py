@@ -10,7 +10,9 @@ The intervals live on the wall clock (``clock.time_ns()``), not the monotonic on
 they must survive a restart of the safety core: they are written to a small JSON file at
 every start and stop of emission and about once a second while emitting, so a crash loses
 at most that second (the MCU's own count covers it: the effective use is the larger of the
-two). A wall clock that went back is treated conservatively: an interval recorded "in the
+two). The file is written by a small writer thread, never by the supervisor itself: an
+fsync on an SD card can take tens of milliseconds, which the heartbeat (S16) must not wait
+for. A wall clock that went back is treated conservatively: an interval recorded "in the
 future" counts as if it ended now.
 """
 
@@ -69,7 +71,16 @@ class EmissionBudget:
         self._exhausted = False  # the limit ended emission; cleared once enough is free
         self._last_persist = -math.inf
         self.load_problem: str | None = None
+        # the writer thread's slot: the newest bytes to write (older ones are superseded)
+        self._pending: bytes | None = None
+        self._writing = False
+        self._cond = threading.Condition()
+        self._closed = False
+        self._writer: threading.Thread | None = None
         self._load()
+        if self.path is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="emission-budget-writer", daemon=True)
+            self._writer.start()
 
     # ------------------------------------------------------------------ persistence
     def _now(self) -> float:
@@ -106,17 +117,53 @@ class EmissionBudget:
         self._prune(self._now())
 
     def _save(self, now: float) -> None:
+        """Hand the current record to the writer thread (never blocks on the disk)."""
         if self.path is None:
             return
         data = {"version": FILE_VERSION, "limit_s": self.limit_s, "intervals": self._intervals,
                 "open_since": self._open_since, "saved_at": now, "exhausted": self._exhausted}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.path, json.dumps(data).encode())
-            self._last_persist = now
-        except OSError as err:
-            # Not fatal: the MCU keeps its own count, which wins when larger.
-            log.error("emission budget not saved to %s: %s", self.path, err)
+        self._last_persist = now
+        with self._cond:
+            self._pending = json.dumps(data).encode()
+            self._cond.notify_all()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                data, self._pending = self._pending, None
+                self._writing = True
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomic(self.path, data)
+            except OSError as err:
+                # Not fatal: the MCU keeps its own count, which wins when larger.
+                log.error("emission budget not saved to %s: %s", self.path, err)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the newest record is on disk (False on timeout). Real time: it waits on
+        the writer thread, not on the budget's clock."""
+        if self._writer is None:
+            return True
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._writing, timeout=timeout_s)
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        if self._writer is None:
+            return
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join(timeout=5.0)
 
     def _prune(self, now: float) -> None:
         start = now - self.window_s

@@ -148,7 +148,6 @@ class Cart:
         self.faults: list[Fault] = []
         self.setpoint_mw = 0.0
         self._indicator_on_since: float | None = None
-        self._emission_started: float | None = None
         self._enabled_sent: bool | None = None
         self._duty_sent: float | None = None
         self._next_heartbeat: float | None = None
@@ -292,6 +291,7 @@ class Cart:
                 log.exception("indicator off failed at shutdown")
             if self.state.active:
                 self._set_state(State.SAFE, "shutdown")
+            self.budget.close()
             self.laser.close()
             if self.wheel is not None:
                 self.wheel.close()
@@ -319,14 +319,29 @@ class Cart:
                 if next_t < self.clock.monotonic() - self.period_s:  # far behind (the process was frozen)
                     next_t = self.clock.monotonic()
             elif self.heartbeat_due(now):
-                with self._lock:
-                    self._heartbeat_if_due(now)
+                self._heartbeat_between_ticks(now)
             wake = next_t
             if self._next_heartbeat is not None and self._link_ok:
                 wake = min(wake, self._next_heartbeat)
             stop.wait(max(wake - self.clock.monotonic(), 0.0))
 
     # ------------------------------------------------------------------ heartbeat (S5, S16)
+    def _heartbeat_between_ticks(self, now: float) -> None:
+        """A heartbeat whose deadline falls between two ticks, sent at its deadline. A link
+        failure is handled as in the tick: the laser off and SERIAL_LINK latched."""
+        with self._lock:
+            try:
+                self._heartbeat_if_due(now)
+            except DeviceError as err:
+                self._link_ok = False
+                self._last_reconnect = now
+                self.mcu_status = None
+                dead = isinstance(err, (TimeoutError, ConnectionError))
+                self._trip(SERIAL_LINK, f"laser controller link failed: {err}", force_off=not dead)
+            except Exception:
+                log.exception("heartbeat failed; forcing the laser off")
+                self._trip("SUPERVISOR_ERROR", "internal error sending the heartbeat; see the log")
+
     def heartbeat_due(self, now: float) -> bool:
         return self._link_ok and (self._next_heartbeat is None or now >= self._next_heartbeat)
 
@@ -587,7 +602,6 @@ class Cart:
 
     def _stop_emission(self, reason: str) -> None:
         self._set_state(State.ARMED, reason)
-        self._emission_started = None
         self._emit("safety", message=f"emission stopped: {reason}")
 
     def _trip(self, code: str, message: str, *, key_cycle: bool = False, force_off: bool = True) -> None:
@@ -603,7 +617,6 @@ class Cart:
             self._trip_at = self.clock.monotonic()
         fault = Fault(code, f"{message}; to recover: {recovery_hint(code)}", self.clock.time_ns())
         self.faults.append(fault)
-        self._emission_started = None
         # State and event first: a failing indicator write must not hide the fault.
         self._set_state(State.FAULT, code)
         log.warning("FAULT %s: %s", code, fault.message)
@@ -705,7 +718,6 @@ class Cart:
             if self.state is State.FAULT:
                 self.laser.force_off()
                 raise WrongState("state is FAULT: use fault.reset")
-            self._emission_started = None
             self._set_state(State.SAFE, "disarm")
             self.setpoint_mw = 0.0
             self._apply()
@@ -725,7 +737,6 @@ class Cart:
             if refusal is not None:
                 raise WrongState(f"laser.on refused: {refusal}")
             self.setpoint_mw = power_mw
-            self._emission_started = self.clock.monotonic()
             self._output_bad_since = None
             self._set_state(State.EMITTING, f"laser.on {power_mw} mW")
             self._apply()

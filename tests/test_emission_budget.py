@@ -86,6 +86,7 @@ def test_the_record_survives_a_restart(tmp_path):
     b.start()
     clock.advance(3.0)
     b.tick()  # saved while emitting: a crash now keeps these 3 s
+    assert b.flush()
     b2 = EmissionBudget(10.0, clock, path)  # the process died; a new one reads the file
     assert b2.used_s() == pytest.approx(7.0)
     assert not b2.emitting

@@ -645,6 +645,7 @@ def test_s7a_the_budget_survives_disarm_reset_and_a_restart(tmp_path):
     rig.cart.fault_reset()
     # a restart of the safety core: a new cart on the same state folder (the MCU's budget is
     # 1800 s here, so its count hardly matters: the host's persisted record must hold)
+    assert rig.cart.budget.flush()
     from controller.cart import Cart
 
     cart = Cart(rig.cfg, laser=rig.laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock,
