@@ -114,3 +114,15 @@ def test_a_record_from_the_future_counts_up_to_now(tmp_path):
 def test_a_bad_limit_is_refused():
     with pytest.raises(ValueError, match="limit_s"):
         EmissionBudget(0.0, ManualClock())
+
+
+def test_a_record_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
+    clock = ManualClock()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    b = EmissionBudget(10.0, clock, blocker / "budget.json")
+    emit(b, clock, 1.0)
+    assert b.flush()
+    assert b.used_s() == pytest.approx(1.0)  # the count in memory still holds
+    assert any("not saved" in r.message for r in caplog.records)
+    b.close()

@@ -751,3 +751,40 @@ def test_s16_the_interval_is_at_most_half_the_timeout(interval, timeout, ok):
     else:
         with pytest.raises(ConfigError, match="heartbeat_interval_ms"):
             make_config(**kw)
+
+
+# ----------------------------------------------------------------------------- error paths (v2)
+def test_without_the_factory_record_nothing_emits_and_no_table_is_taken():
+    from hal.errors import DeviceError
+
+    rig = Rig(start=False)
+    def no_record():
+        raise DeviceError("laser-mcu", "no factory record: blank MCU")
+    rig.laser.factory = no_record
+    rig.start()
+    assert rig.cart.factory is None
+    assert any("factory record cannot be read" in p for p in rig.cart.calibration_problems)
+    rig.cart.arm()
+    rig.advance(2.1)
+    with pytest.raises(WrongState, match="factory record"):
+        rig.cart.laser_on(50)
+    rig.cart.disarm()
+    rig.key_cycle()
+    with pytest.raises(WrongState, match="factory record"):
+        install(rig, [[0.0, 0.0], [1.0, 500.0]])
+    assert rig.output_mw == 0.0
+
+
+def test_a_heartbeat_between_ticks_that_fails_latches_serial_link():
+    from hal.errors import DeviceTimeout
+
+    rig = Rig()
+    rig.arm_and_emit(50)
+    def silent():
+        raise DeviceTimeout("laser-mcu", "no reply to HB")
+    rig.laser.heartbeat = silent
+    rig.clock.advance(0.2)
+    rig.cart._heartbeat_between_ticks(rig.clock.monotonic())
+    assert rig.cart.state is State.FAULT and rig.cart.faults[0].code == "SERIAL_LINK"
+    rig.advance(0.7, host_alive=False)  # the MCU's watchdog covers a link that is gone
+    assert rig.output_mw == 0.0
