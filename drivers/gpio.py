@@ -209,7 +209,8 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         return self._read(FOOTSWITCH)
 
     def add_listener(self, listener: InputListener) -> None:
-        """Call ``listener(name, value)`` on every debounced input change."""
+        """Call ``listener(name, value)`` on every input change: an opening of the key or
+        interlock at once, a return to closed and any foot-switch change once debounced."""
         with self._lock:
             self._listeners.append(listener)
 
