@@ -66,7 +66,10 @@ PD_NOISE_REL = 0.002  # and proportional noise (1 sigma)
 # The simulated photodiode's true response: optical mW per pd unit (the factory measures it).
 PD_MW_PER_UNIT = 1.0
 
-OPT_TRIP_S = 0.005  # S6a: own reading above the optical trip for longer than this -> OPT
+# S6a: own reading above the optical trip for longer than 5 ms -> OPT. Judged on 1 ms
+# samples, so the MCU trips once a run of samples spans more than 4 ms: light above the
+# trip then never lasts beyond 5 ms.
+OPT_TRIP_S = 0.004
 XMW_TRIP_S = 0.050  # S6a: reading and expected mW disagreeing for longer than this -> XMW
 XMW_REL = 0.20  # "disagree": by more than 20 % of the larger of the two ...
 XMW_FS_ALLOWANCE = 0.02  # ... plus 2 % of the factory table's full scale (S6a's own allowance)
@@ -211,6 +214,7 @@ class McuEmulator:
         self._key_offs = 0
         # S7a: emission-permitted intervals (start_s, end_s) within the sliding window
         self._on_intervals: collections.deque[tuple[float, float]] = collections.deque()
+        self._closed_on_s = 0.0  # the total length of _on_intervals, kept as they come and go
         self._permit_since: float | None = None
         # thermal model
         self._temp_c = AMBIENT_C
@@ -478,8 +482,13 @@ class McuEmulator:
             return 0.0
         window_start = now_s - 2.0 * self._factory.budget_s
         while self._on_intervals and self._on_intervals[0][1] <= window_start:
-            self._on_intervals.popleft()
-        used = sum(min(end, now_s) - max(start, window_start) for start, end in self._on_intervals)
+            start, end = self._on_intervals.popleft()
+            self._closed_on_s -= end - start
+        # Intervals are in time order and never overlap: only the oldest can straddle the
+        # window's start. A running total keeps this cheap however many on/off cycles.
+        used = self._closed_on_s
+        if self._on_intervals and self._on_intervals[0][0] < window_start:
+            used -= window_start - self._on_intervals[0][0]
         if self._permit_since is not None:
             used += now_s - max(self._permit_since, window_start)
         return max(0.0, used)
@@ -533,7 +542,9 @@ class McuEmulator:
         self._pd_held_valid = False
         self._xmw_since = None
         if was and self._permit_since is not None:
-            self._on_intervals.append((self._permit_since, self.clock.monotonic()))
+            end = self.clock.monotonic()
+            self._on_intervals.append((self._permit_since, end))
+            self._closed_on_s += end - self._permit_since
         self._permit_since = None
         self._apply_drive(now_ns)
 
@@ -601,6 +612,10 @@ class McuEmulator:
         reply = self._execute(seq, command)
         self._cache = (seq, command, reply)
         self._send(f"{seq} {reply}")
+        # The ADC samples continuously: a level the command just changed is seen at once,
+        # not at the next tick, so the optical trip's 5 ms count from the change itself.
+        self._sample_photodiode()
+        self._check_safety(self.clock.monotonic(), self.clock.time_ns())
 
     def _execute(self, seq: int, command: str) -> str:
         parts = command.split(" ")
@@ -662,12 +677,13 @@ class McuEmulator:
                 raise _Reply(f"ERR REFUSED BUDGET {math.ceil(wait_s)}")
             self._on_since_s = now_s  # MAXON: continuous on-time from the off -> on transition
             self._permit_since = now_s  # S7a: accumulates across every on period
-            self._last_feed_s = now_s  # enabling arms the watchdog with a full timeout
             self._enabled = True
             self._frame_lit = False  # while modulating, light starts at the next lit trigger
             self._pd_held_valid = False
             if not self._modulating():
                 self._applied_duty = self._duty
+        # an accepted EN 1 feeds the watchdog (on turning on: arms it with a full timeout)
+        self._last_feed_s = now_s
         self._set_level(self._duty, mw)
         return "OK out=1"
 

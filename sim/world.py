@@ -132,7 +132,10 @@ class World:
     """The physical truth of the simulated cart."""
 
     LASER_HISTORY_S = 5.0
-    TRIGGER_HISTORY = 4096
+    # The judge's record (tests of S15 over the bus): step events and trigger windows,
+    # longer than the renderer's history, kept apart so rendering stays cheap.
+    RECORD_EVENTS = 200_000
+    TRIGGER_HISTORY = 20_000
     INPUT_HISTORY = 4096
 
     def __init__(
@@ -189,6 +192,7 @@ class World:
         self._drive_mw = 0.0
         self._laser_events: deque[tuple[int, float]] = deque()
         self._laser_events.append((clock.time_ns(), 0.0))
+        self._laser_record: deque[tuple[int, float]] = deque(self._laser_events, maxlen=self.RECORD_EVENTS)
         self._scene_version = 1
 
     # -- listeners -----------------------------------------------------------------------
@@ -229,6 +233,7 @@ class World:
         last_t, last = self._laser_events[-1]
         if out != last:
             self._laser_events.append((max(t, last_t), out))
+            self._laser_record.append((max(t, last_t), out))
             horizon = t - int(self.laser_history_s * 1e9)
             while len(self._laser_events) > 2 and self._laser_events[1][0] < horizon:
                 self._laser_events.popleft()
@@ -237,6 +242,22 @@ class World:
             emit = False
         if emit:
             self._emit("laser", {"t_ns": max(t, last_t), "mw": out})
+
+    def record(self, since_ns: int = 0) -> dict:
+        """The judge's record from ``since_ns`` on: ``laser`` step events (t_ns, mW) starting
+        with the value in force at ``since_ns``, camera ``triggers`` (counter, t_start_ns,
+        exposure_ns, lit) and input ``edges`` (t_ns, input, value)."""
+        with self._lock:
+            laser = [e for e in self._laser_record if e[0] > since_ns]
+            before = [e for e in self._laser_record if e[0] <= since_ns]
+            if before:
+                laser.insert(0, before[-1])
+            return {
+                "laser": [list(e) for e in laser],
+                "triggers": [[tr.counter, tr.t_start_ns, tr.exposure_ns, tr.lit]
+                             for tr in self._triggers if tr.t_start_ns >= since_ns],
+                "edges": [list(e) for e in self._input_events if e[0] >= since_ns],
+            }
 
     def laser_output_mw(self) -> float:
         with self._lock:
@@ -345,7 +366,7 @@ class World:
                 # a clock that does not move by itself (a manual test clock): just step it
                 self._clock.sleep(remaining)
                 continue
-            time.sleep(0)  # yield the interpreter, keep the core
+            pass  # spin: keep the core and the interpreter for these last moments
 
     # -- filter --------------------------------------------------------------------------------
     def set_filter(self, position: int, moving: bool) -> None:
@@ -437,6 +458,38 @@ class World:
                 k_fluo=self.k_fluo,
                 filters=dict(self.filters),
             )
+
+
+def judge_frames(laser: list, triggers: list) -> dict:
+    """S15 judged from a :meth:`World.record`: for each exposure window [t, t + exposure),
+    a dark frame must receive no light and a lit frame must never gain power. Returns
+    counts and the offending frame counters (``dark_lit``, ``rose``) and the lit frames
+    whose power fell inside the exposure (``cut``, which the MCU must have marked)."""
+    events = [(int(t), float(mw)) for t, mw in laser]
+    out = {"frames": 0, "lit": 0, "dark_lit": [], "rose": [], "cut": []}
+    i = 0
+    level = events[0][1] if events else 0.0
+    for counter, t0, exposure_ns, lit in sorted(triggers, key=lambda tr: tr[1]):
+        t1 = t0 + exposure_ns
+        while i < len(events) and events[i][0] <= t0:
+            level = events[i][1]
+            i += 1
+        inside, j = [], i
+        while j < len(events) and events[j][0] < t1:
+            inside.append(events[j][1])
+            j += 1
+        seq = [level] + inside
+        out["frames"] += 1
+        if not lit:
+            if any(v > 0 for v in seq):
+                out["dark_lit"].append(counter)
+            continue
+        out["lit"] += 1
+        if any(b > a for a, b in zip(seq, seq[1:])):
+            out["rose"].append(counter)
+        if any(b < a for a, b in zip(seq, seq[1:])):
+            out["cut"].append(counter)
+    return out
 
 
 def mean_of_steps(events: list[tuple[int, float]], t0_ns: int, t1_ns: int) -> float:

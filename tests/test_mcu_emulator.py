@@ -518,3 +518,17 @@ def test_constructor_validates():
         McuEmulator(world, clock, duty_ceiling=1.5)
     with pytest.raises(InvalidArgument):
         McuEmulator(world, clock, heartbeat_timeout_ms=50)
+
+
+def test_protocol_document_examples_carry_real_checksums():
+    """Every example line in docs/mcu-protocol.md section 12 checks out (but the two that
+    show a damaged line), with the standard library's CRC."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "mcu-protocol.md").read_text()
+    session = text[text.index("## 12."):text.index("## 13.")]
+    lines = [ln[2:] for ln in session.splitlines() if ln.startswith(("> ", "< "))]
+    assert len(lines) > 60
+    damaged = [ln for ln in lines if not checksum_ok(ln)]
+    assert damaged == ["4252 EN 1 100*0000", "hello"]
+    assert "proto=2" in session and "fw=2.0.0" in session
