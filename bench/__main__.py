@@ -87,7 +87,17 @@ def bench_cart(quick: bool, seconds: float | None) -> tuple[list[Row], list[str]
                      f"{sa['invalid_results']} invalid results, CPU s per process {sa['cpu_s_per_process']}")
         trips, freezes = (3, 2) if quick else (10, 5)
         _say(f"P4: {trips} interlock trips, {freezes} controller freezes, one kill ...")
-        p4 = safety_latency.run_on(cart, trips=trips, freezes=freezes, kill=True)
+        # S16 under load: the sender's heartbeat gaps over the streaming just measured
+        probe = cart.client()
+        try:
+            loaded = dict(probe.call("status")["heartbeat"])
+        except Exception as err:  # reported as not measured
+            loaded = None
+            notes.append(f"S16 heartbeat under load not read: {err}")
+        finally:
+            probe.close()
+        _say("S16: the heartbeat over 60 s idle ...")
+        p4 = safety_latency.run_on(cart, trips=trips, freezes=freezes, kill=True, heartbeat_loaded=loaded)
         rows += safety_latency.verdicts(p4)
         notes += [f"P4 problem: {p}" for p in p4.problems]
     finally:

@@ -18,9 +18,15 @@ safety path would show):
   MCU would not do); the output must go off within the heartbeat timeout plus a margin and
   stay off. The cart is not usable afterwards, so this runs last.
 
+And S16, before the others: **heartbeat gaps over 60 s idle** (SAFE, no stream), measured at
+the sender: the supervisor notes the time of each heartbeat just before it goes out, and
+``status`` → ``heartbeat`` reports the median and largest gap over the last 60 s (target:
+median within 2 ms of ``heartbeat_interval_ms``, max at most the interval + 10 ms). The same
+figure read right after the streaming benchmark (P3) shows the gaps under load.
+
 These figures are reported, never asserted in tests: this machine is shared and noisy.
 
-Run alone: ``python -m bench.safety_latency [--trips 10] [--freezes 5]``.
+Run alone: ``python -m bench.safety_latency [--trips 10] [--freezes 5] [--idle 60]``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ log = logging.getLogger(__name__)
 
 TARGET_TRIP_MS = 100.0
 FREEZE_MARGIN_MS = 100.0  # the target is heartbeat_timeout_ms + this
+HEARTBEAT_MEDIAN_TOLERANCE_MS = 2.0  # S16: median gap within this of the interval ...
+HEARTBEAT_MAX_EXTRA_MS = 10.0  # ... and the largest at most the interval + this
+HEARTBEAT_IDLE_S = 60.0
 KILL_MARGIN_MS = 1000.0  # the output must be off within heartbeat_timeout_ms + this ...
 KILL_HOLD_S = 2.0  # ... and stay off at least this long
 STREAM_BEFORE_S = 0.5  # let the stream settle before each trip, freeze or kill
@@ -118,6 +127,8 @@ class SafetyStats:
     """The P4 measurements (ms) and what went wrong, if anything."""
 
     heartbeat_timeout_ms: int = 500
+    heartbeat_idle: dict | None = None  # the status "heartbeat" map after HEARTBEAT_IDLE_S idle
+    heartbeat_loaded: dict | None = None  # the same, read right after streaming (P3), if given
     trip_ms: list[float] = field(default_factory=list)
     freeze_ms: list[float] = field(default_factory=list)
     kill_off_ms: float | None = None
@@ -129,7 +140,12 @@ class SafetyStats:
         def med_max(v):
             return (round(statistics.median(v), 1), round(max(v), 1)) if v else (None, None)
 
+        def hb(m):
+            return None if not m else (m.get("median_gap_ms"), m.get("max_gap_ms"), m.get("gaps"))
+
         return {
+            "heartbeat_idle_gap_ms_median_max_n": hb(self.heartbeat_idle),
+            "heartbeat_loaded_gap_ms_median_max_n": hb(self.heartbeat_loaded),
             "interlock_to_fault_ms_median_max": med_max(self.trip_ms),
             "interlock_trips": len(self.trip_ms),
             "freeze_to_output_off_ms_median_max": med_max(self.freeze_ms),
@@ -246,15 +262,33 @@ def measure_kill(cart: BenchCart, client, world: WorldWatch) -> tuple[float | No
     return (None if t_off is None else (t_off - t_kill_ns) / 1e6), stayed_off
 
 
-def run_on(cart: BenchCart, *, trips: int = 10, freezes: int = 5, kill: bool = True) -> SafetyStats:
-    """All P4 measurements on a running cart (with ``kill``, the cart is dead afterwards)."""
-    stats = SafetyStats(heartbeat_timeout_ms=cart.heartbeat_timeout_ms)
+def measure_heartbeat_idle(client, idle_s: float = HEARTBEAT_IDLE_S) -> dict:
+    """S16: the cart idle in SAFE for ``idle_s``, then the sender's own figures (the status
+    ``heartbeat`` map: gaps over the last 60 s)."""
+    to_safe(client)
+    client.call("acquire.stop")
+    time.sleep(idle_s)
+    return dict(client.call("status")["heartbeat"])
+
+
+def run_on(cart: BenchCart, *, trips: int = 10, freezes: int = 5, kill: bool = True,
+           heartbeat_idle_s: float = HEARTBEAT_IDLE_S, heartbeat_loaded: dict | None = None) -> SafetyStats:
+    """The S16 heartbeat figure (idle), then all P4 measurements on a running cart (with
+    ``kill``, the cart is dead afterwards). ``heartbeat_loaded`` is a status ``heartbeat`` map
+    read right after a streaming run, reported beside the idle one."""
+    stats = SafetyStats(heartbeat_timeout_ms=cart.heartbeat_timeout_ms, heartbeat_loaded=heartbeat_loaded)
     watcher = cart.client()
     watcher.subscribe("status", "event")
     sender = cart.client()
     sender.subscribe("status")
     world = WorldWatch(cart.world_pub_endpoint())
     try:
+        if heartbeat_idle_s > 0:
+            try:
+                stats.heartbeat_idle = measure_heartbeat_idle(sender, heartbeat_idle_s)
+            except Exception as err:
+                stats.problems.append(f"heartbeat: {err}")
+                log.warning("heartbeat measurement failed: %s", err)
         for i in range(trips):
             try:
                 stats.trip_ms.append(measure_trip(cart, watcher, sender))
@@ -281,6 +315,22 @@ def run_on(cart: BenchCart, *, trips: int = 10, freezes: int = 5, kill: bool = T
 def verdicts(s: SafetyStats) -> list[tuple[str, str, str, bool]]:
     """(figure, measured, target, met) rows for the summary table."""
     rows = []
+    hb = s.heartbeat_idle
+    if hb and hb.get("median_gap_ms") is not None:
+        interval = float(hb["interval_ms"])
+        rows.append(("S16 heartbeat gap idle 60 s (median/max)",
+                     f"{hb['median_gap_ms']:.1f}/{hb['max_gap_ms']:.1f} ms",
+                     f"{interval:.0f}+-{HEARTBEAT_MEDIAN_TOLERANCE_MS:.0f}/<={interval + HEARTBEAT_MAX_EXTRA_MS:.0f} ms",
+                     abs(hb["median_gap_ms"] - interval) <= HEARTBEAT_MEDIAN_TOLERANCE_MS
+                     and hb["max_gap_ms"] <= interval + HEARTBEAT_MAX_EXTRA_MS))
+    else:
+        rows.append(("S16 heartbeat gap idle 60 s", "not measured", "", False))
+    hl = s.heartbeat_loaded
+    if hl and hl.get("max_gap_ms") is not None:
+        half = s.heartbeat_timeout_ms / 2.0
+        rows.append(("S16 heartbeat gap while streaming (median/max)",
+                     f"{hl['median_gap_ms']:.1f}/{hl['max_gap_ms']:.1f} ms", f"max < {half:.0f} ms",
+                     hl["max_gap_ms"] < half))
     if s.trip_ms:
         rows.append(("P4 interlock open to FAULT (median/max)",
                      f"{statistics.median(s.trip_ms):.0f}/{max(s.trip_ms):.0f} ms",
@@ -313,12 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="P4: safety reaction times on the simulated cart")
     parser.add_argument("--trips", type=int, default=10)
     parser.add_argument("--freezes", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=HEARTBEAT_IDLE_S,
+                        help="seconds idle for the heartbeat figure (0: skip it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cart = BenchCart(width=WIDTH, height=HEIGHT, fps=FPS, exposure_us=EXPOSURE_US)
     try:
         cart.start()
-        s = run_on(cart, trips=max(0, args.trips), freezes=max(0, args.freezes))
+        s = run_on(cart, trips=max(0, args.trips), freezes=max(0, args.freezes), heartbeat_idle_s=max(0.0, args.idle))
     finally:
         cart.stop()
     for name, value in s.summary().items():

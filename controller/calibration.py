@@ -3,6 +3,17 @@
 The table maps duty fractions to optical power measured at the working distance with a power
 meter. Between points the power is interpolated linearly; the table must rise strictly.
 Results report the calibrated power, never the raw duty.
+
+PRODUCT S6a: the MCU holds a factory table and photodiode factor that no command changes;
+the host's own table (what ``calibrate.power`` installs) is accepted only within a tolerance
+band around it, checked by :func:`factory_violation`:
+
+    |P_new(d) - P_factory(d)| <= 0.2 P_factory(d) + 0.02 P_factory(1.0)  at every duty d
+
+and a photodiode factor within 20 % of the factory one. Both tables are piecewise linear and
+so is the bound (it follows P_factory), so the difference minus the bound is linear between
+the breakpoints of the two tables taken together: checking at every breakpoint of both
+(within the new table's duty range, where it is used) checks every duty.
 """
 
 from __future__ import annotations
@@ -17,6 +28,12 @@ from hal.errors import ConfigError, InvalidArgument
 MIN_POWER_POINTS = 2
 MAX_POWER_POINTS = 32
 MAX_CALIBRATED_MW = 1000.0
+# S6a tolerance around the factory table and photodiode factor.
+TABLE_REL_TOLERANCE = 0.20
+TABLE_FULL_SCALE_TOLERANCE = 0.02  # of the factory power at duty 1.0
+PHOTODIODE_REL_TOLERANCE = 0.20
+# floating-point slack when comparing at the band's edge
+_EPS_MW = 1e-9
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,70 @@ class PowerCalibration:
                 "notes": self.notes}
 
     @classmethod
+    def from_factory(cls, factory) -> "PowerCalibration":
+        """The MCU's factory table and photodiode factor as a host table (what the cart uses
+        until a service calibration is accepted, and falls back to when a stored one is
+        refused). A flat stretch (below the lasing threshold) keeps its last duty, so the
+        table rises strictly."""
+        duties: list[float] = []
+        powers: list[float] = []
+        for d, p in factory.points:
+            d, p = float(d), float(p)
+            if powers and p <= powers[-1]:
+                duties[-1] = d  # flat: the highest duty that still gives this power
+                continue
+            duties.append(d)
+            powers.append(p)
+        return cls(tuple(duties), tuple(powers), float(factory.photodiode_factor), "factory",
+                   {"source": "laser controller factory record"})
+
+    @property
+    def points(self) -> tuple[tuple[float, float], ...]:
+        return tuple(zip(self.duty, self.power_mw))
+
+    @classmethod
     def load(cls, path: Path) -> "PowerCalibration":
         data = json.loads(Path(path).read_text())
         return cls(tuple(data["duty"]), tuple(data["power_mw"]), float(data.get("photodiode_factor", 1.0)),
                    str(data.get("calibration_id", path.stem)), dict(data.get("notes", {})))
+
+
+def _factory_mw(points, duty: float) -> float:
+    """Piecewise-linear power of a (duty, mW) table, held constant beyond its ends."""
+    xs = tuple(float(d) for d, _ in points)
+    ys = tuple(float(p) for _, p in points)
+    if duty >= xs[-1]:
+        return ys[-1]
+    return _interp(duty, xs, ys)
+
+
+def factory_violation(duty: tuple[float, ...], power_mw: tuple[float, ...], photodiode_factor: float,
+                      factory) -> str | None:
+    """Why a host table and photodiode factor fall outside the S6a band around the MCU's
+    factory record (``factory.points``, ``factory.photodiode_factor``), or None when they are
+    inside. The message names the duty, both powers and the limit."""
+    fpoints = tuple((float(d), float(p)) for d, p in factory.points)
+    if len(fpoints) < 2:
+        return "the laser controller's factory table has fewer than two points"
+    if any(b[1] < a[1] for a, b in zip(fpoints, fpoints[1:])):
+        return "the laser controller's factory table does not rise"
+    full = _factory_mw(fpoints, 1.0)
+    lo, hi = duty[0], duty[-1]
+    checks = sorted({*duty, *(d for d, _ in fpoints if lo <= d <= hi)})
+    for d in checks:
+        new = _interp(d, duty, power_mw) if d < hi else power_mw[-1]
+        ref = _factory_mw(fpoints, d)
+        allowed = TABLE_REL_TOLERANCE * ref + TABLE_FULL_SCALE_TOLERANCE * full
+        if abs(new - ref) > allowed + _EPS_MW:
+            return (f"at duty {d:.4g} the table gives {new:.2f} mW, the factory table {ref:.2f} mW: "
+                    f"the difference {abs(new - ref):.2f} mW exceeds the limit {allowed:.2f} mW "
+                    f"(20 % of the factory value + 2 % of its {full:.1f} mW at duty 1.0)")
+    ff = float(factory.photodiode_factor)
+    if not (math.isfinite(photodiode_factor) and abs(photodiode_factor - ff) <= PHOTODIODE_REL_TOLERANCE * ff + 1e-12):
+        return (f"photodiode_factor {photodiode_factor} is more than 20 % from the factory factor "
+                f"{ff:.4g} (allowed {ff * (1 - PHOTODIODE_REL_TOLERANCE):.4g} to "
+                f"{ff * (1 + PHOTODIODE_REL_TOLERANCE):.4g})")
+    return None
 
 
 def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:

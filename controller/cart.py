@@ -4,9 +4,20 @@ One class, :class:`Cart`, owns the laser decision. Everything that can change wh
 may leave the cart goes through :meth:`Cart._apply`, and the rule itself is the short pure
 function :func:`emission_permitted` - read it first. The supervisor loop (:meth:`Cart.tick`,
 run at a fixed rate by :meth:`Cart.run`) reads the key, interlock and foot switch, the MCU's
-status (faults, temperature, monitor photodiode) and the camera's liveness, sends the MCU
-heartbeat, and trips to FAULT on any violated rule. Safety-input edges also trip at once
-from the GPIO callback, without waiting for the next tick.
+status (faults, temperature, monitor photodiode, its counts of input openings and its
+on-time) and the camera's liveness, and trips to FAULT on any violated rule. Safety-input
+edges also trip at once from the GPIO callback, without waiting for the next tick.
+
+Version 2 rules (PRODUCT section 4):
+
+* S3a: an interlock opening or key-off edge of any length latches in ARMING/ARMED/EMITTING,
+  from the GPIO callback or from a rise of the MCU's edge counters
+  (``LaserStatus.interlock_openings``/``key_offs``), whichever comes first. A key "turned off
+  and on at the cart" means off for at least :data:`KEY_CYCLE_MIN_OFF_S`, then on.
+* S6a: the MCU's factory record (``laser.factory()``) bounds the host's power table
+  (:meth:`Cart.install_calibration`); every on/set carries the expected mW.
+* S7a: emission time accumulates in :class:`controller.budget.EmissionBudget`.
+* S16: the heartbeat has its own deadline; :meth:`Cart.run` wakes for it between ticks.
 
 The clock is a parameter: tests drive ``tick()`` with a manual clock through minutes of
 simulated time in milliseconds.
@@ -14,13 +25,16 @@ simulated time in milliseconds.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import statistics
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from controller.calibration import PowerCalibration
+from controller.budget import EmissionBudget
+from controller.calibration import PowerCalibration, factory_violation
 from controller.state import (
     CAMERA_STALL, INPUT_DISAGREE, INTERLOCK_OPEN, KEY_OFF, MCU_FAULT_PREFIX, OUTPUT_MISMATCH,
     OVER_TEMP, SERIAL_LINK, Fault, State, recovery_hint,
@@ -46,6 +60,18 @@ MCU_INPUT_FAULTS = {"ILK": INTERLOCK_OPEN, "KEY": KEY_OFF}
 STATUS_LOCK_WAIT_S = 0.05
 # How often a dead MCU link is retried while in FAULT.
 RECONNECT_INTERVAL_S = 1.0
+# S3a: a key "turned off and on at the cart" is off at least this long, then on; a shorter
+# off (a glitch, a bounce) trips an armed laser but counts as no key cycle.
+KEY_CYCLE_MIN_OFF_S = 0.5
+# S6a: the key cycle that authorises a change of the power calibration is this recent.
+SERVICE_KEY_CYCLE_WINDOW_S = 60.0
+# A polled foot-switch reading must show "released" on this many ticks in a row to end
+# emission (the GPIO callback delivers debounced releases at once); a shorter release seen by
+# the poll alone is contact bounce.
+FOOTSWITCH_POLL_CONFIRM = 2
+# Heartbeat send times kept for the status and the benchmark (S16), and the span reported.
+HEARTBEAT_HISTORY = 4096
+HEARTBEAT_REPORT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,7 @@ class Cart:
         indicators: Indicators,
         clock: Clock | None = None,
         calibration: PowerCalibration | None = None,
+        budget_path=None,
     ):
         self.cfg = cfg
         self.laser = laser
@@ -105,6 +132,9 @@ class Cart:
         self.indicators = indicators
         self.clock = clock or SystemClock()
         self.calibration = calibration or PowerCalibration.nominal(cfg.laser.full_scale_mw)
+        # the MCU's factory record, read at connect (S6a); None until then
+        self.factory = None
+        self.calibration_problems: list[str] = []
         self._lock = threading.RLock()
         self._listeners: list[EventListener] = []
 
@@ -118,20 +148,26 @@ class Cart:
         self.faults: list[Fault] = []
         self.setpoint_mw = 0.0
         self._indicator_on_since: float | None = None
-        self._emission_started: float | None = None
         self._enabled_sent: bool | None = None
         self._duty_sent: float | None = None
-        self._last_heartbeat = -math.inf
+        self._next_heartbeat: float | None = None
+        self.heartbeat_sent: collections.deque[float] = collections.deque(maxlen=HEARTBEAT_HISTORY)
+        self.budget = EmissionBudget(cfg.laser.max_emission_s, self.clock, budget_path)
+        # the MCU's opening counters as last seen (S3a); None: no baseline yet
+        self._mcu_counts: tuple[int, int] | None = None
         self._last_reconnect = -math.inf
         self._link_ok = False
         self.mcu_status: LaserStatus | None = None
         self.key_on = False
         self.interlock_closed = False
         self.footswitch_pressed = False
-        # S1/S4 key cycles: "off seen" since boot and since the last interlock/key trip
-        self._key_off_since_boot = False
-        self._key_off_since_trip = True
+        self._footswitch_released_polls = 0
+        # S1/S4/S6a key cycles: when the key went off (while it is off), and when it last came
+        # back on after at least KEY_CYCLE_MIN_OFF_S off
+        self._key_off_at: float | None = None
+        self.key_cycled_at: float | None = None
         self._trip_needs_key_cycle = False
+        self._trip_at: float | None = None
         self._disagree_since: float | None = None
         self._output_bad_since: float | None = None
         # camera liveness, reported by the acquisition
@@ -178,6 +214,11 @@ class Cart:
         if new is old:
             return
         self.state = new
+        # S7a: time in EMITTING is time with emission permitted, whatever the frame gating
+        if new is State.EMITTING:
+            self.budget.start()
+        elif old is State.EMITTING:
+            self.budget.stop()
         log.info("state %s -> %s (%s)", old.value, new.value, reason)
         self._emit("state", **{"from": old.value, "to": new.value, "reason": reason})
 
@@ -190,6 +231,7 @@ class Cart:
             self._enabled_sent = False
             self.laser.connect()
             self._link_ok = True
+            self._read_factory()
             self.indicators.set_emission_indicator(False)
             self.indicators.set_white_light(False)
             if self.wheel is not None:
@@ -197,6 +239,67 @@ class Cart:
             self.inputs.add_listener(self.on_input)
             self._read_inputs()
             self._emit("state", **{"from": None, "to": State.SAFE.value, "reason": "boot"})
+
+    # ------------------------------------------------------------------ calibration (S6a)
+    def _read_factory(self) -> None:
+        """Take the MCU's factory record and re-validate the host table against it: a table
+        outside the S6a band (a tampered file, a table made for another laser) is refused and
+        the factory table used instead, and the refusal is reported."""
+        try:
+            self.factory = self.laser.factory()
+        except DeviceError as err:
+            self.factory = None
+            self._calibration_problem(f"the laser controller's factory record cannot be read ({err}); "
+                                      "laser.on is refused until it can")
+            return
+        cal = self.calibration
+        if cal.calibration_id == "nominal":
+            self.calibration = PowerCalibration.from_factory(self.factory)
+            return
+        why = factory_violation(cal.duty, cal.power_mw, cal.photodiode_factor, self.factory)
+        if why is not None:
+            self._calibration_problem(f"power calibration {cal.calibration_id} refused against the laser "
+                                      f"controller's factory record: {why}; the factory table is in use")
+            self.calibration = PowerCalibration.from_factory(self.factory)
+
+    def _calibration_problem(self, message: str) -> None:
+        log.error("%s", message)
+        self.calibration_problems.append(message)
+        self._emit("info", message=message)
+
+    def check_calibration(self, cal: PowerCalibration) -> None:
+        """Raise :class:`InvalidArgument` naming the limit when ``cal`` is outside the S6a
+        band around the MCU's factory record."""
+        if self.factory is None:
+            raise WrongState("calibrate.power: the laser controller's factory record has not been read; "
+                             "the table cannot be checked against it")
+        why = factory_violation(cal.duty, cal.power_mw, cal.photodiode_factor, self.factory)
+        if why is not None:
+            raise InvalidArgument(f"calibrate.power: {why}")
+
+    def service_act_refusal(self) -> str | None:
+        """Why a service act (S6a: a new power calibration) is refused now, or None: only in
+        SAFE, and with the key turned off (>= 0.5 s) and on at the cart within the last 60 s."""
+        if self.state is not State.SAFE:
+            return f"state is {self.state.value}; a power calibration is accepted only in SAFE (disarm first)"
+        now = self.clock.monotonic()
+        if self.key_cycled_at is None or now - self.key_cycled_at > SERVICE_KEY_CYCLE_WINDOW_S:
+            ago = "never since start" if self.key_cycled_at is None else f"{now - self.key_cycled_at:.0f} s ago"
+            return (f"turn the key off (at least {KEY_CYCLE_MIN_OFF_S} s) and on at the cart within the "
+                    f"{SERVICE_KEY_CYCLE_WINDOW_S:.0f} s before the command (last key cycle: {ago})")
+        if not self.key_on:
+            return "the key is off: turn it on after the key cycle"
+        return None
+
+    def install_calibration(self, cal: PowerCalibration) -> None:
+        """Use ``cal`` from now on, after checking it against the factory record and the
+        service-act conditions (the caller checks the role)."""
+        with self._lock:
+            why = self.service_act_refusal()
+            if why is not None:
+                raise WrongState(f"calibrate.power: {why}")
+            self.check_calibration(cal)
+            self.calibration = cal
 
     def shutdown(self) -> None:
         """Laser off, indicator off, links closed. Safe to call more than once."""
@@ -209,41 +312,123 @@ class Cart:
                 log.exception("indicator off failed at shutdown")
             if self.state.active:
                 self._set_state(State.SAFE, "shutdown")
+            self.budget.close()
             self.laser.close()
             if self.wheel is not None:
                 self.wheel.close()
 
     def run(self, stop: threading.Event, on_healthy_tick: Callable[[], None] | None = None) -> None:
-        """The supervisor loop at ``safety.supervisor_rate_hz`` until ``stop`` is set."""
+        """The supervisor loop at ``safety.supervisor_rate_hz`` until ``stop`` is set.
+
+        S16: the heartbeat keeps its own deadline. The loop sleeps until whichever comes
+        first, the next tick or the next heartbeat, so a heartbeat is never held back to the
+        next tick (version 1 sent every 120 ms for a 100 ms interval at 50 Hz)."""
         next_t = self.clock.monotonic()
         while not stop.is_set():
+            now = self.clock.monotonic()
+            if now >= next_t:
+                try:
+                    self.tick()
+                    if on_healthy_tick is not None:
+                        on_healthy_tick()
+                except Exception:
+                    # Never leave the loop on an unexpected error: make the laser safe and go on.
+                    log.exception("supervisor tick failed; forcing the laser off")
+                    with self._lock:
+                        self._trip("SUPERVISOR_ERROR", "internal error in the supervisor loop; see the log")
+                next_t += self.period_s
+                if next_t < self.clock.monotonic() - self.period_s:  # far behind (the process was frozen)
+                    next_t = self.clock.monotonic()
+            elif self.heartbeat_due(now):
+                self._heartbeat_between_ticks(now)
+            wake = next_t
+            if self._next_heartbeat is not None and self._link_ok:
+                wake = min(wake, self._next_heartbeat)
+            stop.wait(max(wake - self.clock.monotonic(), 0.0))
+
+    # ------------------------------------------------------------------ heartbeat (S5, S16)
+    def _heartbeat_between_ticks(self, now: float) -> None:
+        """A heartbeat whose deadline falls between two ticks, sent at its deadline. A link
+        failure is handled as in the tick: the laser off and SERIAL_LINK latched."""
+        with self._lock:
             try:
-                self.tick()
-                if on_healthy_tick is not None:
-                    on_healthy_tick()
+                self._heartbeat_if_due(now)
+            except DeviceError as err:
+                self._link_ok = False
+                self._last_reconnect = now
+                self.mcu_status = None
+                dead = isinstance(err, (TimeoutError, ConnectionError))
+                self._trip(SERIAL_LINK, f"laser controller link failed: {err}", force_off=not dead)
             except Exception:
-                # Never leave the loop on an unexpected error: make the laser safe and go on.
-                log.exception("supervisor tick failed; forcing the laser off")
-                with self._lock:
-                    self._trip("SUPERVISOR_ERROR", "internal error in the supervisor loop; see the log")
-            next_t += self.period_s
-            delay = next_t - self.clock.monotonic()
-            if delay < -self.period_s:  # fell far behind (e.g. the process was frozen)
-                next_t = self.clock.monotonic()
-                delay = 0
-            stop.wait(max(delay, 0.0))
+                log.exception("heartbeat failed; forcing the laser off")
+                self._trip("SUPERVISOR_ERROR", "internal error sending the heartbeat; see the log")
+
+    def heartbeat_due(self, now: float) -> bool:
+        return self._link_ok and (self._next_heartbeat is None or now >= self._next_heartbeat)
+
+    def _heartbeat_if_due(self, now: float) -> None:
+        """Send the heartbeat when its deadline has come. The next deadline is this one plus
+        the interval (not "the interval after this send"), so lateness does not accumulate;
+        only after falling more than a whole interval behind (a frozen process) does the
+        schedule restart from now. Raises DeviceError from the link."""
+        if not self._link_ok:
+            return
+        if self._next_heartbeat is None:
+            self._next_heartbeat = now
+        if now < self._next_heartbeat:
+            return
+        self.heartbeat_sent.append(self.clock.monotonic())  # the send time, at the sender
+        try:
+            self.laser.heartbeat()
+        finally:
+            self._next_heartbeat += self.heartbeat_interval_s
+            if self._next_heartbeat <= now:
+                self._next_heartbeat = now + self.heartbeat_interval_s
+
+    def heartbeat_stats(self, span_s: float = HEARTBEAT_REPORT_S) -> dict:
+        """Gaps between heartbeat sends over the last ``span_s`` (measured at the sender)."""
+        now = self.clock.monotonic()
+        times = [t for t in list(self.heartbeat_sent) if t >= now - span_s]
+        gaps = [(b - a) * 1000.0 for a, b in zip(times, times[1:])]
+        late = self.heartbeat_interval_s * 1000.0 + 10.0
+        return {"interval_ms": round(self.heartbeat_interval_s * 1000.0, 3), "span_s": span_s,
+                "gaps": len(gaps),
+                "median_gap_ms": round(statistics.median(gaps), 3) if gaps else None,
+                "max_gap_ms": round(max(gaps), 3) if gaps else None,
+                "late_gaps": sum(1 for g in gaps if g > late)}
 
     # ------------------------------------------------------------------ readings
     def _read_inputs(self) -> None:
+        """Poll the inputs (a backup for the edge callbacks: an opening seen here trips like
+        an edge does). A polled foot-switch release counts only when it lasts
+        FOOTSWITCH_POLL_CONFIRM ticks (shorter is contact bounce)."""
         self._set_key(self.inputs.key_on())
         self.interlock_closed = self.inputs.interlock_closed()
-        self.footswitch_pressed = self.inputs.footswitch_pressed()
+        if self.inputs.footswitch_pressed():
+            self._footswitch_released_polls = 0
+            self.footswitch_pressed = True
+        else:
+            self._footswitch_released_polls += 1
+            if self._footswitch_released_polls >= FOOTSWITCH_POLL_CONFIRM or not self.footswitch_pressed:
+                self.footswitch_pressed = False
 
     def _set_key(self, on: bool) -> None:
-        self.key_on = bool(on)
+        """Follow the key; a key cycle (S3a) is off for at least KEY_CYCLE_MIN_OFF_S, then on."""
+        on = bool(on)
+        now = self.clock.monotonic()
         if not on:
-            self._key_off_since_boot = True
-            self._key_off_since_trip = True
+            if self._key_off_at is None:
+                self._key_off_at = now
+        elif self._key_off_at is not None:
+            if now - self._key_off_at >= KEY_CYCLE_MIN_OFF_S:
+                self.key_cycled_at = now
+                self._emit("info", message=f"key turned off for {now - self._key_off_at:.2f} s and on: "
+                                           "a key cycle at the cart")
+            self._key_off_at = None
+        self.key_on = on
+
+    def _key_cycled_since(self, t: float | None) -> bool:
+        return self.key_cycled_at is not None and (t is None or self.key_cycled_at > t)
 
     def on_input(self, name: str, value: bool) -> None:
         """GPIO edge callback: update the reading and trip at once if it is unsafe (S3)."""
@@ -253,7 +438,9 @@ class Cart:
             elif name == INTERLOCK:
                 self.interlock_closed = bool(value)
             elif name == FOOTSWITCH:
+                # the driver reports a release only once it has lasted its debounce time
                 self.footswitch_pressed = bool(value)
+                self._footswitch_released_polls = 0 if value else FOOTSWITCH_POLL_CONFIRM
             self._emit("input", name=name, value=bool(value))
             self._check_inputs()
             self._apply()
@@ -284,9 +471,31 @@ class Cart:
                 self._trip("GPIO", f"safety inputs unreadable: {err}")
             self._poll_mcu(now)
             self._check_inputs()
+            self._check_mcu_counts()
             self._check_rules(now)
             self._check_watches(now)
+            self.budget.tick()
             self._apply()
+
+    def _check_mcu_counts(self) -> None:
+        """S3a: the MCU counts every opening edge by interrupt, however short. A rise of either
+        count while ARMING, ARMED or EMITTING trips, even when both readings are closed again
+        by now (a pulse shorter than a tick)."""
+        st = self.mcu_status
+        if st is None:
+            return
+        counts = (int(st.interlock_openings), int(st.key_offs))
+        before, self._mcu_counts = self._mcu_counts, counts
+        if before is None or counts[0] < before[0] or counts[1] < before[1]:
+            return  # first reading, or the MCU restarted its counts: a new baseline
+        if not self.state.active:
+            return
+        if counts[0] > before[0]:
+            self._trip(INTERLOCK_OPEN, f"the laser controller counted {counts[0] - before[0]} interlock "
+                                       "opening(s) while the laser was armed", key_cycle=True)
+        elif counts[1] > before[1]:
+            self._trip(KEY_OFF, f"the laser controller counted {counts[1] - before[1]} key-off edge(s) "
+                                "while the laser was armed", key_cycle=True)
 
     def _poll_mcu(self, now: float) -> None:
         if not self._link_ok:
@@ -300,14 +509,15 @@ class Cart:
                 self._link_ok = True
                 self._enabled_sent = False
                 self._duty_sent = None
+                self._mcu_counts = None  # the MCU may have rebooted: a new baseline
+                self._next_heartbeat = None
+                self._read_factory()
                 self._emit("info", message="laser controller link restored")
             except DeviceError as err:
                 log.warning("laser controller still unreachable: %s", err)
                 return
         try:
-            if now - self._last_heartbeat >= self.heartbeat_interval_s:
-                self.laser.heartbeat()
-                self._last_heartbeat = now
+            self._heartbeat_if_due(now)
             self.mcu_status = self.laser.status()
         except DeviceError as err:
             self._link_ok = False
@@ -361,10 +571,12 @@ class Cart:
                 and now - self._indicator_on_since >= self.emission_delay_s:
             self._set_state(State.ARMED, f"indicator on for {self.emission_delay_s} s")
         if self.state is State.EMITTING:
-            if self._emission_started is not None and \
-                    now - self._emission_started >= self.cfg.laser.max_emission_s:
-                self._stop_emission(f"continuous emission reached laser.max_emission_s "
-                                    f"({self.cfg.laser.max_emission_s:.0f} s)")
+            if self.budget.free_s(self._mcu_on_time_s()) <= 0.0:
+                # S7a: the accumulated on-time (host or MCU count, the larger) reached the limit
+                self.budget.mark_exhausted()
+                self._stop_emission(f"emission budget used: laser.max_emission_s "
+                                    f"({self.cfg.laser.max_emission_s:.0f} s) of emission within "
+                                    f"{self.budget.window_s:.0f} s")
             elif self.camera_watch and self.camera_last_frame is not None and \
                     now - self.camera_last_frame > self.cfg.safety.camera_stall_s:
                 self._trip(CAMERA_STALL, f"no camera frame for {now - self.camera_last_frame:.1f} s "
@@ -392,9 +604,26 @@ class Cart:
         if now - self._output_bad_since >= self.cfg.safety.output_settle_s:
             self._trip(OUTPUT_MISMATCH, what)
 
+    def _mcu_on_time_s(self) -> float:
+        """The MCU's on-time count in the host's terms (S7a: the larger count wins). The MCU
+        judges its count against its own ``budget_s`` in its own window of twice that; when
+        the two budgets are the same (the configuration writes the MCU's from
+        ``laser.max_emission_s``) this is its count as it is, otherwise the same fraction of
+        the host's budget, so a longer MCU window never locks the host out for its length."""
+        st = self.mcu_status
+        if st is None or not st.budget_s > 0:
+            return 0.0
+        return float(st.on_time_s) * self.budget.limit_s / float(st.budget_s)
+
+    def _mcu_time_scale(self) -> float:
+        """MCU seconds per host-budget second (how fast the scaled MCU count can fall)."""
+        st = self.mcu_status
+        if st is None or not st.budget_s > 0:
+            return 1.0
+        return float(st.budget_s) / self.budget.limit_s
+
     def _stop_emission(self, reason: str) -> None:
         self._set_state(State.ARMED, reason)
-        self._emission_started = None
         self._emit("safety", message=f"emission stopped: {reason}")
 
     def _trip(self, code: str, message: str, *, key_cycle: bool = False, force_off: bool = True) -> None:
@@ -407,10 +636,9 @@ class Cart:
             return
         if key_cycle:
             self._trip_needs_key_cycle = True
-            self._key_off_since_trip = not self.key_on
+            self._trip_at = self.clock.monotonic()
         fault = Fault(code, f"{message}; to recover: {recovery_hint(code)}", self.clock.time_ns())
         self.faults.append(fault)
-        self._emission_started = None
         # State and event first: a failing indicator write must not hide the fault.
         self._set_state(State.FAULT, code)
         log.warning("FAULT %s: %s", code, fault.message)
@@ -435,12 +663,14 @@ class Cart:
         permitted, _ = emission_permitted(self.readings())
         try:
             if permitted:
-                duty = self.calibration.duty_for(self.setpoint_mw)
-                if self._duty_sent != duty:
-                    self.laser.set_duty(duty, self.setpoint_mw)
-                    self._duty_sent = duty
+                # S6a: every on/set carries the mW the host expects, for the MCU's cross-check
+                expected = self.setpoint_mw
+                duty = self.calibration.duty_for(expected)
+                if self._duty_sent != (duty, expected):
+                    self.laser.set_duty(duty, expected)
+                    self._duty_sent = (duty, expected)
                 if self._enabled_sent is not True:
-                    self.laser.set_enabled(True, self.setpoint_mw)
+                    self.laser.set_enabled(True, expected)
                     self._enabled_sent = True
             elif self._enabled_sent is not False or (self.mcu_status and self.mcu_status.output_on):
                 self.laser.set_enabled(False)
@@ -466,10 +696,14 @@ class Cart:
                 f"power_mw {power_mw} gives a peak irradiance of {peak:.1f} mW/cm2, above "
                 f"laser.irradiance_limit_mw_cm2 {lc.irradiance_limit_mw_cm2} "
                 f"(peak/mean {lc.beam_peak_to_mean}, field {lc.field_area_cm2} cm2)")
+        if self.factory is None:
+            raise WrongState("the laser controller's factory record has not been read (S6a): no emission "
+                             "until the link is up")
         duty = self.calibration.duty_for(power_mw)
-        if duty > lc.duty_ceiling:
+        ceiling = min(lc.duty_ceiling, float(self.factory.duty_ceiling))
+        if duty > ceiling:
             raise InvalidArgument(f"power_mw {power_mw} needs duty {duty:.3f}, above the MCU's ceiling "
-                                  f"{lc.duty_ceiling}")
+                                  f"{ceiling:.4f}")
         return power_mw
 
     def _check_inhibits(self) -> None:
@@ -486,13 +720,19 @@ class Cart:
                 raise FaultActive(f"fault latched ({', '.join(f.code for f in self.faults)}): fault.reset first")
             if self.state is not State.SAFE:
                 raise WrongState(f"arm needs state SAFE, state is {self.state.value}")
-            if self.cfg.safety.boot_requires_key_cycle and not self._key_off_since_boot:
-                raise KeyOff("turn the key off and on again at the cart before the first arm after boot")
+            if self.cfg.safety.boot_requires_key_cycle and not self._key_cycled_since(None):
+                raise KeyOff(f"turn the key off (at least {KEY_CYCLE_MIN_OFF_S} s) and on again at the cart "
+                             "before the first arm after boot")
             if not self._link_ok or self.mcu_status is None:
                 raise DeviceError("laser-mcu", "no status from the laser controller yet; try again")
             causes = self._watch_causes()
             if causes:
                 raise WrongState("cannot arm: " + "; ".join(causes))
+            # a fresh baseline for the MCU's opening counters, so an opening while SAFE just
+            # before this arm is not taken for one while armed
+            self.mcu_status = self.laser.status()
+            self._mcu_counts = None
+            self._check_mcu_counts()
             self._set_indicator(True)
             self._set_state(State.ARMING, "arm")
             self._apply()
@@ -503,7 +743,6 @@ class Cart:
             if self.state is State.FAULT:
                 self.laser.force_off()
                 raise WrongState("state is FAULT: use fault.reset")
-            self._emission_started = None
             self._set_state(State.SAFE, "disarm")
             self.setpoint_mw = 0.0
             self._apply()
@@ -518,8 +757,11 @@ class Cart:
             power_mw = self.check_power(power_mw)
             if self.footswitch_required and not self.footswitch_pressed:
                 raise WrongState("hold the foot switch to emit (safety.footswitch_required)")
+            # S7a: re-issuing laser.on does not restart the clock
+            refusal = self.budget.turn_on_refusal(self._mcu_on_time_s(), self._mcu_time_scale())
+            if refusal is not None:
+                raise WrongState(f"laser.on refused: {refusal}")
             self.setpoint_mw = power_mw
-            self._emission_started = self.clock.monotonic()
             self._output_bad_since = None
             self._set_state(State.EMITTING, f"laser.on {power_mw} mW")
             self._apply()
@@ -572,9 +814,9 @@ class Cart:
             if causes:
                 raise FaultActive("cannot reset while the cause persists: " + "; ".join(causes))
             if self._trip_needs_key_cycle and self.cfg.safety.reset_requires_key_cycle \
-                    and not self._key_off_since_trip:
-                raise FaultActive("after an interlock or key trip, turn the key off and on at the cart "
-                                  "before fault.reset")
+                    and not self._key_cycled_since(self._trip_at):
+                raise FaultActive(f"after an interlock or key trip, turn the key off (at least "
+                                  f"{KEY_CYCLE_MIN_OFF_S} s) and on at the cart before fault.reset")
             try:
                 self.laser.clear_faults()
                 self.mcu_status = self.laser.status()
@@ -639,4 +881,7 @@ class Cart:
             "key": self.key_on and (st is None or st.key_on),
             "footswitch": self.footswitch_pressed,
             "indicator": self._indicator_on_since is not None,
+            # v2 additions: the S7a budget and the S16 heartbeat, as the sender measured it
+            "emission_budget": self.budget.status(self._mcu_on_time_s()),
+            "heartbeat": self.heartbeat_stats(),
         }

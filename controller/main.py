@@ -168,8 +168,10 @@ class SafetyCore:
         self.stop_event = threading.Event()
         self.power = PowerCalibrations(cfg, self.state_dir, self.clock,
                                        on_change=lambda body: self._publish_event(body))
+        # the S7a emission budget is kept in the state folder so it survives a restart
         self.cart = Cart(cfg, laser=laser, wheel=None, inputs=io, indicators=io, clock=self.clock,
-                         calibration=self.power.load())
+                         calibration=self.power.load(),
+                         budget_path=self.state_dir / "safety" / "emission_budget.json")
         self.watch = ServiceWatch(WATCHED, SERVICES_TIMEOUT_S, self.clock)
         self.cart.add_watch(self.watch)
         self._events: queue.Queue = queue.Queue(maxsize=1000)
@@ -227,8 +229,8 @@ class SafetyCore:
         s = self.cart.safety_status()
         s["rev"] = self._rev.next()
         s["emission_enabled"] = self.cart.emission_enabled
-        s["power_calibration"] = self.power.meta["id"] if self.power.meta else "nominal"
-        s["power_problems"] = list(self.power.problems)
+        s["power_calibration"] = self.cart.calibration.calibration_id
+        s["power_problems"] = list(self.power.problems) + list(self.cart.calibration_problems)
         s["services"] = self.watch.ages_ms()
         if self.world is not None:
             s["sim"] = self.world.values

@@ -31,6 +31,10 @@ INPUT_DISAGREE = "INPUT_DISAGREE"
 # A process the safety core watches (the gateway, imaging) went silent while the laser was
 # armed: nobody could turn it off or see what it lights (PRODUCT section 3).
 SERVICE_LOST = "SERVICE_LOST"
+# MCU fault codes of PRODUCT S6a/S7a, as the controller reports them
+MCU_OPTICAL_TRIP = "MCU_OPT"
+MCU_EXPECTED_MW = "MCU_XMW"
+MCU_BUDGET = "MCU_BUDGET"
 
 RECOVERY = {
     INTERLOCK_OPEN: "close the interlock loop (door, connector, emergency stop), then fault.reset",
@@ -44,6 +48,12 @@ RECOVERY = {
                     "the wiring, then fault.reset",
     SERVICE_LOST: "the named process stopped answering and is being restarted; fault.reset once "
                   "status shows it alive again",
+    MCU_OPTICAL_TRIP: "the laser controller's own photodiode read more than 1.1 x laser.max_power_mw: "
+                      "have the laser and its calibration checked before fault.reset",
+    MCU_EXPECTED_MW: "the laser controller's photodiode disagreed with the expected power by more than "
+                     "20 %: check the power calibration (calibrate.power) before fault.reset",
+    MCU_BUDGET: "the laser controller's emission budget (S7a) is used up: wait for budget to free, "
+                "then fault.reset",
 }
 
 
@@ -58,6 +68,8 @@ class Fault:
 
 
 def recovery_hint(code: str) -> str:
+    if code in RECOVERY:
+        return RECOVERY[code]
     if code.startswith(MCU_FAULT_PREFIX):
         return "the laser controller latched this fault; remove its cause, then fault.reset"
     return RECOVERY.get(code, "remove the cause, then fault.reset")

@@ -11,10 +11,25 @@ so LOW means key on, interlock closed, foot switch pressed, and an open contact 
 wire) reads HIGH, the safe reading. The emission indicator and the white light are
 active-high outputs, LOW (off) from construction on.
 
-Debounce: every input has edge detection on both edges with the module's ``bouncetime``.
-Because a time-based bounce filter can drop the edge that ends a bounce, the callback
-waits ``debounce_ms`` for the line to settle, reads the level itself and tells the
-listeners only when the settled level differs from the last one reported.
+Edges and debounce (PRODUCT S3a): every input has edge detection on both edges and NO
+library ``bouncetime``. A library debounce would lose short openings: RPi.GPIO drops any
+edge within ``bouncetime`` of the last one it reported, and rpi-lgpio (lgpio underneath)
+reports an edge only after the line has been stable for ``bouncetime``, so a 1 ms opening
+produces no callback at all. Both libraries queue edge events and call the callback once
+per edge, with the channel only (not the level, not the direction), so the driver judges
+by what it reported last:
+
+* key and interlock: an edge while the last report was "closed"/"on" can only be an
+  opening, however short, and however the line reads by the time the callback runs: it is
+  reported at once, without any wait. The return to closed/on is debounced in software: the
+  callback waits ``debounce_ms`` and reports "closed" only if the line still reads so.
+  When that wait ends with the line closed again, the pulse's return edge is still queued
+  behind: it is remembered as owed and its callback ignored (for at most
+  :data:`OWED_RETURN_S`), so one pulse is one opening, not two.
+* foot switch: a release is reported only when the line still reads released
+  :data:`FOOTSWITCH_RELEASE_CHECK` x ``debounce_ms`` after the edge (a release of
+  ``debounce_ms``, 20 ms by default, or more always ends emission; a shorter one is contact
+  bounce and is ignored); a press is debounced the same way.
 """
 
 from __future__ import annotations
@@ -42,9 +57,20 @@ PIN_NAMES = INPUT_NAMES + OUTPUT_NAMES
 # The GPIOs on the 40-pin header, in BCM numbering.
 BCM_HEADER_PINS = range(0, 28)
 MAX_DEBOUNCE_MS = 200  # the configuration's upper bound
-# The settle wait lasts a little longer than the module's bounce window, so that an edge
-# the module drops inside that window has already happened when the level is read.
+# The settle wait on a return to closed lasts a little longer than the debounce time.
 SETTLE_MARGIN_S = 0.002
+# The foot-switch release is judged this fraction of debounce_ms after its edge: early
+# enough that a release lasting debounce_ms is still released then, even with the callback
+# running a few ms late, late enough that ordinary contact bounce (well under a ms to a few
+# ms) has returned.
+FOOTSWITCH_RELEASE_CHECK = 0.5
+# inputs whose opening edge is reported at once (never debounced)
+LATCHING_INPUTS = (KEY, INTERLOCK)
+# How long the return edge of a pulse already reported (opened and closed again) is
+# expected to follow; an edge after that is judged afresh (as an opening). Erring late only
+# reports one opening too many, never one too few... except when the library lost an edge,
+# which the MCU's edge counters and the supervisor's polling cover.
+OWED_RETURN_S = 0.5
 
 # What the RPi.GPIO API raises for misuse and failures (rpi-lgpio too); OSError for a GPIO
 # character device that vanished or is not permitted.
@@ -106,9 +132,10 @@ class GpioSafetyIO(SafetyInputs, Indicators):
 
     ``pins`` maps ``"key"``, ``"interlock"``, ``"footswitch"``, ``"indicator"`` and
     ``"white_light"`` to BCM numbers. Listeners added with :meth:`add_listener` are called
-    as ``listener(name, value)`` from the GPIO module's callback thread when a debounced
-    input really changed; ``value`` is True for key on, interlock closed, foot switch
-    pressed. ``clock`` times the debounce wait.
+    as ``listener(name, value)`` from the GPIO module's callback thread: at once for an
+    opening of the key or interlock, after the debounce for a return to closed and for
+    the foot switch (see the module docstring); ``value`` is True for key on, interlock
+    closed, foot switch pressed. ``clock`` times the debounce wait.
 
     Raises :class:`DeviceError` (device ``"gpio"``) when the module refuses a pin; the
     pins already set up are released again before it propagates.
@@ -147,6 +174,8 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         self._listeners: list[InputListener] = []
         # Last debounced value reported per input; None until first read.
         self._state: dict[str, bool | None] = {n: None for n in INPUT_NAMES}
+        # when the return edge of a reported pulse became owed, per latching input
+        self._owed_return: dict[str, float] = {}
         self._claimed: list[int] = []  # channels we set up, to clean up only those
         self._closed = False
         try:
@@ -173,9 +202,9 @@ class GpioSafetyIO(SafetyInputs, Indicators):
             self._claimed.append(pin)
         for name in INPUT_NAMES:
             pin = self._pins[name]
-            kwargs = {"bouncetime": self._debounce_ms} if self._debounce_ms > 0 else {}
+            # no bouncetime: a library debounce drops short openings (module docstring)
             self._call("add_event_detect(BOTH)", name, g.add_event_detect, pin, g.BOTH,
-                       callback=self._on_edge, **kwargs)
+                       callback=self._on_edge)
         # Read the starting levels after detection is on, so no change falls in between.
         for name in INPUT_NAMES:
             value = self._read(name)
@@ -217,7 +246,8 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         return self._read(FOOTSWITCH)
 
     def add_listener(self, listener: InputListener) -> None:
-        """Call ``listener(name, value)`` on every debounced input change."""
+        """Call ``listener(name, value)`` on every input change: an opening of the key or
+        interlock at once, a return to closed and any foot-switch change once debounced."""
         with self._lock:
             self._listeners.append(listener)
 
@@ -226,15 +256,38 @@ class GpioSafetyIO(SafetyInputs, Indicators):
         name = self._names.get(channel)
         if name not in INPUT_NAMES or self._closed:
             return
-        # Let the line settle, then judge by the level, not by the edge: a bounce that
-        # returns to the old level reports nothing.
-        if self._debounce_ms > 0:
-            self._clock.sleep(self._debounce_ms / 1000.0 + SETTLE_MARGIN_S)
+        opened = False
+        if name in LATCHING_INPUTS:
+            now = self._clock.monotonic()
+            with self._lock:
+                owed_at = self._owed_return.pop(name, None)
+                was_closed = self._state[name] is True
+            if was_closed and owed_at is not None and now - owed_at <= OWED_RETURN_S:
+                return  # the return edge of a pulse reported (open, then closed) already
+            if was_closed:
+                # An edge from closed/on is an opening, even if the line is closed again
+                # by now (a pulse shorter than the callback's latency): report it at once.
+                self._report(name, False)
+                opened = True
+            wait_s = self._debounce_ms / 1000.0 + SETTLE_MARGIN_S if self._debounce_ms > 0 else 0.0
+        else:
+            wait_s = self._debounce_ms / 1000.0 * FOOTSWITCH_RELEASE_CHECK
+        # The return (and the foot switch either way) is judged by the level after a wait:
+        # a bounce that came back reports nothing.
+        if wait_s > 0:
+            self._clock.sleep(wait_s)
         try:
             value = self._read(name)
         except DeviceError:
             log.exception("gpio: cannot read the %s pin after an edge", name)
             return
+        if opened and value:
+            with self._lock:
+                self._owed_return[name] = self._clock.monotonic()
+        self._report(name, value)
+
+    def _report(self, name: str, value: bool) -> None:
+        """Tell the listeners when ``value`` differs from the last report for ``name``."""
         with self._lock:
             if self._closed:
                 return

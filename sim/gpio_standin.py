@@ -32,8 +32,13 @@ Wiring (BCM numbers come from the ``pins`` map):
   driver transistors have pull-downs).
 * Edges: the stand-in listens to the world's input changes and calls the callbacks of
   channels with edge detection from its own thread, one callback at a time, as RPi.GPIO's
-  own callback thread does. ``bouncetime`` behaves like RPi.GPIO's: an edge within
-  ``bouncetime`` ms of the last reported edge on that channel is dropped.
+  own callback thread does. Every edge is queued, so each edge of a pulse of any length
+  (the world publishes both edges of a ``sim.set pulse``) gets its callback, even when the
+  line is back at its old level by the time the callback runs: like RPi.GPIO and
+  rpi-lgpio, the callback gets the channel only, never the level. ``bouncetime`` behaves
+  like RPi.GPIO's: an edge within ``bouncetime`` ms of the last reported edge on that
+  channel is dropped (rpi-lgpio instead reports an edge only once the line has been stable
+  that long; either way short pulses are lost, which is why the driver sets none).
 
 For tests it records every output change with its time (:meth:`output_changes`), can make
 an input line bounce (:meth:`bounce`) and can wait until its callback thread is idle
@@ -599,6 +604,12 @@ class GpioStandIn:
         """True when the BCM channel is set up (a stand-in extra for tests)."""
         with self._lock:
             return channel_bcm in self._channels
+
+    def event_bouncetime(self, channel_bcm: int) -> int | None:
+        """The ``bouncetime`` a channel's edge detection was set up with (a stand-in extra
+        for tests); KeyError without edge detection."""
+        with self._lock:
+            return self._detects[channel_bcm].bouncetime_ms
 
     def has_event_detect(self, channel_bcm: int) -> bool:
         """True when the BCM channel has edge detection (a stand-in extra for tests)."""

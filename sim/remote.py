@@ -5,6 +5,14 @@ A subscriber thread follows the hardware process's ``world.pub`` messages (laser
 changes with their exact times, camera triggers, inputs, the scene); requests (outputs,
 ``sim.set``, port unplug/replug) go over ``world.ctl`` with a timeout, the socket being
 recreated after a timeout so one lost reply never wedges it.
+
+Inputs (PRODUCT S3a): the hardware process publishes an ``inputs`` message for every edge,
+stamped with its ``t_ns``, so a 1 ms pulse arrives as two messages and the input listeners
+(the RPi.GPIO stand-in) are called for each, in order: every edge becomes a GPIO callback.
+The same topic also carries a periodic snapshot without an edge time, for a subscriber
+that lost a message; a snapshot is read before it is sent, so it can be older than an edge
+message that overtook it, and it is applied only when two snapshots in a row agree on a
+value that differs from the mirror's (a stale one never makes or undoes an edge).
 """
 
 from __future__ import annotations
@@ -23,6 +31,12 @@ from sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_step
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 2.0
+# the inputs that are electrical lines (other keys of an inputs message are metadata)
+INPUT_KEYS = ("key", "interlock_closed", "footswitch")
+
+
+def _lines(msg: dict) -> dict:
+    return {k: msg[k] for k in INPUT_KEYS if k in msg}
 
 
 def scene_to_dict(s: SceneSnapshot) -> dict:
@@ -74,7 +88,9 @@ class RemoteWorldView:
         # Subscribe first, then take a snapshot, so nothing falls between the two.
         snap = self.request({"op": "get"})
         self._scene = scene_from_dict(snap["scene"])
-        self._inputs = dict(snap["inputs"])
+        self._inputs = _lines(snap["inputs"])
+        self._last_edge_ns = int(snap["inputs"].get("t_ns", 0) or 0)
+        self._snapshot_candidate: dict | None = None
         self._laser.extend((int(t), float(mw)) for t, mw in snap["laser"])
         self.values = snap["values"]
         self._thread = threading.Thread(target=self._follow, name="world-follow", daemon=True)
@@ -141,6 +157,34 @@ class RemoteWorldView:
         self._thread.join(timeout=2.0)
 
     # -------------------------------------------------------------- following
+    def _on_inputs(self, msg: dict) -> None:
+        """One ``inputs`` message: an edge (with ``t_ns``) is applied at once, in order; a
+        periodic snapshot (without) only when two in a row agree (module docstring)."""
+        lines = _lines(msg)
+        t_ns = msg.get("t_ns")
+        with self._lock:
+            if t_ns is not None:
+                if int(t_ns) < self._last_edge_ns:
+                    return  # older than an edge already applied
+                self._last_edge_ns = int(t_ns)
+                self._snapshot_candidate = None
+            else:
+                if lines == self._inputs:
+                    self._snapshot_candidate = None
+                    return
+                if lines != self._snapshot_candidate:
+                    self._snapshot_candidate = lines
+                    return
+                self._snapshot_candidate = None
+            changed = lines != self._inputs
+            self._inputs = dict(lines)
+        if changed:
+            for listener in list(self._input_listeners):
+                try:
+                    listener(dict(lines))
+                except Exception:
+                    log.exception("input listener failed")
+
     def _follow(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
@@ -168,15 +212,7 @@ class RemoteWorldView:
                                               pulse_us=int(msg.get("pulse_us", 0))))
                 self._cond.notify_all()
         elif kind == "inputs":
-            with self._lock:
-                changed = msg != self._inputs
-                self._inputs = dict(msg)
-            if changed:
-                for listener in list(self._input_listeners):
-                    try:
-                        listener(dict(msg))
-                    except Exception:
-                        log.exception("input listener failed")
+            self._on_inputs(msg)
         elif kind == "scene":
             scene = scene_from_dict(msg)
             with self._lock:

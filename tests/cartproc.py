@@ -60,7 +60,7 @@ class RunningCart:
 
 
 def write_config(folder: Path, *, width: int = 728, height: int = 544, fps: float = 30.0,
-                 emission_delay_s: float = 1.0, extra: str = "") -> tuple[Path, str, str]:
+                 emission_delay_s: float = 1.0, extra: str = "", safety: str = "") -> tuple[Path, str, str]:
     control = f"tcp://127.0.0.1:{free_port()}"
     telemetry = f"tcp://127.0.0.1:{free_port()}"
     path = folder / "test.toml"
@@ -72,6 +72,7 @@ control_endpoint = "{control}"
 telemetry_endpoint = "{telemetry}"
 [safety]
 emission_delay_s = {emission_delay_s}
+{safety}
 [camera]
 width = {width}
 height = {height}

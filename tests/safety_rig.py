@@ -10,7 +10,7 @@ from controller.cart import Cart
 from drivers.laser_mcu import McuLaser
 from hal.clock import ManualClock
 from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
-from sim.mcu_emulator import McuEmulator
+from sim.mcu_emulator import McuEmulator, factory_for
 from sim.serial_link import LoopbackSerial
 from sim.world import SensorModel, World
 
@@ -71,22 +71,34 @@ class Rig:
 
     TICK_S = 0.02
 
-    def __init__(self, *, footswitch_in_series: bool = False, **sections):
+    def __init__(self, *, footswitch_in_series: bool = False, budget_path=None, mcu_budget_s: float = 1800.0,
+                 clock: ManualClock | None = None, world: World | None = None, mcu: McuEmulator | None = None,
+                 start: bool = True, **sections):
         self.cfg = make_config(**sections)
-        self.clock = ManualClock()
-        self.world = World(self.clock, SensorModel(width=64, height=48), footswitch_in_series=footswitch_in_series)
+        self.clock = clock or ManualClock()
+        self.world = world or World(self.clock, SensorModel(width=64, height=48),
+                                    footswitch_in_series=footswitch_in_series)
         lc = self.cfg.laser
-        self.mcu = McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw, duty_ceiling=lc.duty_ceiling,
-                               heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms, max_on_s=1800.0)
+        # the factory record as the sim profile's hardware writes it: the true (linear) curve,
+        # the ceiling and optical trip at 1.1 x laser.max_power_mw; the MCU's own budget
+        # generous by default, so the host's budget (S7a) is tested on its own
+        self.mcu = mcu or McuEmulator(self.world, self.clock, full_scale_mw=lc.full_scale_mw,
+                                      heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms,
+                                      factory=factory_for(lc.full_scale_mw, lc.max_power_mw, mcu_budget_s))
         self.ports = []
         self.laser = McuLaser(self._new_port, clock=self.clock, timeout_s=0.05, retries=2,
                               heartbeat_timeout_ms=self.cfg.safety.heartbeat_timeout_ms)
         self.io = WorldIO(self.world)
         self.cart = Cart(self.cfg, laser=self.laser, wheel=None, inputs=self.io, indicators=self.io,
-                         clock=self.clock)
+                         clock=self.clock, budget_path=budget_path)
         # the indicator's history, from the world's own record of its outputs
         self.indicator_on_since = None
         self.world.add_listener(self._on_world)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Connect (the factory record is read and the host table checked against it)."""
         self.cart.start()
         self.cart.tick()
 
@@ -115,9 +127,21 @@ class Rig:
                     self.cart.note_camera(True, self.clock.monotonic())
                 self.cart.tick()
 
+    def mcu_status_lost(self) -> bool:
+        """True when the cart has no MCU status now (a dead or garbled link): it cannot have
+        heard the MCU's counters then."""
+        return self.cart.mcu_status is None or not self.cart._link_ok
+
     @property
     def output_mw(self) -> float:
         return self.world.laser_output_mw()
+
+    def key_cycle(self, off_s: float = 0.6) -> None:
+        """Turn the key off for ``off_s`` and on again at the cart (S3a: >= 0.5 s is a cycle)."""
+        self.world.apply({"key": False})
+        self.advance(off_s)
+        self.world.apply({"key": True})
+        self.advance(self.TICK_S)
 
     def arm_and_emit(self, power_mw: float = 50.0) -> None:
         self.cart.arm()

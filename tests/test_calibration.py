@@ -25,6 +25,7 @@ from hal.clock import ManualClock
 from hal.errors import DeviceTimeout, InvalidArgument, WrongState
 from services.imaging import calibration as cs
 from services.imaging.calibration import Calibration
+from tests.safety_rig import Rig
 
 CFG = config.load("sim")
 CALLER = SimpleNamespace(name="tech", role="operator")
@@ -88,17 +89,25 @@ class Recorder:
 
 
 class FakeService:
-    def __init__(self, state_dir: Path, settings: CameraSettings | None = None):
+    """The calibration service's view of a controller: a real cart (tests.safety_rig: the
+    real MCU emulator and driver, on the service's manual clock) and fakes for the rest.
+    ``started=False`` leaves the cart unconnected, so a stored table is loaded first and
+    checked against the MCU's factory record when :meth:`start` connects, as at boot."""
+
+    def __init__(self, state_dir: Path, settings: CameraSettings | None = None, *, started: bool = True):
         self.cfg = CFG
         self.state_dir = state_dir
         self.clock = HookClock()
-        self.cart = SimpleNamespace(state=State.SAFE, calibration=PowerCalibration.nominal(500.0), setpoint_mw=0.0,
-                                    power_calibration_id=lambda: self.power.current_id)
+        self.rig = Rig(clock=self.clock, start=started)
+        self.cart = self.rig.cart
+        # the safety core's power table (controller/power.py); imaging reads only its id
         self.power = PowerCalibrations(CFG, state_dir, self.clock, on_change=lambda body: self.audit.write(
             body["kind"], **{k: v for k, v in body.items() if k != "kind"}))
         loaded = self.power.load()
         if loaded is not None:
-            self.cart.calibration = loaded
+            self.cart.calibration = loaded  # checked against the factory record at start
+        self.cart.power_calibration_id = lambda: self.cart.calibration.calibration_id
+        self.cart.power_problems = lambda: list(self.power.problems) + list(self.cart.calibration_problems)
         self.acquisition = FakeAcquisition(settings or CameraSettings(10_000, 1.0, W, H))
         self.clock.hooks.append(self.acquisition.tick)
         self.filter = {"position": 1, "name": "icg_emission", "moving": False}
@@ -153,12 +162,12 @@ def feed_uniform_pairs(svc, cal, level_counts=300.0, seed=3):
 
 
 # ---------------------------------------------------------------------- ids and storage
-def test_fresh_cart_is_nominal_and_says_so(svc):
+def test_fresh_cart_uses_the_factory_table_and_says_so(svc):
     cal = Calibration(svc)
-    assert cal.current_id() == "p:nominal|f:-|d:-"
+    assert cal.current_id() == "p:factory|f:-|d:-"
     assert cal.flat_field_file() is None
     st = cal.cmd_status({}, CALLER)
-    assert st["power"] == {"id": "nominal"} and st["flat"] is None and st["darks"] == []
+    assert st["power"] == {"id": "factory"} and st["flat"] is None and st["darks"] == []
     assert st["problems"] == []
 
 
@@ -211,7 +220,9 @@ def power(svc, args):
 def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
     cal = Calibration(svc)
     nominal_duty = svc.cart.calibration.duty_for(50.0)
-    r = power(svc, {"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1})
+    svc.rig.key_cycle()
+    r = power(svc, {"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]], "photodiode_factor": 1.1,
+                    "reason": "annual power-meter check"})
     assert r["id"].startswith("power-") and (svc.power.folder / r["file"]).is_file()
     assert svc.cart.calibration.calibration_id == r["id"]
     assert svc.cart.calibration.duty_for(50.0) == pytest.approx(50.0 / 550.0)
@@ -221,26 +232,32 @@ def test_calibrate_power_stores_applies_and_survives_a_restart(svc):
     stored = json.loads((svc.power.folder / "power-current.json").read_text())
     assert stored["id"] == r["id"]
     assert ("calibration", ) == tuple(k for k, f in svc.audit.items if f.get("id") == r["id"])
+    audited = [f for k, f in svc.audit.items if f.get("id") == r["id"]][0]
+    assert audited["by"] == "tech" and audited["reason"] == "annual power-meter check"
 
-    # a restarted controller (new cart with the nominal table) picks it up again
-    svc2 = FakeService(svc.state_dir)
+    # a restarted controller (new cart with the nominal table) picks it up again, and its
+    # check against the factory record at connect accepts it
+    svc2 = FakeService(svc.state_dir, started=False)
     cal2 = Calibration(svc2)
+    svc2.rig.start()
     assert svc2.cart.calibration.duty_for(50.0) == pytest.approx(50.0 / 550.0)
     assert cal2.current_id() == cal.current_id()
 
 
 def test_calibrate_power_warns_when_the_ceiling_cannot_reach_the_maximum(svc):
-    r = power(svc, {"points": [[0.0, 0.0], [1.0, 220.0]]})
-    # 0.8 x 220 = 176 mW < laser.max_power_mw 200
-    assert r["reachable_mw_at_ceiling"] == pytest.approx(176.0)
+    svc.rig.key_cycle()
+    r = power(svc, {"points": [[0.0, 0.0], [1.0, 420.0]], "reason": "r"})
+    # the factory ceiling is the duty of 220 mW on the true curve, 0.44: 0.44 x 420 = 184.8 < 200
+    assert r["reachable_mw_at_ceiling"] == pytest.approx(184.8)
     assert any("max_power_mw" in w for w in r["warnings"])
 
 
 def test_calibrate_power_is_refused_while_emitting(svc):
-    svc.cart.state = State.EMITTING
+    svc.rig.key_cycle()
+    svc.rig.arm_and_emit(50)
     before = svc.cart.calibration
     with pytest.raises(WrongState, match="EMITTING"):
-        power(svc, {"points": [[0.0, 0.0], [1.0, 500.0]]})
+        power(svc, {"points": [[0.0, 0.0], [1.0, 500.0]], "reason": "r"})
     assert svc.cart.calibration is before
     assert not list(Path(svc.state_dir, "calibration").glob("power-*"))
 
@@ -257,14 +274,16 @@ def test_unknown_arguments_and_bad_counts_are_refused(svc):
         power(svc, {})
 
 
-def test_a_broken_power_file_is_reported_and_the_nominal_table_used(svc):
-    r = power(svc, {"points": [[0.0, 0.0], [1.0, 450.0]]})
+def test_a_broken_power_file_is_reported_and_the_factory_table_used(svc):
+    svc.rig.key_cycle()
+    r = power(svc, {"points": [[0.0, 0.0], [1.0, 450.0]], "reason": "r"})
     (svc.power.folder / r["file"]).write_text("{ not json")
-    svc2 = FakeService(svc.state_dir)
+    svc2 = FakeService(svc.state_dir, started=False)
     cal2 = Calibration(svc2)
-    assert cal2.current_id().startswith("p:nominal|")
-    assert svc2.cart.calibration.calibration_id == "nominal"
-    assert any(r["file"] in p for p in svc2.power.problems)
+    svc2.rig.start()
+    assert cal2.current_id().startswith("p:factory|")
+    assert svc2.cart.calibration.calibration_id == "factory"
+    assert any(r["file"] in p for p in svc2.power.problems + svc2.cart.calibration_problems)
 
 
 def test_an_unreadable_current_file_means_uncalibrated_with_a_problem(svc):
@@ -272,7 +291,7 @@ def test_an_unreadable_current_file_means_uncalibrated_with_a_problem(svc):
     folder.mkdir(exist_ok=True)
     (folder / "current.json").write_text("[1, 2")
     cal = Calibration(svc)
-    assert cal.current_id() == "p:nominal|f:-|d:-"
+    assert cal.current_id() == "p:factory|f:-|d:-"
     assert any("current.json" in p for p in cal.problems)
 
 
@@ -291,7 +310,7 @@ def test_calibrate_dark_averages_blocked_frames_for_the_current_settings(svc):
     assert float(master.std()) < 0.6
     assert r["frames"] == 8 and r["exposure_us"] == 10_000 and r["gain"] == 1.0
     assert r["id"].startswith("dark-10000-1-")
-    assert cal.current_id() == f"p:nominal|f:-|d:{r['id']}"
+    assert cal.current_id() == f"p:factory|f:-|d:{r['id']}"
     # the sink is restored for normal operation
     assert svc.acquisition.on_frame is not None and svc.acquisition.on_frame.__name__ != "add"
 
@@ -612,6 +631,15 @@ def client(cart):
         ctx.destroy(linger=0)
 
 
+def key_cycle_at_the_cart(cl):
+    """The key off for more than 0.5 s and on again (S3a), seen by the controller."""
+    cl.call("sim.set", {"key": False})
+    assert cl.wait_for("status", lambda m: m["key"] is False, timeout_s=5) is not None
+    time.sleep(0.6)
+    cl.call("sim.set", {"key": True})
+    assert cl.wait_for("status", lambda m: m["key"] is True, timeout_s=5) is not None
+
+
 def emit_and_acquire(cl, power_mw=50.0):
     cl.call("arm")
     assert cl.wait_for("status", lambda m: m["state"] == "ARMED", timeout_s=5) is not None
@@ -722,14 +750,17 @@ def test_power_table_changes_the_duty_and_the_monitor_stays_consistent(client):
     client.call("laser.on", {"power_mw": 50})
     nominal = status_with(lambda m: m["state"] == "EMITTING" and m["sim"]["laser_output_mw"] > 0)
     assert nominal["sim"]["laser_output_mw"] == pytest.approx(50.0, rel=0.01)
-    refused = client.request("calibrate.power", {"points": [[0.0, 0.0], [0.8, 440.0]]})
+    refused = client.request("calibrate.power", {"points": [[0.0, 0.0], [0.8, 440.0]], "reason": "r"})
     assert refused["error"]["code"] == "WRONG_STATE"
 
-    client.call("laser.off")
+    client.call("disarm")  # S6a: a new table only in SAFE, with the key cycled at the cart
+    key_cycle_at_the_cart(client)
     # the power meter reads 10 % more than the module's rating; the monitor tap agrees
     r = client.call("calibrate.power", {"points": [[0.0, 0.0], [0.4, 220.0], [0.8, 440.0]],
-                                        "photodiode_factor": 1.1})
+                                        "photodiode_factor": 1.1, "reason": "power meter reads 10 % high"})
     try:
+        client.call("arm")
+        status_with(lambda m: m["state"] == "ARMED")
         client.call("laser.on", {"power_mw": 50})
         s = status_with(lambda m: m["state"] == "EMITTING"
                         and m["sim"]["laser_output_mw"] == pytest.approx(50.0 / 1.1, rel=0.01))
@@ -741,4 +772,95 @@ def test_power_table_changes_the_duty_and_the_monitor_stays_consistent(client):
     finally:
         client.call("disarm")
         # back to the simulator's true table for the tests that follow
-        client.call("calibrate.power", {"points": [[0.0, 0.0], [1.0, 500.0]]})
+        key_cycle_at_the_cart(client)
+        client.call("calibrate.power", {"points": [[0.0, 0.0], [1.0, 500.0]], "reason": "back to the true table"})
+
+
+# ---------------------------------------------------------------------- S6a: a service act
+from controller.calibration import factory_violation  # noqa: E402
+from hal.errors import NotPermitted  # noqa: E402
+
+KINKED = SimpleNamespace(points=((0.0, 0.0), (0.5, 100.0), (1.0, 500.0)), photodiode_factor=1.0)
+
+
+def test_the_band_is_checked_at_the_factory_breakpoints_too():
+    # a straight line agrees with the kinked factory table at both ends and at every point of
+    # its own, but is 150 mW off at the factory's breakpoint (limit 0.2 x 100 + 0.02 x 500)
+    why = factory_violation((0.0, 1.0), (0.0, 500.0), 1.0, KINKED)
+    assert why is not None and "at duty 0.5 " in why and "limit 30.00 mW" in why
+    assert factory_violation((0.0, 0.5, 1.0), (0.0, 125.0, 500.0), 1.0, KINKED) is None
+
+
+@pytest.mark.parametrize("delta,ok", [(0.0, True), (29.9, True), (30.1, False), (-29.9, True), (-30.1, False)])
+def test_the_band_is_20_percent_plus_2_percent_of_full_scale(delta, ok):
+    why = factory_violation((0.0, 0.5, 1.0), (0.0, 100.0 + delta, 500.0), 1.0, KINKED)
+    assert (why is None) == ok
+
+
+@pytest.mark.parametrize("factor,ok", [(1.0, True), (0.81, True), (1.19, True), (0.79, False), (1.21, False)])
+def test_the_photodiode_factor_is_within_20_percent_of_the_factory_one(factor, ok):
+    assert (factory_violation((0.0, 0.5, 1.0), (0.0, 100.0, 500.0), factor, KINKED) is None) == ok
+
+
+def _refusal(svc, args, caller=CALLER):
+    with pytest.raises(NirfErrorBase) as err:
+        svc.power.command(args, caller, svc.cart)
+    return err.value
+
+
+from hal.errors import NirfError as NirfErrorBase  # noqa: E402
+
+GOOD = {"points": [[0.0, 0.0], [1.0, 480.0]], "reason": "meter check"}
+
+
+@pytest.mark.parametrize("case,args,code,needle", [
+    ("attack", {"points": [[0.0, 0.0], [0.8, 40.0], [1.0, 50.0]], "photodiode_factor": 0.1, "reason": "x"},
+     "INVALID_ARGUMENT", "exceeds the limit"),
+    ("factor", {"points": [[0.0, 0.0], [1.0, 500.0]], "photodiode_factor": 1.5, "reason": "x"},
+     "INVALID_ARGUMENT", "more than 20 %"),
+    ("not monotonic", {"points": [[0.0, 0.0], [0.5, 260.0], [1.0, 250.0]], "reason": "x"},
+     "INVALID_ARGUMENT", "must rise strictly"),
+    ("no reason", {"points": [[0.0, 0.0], [1.0, 480.0]]}, "INVALID_ARGUMENT", "reason is required"),
+    ("blank reason", {"points": [[0.0, 0.0], [1.0, 480.0]], "reason": "  "}, "INVALID_ARGUMENT", "reason is required"),
+])
+def test_a_table_outside_the_rules_is_refused_audited_and_changes_nothing(svc, case, args, code, needle):
+    svc.rig.key_cycle()
+    before = svc.cart.calibration
+    err = _refusal(svc, args)
+    assert err.code == code and needle in str(err)
+    assert svc.cart.calibration is before
+    assert not list(Path(svc.state_dir, "calibration").glob("power-*"))
+    assert any(k == "calibration_refused" and f["code"] == code for k, f in svc.audit.items)
+
+
+def test_the_service_conditions_are_refused_with_the_limit_named(svc):
+    err = _refusal(svc, GOOD)  # no key cycle since start
+    assert err.code == "WRONG_STATE" and "within the 60 s before the command" in str(err)
+    svc.rig.key_cycle()
+    svc.clock.advance(61.0)
+    svc.rig.advance(0.02)
+    assert "s ago" in str(_refusal(svc, GOOD))
+    svc.rig.key_cycle()
+    svc.rig.cart.arm()
+    assert "only in SAFE" in str(_refusal(svc, GOOD))
+    observer = SimpleNamespace(name="screen", role="observer")
+    svc.rig.cart.disarm()
+    err = _refusal(svc, GOOD, observer)
+    assert isinstance(err, NotPermitted)
+
+
+def test_a_tampered_stored_table_is_refused_at_connect_and_reported(svc):
+    svc.rig.key_cycle()
+    r = power(svc, dict(GOOD))
+    # someone edits the stored file: the attack of issue 14
+    path = svc.power.folder / r["file"]
+    data = json.loads(path.read_text())
+    data.update(duty=[0.0, 0.8, 1.0], power_mw=[0.0, 40.0, 50.0], photodiode_factor=0.1)
+    path.write_text(json.dumps(data))
+    svc2 = FakeService(svc.state_dir, started=False)
+    cal2 = Calibration(svc2)
+    svc2.rig.start()
+    assert svc2.cart.calibration.calibration_id == "factory"
+    assert cal2.current_id().startswith("p:factory|")
+    problems = cal2.cmd_status({}, CALLER)["problems"]
+    assert any(r["id"] in p and "refused" in p and "exceeds the limit" in p for p in problems)

@@ -422,16 +422,128 @@ def test_listener_gets_key_and_footswitch(io, world, gpio):
     assert rec.calls == [("footswitch", True), ("key", False)]
 
 
-def test_debounce_ignores_a_bounce_back_to_the_old_level(io, gpio, world, clock):
+class ScheduledClock(ManualClock):
+    """A manual clock on which world changes can be scheduled: they happen while the code
+    under test sleeps through their time (the line changes during the driver's debounce
+    wait, as it would on the cart)."""
+
+    def __init__(self):
+        super().__init__()
+        self._due: list[tuple[float, object]] = []
+        self._due_lock = threading.Lock()
+
+    def at(self, t_s: float, fn) -> None:
+        with self._due_lock:
+            self._due.append((t_s, fn))
+            self._due.sort(key=lambda x: x[0])
+
+    def sleep(self, seconds):
+        end = self.monotonic() + max(seconds, 0.0)
+        while True:
+            with self._due_lock:
+                fn = None
+                if self._due and self._due[0][0] <= end:
+                    t, fn = self._due.pop(0)
+            if fn is None:
+                break
+            if t > self.monotonic():
+                self.advance(t - self.monotonic())
+            fn()
+        if end > self.monotonic():
+            self.advance(end - self.monotonic())
+
+
+@pytest.fixture
+def sched():
+    clock = ScheduledClock()
+    world = World(clock)
+    gpio = GpioStandIn(LocalWorldView(world), PINS, clock=clock)
+    io = GpioSafetyIO(gpio, PINS, clock=clock)  # debounce_ms 20, the default
+    yield clock, world, gpio, io
+    io.close()
+    gpio.close()
+
+
+def test_every_interlock_glitch_is_reported_as_an_opening(io, gpio, world, clock):
+    # S3a: a bounce of the interlock is an opening each time (no debounce on the opening
+    # edge); each glitch is one opening and one return, not two openings
     rec = Recorder()
     io.add_listener(rec)
     gpio.bounce("interlock", glitches=2)
     assert gpio.wait_idle(WAIT_S)
-    clock.advance(1.0)  # leave the module's bounce window before the real change
+    assert rec.calls == [("interlock", False), ("interlock", True)] * 2
+    clock.advance(1.0)
     world.apply({"interlock": "open"})
-    assert rec.wait_for(1)
     assert gpio.wait_idle(WAIT_S)
-    assert rec.calls == [("interlock", False)]
+    assert rec.calls[-1] == ("interlock", False) and len(rec.calls) == 5
+
+
+@pytest.mark.parametrize("name,change,restore", [("interlock", {"interlock": "open"}, {"interlock": "closed"}),
+                                                 ("key", {"key": False}, {"key": True})])
+def test_a_pulse_over_before_the_callback_runs_is_still_an_opening(io, gpio, world, name, change, restore):
+    rec = Recorder()
+    io.add_listener(rec)
+    world.apply(change)
+    world.apply(restore)  # both edges queued; the line reads closed when the callback runs
+    assert gpio.wait_idle(WAIT_S)
+    assert rec.calls == [(name, False), (name, True)]
+
+
+@pytest.mark.parametrize("ms", [1, 2, 5, 10])
+@pytest.mark.parametrize("name,change,restore", [("interlock", {"interlock": "open"}, {"interlock": "closed"}),
+                                                 ("key", {"key": False}, {"key": True})])
+def test_short_openings_are_reported_at_once_and_the_return_after_the_debounce(sched, ms, name, change, restore):
+    clock, world, gpio, io = sched
+    seen = []
+    io.add_listener(lambda n, v: seen.append((n, v, clock.monotonic())))
+    t0 = clock.monotonic()
+    world.apply(change)
+    clock.at(t0 + ms / 1000.0, lambda: world.apply(restore))
+    assert gpio.wait_idle(WAIT_S)
+    clock.sleep(0.1)
+    assert gpio.wait_idle(WAIT_S)
+    assert [(n, v) for n, v, _ in seen] == [(name, False), (name, True)]
+    assert seen[0][2] == t0  # the opening: no wait at all
+    assert seen[1][2] - t0 >= 0.020  # the return: after the software debounce
+
+
+def test_the_driver_asks_the_library_for_no_bouncetime(io, gpio):
+    # rpi-lgpio reports an edge only after the line is stable for bouncetime and RPi.GPIO
+    # drops edges within it: either would lose a 1 ms opening
+    for name in ("key", "interlock", "footswitch"):
+        assert gpio.event_bouncetime(PINS[name]) is None
+
+
+@pytest.mark.parametrize("ms,ends_emission", [(1, False), (2, False), (5, False), (20, True), (50, True)])
+def test_a_foot_switch_release_of_20_ms_is_reported_shorter_is_bounce(sched, ms, ends_emission):
+    clock, world, gpio, io = sched
+    world.apply({"footswitch": True})
+    assert gpio.wait_idle(WAIT_S)
+    rec = Recorder()
+    io.add_listener(rec)
+    t0 = clock.monotonic()
+    world.apply({"footswitch": False})
+    clock.at(t0 + ms / 1000.0, lambda: world.apply({"footswitch": True}))
+    assert gpio.wait_idle(WAIT_S)
+    clock.sleep(0.1)  # the rest of the schedule, should no callback have slept through it
+    assert gpio.wait_idle(WAIT_S)
+    expected = [("footswitch", False), ("footswitch", True)] if ends_emission else []
+    assert rec.calls == expected
+
+
+def test_a_real_opening_after_a_reported_pulse_is_not_swallowed(sched):
+    clock, world, gpio, io = sched
+    rec = Recorder()
+    io.add_listener(rec)
+    t0 = clock.monotonic()
+    world.apply({"interlock": "open"})
+    clock.at(t0 + 0.001, lambda: world.apply({"interlock": "closed"}))
+    clock.at(t0 + 0.030, lambda: world.apply({"interlock": "open"}))  # a second opening, lasting
+    assert gpio.wait_idle(WAIT_S)
+    clock.sleep(0.1)
+    assert gpio.wait_idle(WAIT_S)
+    assert rec.calls == [("interlock", False), ("interlock", True), ("interlock", False)]
+    assert io.interlock_closed() is False
 
 
 def test_a_failing_listener_does_not_silence_the_others(io, world):

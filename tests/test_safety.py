@@ -3,6 +3,8 @@ removed. The cart runs on a manual clock against the real MCU emulator and drive
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from controller.cart import Readings, emission_permitted
@@ -16,10 +18,7 @@ DEVICE_RULES = dict(safety={"footswitch_required": True, "boot_requires_key_cycl
 
 
 def key_cycle(rig):
-    rig.world.apply({"key": False})
-    rig.advance(0.1)
-    rig.world.apply({"key": True})
-    rig.advance(0.1)
+    rig.key_cycle(0.6)
 
 
 # ----------------------------------------------------------------------------- S1
@@ -44,7 +43,7 @@ def test_s1_output_forced_off_when_the_controller_connects():
 
 def test_s1_device_profile_needs_a_key_cycle_after_boot():
     rig = Rig(**DEVICE_RULES)
-    with pytest.raises(KeyOff, match="off and on again"):
+    with pytest.raises(KeyOff, match="and on again"):
         rig.cart.arm()
     key_cycle(rig)
     rig.cart.arm()
@@ -189,7 +188,7 @@ def test_s4_device_reset_after_an_interlock_trip_needs_a_key_cycle():
     rig.advance(0.1)
     rig.world.apply({"interlock": "closed"})
     rig.advance(0.1)
-    with pytest.raises(FaultActive, match="key off and on"):
+    with pytest.raises(FaultActive, match="turn the key off"):
         rig.cart.fault_reset()
     key_cycle(rig)
     rig.cart.fault_reset()
@@ -377,3 +376,415 @@ def test_s10_the_controller_applies_its_own_lower_temperature_limit():
     rig.advance(0.1)
     assert rig.cart.state is State.FAULT
     assert [f.code for f in rig.cart.faults] == ["OVER_TEMP"]
+
+
+# ----------------------------------------------------------------------------- S3a (v2)
+def pulse(rig, name: str, ms: float) -> None:
+    """Open the interlock (or turn the key off) for exactly ``ms`` between two ticks, as
+    ``sim.set pulse`` does in the hardware process: the MCU hears both edges by interrupt,
+    the host's GPIO listener both edges as callbacks."""
+    opened = {"interlock": {"interlock": "open"}, "key": {"key": False}}[name]
+    closed = {"interlock": {"interlock": "closed"}, "key": {"key": True}}[name]
+    rig.world.set_inputs(opened)
+    rig.clock.advance(ms / 1000.0)
+    rig.world.set_inputs(closed)
+
+
+def reach(rig, stage: str) -> None:
+    rig.cart.arm()
+    if stage != "ARMING":
+        rig.advance(rig.cfg.safety.emission_delay_s + Rig.TICK_S)
+    if stage == "EMITTING":
+        rig.cart.laser_on(50)
+        rig.advance(Rig.TICK_S)
+        assert rig.output_mw > 0
+    assert rig.cart.state.value == stage
+
+
+def assert_no_light_until_reset_and_rearm(rig):
+    """After a latched trip nothing emits by itself: not the next second, not after another
+    laser.on, not before fault.reset and a new arm with the full delay."""
+    for _ in range(50):
+        rig.advance(Rig.TICK_S)
+        assert rig.output_mw == 0.0
+    with pytest.raises(WrongState):
+        rig.cart.laser_on(50)
+    with pytest.raises(FaultActive):
+        rig.cart.arm()
+    assert rig.output_mw == 0.0
+
+
+@pytest.mark.parametrize("repeat", range(10))
+@pytest.mark.parametrize("ms", [1, 2, 5, 10])
+@pytest.mark.parametrize("name,code", [("interlock", "INTERLOCK_OPEN"), ("key", "KEY_OFF")])
+@pytest.mark.parametrize("stage", ["ARMING", "ARMED", "EMITTING"])
+def test_s3a_a_pulse_of_any_length_latches_fault(stage, name, code, ms, repeat):
+    rig = Rig()
+    reach(rig, stage)
+    pulse(rig, name, ms)
+    assert rig.cart.state is State.FAULT  # the edge callback, before any tick
+    assert rig.output_mw == 0.0
+    assert code in {f.code for f in rig.cart.faults}
+    assert_no_light_until_reset_and_rearm(rig)
+
+
+@pytest.mark.parametrize("ms", [1, 2, 5, 10])
+@pytest.mark.parametrize("name,code", [("interlock", "INTERLOCK_OPEN"), ("key", "KEY_OFF")])
+@pytest.mark.parametrize("stage", ["ARMING", "ARMED", "EMITTING"])
+def test_s3a_the_mcu_edge_counters_trip_when_the_host_saw_no_edge(stage, name, code, ms):
+    # The GPIO callbacks lost the pulse (say, a library debounce): the MCU's interrupt counted
+    # it, and the rise of its counter trips at the next tick.
+    rig = Rig()
+    reach(rig, stage)
+    rig.io._listeners.clear()
+    pulse(rig, name, ms)
+    assert rig.cart.state.value == stage  # the host has not heard yet
+    rig.advance(Rig.TICK_S)
+    assert rig.cart.state is State.FAULT
+    assert code in {f.code for f in rig.cart.faults}
+    assert rig.output_mw == 0.0
+    assert_no_light_until_reset_and_rearm(rig)
+
+
+def test_s3a_an_opening_counted_while_safe_does_not_trip_a_later_arm():
+    rig = Rig()
+    rig.io._listeners.clear()
+    pulse(rig, "interlock", 2)
+    rig.cart.arm()
+    rig.advance(rig.cfg.safety.emission_delay_s + Rig.TICK_S)
+    assert rig.cart.state is State.ARMED and not rig.cart.faults
+
+
+@pytest.mark.parametrize("off_s,counts", [(0.005, False), (0.1, False), (0.45, False), (0.5, True), (2.0, True)])
+def test_s3a_a_key_cycle_is_off_for_at_least_half_a_second(off_s, counts):
+    rig = Rig(**DEVICE_RULES)
+    rig.world.set_inputs({"key": False})
+    rig.clock.advance(off_s)
+    rig.world.set_inputs({"key": True})
+    rig.advance(Rig.TICK_S)
+    if counts:
+        rig.cart.arm()
+        assert rig.cart.state is State.ARMING
+    else:
+        with pytest.raises(KeyOff, match="at least 0.5 s"):
+            rig.cart.arm()
+
+
+def test_s3a_a_key_glitch_is_no_key_cycle_for_a_reset_either():
+    rig = Rig(**DEVICE_RULES)
+    key_cycle(rig)
+    rig.world.apply({"footswitch": True})
+    rig.arm_and_emit(50)
+    pulse(rig, "interlock", 5)
+    assert rig.cart.state is State.FAULT
+    pulse(rig, "key", 5)  # a glitch, not a turn of the key
+    rig.advance(0.1)
+    with pytest.raises(FaultActive, match="turn the key off"):
+        rig.cart.fault_reset()
+    key_cycle(rig)
+    rig.cart.fault_reset()
+    assert rig.cart.state is State.SAFE
+
+
+# ----------------------------------------------------------------------------- S6a (v2)
+ATTACK_TABLE = [[0.0, 0.0], [0.8, 40.0], [1.0, 50.0]]
+
+
+def install(rig, points, factor=1.0):
+    from controller.calibration import PowerCalibration
+
+    cal = PowerCalibration(tuple(d for d, _ in points), tuple(p for _, p in points), factor, "test")
+    rig.cart.install_calibration(cal)
+
+
+def test_s6a_the_attack_table_is_refused_naming_the_limit():
+    rig = Rig()
+    rig.key_cycle()
+    with pytest.raises(InvalidArgument, match=r"exceeds the limit .* mW \(20 % of the factory value"):
+        install(rig, ATTACK_TABLE, 1.0)
+    with pytest.raises(InvalidArgument, match="photodiode_factor 0.1 is more than 20 %"):
+        install(rig, [[0.0, 0.0], [1.0, 500.0]], 0.1)
+    assert rig.cart.calibration.calibration_id == "factory"
+
+
+@pytest.mark.parametrize("why,prepare,needle", [
+    ("not SAFE", lambda rig: (rig.key_cycle(), rig.cart.arm()), "only in SAFE"),
+    ("no key cycle", lambda rig: None, "never since start"),
+    ("key cycle too old", lambda rig: (rig.key_cycle(), rig.advance(61.0)), "within the 60 s"),
+    ("a key glitch", lambda rig: pulse(rig, "key", 5), "never since start"),
+])
+def test_s6a_a_new_table_needs_safe_and_a_recent_key_cycle(why, prepare, needle):
+    rig = Rig()
+    prepare(rig)
+    with pytest.raises(WrongState, match=needle):
+        install(rig, [[0.0, 0.0], [1.0, 480.0]])
+    assert rig.cart.calibration.calibration_id == "factory"
+
+
+def _band_edge_tables():
+    """Tables just inside the S6a band around the true (factory) curve 0..500 mW: the
+    lowest and the highest allowed, and a zigzag between them."""
+    duties = [i / 20 for i in range(21)]
+    low = [[d, max(0.0, 0.8 * 500 * d - 0.02 * 500 + 1e-6)] for d in duties]
+    low = [[d, p + i * 1e-3] for i, (d, p) in enumerate(low)]  # strictly rising
+    high = [[d, 1.2 * 500 * d + 0.02 * 500 - 1e-6] for d in duties]
+    zig = [[d, (lo if i % 2 else hi)] for i, ((d, lo), (_, hi)) in enumerate(zip(low, high))]
+    zig = [pt for i, pt in enumerate(zig) if i == 0 or pt[1] > zig[i - 1][1]]
+    return {"low": low, "high": high, "zigzag": zig}
+
+
+@pytest.mark.parametrize("setpoint", [200.0, 150.0, 50.0])
+@pytest.mark.parametrize("kind", ["low", "high", "zigzag"])
+def test_s6a_no_table_inside_the_band_gets_light_above_1_1_x_max(kind, setpoint):
+    # Whatever the outcome (emitting, refused at the MCU's ceiling, tripped by a monitor),
+    # the true output never exceeds 1.1 x laser.max_power_mw.
+    rig = Rig()
+    rig.key_cycle()
+    install(rig, _band_edge_tables()[kind])
+    limit = 1.1 * rig.cfg.laser.max_power_mw
+    rig.cart.arm()
+    rig.advance(2.1)
+    try:
+        rig.cart.laser_on(setpoint)
+    except InvalidArgument as err:
+        assert "ceiling" in str(err)  # refused, never clipped
+    for _ in range(50):
+        rig.advance(Rig.TICK_S)
+        assert rig.output_mw <= limit, f"{rig.output_mw} mW with table {kind} at {setpoint} mW"
+    assert max(mw for _, mw in rig.world.laser_events()) <= limit
+
+
+def test_s6a_a_stored_table_outside_the_band_is_refused_at_connect():
+    from controller.calibration import PowerCalibration
+
+    rig = Rig(start=False)
+    rig.cart.calibration = PowerCalibration((0.0, 0.8, 1.0), (0.0, 40.0, 50.0), 0.1, "power-tampered")
+    rig.start()
+    assert rig.cart.calibration.calibration_id == "factory"
+    assert any("power-tampered" in p and "refused" in p for p in rig.cart.calibration_problems)
+
+
+def test_s6a_every_on_and_set_carries_the_expected_mw():
+    rig = Rig()
+    sent = []
+    real_duty, real_en = rig.laser.set_duty, rig.laser.set_enabled
+    rig.laser.set_duty = lambda d, mw: (sent.append(("duty", d, mw)), real_duty(d, mw))[1]
+    rig.laser.set_enabled = lambda on, mw=0.0: (sent.append(("en", on, mw)), real_en(on, mw))[1]
+    rig.arm_and_emit(60)
+    rig.cart.laser_set(80)
+    rig.advance(Rig.TICK_S)
+    assert ("duty", pytest.approx(60 / 500), 60.0) in sent and ("en", True, 60.0) in sent
+    assert ("duty", pytest.approx(80 / 500), 80.0) in sent
+
+
+# ----------------------------------------------------------------------------- S7a (v2)
+def lit_seconds(rig, t0_ns: int, t1_ns: int) -> float:
+    """Seconds with light out of the cart in [t0, t1], from the world's own record."""
+    events = rig.world.laser_events()
+    total = 0.0
+    for (t, mw), nxt in zip(events, events[1:] + [(t1_ns, 0.0)]):
+        a, b = max(t, t0_ns), min(nxt[0], t1_ns)
+        if mw > 0 and b > a:
+            total += (b - a) / 1e9
+    return total
+
+
+def test_s7a_reissuing_laser_on_cannot_exceed_the_budget():
+    rig = Rig(laser={"max_emission_s": 3.0})
+    rig.world.laser_history_s = 60.0
+    rig.cart.arm()
+    rig.advance(2.1)
+    t0 = rig.clock.time_ns()
+    refusals = []
+    for _ in range(12):  # the attack: off and on again every second for 12 s
+        try:
+            rig.cart.laser_off()
+            rig.cart.laser_on(50)
+        except WrongState as err:
+            refusals.append(str(err))
+        rig.advance(1.0)
+    t1 = rig.clock.time_ns()
+    # at most max_emission_s in any window of twice that (one tick of slack for the check)
+    for start in range(0, 61):  # every window of 6 s, in steps of 0.1 s
+        w0 = t0 + int(start * 1e8)
+        assert lit_seconds(rig, w0, w0 + int(6e9)) <= 3.0 + Rig.TICK_S
+    assert lit_seconds(rig, t0, t1) <= 6.0 + 2 * Rig.TICK_S  # two windows' worth in 12 s
+    assert refusals and all(re.search(r"wait \d+ s", r) for r in refusals)
+
+
+def test_s7a_the_refusal_lasts_until_enough_budget_is_free():
+    rig = Rig(laser={"max_emission_s": 3.0})
+    rig.arm_and_emit(50)
+    rig.advance(3.2)
+    assert rig.cart.state is State.ARMED and rig.output_mw == 0.0
+    with pytest.raises(WrongState, match=r"wait (\d+) s") as err:
+        rig.cart.laser_on(50)
+    wait = int(re.search(r"wait (\d+) s", str(err.value)).group(1))
+    # with a 3 s budget, "60 s free" becomes half the budget: free again at 7.5 s of the 6 s
+    # window that began with the emission, 4.3 s from now
+    assert wait == 5
+    rig.advance(wait - 1.0)
+    with pytest.raises(WrongState):
+        rig.cart.laser_on(50)
+    rig.advance(1.1)
+    rig.cart.laser_on(50)
+    rig.advance(Rig.TICK_S)
+    assert rig.output_mw > 0
+
+
+def test_s7a_the_budget_survives_disarm_reset_and_a_restart(tmp_path):
+    path = tmp_path / "budget.json"
+    rig = Rig(laser={"max_emission_s": 10.0}, budget_path=path)
+    rig.arm_and_emit(50)
+    rig.advance(4.0)
+    rig.cart.disarm()  # disarm does not give the time back
+    rig.arm_and_emit(50)
+    rig.advance(3.0)
+    pulse(rig, "interlock", 2)  # a trip, then a reset: the time stays used
+    rig.advance(0.1)
+    rig.cart.fault_reset()
+    # a restart of the safety core: a new cart on the same state folder (the MCU's budget is
+    # 1800 s here, so its count hardly matters: the host's persisted record must hold)
+    assert rig.cart.budget.flush()
+    from controller.cart import Cart
+
+    cart = Cart(rig.cfg, laser=rig.laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock,
+                budget_path=path)
+    cart.start()
+    cart.tick()
+    assert 6.9 <= cart.budget.used_s() <= 7.2
+    cart.arm()
+    for _ in range(int(2.1 / Rig.TICK_S)):
+        rig.clock.advance(Rig.TICK_S)
+        rig.mcu.tick()
+        cart.tick()
+    cart.laser_on(50)
+    lit = 0.0
+    for _ in range(int(6.0 / Rig.TICK_S)):
+        rig.clock.advance(Rig.TICK_S)
+        rig.mcu.tick()
+        cart.tick()
+        lit += Rig.TICK_S if rig.output_mw > 0 else 0.0
+    assert 2.8 <= lit <= 3.0 + 2 * Rig.TICK_S  # the 3 s left of the 10 s budget, no more
+    with pytest.raises(WrongState, match="wait"):
+        cart.laser_off()
+        cart.laser_on(50)
+
+
+def test_s7a_the_mcu_count_wins_when_it_is_larger():
+    rig = Rig(laser={"max_emission_s": 10.0}, mcu_budget_s=10.0)  # the same budget in both
+    rig.arm_and_emit(50)
+    rig.advance(6.0)
+    rig.cart.disarm()
+    # a new safety core without the host's record (memory only): the MCU still counts 6 s
+    from controller.cart import Cart
+
+    cart = Cart(rig.cfg, laser=rig.laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock)
+    cart.start()
+    cart.tick()
+    assert cart.budget.used_s() == 0.0
+    assert cart.safety_status()["emission_budget"]["used_s"] >= 5.9
+    cart.arm()
+    lit = 0.0
+    for i in range(int(8.0 / Rig.TICK_S)):
+        rig.clock.advance(Rig.TICK_S)
+        rig.mcu.tick()
+        cart.tick()
+        if i == int(2.1 / Rig.TICK_S):
+            cart.laser_on(50)
+        lit += Rig.TICK_S if rig.output_mw > 0 else 0.0
+    assert lit <= 4.0 + 2 * Rig.TICK_S
+
+
+# ----------------------------------------------------------------------------- S16 (v2)
+class SteppingStop:
+    """A stop event whose wait moves the manual clock (and the MCU) on instead of sleeping,
+    so :meth:`Cart.run` runs minutes of its real schedule in a moment."""
+
+    def __init__(self, rig, until_s: float):
+        self.rig = rig
+        self.until = rig.clock.monotonic() + until_s
+
+    def is_set(self) -> bool:
+        return self.rig.clock.monotonic() >= self.until
+
+    def wait(self, seconds: float) -> bool:
+        self.rig.clock.advance(max(seconds, 1e-6))
+        self.rig.mcu.tick()
+        return self.is_set()
+
+
+@pytest.mark.parametrize("rate_hz,interval_ms", [(50.0, 100), (50.0, 70), (33.0, 100), (20.0, 150)])
+def test_s16_the_heartbeat_keeps_its_own_deadline(rate_hz, interval_ms):
+    rig = Rig(safety={"supervisor_rate_hz": rate_hz, "heartbeat_interval_ms": interval_ms})
+    rig.cart.heartbeat_sent.clear()
+    rig.cart.run(SteppingStop(rig, 20.0))
+    times = list(rig.cart.heartbeat_sent)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) >= 20.0 / (interval_ms / 1000.0) - 2
+    assert max(abs(g - interval_ms / 1000.0) for g in gaps) < 1e-6
+    stats = rig.cart.heartbeat_stats()
+    assert stats["median_gap_ms"] == pytest.approx(interval_ms, abs=0.01)
+
+
+def test_s16_ticks_alone_keep_the_heartbeat_grid():
+    # ticks that never land on a deadline (every 19.9 ms): each heartbeat goes at the first
+    # tick after its deadline and the next deadline stays on the grid, so the mean gap is the
+    # interval (version 1: "at least the interval since the last", about 119 ms)
+    rig = Rig()
+    rig.cart.heartbeat_sent.clear()
+    for _ in range(int(20.0 / 0.0199)):
+        rig.clock.advance(0.0199)
+        rig.mcu.tick()
+        rig.cart.tick()
+    times = list(rig.cart.heartbeat_sent)
+    mean_gap = (times[-1] - times[0]) / (len(times) - 1)
+    assert mean_gap == pytest.approx(0.100, abs=0.001)
+
+
+@pytest.mark.parametrize("interval,timeout,ok", [(100, 500, True), (250, 500, True), (260, 500, False),
+                                                 (100, 150, False)])
+def test_s16_the_interval_is_at_most_half_the_timeout(interval, timeout, ok):
+    kw = dict(safety={"heartbeat_interval_ms": interval, "heartbeat_timeout_ms": timeout})
+    if ok:
+        assert make_config(**kw).safety.heartbeat_interval_ms == interval
+    else:
+        with pytest.raises(ConfigError, match="heartbeat_interval_ms"):
+            make_config(**kw)
+
+
+# ----------------------------------------------------------------------------- error paths (v2)
+def test_without_the_factory_record_nothing_emits_and_no_table_is_taken():
+    from hal.errors import DeviceError
+
+    rig = Rig(start=False)
+    def no_record():
+        raise DeviceError("laser-mcu", "no factory record: blank MCU")
+    rig.laser.factory = no_record
+    rig.start()
+    assert rig.cart.factory is None
+    assert any("factory record cannot be read" in p for p in rig.cart.calibration_problems)
+    rig.cart.arm()
+    rig.advance(2.1)
+    with pytest.raises(WrongState, match="factory record"):
+        rig.cart.laser_on(50)
+    rig.cart.disarm()
+    rig.key_cycle()
+    with pytest.raises(WrongState, match="factory record"):
+        install(rig, [[0.0, 0.0], [1.0, 500.0]])
+    assert rig.output_mw == 0.0
+
+
+def test_a_heartbeat_between_ticks_that_fails_latches_serial_link():
+    from hal.errors import DeviceTimeout
+
+    rig = Rig()
+    rig.arm_and_emit(50)
+    def silent():
+        raise DeviceTimeout("laser-mcu", "no reply to HB")
+    rig.laser.heartbeat = silent
+    rig.clock.advance(0.2)
+    rig.cart._heartbeat_between_ticks(rig.clock.monotonic())
+    assert rig.cart.state is State.FAULT and rig.cart.faults[0].code == "SERIAL_LINK"
+    rig.advance(0.7, host_alive=False)  # the MCU's watchdog covers a link that is gone
+    assert rig.output_mw == 0.0

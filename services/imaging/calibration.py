@@ -42,7 +42,7 @@ from controller.calibration import validate_power_points  # noqa: F401 (re-expor
 from services.common.files import write_atomic
 from controller.state import State
 from hal.errors import (Busy, ConfigError, DeviceError, DeviceTimeout, InvalidArgument, NirfError,
-                        WrongState)
+                        NotPermitted, WrongState)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ MAX_FRAMES = 256  # per procedure: enough to beat down noise, small enough to fi
 MIN_POWER_POINTS, MAX_POWER_POINTS = 2, 32
 MAX_CALIBRATED_MW = 1000.0
 PHOTODIODE_FACTOR_RANGE = (0.1, 10.0)
+MAX_REASON_CHARS = 500
 
 # A uniform target must give at least this mean difference (counts) over the centre of the
 # field, else the flat field would be mostly noise.
@@ -399,9 +400,9 @@ class Calibration:
             current = {"flat": self._flat, "darks": dict(self._darks)}
         write_atomic(self.folder / CURRENT_FILE, _json_bytes(current))
 
-    def _announce(self, what: str, meta: dict, caller) -> None:
+    def _announce(self, what: str, meta: dict, caller, **extra) -> None:
         detail = {"what": what, "id": meta.get("id"), "calibration_id": self.current_id(),
-                  "by": getattr(caller, "name", None)}
+                  "by": getattr(caller, "name", None), **extra}
         self.service.audit.write("calibration", **detail)
         try:
             self.service.telemetry.publish("event", {"kind": "calibration", **detail})
@@ -530,7 +531,17 @@ class Calibration:
             dark = self._darks.get(dark_key(s.exposure_us, s.gain))
         return {"calibration_id": self.current_id(), "power": power, "flat": flat, "flat_in_use": flat_in_use,
                 "darks": darks, "dark_in_use": dark["id"] if dark else None,
-                "qc_baseline": self.qc_baseline, "last_qc": self.last_qc, "problems": list(self.problems)}
+                "qc_baseline": self.qc_baseline, "last_qc": self.last_qc,
+                "problems": list(self.problems) + self._power_problems()}
+
+    def _power_problems(self) -> list[str]:
+        """The safety core's word on the power table (a stored table it refused, say)."""
+        get = getattr(self.service.cart, "power_problems", None)
+        try:
+            return [str(p) for p in get()] if get is not None else []
+        except Exception:  # a status must never fail for this
+            log.exception("power problems unavailable")
+            return []
 
     # --- quality control -------------------------------------------------------------------------
     def _qc_results(self, cmd: str, args) -> int:

@@ -114,6 +114,10 @@ class SafetyLink:
         v = self.latest.get().get("power_calibration")
         return v if isinstance(v, str) else "nominal"
 
+    def power_problems(self) -> list[str]:
+        v = self.latest.get().get("power_problems")
+        return [str(x) for x in v] if isinstance(v, list) else []
+
     # -- notices
     def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
         self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": last_frame_monotonic is not None})
