@@ -221,12 +221,15 @@ def bench_cart(quick: bool, seconds: float | None, measured: dict) -> tuple[list
     return rows, notes
 
 
-def print_table(rows: list[Row], notes: list[str], elapsed_s: float, quick: bool) -> None:
-    """The summary: one line per figure with its target and verdict."""
+def print_table(rows: list[Row], notes: list[str], elapsed_s: float, quick: bool,
+                load: tuple[float, float] | None = None) -> None:
+    """The summary: one line per figure with its target and verdict. ``load``: the 1-minute
+    load average at the start and at the end (a busy machine explains a MISS)."""
     width = max(len(r[0]) for r in rows)
     print()
     print(f"NIRF cart benchmarks{' (quick run)' if quick else ''}: {platform.node()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {elapsed_s:.0f} s")
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {elapsed_s:.0f} s"
+          + (f", load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""))
     print(f"  {'figure':{width}s}  {'measured':>24s}  {'target':>16s}  verdict")
     print(f"  {'-' * width}  {'-' * 24}  {'-' * 16}  -------")
     for name, measured, target, met in rows:
@@ -248,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
     rows: list[Row] = []
     notes: list[str] = []
     status = 0
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"the cart benchmarks could not run: {traceback.format_exc(limit=5)}")
             rows.append(("P3/P4 (failed)", "-", "", False))
             status = 2
-    print_table(rows, notes, time.monotonic() - t0, args.quick)
+    print_table(rows, notes, time.monotonic() - t0, args.quick, (load0, os.getloadavg()[0]))
     return status
 
 
