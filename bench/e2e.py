@@ -87,6 +87,10 @@ class StreamStats:
     # wall time as the CPU samples bracket it
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_wall_s: float = 0.0
+    # CPU seconds of the camera stand-in's sensor thread inside imaging over the same window
+    # (simulator-only work, read from /proc by the thread's name), None when not found
+    sim_camera_cpu_s: float | None = None
+    roi_mode: str = "fixed"
     heartbeat: dict | None = None  # the safety core's heartbeat gaps (status), when it reports them
     subscribers: list[dict] = field(default_factory=list)  # the extra subscribers' figures
 
@@ -195,24 +199,24 @@ class ResultWatcher:
 
 
 def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: float = POWER_MW,
-           on_tick=None, tick_s: float = 5.0, roi: str = "fixed", extra_subscribers: int = 0) -> StreamStats:
+           on_tick=None, tick_s: float = 5.0, roi_mode: str = "fixed", extra_subscribers: int = 0) -> StreamStats:
     """Stream fluorescence for ``warmup_s + seconds`` and measure. ``on_tick(watcher,
     elapsed_s)``, when given, is called at the start of the measured part and then about
     every ``tick_s`` (the soak samples memory with it); it must return quickly, or the
-    receipt times of the results queued meanwhile would be late. ``roi`` "fixed" sets boxes
+    receipt times of the results queued meanwhile would be late. ``roi_mode`` "fixed" sets boxes
     on the phantom, "auto" lets processing search them (PRODUCT P5: P3 holds in both).
     ``extra_subscribers`` more telemetry clients subscribe to the results meanwhile, in a
     process of their own (:mod:`bench.subscribers`); their latency figures land in
     ``subscribers``. The CPU time of every process is sampled at the start and the end of the
     measured part (after the warm-up)."""
-    if roi not in ("fixed", "auto"):
-        raise ValueError(f"roi mode {roi!r}: allowed fixed, auto")
+    if roi_mode not in ("fixed", "auto"):
+        raise ValueError(f"roi mode {roi_mode!r}: allowed fixed, auto")
     client = cart.client()
     client.subscribe("result", "status", "event")
-    stats = StreamStats()
+    stats = StreamStats(roi_mode=roi_mode)
     watcher = ResultWatcher(client, stats)
     to_safe(client)
-    client.call("roi.set", fixed_rois(cart.width, cart.height) if roi == "fixed" else {"auto": True})
+    client.call("roi.set", fixed_rois(cart.width, cart.height) if roi_mode == "fixed" else {"auto": True})
     extras = _start_subscribers(cart, extra_subscribers) if extra_subscribers > 0 else None
     try:
         arm_and_emit(client, power_mw)
@@ -225,6 +229,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         watcher.window_start_ns = time.time_ns() + int(warmup_s * 1e9)
         next_tick = window_t0  # the first call marks the start of the measured part
         cpu0: dict | None = None
+        cam0: float | None = None
         cpu_t0 = 0.0
         try:
             while (now := time.monotonic()) < end:
@@ -232,13 +237,17 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                 if cpu0 is None and time.monotonic() >= window_t0:
                     cpu_t0 = time.monotonic()
                     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    cam0 = _sim_camera_cpu(pids)
                 if on_tick is not None and now >= next_tick:
                     next_tick = now + tick_s
                     on_tick(watcher, now - window_t0)
             window_end_ns = time.time_ns()
             stats.window_s = time.monotonic() - window_t0
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cam1 = _sim_camera_cpu(pids)
             stats.cpu_wall_s = time.monotonic() - cpu_t0
+            if cpu0 is not None and cam0 is not None and cam1 is not None and cam1 > 0:
+                stats.sim_camera_cpu_s = round(cam1 - cam0, 3)
             if on_tick is not None:
                 on_tick(watcher, stats.window_s)  # the end of the measured part
             cpu0 = cpu0 or {}
@@ -267,6 +276,14 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         stats.processing_received = last["pairs_received"] - first["pairs_received"] + 1
     to_safe(client)
     return stats
+
+
+def _sim_camera_cpu(pids: dict[str, int]) -> float | None:
+    """CPU seconds so far of imaging's camera stand-in thread (None without imaging)."""
+    from sim.picamera2_standin import OS_THREAD_NAME
+
+    pid = pids.get("imaging")
+    return None if pid is None else cartrun.thread_cpu_seconds(pid, OS_THREAD_NAME)
 
 
 def _start_subscribers(cart: BenchCart, count: int, ready_timeout_s: float = 30.0) -> subprocess.Popen:

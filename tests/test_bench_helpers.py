@@ -272,3 +272,36 @@ def test_a_subscribers_window_counts_only_receipts_inside_it():
     assert s["results"] == 2 and s["p50_ms"] == pytest.approx(8.0) and s["max_ms"] == 9.0
     empty = window_summary(receipts, 500, 600)
     assert empty["results"] == 0 and math.isnan(empty["p99_ms"]) and math.isnan(empty["max_ms"])
+
+
+def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
+    import threading
+
+    from bench.cartrun import thread_cpu_seconds
+    from sim.picamera2_standin import _name_os_thread
+
+    busy_until = time.monotonic() + 0.3
+    named = threading.Event()
+    done = threading.Event()
+
+    def work():
+        _name_os_thread("bench-test-thr")
+        named.set()
+        while time.monotonic() < busy_until:
+            pass
+        done.wait(10)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        assert named.wait(10)
+        while time.monotonic() < busy_until:
+            time.sleep(0.01)
+        spent = thread_cpu_seconds(os.getpid(), "bench-test-thr")
+        assert 0.0 < spent <= thread_cpu_seconds(os.getpid(), "bench-test-thr") + 1e-9
+        assert spent < time.process_time() + 0.05  # never more than the whole process used
+        assert thread_cpu_seconds(os.getpid(), "no-such-thread") == 0.0
+    finally:
+        done.set()
+        t.join(10)
+    assert thread_cpu_seconds(2 ** 22 + 1, "x") is None  # beyond pid_max: no such process
