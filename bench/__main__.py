@@ -99,6 +99,7 @@ def p5_rows(s: e2e.StreamStats, measured: dict, quick: bool) -> tuple[list[Row],
     rows.append(("P5 simulator-only work in all", framepath.fmt_share(split.simulator_total), "", None))
     rows.append(("P5 device-path work in all (one core = 100 %)", framepath.fmt_share(split.device_total),
                  f"<= {framepath.fmt_share(DEVICE_TARGET)}", split.device_total <= DEVICE_TARGET))
+    device_for_pi, device_basis = split.device_total, "the rendering run alone subtracted"
     if s.sim_camera_cpu_s is not None:
         # cross-check: the stand-in's sensor thread measured inside imaging (same window, no
         # drift of the machine's load between the stream and the run alone)
@@ -107,6 +108,7 @@ def p5_rows(s: e2e.StreamStats, measured: dict, quick: bool) -> tuple[list[Row],
                      framepath.fmt_share(s.sim_camera_cpu_s / wall), "", None))
         rows.append(("P5   device path with that thread taken out", framepath.fmt_share(direct.device_total),
                      f"<= {framepath.fmt_share(DEVICE_TARGET)}", direct.device_total <= DEVICE_TARGET))
+        device_for_pi, device_basis = direct.device_total, "the stand-in thread taken out (same window)"
     safety = shares.get("controller")
     if safety is not None:
         rows.append(("P5 safety core (supervisor) share of a core", framepath.fmt_share(safety),
@@ -150,14 +152,17 @@ def p5_rows(s: e2e.StreamStats, measured: dict, quick: bool) -> tuple[list[Row],
         mem = framepath.memory_bound_share(copies_per_frame=copies, frame_bytes=frame_bytes, fps=e2e.FPS,
                                            copy_bandwidth_bps=bw, pipeline_s_per_pair=pipe,
                                            pairs_per_s=e2e.FPS / 2)
-        mem = min(mem, split.device_total)
-        notes.append(f"P5 Pi estimate: memory-bound part here {framepath.fmt_share(mem)} of a core (the copies at "
+        mem = min(mem, device_for_pi)
+        notes.append(f"P5 Pi estimate from the device path {framepath.fmt_share(device_for_pi)} ({device_basis}): "
+                     f"memory-bound part here {framepath.fmt_share(mem)} of a core (the copies at "
                      f"{bw / 1e9:.2f} GB/s plus the P1 pipeline time per pair x 30 pairs/s), the rest "
-                     f"{framepath.fmt_share(split.device_total - mem)} compute-bound. Assumed, not measured: "
+                     f"{framepath.fmt_share(device_for_pi - mem)} compute-bound. Assumed, not measured: "
                      + "; ".join(f"{m.name} copy {m.copy_bandwidth_bps / 1e9:.1f} GB/s, compute "
-                                 f"{m.slowdown[0]:g}-{m.slowdown[1]:g}x slower" for m in framepath.PI_MODELS))
+                                 f"{m.slowdown[0]:g}-{m.slowdown[1]:g}x slower" for m in framepath.PI_MODELS)
+                     + ". The slowdowns are against an unloaded core: on a loaded machine the compute part is "
+                       "already inflated here, so the estimate errs high")
         for m in framepath.PI_MODELS:
-            lo, hi = framepath.pi_estimate(split.device_total, mem, bw, m)
+            lo, hi = framepath.pi_estimate(device_for_pi, mem, bw, m)
             rows.append((f"P5 device path on a {m.name} (estimate)",
                          f"{framepath.fmt_share(lo)}-{framepath.fmt_share(hi)}", "", None))
     return rows, notes
