@@ -121,6 +121,8 @@ class StreamStats:
         for name, cpu in other.cpu_s.items():
             self.cpu_s[name] = round(self.cpu_s.get(name, 0.0) + cpu, 2)
         self.cpu_wall_s += other.cpu_wall_s
+        if other.sim_camera_cpu_s is not None:
+            self.sim_camera_cpu_s = (self.sim_camera_cpu_s or 0.0) + other.sim_camera_cpu_s
         self.heartbeat = other.heartbeat or self.heartbeat
         self.subscribers.extend(other.subscribers)
 
