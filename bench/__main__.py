@@ -77,6 +77,8 @@ def p5_rows(s: e2e.StreamStats, measured: dict, quick: bool) -> tuple[list[Row],
     rows: list[Row] = []
     notes: list[str] = []
     wall = s.cpu_wall_s
+    if not wall > 0 or not s.cpu_s:
+        return [("P5 CPU shares (not measured: no CPU samples in the window)", "-", "", False)], notes
     frames = int(round(e2e.FPS * wall))  # one rendered frame per MCU trigger
     timed = min(frames, RENDER_FRAMES_MAX)
     _say(f"P5: the camera stand-in's rendering alone, {timed} frames ...")

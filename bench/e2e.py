@@ -247,7 +247,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
             stats.window_s = time.monotonic() - window_t0
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cam1 = _sim_camera_cpu(pids)
-            stats.cpu_wall_s = time.monotonic() - cpu_t0
+            stats.cpu_wall_s = time.monotonic() - cpu_t0 if cpu0 is not None else 0.0
             if cpu0 is not None and cam0 is not None and cam1 is not None and cam1 > 0:
                 stats.sim_camera_cpu_s = round(cam1 - cam0, 3)
             if on_tick is not None:
