@@ -71,7 +71,7 @@ def bench_bandwidth(quick: bool, measured: dict) -> list[Row]:
     return [("P5 copy bandwidth here (np.copyto, 64 MiB)", f"{bw / 1e9:.2f} GB/s", "", None)]
 
 
-def p5_rows(s: e2e.StreamStats, measured: dict, quick: bool) -> tuple[list[Row], list[str]]:
+def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
     """P5: CPU share per process, simulator-only against device path, the copies, the safety
     core, the heartbeat, the Pi estimate."""
     rows: list[Row] = []
@@ -216,7 +216,7 @@ def bench_cart(quick: bool, seconds: float | None, measured: dict) -> tuple[list
         notes.append(f"P3 latency by stage (p50, p99 ms): {summary['stages_p50_p99_ms']}")
         if s.faults:
             notes.append(f"P3 faults while streaming: {s.faults}")
-        p5, p5_notes = p5_rows(s, measured, quick)
+        p5, p5_notes = p5_rows(s, measured)
         rows += p5
         notes += p5_notes
         _say(f"P3: automatic ROIs, {short_s:.0f} s ...")
