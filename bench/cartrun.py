@@ -107,6 +107,27 @@ def cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int, comm: str) -> float | None:
+    """User + system CPU time of the threads of ``pid`` whose name (/proc/<pid>/task/<tid>/comm)
+    is ``comm``, in seconds; 0.0 when none has that name, None once the process ended. A
+    thread that ended takes its time with it: sample while it runs."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    ticks = 0
+    for tid in tids:
+        try:
+            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() != comm:
+                continue
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rfind(")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class BenchCart:
     """The simulated cart in its processes, for one benchmark run.
 

@@ -27,10 +27,15 @@ Run alone: ``python -m bench.e2e [--seconds 60] [--auto-roi]``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
+from bench import cartrun
 from bench.cartrun import BenchCart, arm_and_emit, cpu_seconds, latest_status, to_safe
 
 log = logging.getLogger(__name__)
@@ -84,9 +89,17 @@ class StreamStats:
     pairs_incomplete: int = 0
     processing_received: int = 0  # pairs the processing service took in (its own counter)
     faults: list[str] = field(default_factory=list)
+    # CPU seconds per process over the measured window (not the warm-up), and that window's
+    # wall time as the CPU samples bracket it
     cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_wall_s: float = 0.0
+    # CPU seconds of the camera stand-in's sensor thread inside imaging over the same window
+    # (simulator-only work, read from /proc by the thread's name), None when not found
+    sim_camera_cpu_s: float | None = None
     roi_mode: str = "fixed"
     search_ms: dict[int, float] = field(default_factory=dict)  # ROI generation -> search time
+    heartbeat: dict | None = None  # the safety core's heartbeat gaps (status), when it reports them
+    subscribers: list[dict] = field(default_factory=list)  # the extra subscribers' figures
 
     @property
     def results_per_s(self) -> float:
@@ -115,6 +128,11 @@ class StreamStats:
         for name, cpu in other.cpu_s.items():
             self.cpu_s[name] = round(self.cpu_s.get(name, 0.0) + cpu, 2)
         self.search_ms.update(other.search_ms)
+        self.cpu_wall_s += other.cpu_wall_s
+        if other.sim_camera_cpu_s is not None:
+            self.sim_camera_cpu_s = (self.sim_camera_cpu_s or 0.0) + other.sim_camera_cpu_s
+        self.heartbeat = other.heartbeat or self.heartbeat
+        self.subscribers.extend(other.subscribers)
 
     def latency_ms(self, q: float) -> float:
         """The q-th percentile (0..100) of the capture-to-result latency, ms."""
@@ -198,45 +216,69 @@ class ResultWatcher:
 
 
 def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: float = POWER_MW,
-           on_tick=None, tick_s: float = 5.0, roi_mode: str = "fixed") -> StreamStats:
-    """Stream fluorescence for ``warmup_s + seconds`` and measure; ``roi_mode`` "fixed"
-    (boxes by command) or "auto" (the automatic search). ``on_tick(watcher,
+           on_tick=None, tick_s: float = 5.0, roi_mode: str = "fixed", extra_subscribers: int = 0) -> StreamStats:
+    """Stream fluorescence for ``warmup_s + seconds`` and measure. ``on_tick(watcher,
     elapsed_s)``, when given, is called at the start of the measured part and then about
     every ``tick_s`` (the soak samples memory with it); it must return quickly, or the
-    receipt times of the results queued meanwhile would be late."""
+    receipt times of the results queued meanwhile would be late. ``roi_mode`` "fixed" sets boxes
+    on the phantom, "auto" lets processing search them (PRODUCT P5: P3 holds in both).
+    ``extra_subscribers`` more telemetry clients subscribe to the results meanwhile, in a
+    process of their own (:mod:`bench.subscribers`); their latency figures land in
+    ``subscribers``. The CPU time of every process is sampled at the start and the end of the
+    measured part (after the warm-up)."""
+    if roi_mode not in ("fixed", "auto"):
+        raise ValueError(f"roi mode {roi_mode!r}: allowed fixed, auto")
     client = cart.client()
     client.subscribe("result", "status", "event")
     stats = StreamStats(roi_mode=roi_mode)
     watcher = ResultWatcher(client, stats)
     to_safe(client)
-    if roi_mode == "auto":
-        client.call("roi.set", {"auto": True})
-    else:
-        client.call("roi.set", fixed_rois(cart.width, cart.height))
-    arm_and_emit(client, power_mw)
-    before = latest_status(client)["pairs"]
-    pids = cart.pids()
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15.0)
-    t0 = time.monotonic()
-    window_t0 = t0 + warmup_s
-    end = window_t0 + seconds
-    watcher.window_start_ns = time.time_ns() + int(warmup_s * 1e9)
-    next_tick = window_t0  # the first call marks the start of the measured part
+    client.call("roi.set", fixed_rois(cart.width, cart.height) if roi_mode == "fixed" else {"auto": True})
+    extras = _start_subscribers(cart, extra_subscribers) if extra_subscribers > 0 else None
     try:
-        while (now := time.monotonic()) < end:
-            watcher.poll(min(0.2, end - now))
-            if on_tick is not None and now >= next_tick:
-                next_tick = now + tick_s
-                on_tick(watcher, now - window_t0)
-        stats.window_s = time.monotonic() - window_t0
-        if on_tick is not None:
-            on_tick(watcher, stats.window_s)  # the end of the measured part
-        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        stats.cpu_s = {n: round(cpu1[n] - cpu0[n], 2) for n in pids
-                       if cpu0.get(n) is not None and cpu1.get(n) is not None}
+        arm_and_emit(client, power_mw)
+        before = latest_status(client)["pairs"]
+        pids = cart.pids()
+        client.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15.0)
+        t0 = time.monotonic()
+        window_t0 = t0 + warmup_s
+        end = window_t0 + seconds
+        watcher.window_start_ns = time.time_ns() + int(warmup_s * 1e9)
+        next_tick = window_t0  # the first call marks the start of the measured part
+        cpu0: dict | None = None
+        cam0: float | None = None
+        cpu_t0 = 0.0
+        try:
+            while (now := time.monotonic()) < end:
+                watcher.poll(min(0.2, end - now))
+                if cpu0 is None and time.monotonic() >= window_t0:
+                    cpu_t0 = time.monotonic()
+                    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    cam0 = _sim_camera_cpu(pids)
+                if on_tick is not None and now >= next_tick:
+                    next_tick = now + tick_s
+                    on_tick(watcher, now - window_t0)
+            window_end_ns = time.time_ns()
+            stats.window_s = time.monotonic() - window_t0
+            cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cam1 = _sim_camera_cpu(pids)
+            stats.cpu_wall_s = time.monotonic() - cpu_t0 if cpu0 is not None else 0.0
+            if cpu0 is not None and cam0 is not None and cam1 is not None and cam1 > 0:
+                stats.sim_camera_cpu_s = round(cam1 - cam0, 3)
+            if on_tick is not None:
+                on_tick(watcher, stats.window_s)  # the end of the measured part
+            cpu0 = cpu0 or {}
+            stats.cpu_s = {n: round(cpu1[n] - cpu0[n], 3) for n in pids
+                           if cpu0.get(n) is not None and cpu1.get(n) is not None}
+            stats.heartbeat = latest_status(client).get("heartbeat")
+        finally:
+            client.call("acquire.stop", timeout_s=15.0)
+        if extras is not None:
+            stats.subscribers = _stop_subscribers(extras, watcher.window_start_ns, window_end_ns)
+            extras = None
     finally:
-        client.call("acquire.stop", timeout_s=15.0)
+        if extras is not None:
+            _stop_subscribers(extras, 0, 0)
     # results still under way (in processing, in the relay) count too
     quiet_since = time.monotonic()
     drain_end = quiet_since + DRAIN_MAX_S
@@ -251,6 +293,45 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         stats.processing_received = last["pairs_received"] - first["pairs_received"] + 1
     to_safe(client)
     return stats
+
+
+def _sim_camera_cpu(pids: dict[str, int]) -> float | None:
+    """CPU seconds so far of imaging's camera stand-in thread (None without imaging)."""
+    from sim.picamera2_standin import OS_THREAD_NAME
+
+    pid = pids.get("imaging")
+    return None if pid is None else cartrun.thread_cpu_seconds(pid, OS_THREAD_NAME)
+
+
+def _start_subscribers(cart: BenchCart, count: int, ready_timeout_s: float = 30.0) -> subprocess.Popen:
+    """The extra subscribers' process, once it says it has connected (bounded wait)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.subscribers", "--state-dir", str(cart.state_dir),
+         "--telemetry", cart.telemetry, "--count", str(count), "--max-s", "300"],
+        cwd=cartrun.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready: list[str] = []
+    reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(ready_timeout_s + 5.0)  # it gives up on its own after 30 s
+    if not ready or ready[0].strip() != "ready":
+        proc.kill()
+        proc.wait(timeout=10)
+        raise RuntimeError(f"the {count} extra subscribers did not start within {ready_timeout_s} s")
+    return proc
+
+
+def _stop_subscribers(proc: subprocess.Popen, start_ns: int, end_ns: int) -> list[dict]:
+    """Tell the subscribers the measured window, read their figures, make sure they end."""
+    try:
+        out, _ = proc.communicate(f"{start_ns} {end_ns}\n", timeout=20)
+        return json.loads(out.strip().splitlines()[-1])["subscribers"]
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError) as err:
+        log.warning("extra subscribers gave no figures: %s", err)
+        return []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def verdicts(s: StreamStats) -> list[tuple[str, str, str, bool]]:

@@ -164,3 +164,144 @@ def test_memory_growth_is_end_against_start():
     assert row["rss_max_mib"] == pytest.approx(round(1200 / 1024, 1))
     assert (row["fds_start"], row["fds_end"], row["fds_max"]) == (10, 10, 12)
     assert "rss_growth_pct" not in ProcessSamples(pid=1, samples=[(0.0, 1, 1)]).row()
+
+
+# ---------------------------------------------------------------------- the frame path (P5)
+from bench import framepath  # noqa: E402
+from bench.subscribers import window_summary  # noqa: E402
+
+
+def test_shares_are_cpu_seconds_over_the_window():
+    assert framepath.cpu_shares({"gateway": 1.5, "imaging": 6.0}, 60.0) == {
+        "gateway": pytest.approx(0.025), "imaging": pytest.approx(0.1)}
+    with pytest.raises(ValueError, match="0"):
+        framepath.cpu_shares({"gateway": 1.0}, 0.0)
+
+
+def test_the_split_takes_the_hardware_and_the_rendering_out_of_the_device_path():
+    shares = {"hardware": 0.2, "launcher": 0.01, "controller": 0.03, "imaging": 0.5, "processing": 0.1}
+    split = framepath.split_shares(shares, render_share=0.35)
+    assert split.per_process["imaging"] == pytest.approx(0.15)
+    assert "hardware" not in split.per_process and "launcher" not in split.per_process
+    assert split.device_total == pytest.approx(0.03 + 0.15 + 0.1)
+    assert split.simulator_total == pytest.approx(0.2 + 0.01 + 0.35)
+    # nothing is lost or counted twice
+    assert split.device_total + split.simulator_total == pytest.approx(sum(shares.values()))
+
+
+def test_a_rendering_estimate_above_imaging_never_makes_its_device_work_negative():
+    split = framepath.split_shares({"imaging": 0.3, "gateway": 0.02}, render_share=0.4)
+    assert split.per_process["imaging"] == 0.0
+    assert split.device_total == pytest.approx(0.02)
+    split = framepath.split_shares({"imaging": 0.3, "newcomer": 0.05}, render_share=-0.1)
+    assert split.per_process["imaging"] == pytest.approx(0.3)
+    assert split.per_process["newcomer"] == pytest.approx(0.05)  # unknown: device path (errs high)
+
+
+def test_the_memory_bound_share_adds_the_copies_and_the_pipeline():
+    # four copies of a 3.17 MB frame at 60 fps over 4 GB/s, plus 5 ms a pair at 30 pairs/s
+    share = framepath.memory_bound_share(copies_per_frame=4, frame_bytes=3_168_256, fps=60.0,
+                                         copy_bandwidth_bps=4e9, pipeline_s_per_pair=0.005, pairs_per_s=30.0)
+    assert share == pytest.approx(4 * 3_168_256 * 60 / 4e9 + 0.15)
+    with pytest.raises(ValueError, match="bandwidth"):
+        framepath.memory_bound_share(copies_per_frame=1, frame_bytes=1, fps=1.0, copy_bandwidth_bps=0.0,
+                                     pipeline_s_per_pair=0.0, pairs_per_s=0.0)
+
+
+@given(st.floats(min_value=0.0, max_value=2.0), st.floats(min_value=0.0, max_value=1.0),
+       st.floats(min_value=1e9, max_value=5e10))
+def test_the_pi_estimate_is_an_ordered_range_scaled_from_here(device, memory_fraction, bandwidth):
+    memory = device * memory_fraction
+    model = framepath.PiModel("test", 2.7e9, (2.7, 4.0))
+    lo, hi = framepath.pi_estimate(device, memory, bandwidth, model)
+    assert lo <= hi + 1e-12
+    expected_lo = memory * bandwidth / 2.7e9 + (device - memory) * 2.7
+    assert lo == pytest.approx(expected_lo, rel=1e-9, abs=1e-12)
+    # a Pi with this machine's bandwidth and speed costs what it costs here
+    same = framepath.PiModel("same", bandwidth, (1.0, 1.0))
+    assert framepath.pi_estimate(device, memory, bandwidth, same) == (pytest.approx(device), pytest.approx(device))
+
+
+def test_the_pi_models_state_the_assumed_figures():
+    by_name = {m.name: m for m in framepath.PI_MODELS}
+    assert by_name["Pi 4"].copy_bandwidth_bps == 2.7e9 and by_name["Pi 4"].slowdown == (2.7, 4.0)
+    assert by_name["Pi 5"].copy_bandwidth_bps == 7.0e9 and by_name["Pi 5"].slowdown == (1.5, 2.0)
+
+
+def test_every_copy_of_the_table_is_found_once_in_the_code():
+    # the table is read from the code path: a marker that moved or vanished must show
+    for copy in framepath.FRAME_COPIES + framepath.OTHER_FRAME_COPIES:
+        line = framepath.locate(copy)
+        text = (framepath.ROOT / copy.path).read_text().splitlines()[line - 1]
+        assert copy.marker in text
+
+
+def test_a_marker_that_is_not_in_the_file_is_an_error(tmp_path):
+    (tmp_path / "x.py").write_text("a = 1\na = 1\n")
+    with pytest.raises(LookupError, match="0 times"):
+        framepath.locate(framepath.FrameCopy("none", "x.py", "b = 2"), tmp_path)
+    with pytest.raises(LookupError, match="2 times"):
+        framepath.locate(framepath.FrameCopy("twice", "x.py", "a = 1"), tmp_path)
+    assert "x.py:?" in framepath.copy_rows((framepath.FrameCopy("none", "x.py", "b = 2"),), tmp_path)[0]
+
+
+@pytest.mark.parametrize("platform", ["pi4", "pi5"])
+def test_the_instrumented_capture_sees_two_copies_inside_imaging(platform):
+    v = framepath.verify_driver_copies(platform)
+    assert v["make_array_copies"] and v["driver_copies"] and v["copies_in_imaging"] == 2
+    assert v["frame_contiguous"] and v["values_right"]
+    assert v["stride_bytes"] > v["row_bytes"]  # the stand-in pads its rows
+
+
+def test_heartbeat_figures_come_from_status_when_reported():
+    hb = {"interval_ms": 100.0, "median_gap_ms": 100.2, "max_gap_ms": 104.0, "gaps": 599}
+    assert framepath.heartbeat_figures({"heartbeat": hb}) == hb
+    assert framepath.heartbeat_figures({"state": "SAFE"}) is None
+    assert framepath.heartbeat_figures({"heartbeat": {"median_gap_ms": None}}) is None
+    assert framepath.heartbeat_figures(None) is None
+
+
+def test_copy_bandwidth_is_positive_and_finite():
+    bw = framepath.copy_bandwidth(size_bytes=1 << 20, repeats=3)
+    assert 0 < bw < math.inf
+
+
+def test_a_subscribers_window_counts_only_receipts_inside_it():
+    receipts = [(100, 5.0), (200, 7.0), (300, 9.0), (400, 50.0)]
+    s = window_summary(receipts, 200, 400)
+    assert s["results"] == 2 and s["p50_ms"] == pytest.approx(8.0) and s["max_ms"] == 9.0
+    empty = window_summary(receipts, 500, 600)
+    assert empty["results"] == 0 and math.isnan(empty["p99_ms"]) and math.isnan(empty["max_ms"])
+
+
+def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
+    import threading
+
+    from bench.cartrun import thread_cpu_seconds
+    from sim.picamera2_standin import _name_os_thread
+
+    busy_until = time.monotonic() + 0.3
+    named = threading.Event()
+    done = threading.Event()
+
+    def work():
+        _name_os_thread("bench-test-thr")
+        named.set()
+        while time.monotonic() < busy_until:
+            pass
+        done.wait(10)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        assert named.wait(10)
+        while time.monotonic() < busy_until:
+            time.sleep(0.01)
+        spent = thread_cpu_seconds(os.getpid(), "bench-test-thr")
+        assert 0.0 < spent <= thread_cpu_seconds(os.getpid(), "bench-test-thr") + 1e-9
+        assert spent < time.process_time() + 0.05  # never more than the whole process used
+        assert thread_cpu_seconds(os.getpid(), "no-such-thread") == 0.0
+    finally:
+        done.set()
+        t.join(10)
+    assert thread_cpu_seconds(2 ** 22 + 1, "x") is None  # beyond pid_max: no such process
