@@ -59,15 +59,27 @@ class ServiceWatch:
     # starved): heartbeats may be waiting unread, so silence is measured from the resume.
     STALL_S = 0.2
 
-    def __init__(self, names: tuple[str, ...], timeout_s: float, clock: Clock):
+    def __init__(self, names: tuple[str, ...], timeout_s: float, clock: Clock,
+                 active=lambda: False):
         self.timeout_s = timeout_s
         self.clock = clock
+        self.active = active  # whether the cart is ARMING, ARMED or EMITTING now
         self.last: dict[str, float | None] = {n: None for n in names}
         self._checked: float | None = None
+        # Each process names its instance in its heartbeats: a new one while armed means the
+        # old one died and was restarted faster than the timeout; it lost what it knew.
+        self.instance: dict[str, str] = {}
+        self.restarted: set[str] = set()
 
-    def beat(self, name: str) -> None:
-        if name in self.last:
-            self.last[name] = self.clock.monotonic()
+    def beat(self, name: str, instance: str | None = None) -> None:
+        if name not in self.last:
+            return
+        if instance is not None:
+            before = self.instance.get(name)
+            if before is not None and before != instance and self.active():
+                self.restarted.add(name)
+            self.instance[name] = instance
+        self.last[name] = self.clock.monotonic()
 
     def silent(self, now: float) -> list[tuple[str, float | None]]:
         return [(n, None if t is None else now - t) for n, t in self.last.items()
@@ -77,7 +89,9 @@ class ServiceWatch:
         if self._checked is not None and now - self._checked > self.STALL_S:
             self.last = {n: (t if t is None else max(t, now - self.STALL_S)) for n, t in self.last.items()}
         self._checked = now
-        return [(SERVICE_LOST, f"{name} process silent "
+        restarted, self.restarted = self.restarted, set()
+        return [(SERVICE_LOST, f"{name} process restarted while {state.value} (it lost what it knew)")
+                for name in sorted(restarted)] + [(SERVICE_LOST, f"{name} process silent "
                  f"{'since start' if age is None else f'for {age * 1000:.0f} ms'} "
                  f"(limit {self.timeout_s * 1000:.0f} ms) while {state.value}")
                 for name, age in self.silent(now)]
@@ -172,7 +186,7 @@ class SafetyCore:
         self.cart = Cart(cfg, laser=laser, wheel=None, inputs=io, indicators=io, clock=self.clock,
                          calibration=self.power.load(),
                          budget_path=self.state_dir / "safety" / "emission_budget.json")
-        self.watch = ServiceWatch(WATCHED, SERVICES_TIMEOUT_S, self.clock)
+        self.watch = ServiceWatch(WATCHED, SERVICES_TIMEOUT_S, self.clock, active=lambda: self.cart.state.active)
         self.cart.add_watch(self.watch)
         self._events: queue.Queue = queue.Queue(maxsize=1000)
         self.cart.add_listener(self._on_cart_event)
@@ -290,10 +304,11 @@ class SafetyCore:
 
     def _on_notice(self, msg: dict | None) -> None:
         kind = msg.get("kind") if msg else None
+        instance = msg.get("instance") if msg and isinstance(msg.get("instance"), str) else None
         if kind == "hb" and isinstance(msg.get("process"), str):
-            self.watch.beat(msg["process"])
+            self.watch.beat(msg["process"], instance)
         elif kind == "camera" and isinstance(msg.get("watching"), bool):
-            self.watch.beat("imaging")
+            self.watch.beat("imaging", instance)
             self.cart.note_camera(msg["watching"], self.clock.monotonic() if msg.get("frame") is True else None)
         else:
             self.notices_bad += 1

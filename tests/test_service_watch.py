@@ -119,3 +119,32 @@ def test_a_dead_thread_stops_the_safety_cores_watchdog_pings(tmp_path):
     finally:
         stop.set()
         core.ctx.destroy(linger=0)
+
+
+def test_a_process_restarted_faster_than_the_timeout_still_trips(rig):
+    """A gateway or imaging that died and came back within 500 ms lost what it knew (pending
+    commands, frame tags): a new instance in its heartbeats while armed is SERVICE_LOST."""
+    rig.watch.beat("gateway", "a")
+    rig.watch.active = lambda: rig.cart.state.active
+    rig.cart.arm()
+    rig.advance(1.1)
+    rig.cart.laser_on(50.0)
+    rig.advance(0.1)
+    assert rig.output_mw > 0
+    rig.watch.beat("gateway", "a")
+    rig.advance(0.1)
+    assert rig.cart.state is State.EMITTING  # the same instance: nothing happened
+    rig.watch.beat("gateway", "b")
+    rig.advance(0.04)
+    assert rig.cart.state is State.FAULT and "restarted" in rig.cart.faults[0].message
+    assert rig.output_mw == 0.0
+
+
+def test_a_restart_while_safe_changes_nothing(rig):
+    rig.watch.active = lambda: rig.cart.state.active
+    rig.watch.beat("imaging", "a")
+    rig.watch.beat("imaging", "b")
+    rig.advance(0.1)
+    rig.cart.arm()
+    rig.advance(0.1)
+    assert rig.cart.state is State.ARMING

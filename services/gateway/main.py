@@ -72,6 +72,9 @@ class Gateway:
         self.watchdog = sdnotify.WatchdogPinger()
         self._last_status_key = None
         self._started: dict[str, int] = {}
+        import os
+
+        self.instance = f"{os.getpid()}-{time.time_ns()}"  # tells the safety core of a restart
 
     # ------------------------------------------------------------------ sockets
     def start(self) -> None:
@@ -155,7 +158,7 @@ class Gateway:
                     self._drain(self.control, self._on_request, limit=200)
                 now = time.monotonic()
                 if now >= next_hb:
-                    self.heartbeat.send({"kind": "hb", "process": "gateway"})
+                    self.heartbeat.send({"kind": "hb", "process": "gateway", "instance": self.instance})
                     self.watchdog()
                     next_hb = now + HEARTBEAT_S
                     self._expire_pending(now)

@@ -15,6 +15,7 @@ acquisition, the followers of the safety core's state and of the results, and th
 from __future__ import annotations
 
 import collections
+import os
 import logging
 import threading
 import time
@@ -52,6 +53,7 @@ class SafetyLink:
     def __init__(self, ctx: zmq.Context, runtime_dir: Path):
         self.client = ipc.InternalClient(ctx, ipc.endpoint(runtime_dir, "safety"), name="safety")
         self.notifier = ipc.Notifier(ctx, ipc.endpoint(runtime_dir, "safety_in"))
+        self.instance = f"{os.getpid()}-{time.time_ns()}"  # tells the safety core of a restart
         self._tags: collections.deque = collections.deque(maxlen=1024)
         self._notices: collections.deque = collections.deque(maxlen=256)
         self._lock = threading.Lock()
@@ -120,10 +122,11 @@ class SafetyLink:
 
     # -- notices
     def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
-        self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": last_frame_monotonic is not None})
+        self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": last_frame_monotonic is not None,
+                            "instance": self.instance})
 
     def heartbeat(self) -> None:
-        self.notifier.send({"kind": "hb", "process": "imaging"})
+        self.notifier.send({"kind": "hb", "process": "imaging", "instance": self.instance})
 
     def alive(self) -> bool:
         return self.latest.follower.alive() and self.frames.alive()
