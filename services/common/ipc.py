@@ -419,6 +419,22 @@ class Publisher:
         self.sock.close(linger=0)
 
 
+class EventsOut:
+    """``telemetry.publish`` and ``audit.write`` for code that runs inside a process other
+    than the gateway: both go out on the process's publisher, and the gateway relays the
+    events to telemetry and writes the ``audit`` entries to the audit log."""
+
+    def __init__(self, pub: Publisher):
+        self.pub = pub
+
+    def publish(self, topic: str, body: dict, extra=()) -> dict:
+        self.pub.publish(topic, body)
+        return body
+
+    def write(self, kind: str, **fields) -> None:
+        self.pub.publish("audit", {"kind": kind, **fields})
+
+
 def subscriber(ctx: zmq.Context, address: str, topics: tuple[str, ...] = ("",), hwm: int = 10000) -> zmq.Socket:
     s = _socket(ctx, zmq.SUB, hwm=hwm)
     for t in topics:

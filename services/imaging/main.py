@@ -138,22 +138,6 @@ class SafetyLink:
         self.notifier.close()
 
 
-class Publishing:
-    """``telemetry.publish`` and ``audit.write`` for the parts moved here from the old
-    single process: events go out on imaging's publisher; the gateway relays them to
-    telemetry and writes them to the audit log."""
-
-    def __init__(self, pub: ipc.Publisher):
-        self.pub = pub
-
-    def publish(self, topic: str, body: dict, extra=()) -> dict:
-        self.pub.publish(topic, body)
-        return body
-
-    def write(self, kind: str, **fields) -> None:
-        self.pub.publish("audit", {"kind": kind, **fields})
-
-
 # ---------------------------------------------------------------------- devices per profile
 class Devices:
     """The device objects a profile picks. Imaging sees only the hal interfaces."""
@@ -206,7 +190,7 @@ class ImagingService:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.cart = SafetyLink(self.ctx, self.runtime_dir)
         self.pub = ipc.Publisher(self.ctx, ipc.endpoint(self.runtime_dir, "imaging_pub"))
-        self.telemetry = self.audit = Publishing(self.pub)
+        self.telemetry = self.audit = ipc.EventsOut(self.pub)
         self.results = Results(self.ctx, ipc.endpoint(self.runtime_dir, "gateway_pub"), name="imaging-results")
         fw = cfg.filter_wheel
         self.filter_names = {fw.emission_position: "icg_emission", fw.open_position: "open",

@@ -67,21 +67,6 @@ class _ImagingView:
         return v if isinstance(v, str) else "nominal"
 
 
-class _Events:
-    """``telemetry.publish`` / ``audit.write`` for the capture code: both go out on the study
-    process's publisher; the gateway relays events and writes the audit."""
-
-    def __init__(self, pub: ipc.Publisher):
-        self.pub = pub
-
-    def publish(self, topic: str, body: dict, extra=()) -> dict:
-        self.pub.publish(topic, body)
-        return body
-
-    def write(self, kind: str, **fields) -> None:
-        self.pub.publish("audit", {"kind": kind, **fields})
-
-
 class StudyService:
     def __init__(self, cfg, *, state_dir: Path, runtime_dir: Path, ctx: zmq.Context | None = None, clock=None):
         from hal.clock import SystemClock
@@ -99,7 +84,7 @@ class StudyService:
         self.results = Results(self.ctx, ipc.endpoint(self.runtime_dir, "gateway_pub"), name="study-results")
         self.imaging = ipc.InternalClient(self.ctx, ipc.endpoint(self.runtime_dir, "imaging"), name="imaging")
         self.pub = ipc.Publisher(self.ctx, ipc.endpoint(self.runtime_dir, "study_pub"))
-        self.telemetry = self.audit = _Events(self.pub)
+        self.telemetry = self.audit = ipc.EventsOut(self.pub)
         self.clinical = None
         self.store_error: str | None = None
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
