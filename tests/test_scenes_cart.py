@@ -257,7 +257,7 @@ def test_a_capture_needs_flat_field_and_todays_qc_or_a_recorded_override(tmp_pat
         cl.call("laser.on", {"power_mw": LASER_MW})
         cl.call("acquire.start", {"mode": "fluorescence"}, timeout_s=15)
         injected = (datetime.now(timezone.utc) - timedelta(hours=20)).isoformat(timespec="seconds")
-        cl.call("case.open", {"case_id": "GATE-1", "histology": "DFSP", "arm": "icg_25mg", "injection_time": injected})
+        cl.call("case.open", {"case_id": "GATE-001", "histology": "DFSP", "arm": "icg_25mg", "injection_time": injected})
         refused = capture(cl, "uncalibrated")
         assert isinstance(refused, CartError) and refused.code == "WRONG_STATE", refused
         assert "flat field" in refused.message and "QC" in refused.message and "override_reason" in refused.message

@@ -295,6 +295,9 @@ def test_cart_ready_after_safe_then_watchdog_until_frozen(tmp_path, monkeypatch,
         from services.cli.client import CartClient
 
         client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)
+        # the cart is ready when it publishes its first status (PROTOCOL): every process up
+        client.subscribe("status")
+        assert client.wait_for("status", timeout_s=30.0) is not None, cart.log_text()
         status = client.call("status", timeout_s=10.0)
         # the gateway, which writes the audit log, has started by the time it answers
         kinds = [json.loads(line)["kind"] for line in (cart.state_dir / "audit.jsonl").read_text().splitlines()

@@ -313,6 +313,8 @@ class ImagingService:
             "roi": roi,
             "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete},
             "calibration_id": self.calibration.current_id(),
+            # why a patient capture should not be taken now (no flat field, no QC today)
+            "capture_problems": self.calibration.capture_problems(),
             "fps": self.fps,
         }
 

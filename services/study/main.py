@@ -66,6 +66,15 @@ class _ImagingView:
         v = self.latest.get().get("calibration_id")
         return v if isinstance(v, str) else "nominal"
 
+    def capture_problems(self) -> list[str]:
+        """Imaging's word on the flat field and the day's QC (PRODUCT section 7); unknown
+        counts as a problem, so a capture is never let through on a silence."""
+        state = self.latest.fresh(0.4)
+        v = state.get("capture_problems")
+        if not isinstance(v, list):
+            return ["the imaging process has not reported its calibration state"]
+        return [str(x) for x in v]
+
 
 class StudyService:
     def __init__(self, cfg, *, state_dir: Path, runtime_dir: Path, ctx: zmq.Context | None = None, clock=None):
