@@ -343,3 +343,31 @@ def test_cart_ready_after_safe_then_watchdog_until_frozen(tmp_path, monkeypatch,
         ctx.destroy(linger=0)
         cart.stop()
         listener.close()
+
+
+def test_a_receiver_that_does_not_read_never_blocks_the_sender(short_dir):
+    """A full notify queue (systemd busy, a test that stopped reading) drops the datagram:
+    the loop that feeds the watchdog (the supervisor, the gateway) must never stall on it."""
+    import threading
+
+    from services.common import sdnotify
+
+    path = str(short_dir / "full")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    try:
+        env = {"NOTIFY_SOCKET": path}
+        done = threading.Event()
+        results = []
+
+        def flood():
+            for _ in range(5000):  # far more than a datagram queue holds
+                results.append(sdnotify.notify("WATCHDOG=1", env))
+            done.set()
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        assert done.wait(10.0), "notify blocked on a full queue"
+        assert results[0] is True and results[-1] is False  # the queue filled; later ones dropped
+    finally:
+        listener.close()

@@ -62,9 +62,11 @@ def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
         log.warning("sd_notify message of %d bytes cut to the limit of %d bytes", len(payload), MAX_MESSAGE_BYTES)
         payload = payload[:MAX_MESSAGE_BYTES]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never blocks: a receiver that does not read (a full queue) must not stall the loop
+        # that feeds the watchdog (the supervisor's, the gateway's); the datagram is dropped.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(address)
-            sock.sendall(payload)
+            sock.send(payload)
     except OSError as err:
         # systemd gone, socket removed, or a full receive queue: report and carry on
         log.warning("sd_notify to %s failed (%s): %r not delivered", raw, err, state.split("\n", 1)[0])
