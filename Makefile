@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m services.launcher $(if $(CONFIG),--config $(CONFIG),--profile sim)
+	$(PY) -m nirf.services.launcher $(if $(CONFIG),--config $(CONFIG),--profile sim)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

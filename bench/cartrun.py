@@ -1,6 +1,6 @@
 """Start the whole simulated cart for a benchmark and take it down again.
 
-The cart is started the way ``make run`` starts it (``services.launcher`` in its own
+The cart is started the way ``make run`` starts it (``nirf.services.launcher`` in its own
 process group), on free TCP ports, with its state in a throw-away folder and its sockets in
 a short runtime folder (Unix socket paths are limited to 107 bytes). The benchmark needs a
 few things a test does not: the process ids of the launcher's children (to freeze, kill
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.cli.client import CartClient
+from nirf.services.cli.client import CartClient
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The launcher's children, told apart by the module each one runs.
 CHILD_MODULES = {
-    "hardware": "sim.hardware",
+    "hardware": "nirf.sim.hardware",
     # "controller": the process that owns the laser link (the safety core since the split)
-    "controller": "controller.main",
-    "imaging": "services.imaging.main",
-    "gateway": "services.gateway.main",
-    "study": "services.study.main",
-    "processing": "services.processing.main",
-    "recorder": "services.study.recorder",
-    "display": "services.display.main",
+    "controller": "nirf.controller.main",
+    "imaging": "nirf.services.imaging.main",
+    "gateway": "nirf.services.gateway.main",
+    "study": "nirf.services.study.main",
+    "processing": "nirf.services.processing.main",
+    "recorder": "nirf.services.study.recorder",
+    "display": "nirf.services.display.main",
 }
 
 
@@ -182,7 +182,7 @@ exposure_us = {int(exposure_us)}
                    PYTHONUNBUFFERED="1", NIRF_LOG_LEVEL=os.environ.get("NIRF_LOG_LEVEL", "INFO"))
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.launcher", "--config", str(self.config_path)],
+            [sys.executable, "-m", "nirf.services.launcher", "--config", str(self.config_path)],
             cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)  # its own process group: stop() kills the whole group
         deadline = time.monotonic() + ready_timeout_s

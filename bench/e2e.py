@@ -297,7 +297,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
 
 def _sim_camera_cpu(pids: dict[str, int]) -> float | None:
     """CPU seconds so far of imaging's camera stand-in thread (None without imaging)."""
-    from sim.picamera2_standin import OS_THREAD_NAME
+    from nirf.sim.picamera2_standin import OS_THREAD_NAME
 
     pid = pids.get("imaging")
     return None if pid is None else cartrun.thread_cpu_seconds(pid, OS_THREAD_NAME)

@@ -220,11 +220,11 @@ def render_cpu_s(frames: int, *, laser_mw: float = 50.0, exposure_us: int = 8000
     """CPU seconds (this thread's) the picamera2 stand-in spends on ``frames`` frames: the
     renderer (as the stand-in calls it, a new array per frame) and the packing into its padded
     raw buffer, alternating laser-on and laser-off as modulation does."""
-    from hal.clock import ManualClock
-    from sim.picamera2_standin import Picamera2StandIn
-    from sim.render import FrameRenderer
-    from sim.world import World
-    from sim.worldview import LocalWorldView
+    from nirf.hal.clock import ManualClock
+    from nirf.sim.picamera2_standin import Picamera2StandIn
+    from nirf.sim.render import FrameRenderer
+    from nirf.sim.world import World
+    from nirf.sim.worldview import LocalWorldView
 
     world = World(ManualClock())
     standin = Picamera2StandIn(LocalWorldView(world), platform="pi4")
@@ -244,12 +244,12 @@ def verify_driver_copies(platform: str = "pi4") -> dict:
     arrays on the way share memory. Returns the copies seen in our process (camera buffer ->
     make_array -> the driver's frame) and whether the frame is contiguous (so the ipc send
     needs no further copy)."""
-    from drivers.camera import PiCamera
-    from hal.camera import CameraSettings
-    from hal.clock import ManualClock
-    from sim.picamera2_standin import Picamera2StandIn, StandInRequest
-    from sim.world import World
-    from sim.worldview import LocalWorldView
+    from nirf.drivers.camera import PiCamera
+    from nirf.hal.camera import CameraSettings
+    from nirf.hal.clock import ManualClock
+    from nirf.sim.picamera2_standin import Picamera2StandIn, StandInRequest
+    from nirf.sim.world import World
+    from nirf.sim.worldview import LocalWorldView
 
     world = World(ManualClock())
     standin = Picamera2StandIn(LocalWorldView(world), platform=platform)

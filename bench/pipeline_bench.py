@@ -5,7 +5,7 @@ once. The two are timed alternately in the same run, so a noisy machine slows bo
 the target is a ratio of medians of at most 3.0. **v2** also against the new floor,
 reading both frames once (``on.max()`` and ``off.max()``): at most 1.5x that.
 
-Also timed here: the automatic ROI search (:mod:`services.processing.roi`) per call on the same
+Also timed here: the automatic ROI search (:mod:`nirf.services.processing.roi`) per call on the same
 pairs (PRODUCT.md section 7: at most 5 ms here; it runs off the per-pair path).
 
 Run: ``python -m bench.pipeline_bench [--iterations N]``.
@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from services.processing.pipeline import PairProcessor
-from services.processing.roi import RoiFinder, auto_rois
+from nirf.services.processing.pipeline import PairProcessor
+from nirf.services.processing.roi import RoiFinder, auto_rois
 
 WIDTH, HEIGHT, BITS = 1456, 1088, 10
 P1_TARGET = 3.0
@@ -97,11 +97,11 @@ def scene_table(pairs: int = 8, light: str = "uniform") -> list[dict]:
     ROI means, as a capture averages) against the true SBR of those ROIs, the call and
     the search time. ``light`` "gaussian" adds the Gaussian excitation and a flat field
     calibrated from a uniform target. Figures for the report, not targets."""
-    from hal.clock import ManualClock
-    from services.processing.pipeline import flat_field_from_uniform
-    from sim import scenes
-    from sim.render import FrameRenderer
-    from sim.world import SensorModel, World
+    from nirf.hal.clock import ManualClock
+    from nirf.services.processing.pipeline import flat_field_from_uniform
+    from nirf.sim import scenes
+    from nirf.sim.render import FrameRenderer
+    from nirf.sim.world import SensorModel, World
 
     sensor = SensorModel(width=WIDTH, height=HEIGHT)
     illum = {"gaussian_sigma_frac": 0.35} if light == "gaussian" else "uniform"

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from hal.clock import ManualClock
-from sim.render import FrameRenderer
-from sim.world import World
+from nirf.hal.clock import ManualClock
+from nirf.sim.render import FrameRenderer
+from nirf.sim.world import World
 
 TARGET_MEDIAN_MS = 5.0
 

@@ -92,7 +92,7 @@ class CaptureWorker(threading.Thread):
         self.note = ""
 
     def run(self) -> None:
-        from services.cli.client import CartError
+        from nirf.services.cli.client import CartError
 
         client = self.cart.client()
         injected = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=24)

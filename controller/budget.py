@@ -25,7 +25,7 @@ import os
 import threading
 from pathlib import Path
 
-from hal.clock import Clock
+from nirf.hal.clock import Clock
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hal.errors import ConfigError, InvalidArgument
+from nirf.hal.errors import ConfigError, InvalidArgument
 
 MIN_POWER_POINTS = 2
 MAX_POWER_POINTS = 32

@@ -16,7 +16,7 @@ Version 2 rules (PRODUCT section 4):
   and on at the cart" means off for at least :data:`KEY_CYCLE_MIN_OFF_S`, then on.
 * S6a: the MCU's factory record (``laser.factory()``) bounds the host's power table
   (:meth:`Cart.install_calibration`); every on/set carries the expected mW.
-* S7a: emission time accumulates in :class:`controller.budget.EmissionBudget`.
+* S7a: emission time accumulates in :class:`nirf.controller.budget.EmissionBudget`.
 * S16: the heartbeat has its own deadline; :meth:`Cart.run` wakes for it between ticks.
 
 The clock is a parameter: tests drive ``tick()`` with a manual clock through minutes of
@@ -33,19 +33,19 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from controller.budget import EmissionBudget
-from controller.calibration import PowerCalibration, factory_violation
-from controller.state import (
+from nirf.controller.budget import EmissionBudget
+from nirf.controller.calibration import PowerCalibration, factory_violation
+from nirf.controller.state import (
     CAMERA_STALL, INPUT_DISAGREE, INTERLOCK_OPEN, KEY_OFF, MCU_FAULT_PREFIX, OUTPUT_MISMATCH,
     OVER_TEMP, SERIAL_LINK, Fault, State, recovery_hint,
 )
-from hal.clock import Clock, SystemClock
-from hal.errors import (
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import (
     DeviceError, FaultActive, InterlockOpen, InvalidArgument, KeyOff, NirfError, WrongState,
 )
-from hal.filter_wheel import FilterWheel
-from hal.laser import LaserSource, LaserStatus
-from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
+from nirf.hal.filter_wheel import FilterWheel
+from nirf.hal.laser import LaserSource, LaserStatus
+from nirf.hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
 
 log = logging.getLogger(__name__)
 

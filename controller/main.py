@@ -32,14 +32,14 @@ from pathlib import Path
 
 import zmq
 
-import config as config_mod
-from controller import selftest
-from controller.power import PowerCalibrations
-from controller.cart import Cart
-from controller.state import SERVICE_LOST, State
-from hal.clock import Clock, SystemClock
-from hal.errors import DeviceError, InvalidArgument, NirfError, WrongState
-from services.common import entry, ipc, sdnotify
+from nirf import config as config_mod
+from nirf.controller import selftest
+from nirf.controller.power import PowerCalibrations
+from nirf.controller.cart import Cart
+from nirf.controller.state import SERVICE_LOST, State
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import DeviceError, InvalidArgument, NirfError, WrongState
+from nirf.services.common import entry, ipc, sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def wait_hardware_info(runtime_dir: Path, wait_s: float = 15.0) -> dict:
 
 
 def remote_world(cfg, runtime_dir: Path):
-    from sim.remote import RemoteWorldView
-    from sim.world import SensorModel
+    from nirf.sim.remote import RemoteWorldView
+    from nirf.sim.world import SensorModel
 
     info = wait_hardware_info(runtime_dir)
     cam = cfg.camera
@@ -147,18 +147,18 @@ def remote_world(cfg, runtime_dir: Path):
 
 def build_devices(cfg, runtime_dir: Path):
     """(laser, safety io, world or None) for the profile."""
-    from drivers.gpio import GpioSafetyIO
-    from drivers.laser_mcu import McuLaser
+    from nirf.drivers.gpio import GpioSafetyIO
+    from nirf.drivers.laser_mcu import McuLaser
 
     world = None
     if cfg.profile == "sim":
-        from sim.gpio_standin import GpioStandIn
+        from nirf.sim.gpio_standin import GpioStandIn
 
         world, info = remote_world(cfg, runtime_dir)
         laser_port = _serial_factory(info["mcu_port"], cfg.laser.baudrate)
         gpio = GpioStandIn(world, pins(cfg))
     else:
-        from drivers.gpio import import_rpi_gpio
+        from nirf.drivers.gpio import import_rpi_gpio
 
         if not cfg.laser.port:
             raise config_mod.ConfigError(f"{cfg.source}: [laser] port must be set in the device profile")

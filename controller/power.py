@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from controller.calibration import PowerCalibration, validate_power_points
-from controller.state import State
-from hal.clock import Clock
-from hal.errors import InvalidArgument, NirfError, NotPermitted, WrongState
-from services.common.files import write_atomic
+from nirf.controller.calibration import PowerCalibration, validate_power_points
+from nirf.controller.state import State
+from nirf.hal.clock import Clock
+from nirf.hal.errors import InvalidArgument, NirfError, NotPermitted, WrongState
+from nirf.services.common.files import write_atomic
 
 log = logging.getLogger(__name__)
 

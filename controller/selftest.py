@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from hal.errors import NirfError
+from nirf.hal.errors import NirfError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The driver is handed a *camera factory*: a callable returning a Picamera2-like object. On
 the cart that is :func:`picamera2_factory`; in the simulator it makes a
-:class:`sim.picamera2_standin.Picamera2StandIn`; tests hand in fakes. picamera2 is imported
+:class:`nirf.sim.picamera2_standin.Picamera2StandIn`; tests hand in fakes. picamera2 is imported
 only inside :func:`picamera2_factory`, so this module imports anywhere.
 
 What it does:
@@ -62,9 +62,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hal.camera import CameraSettings, Frame, FrameMeta, NirCamera
-from hal.clock import Clock, SystemClock
-from hal.errors import CameraStall, DeviceError, InvalidArgument, NirfError, WrongState
+from nirf.hal.camera import CameraSettings, Frame, FrameMeta, NirCamera
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument, NirfError, WrongState
 
 log = logging.getLogger(__name__)
 

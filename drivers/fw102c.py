@@ -23,8 +23,8 @@ import math
 import threading
 from typing import Any, Callable
 
-from hal.clock import Clock, SystemClock
-from hal.errors import (
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import (
     DeviceDisconnected,
     DeviceError,
     DeviceRejected,
@@ -33,7 +33,7 @@ from hal.errors import (
     ProtocolError,
     WheelStuck,
 )
-from hal.filter_wheel import FilterWheel
+from nirf.hal.filter_wheel import FilterWheel
 
 log = logging.getLogger(__name__)
 

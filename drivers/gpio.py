@@ -2,7 +2,7 @@
 
 The driver is handed the GPIO module: on the Pi the ``RPi.GPIO`` module that rpi-lgpio
 provides (load it with :func:`import_rpi_gpio`), in the simulator and in tests
-:class:`sim.gpio_standin.GpioStandIn`. This module never imports RPi.GPIO at import time:
+:class:`nirf.sim.gpio_standin.GpioStandIn`. This module never imports RPi.GPIO at import time:
 that import fails off a Pi.
 
 Wiring: the key, interlock and foot switch contacts are read on inputs with pull
@@ -41,9 +41,9 @@ import threading
 from types import ModuleType
 from typing import Any, Callable
 
-from hal.clock import Clock, SystemClock
-from hal.errors import DeviceError
-from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, InputListener, SafetyInputs
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import DeviceError
+from nirf.hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, InputListener, SafetyInputs
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from serial import SerialException
 
-from hal.clock import Clock, SystemClock
-from hal.errors import (
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import (
     DeviceDisconnected,
     DeviceError,
     DeviceRejected,
@@ -32,7 +32,7 @@ from hal.errors import (
     InvalidArgument,
     ProtocolError,
 )
-from hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice
+from nirf.hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice
 
 log = logging.getLogger(__name__)
 

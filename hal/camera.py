@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 
 class FilterWheel(ABC):

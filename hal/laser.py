@@ -20,7 +20,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ chown "$SERVICE_USER" "$CHECK_DIR"
 (cd "$CHECK_DIR" && runuser -u "$SERVICE_USER" -- env LG_WD="$CHECK_DIR" "$VENV/bin/python" - <<'EOF') \
     || die "the virtual environment is incomplete (see the error above)"
 import numpy, serial, zmq, msgpack
-import config, controller.main, services.imaging.main, services.gateway.main, services.study.main, services.processing.main
+import nirf.config, nirf.controller.main, nirf.services.imaging.main, nirf.services.gateway.main, nirf.services.study.main, nirf.services.processing.main
 print(f"    numpy {numpy.__version__}, pyzmq {zmq.__version__}, pyserial {serial.__version__}")
 try:
     import RPi.GPIO, picamera2  # noqa: F401  (both only import on a Pi)
@@ -201,7 +201,7 @@ runuser -u "$SERVICE_USER" -- env NIRF_STATE_DIR="$STATE_DIR" \
 runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -c '
 import sys
 from pathlib import Path
-from services.common import keys
+from nirf.services.common import keys
 ensure = getattr(keys, "ensure_display_key", None)  # versions without a display have none
 if ensure is not None:
     ensure(Path(sys.argv[1]))

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import config as config_mod
-from hal.errors import NirfError
-from services.common import entry
-from services.common import keys as keys_mod
+from nirf import config as config_mod
+from nirf.hal.errors import NirfError
+from nirf.services.common import entry
+from nirf.services.common import keys as keys_mod
 
 log = logging.getLogger("nirf.launcher")
 
@@ -40,14 +40,14 @@ RESTART_DELAY_S = 0.5  # as the units' RestartSec
 
 # name -> (module, extra environment); started in this order
 PROCESSES = {
-    "hardware": ("sim.hardware", {}),
-    "safety": ("controller.main", {}),
-    "imaging": ("services.imaging.main", {}),
-    "gateway": ("services.gateway.main", {}),
-    "study": ("services.study.main", {}),
-    "processing": ("services.processing.main", {}),
-    "recorder": ("services.study.recorder", RECORDER_ENV),
-    "display": ("services.display.main", {}),
+    "hardware": ("nirf.sim.hardware", {}),
+    "safety": ("nirf.controller.main", {}),
+    "imaging": ("nirf.services.imaging.main", {}),
+    "gateway": ("nirf.services.gateway.main", {}),
+    "study": ("nirf.services.study.main", {}),
+    "processing": ("nirf.services.processing.main", {}),
+    "recorder": ("nirf.services.study.recorder", RECORDER_ENV),
+    "display": ("nirf.services.display.main", {}),
 }
 # stopped in these groups, in order: the safety core after everything that could ask it for
 # light, the hardware last so the safety core can still turn the laser off through it
@@ -108,7 +108,7 @@ class Launcher:
             self.spawn(name)
 
     def wait_ready(self, timeout_s: float = 30.0, should_stop=lambda: False) -> bool:
-        from services.cli.client import CartClient
+        from nirf.services.cli.client import CartClient
 
         client = CartClient.from_state_dir(self.state_dir, self.cfg.bus.control_endpoint,
                                            self.cfg.bus.telemetry_endpoint)

@@ -2,7 +2,7 @@
 
 It speaks the wheel's ASCII protocol as the vendor documents it and as public drivers
 observe it, and moves the world's filter over time. It is an emulator *core* (see
-:mod:`sim.serial_link`): no I/O of its own, only ``feed``, ``take_output`` and ``tick``.
+:mod:`nirf.sim.serial_link`): no I/O of its own, only ``feed``, ``take_output`` and ``tick``.
 
 Protocol as modelled here
 -------------------------
@@ -64,8 +64,8 @@ import re
 import threading
 from dataclasses import dataclass
 
-from hal.clock import Clock
-from sim.world import World
+from nirf.hal.clock import Clock
+from nirf.sim.world import World
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`GpioStandIn` offers the part of the RPi.GPIO API the cart uses (``setmode``,
 ``setup``, ``input``, ``output``, edge detection with callbacks, ``cleanup``, ``PWM``) and
-raises the same exception types for the same misuse, so :mod:`drivers.gpio` runs unchanged
+raises the same exception types for the same misuse, so :mod:`nirf.drivers.gpio` runs unchanged
 against it. It is an object rather than a module so that each test gets a fresh one.
 
 Wiring (BCM numbers come from the ``pins`` map):
@@ -54,8 +54,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from hal.clock import Clock, SystemClock
-from sim.worldview import WorldView
+from nirf.hal.clock import Clock, SystemClock
+from nirf.sim.worldview import WorldView
 
 log = logging.getLogger(__name__)
 

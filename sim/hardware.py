@@ -7,7 +7,7 @@ symlinks (``<runtime>/mcu.tty``, ``<runtime>/wheel.tty``), the way udev gives a 
 stable ``/dev/serial/by-id`` name; the real drivers open them with pyserial.
 
 The stand-ins that live in the controller's process (RPi.GPIO, picamera2) learn the world
-from this process over two local sockets (see :mod:`sim.remote`):
+from this process over two local sockets (see :mod:`nirf.sim.remote`):
 
 * ``world.pub`` (PUB): ``laser``, ``trigger``, ``inputs``, ``scene`` and ``values`` messages
   (an ``inputs`` message for each input edge carries the edge's ``t_ns``; the periodic
@@ -34,13 +34,13 @@ from pathlib import Path
 import msgpack
 import zmq
 
-import config as config_mod
-from hal.clock import SystemClock
-from hal.errors import NirfError
-from sim import simset
-from sim.remote import scene_to_dict
-from sim.serial_link import PtyLink
-from sim.world import SensorModel, World
+from nirf import config as config_mod
+from nirf.hal.clock import SystemClock
+from nirf.hal.errors import NirfError
+from nirf.sim import simset
+from nirf.sim.remote import scene_to_dict
+from nirf.sim.serial_link import PtyLink
+from nirf.sim.world import SensorModel, World
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class HardwareProcess:
 
     # -------------------------------------------------------------- setup
     def start(self) -> dict:
-        from sim.fw102c_emulator import Fw102cEmulator
-        from sim.mcu_emulator import McuEmulator, factory_from_config
+        from nirf.sim.fw102c_emulator import Fw102cEmulator
+        from nirf.sim.mcu_emulator import McuEmulator, factory_from_config
 
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         lc = self.cfg.laser

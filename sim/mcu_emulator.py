@@ -1,6 +1,6 @@
 """Emulator of the laser MCU firmware, speaking the protocol of docs/mcu-protocol.md.
 
-:class:`McuEmulator` is an emulator *core* (see :mod:`sim.serial_link`): bytes in through
+:class:`McuEmulator` is an emulator *core* (see :mod:`nirf.sim.serial_link`): bytes in through
 ``feed``, bytes out through ``take_output``, time-driven behaviour in ``tick``. It behaves
 the way the firmware must: output off at boot, checksum and sequence number on every line,
 replies to a retried line served from a cache, heartbeat watchdog, its own maximum
@@ -29,10 +29,10 @@ import random
 import re
 import threading
 
-from hal.clock import Clock
-from hal.errors import InvalidArgument
-from hal.laser import MAX_FACTORY_POINTS, OPTICAL_TRIP_FACTOR, FactoryCalibration
-from sim.world import World
+from nirf.hal.clock import Clock
+from nirf.hal.errors import InvalidArgument
+from nirf.hal.laser import MAX_FACTORY_POINTS, OPTICAL_TRIP_FACTOR, FactoryCalibration
+from nirf.sim.world import World
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hal.clock import Clock, SystemClock
+from nirf.hal.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,9 @@ def _format_name(order: str, bits: int, packing: str | None = None) -> str:
 class Picamera2StandIn:
     """picamera2's ``Picamera2`` for the simulated cart (see the module docstring).
 
-    ``world_view`` is a :class:`sim.worldview.WorldView`; ``renderer`` an object with
+    ``world_view`` is a :class:`nirf.sim.worldview.WorldView`; ``renderer`` an object with
     ``render(scene, laser_mw, exposure_us, gain) -> uint16 (height, width)`` right-aligned
-    counts (default: :class:`sim.render.FrameRenderer` on the view's sensor, created at the
+    counts (default: :class:`nirf.sim.render.FrameRenderer` on the view's sensor, created at the
     first ``start``); ``clock`` the clock waits are measured on (default the system clock);
     ``platform`` ``"pi4"`` or ``"pi5"`` fixes the Pi it imitates (None: the world's
     ``camera_platform`` at each ``configure``, see ``sim.set``); ``left_aligned`` True is the
@@ -476,7 +476,7 @@ class Picamera2StandIn:
                 return
         if self._renderer is None:
             # Imported here: the renderer is only needed once frames are made.
-            from sim.render import FrameRenderer
+            from nirf.sim.render import FrameRenderer
 
             self._renderer = FrameRenderer(self.sensor, seed=self._seed)
         with self._lock:

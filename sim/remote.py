@@ -1,5 +1,5 @@
 """The world as seen from the controller's process: a mirror kept up to date from the
-hardware process (:mod:`sim.hardware`), implementing :class:`sim.worldview.WorldView`.
+hardware process (:mod:`nirf.sim.hardware`), implementing :class:`nirf.sim.worldview.WorldView`.
 
 A subscriber thread follows the hardware process's ``world.pub`` messages (laser output
 changes with their exact times, camera triggers, inputs, the scene); requests (outputs,
@@ -25,8 +25,8 @@ import time
 import msgpack
 import zmq
 
-from hal.errors import DeviceTimeout, InvalidArgument, NirfError
-from sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_steps
+from nirf.hal.errors import DeviceTimeout, InvalidArgument, NirfError
+from nirf.sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_steps
 
 log = logging.getLogger(__name__)
 

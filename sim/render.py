@@ -75,8 +75,8 @@ from typing import Any
 
 import numpy as np
 
-from hal.errors import InvalidArgument
-from sim.world import SceneSnapshot, SensorModel
+from nirf.hal.errors import InvalidArgument
+from nirf.sim.world import SceneSnapshot, SensorModel
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 BACKGROUND_NM = 50.0
 UPTAKE_NM = 150.0  # focal uptake three times the background (SIM.md)

@@ -25,7 +25,7 @@ import tty
 from pathlib import Path
 from typing import Protocol
 
-from hal.clock import Clock, SystemClock
+from nirf.hal.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 MAX_INCLUSIONS = 32
 MAX_MOTION_PX = 50.0  # per frame; more would carry a focus out of a test frame at once
@@ -72,7 +72,7 @@ def validate(args, width: int = 1456, height: int = 1088) -> dict:
         elif key == "wheel":
             out[key] = _wheel(v)
         elif key == "scene":
-            from sim.scenes import NAMES
+            from nirf.sim.scenes import NAMES
 
             if v not in NAMES:
                 raise InvalidArgument(f"sim.set scene: {v!r}, allowed {', '.join(NAMES)}")

@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from hal.clock import Clock
-from hal.errors import InvalidArgument
+from nirf.hal.clock import Clock
+from nirf.hal.errors import InvalidArgument
 
 # Per filter position: (T_em, T_amb, T_laser). 1 = ICG emission band-pass, 2 = open,
 # 3 = blocked; 4-6 are spare slots, modelled as blocked.
@@ -403,7 +403,7 @@ class World:
 
     # -- sim.set ---------------------------------------------------------------------------------
     def apply(self, changes: dict) -> dict:
-        """Apply a validated ``sim.set`` map (see :func:`sim.simset.validate`)."""
+        """Apply a validated ``sim.set`` map (see :func:`nirf.sim.simset.validate`)."""
         input_changes = {k: changes[k] for k in PULSE_INPUTS if k in changes}
         pulse = changes.get("pulse")
         with self._lock:
@@ -431,7 +431,7 @@ class World:
                     if v.get("powerup_garbage"):
                         self.wheel_power_cycles += 1
                 elif k == "scene":
-                    from sim.scenes import build
+                    from nirf.sim.scenes import build
 
                     self.phantom = Phantom.from_dict(build(v, self.sensor.width, self.sensor.height).phantom)
                     self.scene_name = v

@@ -2,7 +2,7 @@
 picamera2 stand-in) see the world.
 
 In the running simulated cart the world lives in the hardware process and
-:class:`sim.remote.RemoteWorldView` mirrors it over the simulator's own sockets. In tests
+:class:`nirf.sim.remote.RemoteWorldView` mirrors it over the simulator's own sockets. In tests
 :class:`LocalWorldView` wraps a :class:`~sim.world.World` in the same process.
 """
 
@@ -12,7 +12,7 @@ import collections
 import threading
 from typing import Callable, Protocol
 
-from sim.world import SceneSnapshot, SensorModel, Trigger, World
+from nirf.sim.world import SceneSnapshot, SensorModel, Trigger, World
 
 InputsListener = Callable[[dict], None]
 

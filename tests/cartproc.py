@@ -95,7 +95,7 @@ def start_cart(tmp: Path, **config_kw) -> RunningCart:
                PYTHONUNBUFFERED="1", NIRF_LOG_LEVEL="INFO")
     log_path = tmp / "cart.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.launcher", "--config", str(cfg_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "nirf.services.launcher", "--config", str(cfg_path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     return RunningCart(proc, state_dir, runtime_dir, cfg_path, control, telemetry, log_path)

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from hal.clock import Clock, SystemClock
+from nirf.hal.clock import Clock, SystemClock
 
 CHROMIUM = "/usr/bin/chromium"
 # Without these, headless Chromium on a machine with no network waits on connections

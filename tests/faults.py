@@ -30,7 +30,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from services.cli.client import CartClient
+from nirf.services.cli.client import CartClient
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 LONG = os.environ.get("NIRF_FAULTS_LONG", "") not in ("", "0")
 
 # Module names the launcher runs its children under (what /proc/<pid>/cmdline shows).
-HARDWARE = "sim.hardware"
-CONTROLLER = "controller.main"  # the safety core: it owns the laser link
-PROCESSING = "services.processing.main"
+HARDWARE = "nirf.sim.hardware"
+CONTROLLER = "nirf.controller.main"  # the safety core: it owns the laser link
+PROCESSING = "nirf.services.processing.main"
 
 # Generous bounds: this machine is shared and noisy. The product targets are tighter
 # (PRODUCT.md P4); the benchmarks measure those.
@@ -470,7 +470,7 @@ class StudyData:
             pytest.skip(f"data-integrity check skipped: {self.unavailable}")
         if not self.captures:
             pytest.skip("data-integrity check skipped: no capture was committed in this cart")
-        from services.study.tiff import read_tiff
+        from nirf.services.study.tiff import read_tiff
 
         for capture_id, files in self.captures.items():
             for path, digest in files.items():

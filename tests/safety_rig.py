@@ -5,14 +5,14 @@ supervisor ticks."""
 
 from __future__ import annotations
 
-import config as config_mod
-from controller.cart import Cart
-from drivers.laser_mcu import McuLaser
-from hal.clock import ManualClock
-from hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
-from sim.mcu_emulator import McuEmulator, factory_for
-from sim.serial_link import LoopbackSerial
-from sim.world import SensorModel, World
+from nirf import config as config_mod
+from nirf.controller.cart import Cart
+from nirf.drivers.laser_mcu import McuLaser
+from nirf.hal.clock import ManualClock
+from nirf.hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
+from nirf.sim.mcu_emulator import McuEmulator, factory_for
+from nirf.sim.serial_link import LoopbackSerial
+from nirf.sim.world import SensorModel, World
 
 
 def make_config(**sections) -> config_mod.Config:

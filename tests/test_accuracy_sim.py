@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
-from services.processing.roi import auto_rois
-from sim.render import FrameRenderer
-from sim.world import SensorModel, World
-from hal.clock import ManualClock
+from nirf.services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
+from nirf.services.processing.roi import auto_rois
+from nirf.sim.render import FrameRenderer
+from nirf.sim.world import SensorModel, World
+from nirf.hal.clock import ManualClock
 
 W, H = 728, 544
 SENSOR = SensorModel(width=W, height=H)

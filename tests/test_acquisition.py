@@ -11,10 +11,10 @@ import itertools
 import numpy as np
 import pytest
 
-from services.imaging.acquisition import Acquisition, FrameTagger
-from hal.camera import Frame, FrameMeta
-from hal.errors import InvalidArgument
-from hal.laser import FrameTag
+from nirf.services.imaging.acquisition import Acquisition, FrameTagger
+from nirf.hal.camera import Frame, FrameMeta
+from nirf.hal.errors import InvalidArgument
+from nirf.hal.laser import FrameTag
 
 PERIOD_US = 33_333
 EXPOSURE_US = 10_000
@@ -128,7 +128,7 @@ class FakeCamera:
         self.started = True
 
     def capture(self, timeout_s):
-        from hal.errors import CameraStall
+        from nirf.hal.errors import CameraStall
 
         if not self.frames:
             raise CameraStall("camera", "no frame")

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from services.gateway.audit import MAX_ENTRY_BYTES, REFUSED_BURST, AuditLog
+from nirf.services.gateway.audit import MAX_ENTRY_BYTES, REFUSED_BURST, AuditLog
 
 
 class Clock:

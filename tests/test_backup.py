@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import DeviceError, InvalidArgument
-from services.study.casestore import CaseStore
-from services.study.backup import backup
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceError, InvalidArgument
+from nirf.services.study.casestore import CaseStore
+from nirf.services.study.backup import backup
 
 
 def open_store(path):

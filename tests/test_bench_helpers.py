@@ -278,7 +278,7 @@ def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
     import threading
 
     from bench.cartrun import thread_cpu_seconds
-    from sim.picamera2_standin import _name_os_thread
+    from nirf.sim.picamera2_standin import _name_os_thread
 
     busy_until = time.monotonic() + 0.3
     named = threading.Event()

@@ -16,8 +16,8 @@ import zmq.auth
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from services.gateway.bus import MAX_ID_LEN, READ_ONLY
-from services.cli.client import CartClient
+from nirf.services.gateway.bus import MAX_ID_LEN, READ_ONLY
+from nirf.services.cli.client import CartClient
 from tests.cartproc import start_cart
 
 pytestmark = pytest.mark.e2e

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import zmq
 
-import config
-from controller.calibration import PowerCalibration
-from controller.power import PowerCalibrations
-from controller.state import State
-from hal.camera import CameraSettings, Frame, FrameMeta
-from hal.clock import ManualClock
-from hal.errors import DeviceTimeout, InvalidArgument, WrongState
-from services.imaging import calibration as cs
-from services.imaging.calibration import Calibration
+from nirf import config
+from nirf.controller.calibration import PowerCalibration
+from nirf.controller.power import PowerCalibrations
+from nirf.controller.state import State
+from nirf.hal.camera import CameraSettings, Frame, FrameMeta
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceTimeout, InvalidArgument, WrongState
+from nirf.services.imaging import calibration as cs
+from nirf.services.imaging.calibration import Calibration
 from tests.safety_rig import Rig
 
 CFG = config.load("sim")
@@ -187,7 +187,7 @@ def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_write_atomic_failure_is_a_project_error_naming_the_file(tmp_path):
-    from hal.errors import NirfError
+    from nirf.hal.errors import NirfError
 
     with pytest.raises(NirfError, match="cal.json"):
         cs.write_atomic(tmp_path / "missing-folder" / "cal.json", b"{}")
@@ -518,7 +518,7 @@ def test_qc_with_too_few_results_times_out(svc):
 
 
 def test_calibration_config_keys_are_bounded(tmp_path):
-    from hal.errors import ConfigError
+    from nirf.hal.errors import ConfigError
 
     p = tmp_path / "c.toml"
     p.write_text("[calibration]\nqc_intensity_tolerance = 0.9\n")
@@ -534,9 +534,9 @@ class _Part:
 
 
 def test_processing_applies_the_named_flat_field_and_records_the_id(tmp_path, monkeypatch):
-    from services.gateway import bus as bus_mod
-    from services.processing.pipeline import Roi
-    from services.processing.main import ProcessingService
+    from nirf.services.gateway import bus as bus_mod
+    from nirf.services.processing.pipeline import Roi
+    from nirf.services.processing.main import ProcessingService
 
     monkeypatch.setenv("NIRF_STATE_DIR", str(tmp_path))
     ctx = zmq.Context()
@@ -609,7 +609,7 @@ def cart(tmp_path_factory):
 
 @pytest.fixture
 def client(cart):
-    from services.cli.client import CartClient
+    from nirf.services.cli.client import CartClient
 
     ctx = zmq.Context()
     cl = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)
@@ -777,8 +777,8 @@ def test_power_table_changes_the_duty_and_the_monitor_stays_consistent(client):
 
 
 # ---------------------------------------------------------------------- S6a: a service act
-from controller.calibration import factory_violation  # noqa: E402
-from hal.errors import NotPermitted  # noqa: E402
+from nirf.controller.calibration import factory_violation  # noqa: E402
+from nirf.hal.errors import NotPermitted  # noqa: E402
 
 KINKED = SimpleNamespace(points=((0.0, 0.0), (0.5, 100.0), (1.0, 500.0)), photodiode_factor=1.0)
 
@@ -808,7 +808,7 @@ def _refusal(svc, args, caller=CALLER):
     return err.value
 
 
-from hal.errors import NirfError as NirfErrorBase  # noqa: E402
+from nirf.hal.errors import NirfError as NirfErrorBase  # noqa: E402
 
 GOOD = {"points": [[0.0, 0.0], [1.0, 480.0]], "reason": "meter check"}
 

@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from drivers.camera import PiCamera, imx296_trigger_hook, picamera2_factory
-from hal.camera import CameraSettings
-from hal.clock import ManualClock
-from hal.errors import CameraStall, DeviceError, InvalidArgument, WrongState
-from sim.picamera2_standin import Picamera2StandIn, Platform
-from sim.world import SensorModel, World
-from sim.worldview import LocalWorldView
+from nirf.drivers.camera import PiCamera, imx296_trigger_hook, picamera2_factory
+from nirf.hal.camera import CameraSettings
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument, WrongState
+from nirf.sim.picamera2_standin import Picamera2StandIn, Platform
+from nirf.sim.world import SensorModel, World
+from nirf.sim.worldview import LocalWorldView
 
 WIDTH, HEIGHT = 72, 48  # 144-byte rows: the stand-in pads them to 192
 EXPOSURE_US = 10_000
@@ -174,7 +174,7 @@ def test_times_are_converted_to_wall_clock(rig):
 def test_wall_clock_conversion_with_the_system_clock():
     """Real clocks: the wall time of the exposure survives the trip through the sensor's
     monotonic timestamps (to well within a frame)."""
-    from hal.clock import SystemClock
+    from nirf.hal.clock import SystemClock
 
     clock = SystemClock()
     sensor = SensorModel(width=WIDTH, height=HEIGHT)
@@ -737,7 +737,7 @@ def test_driver_module_does_not_import_picamera2():
     code = (
         "import sys\n"
         "sys.modules['picamera2'] = None  # any import attempt would fail\n"
-        "import drivers.camera\n"
+        "import nirf.drivers.camera\n"
         "assert 'picamera2' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
     )
@@ -760,10 +760,10 @@ def test_picamera2_factory_off_a_pi_raises_a_device_error(monkeypatch):
 # -- with the real renderer, when it exists ----------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sim.render") is None,
-                    reason="sim.render not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("nirf.sim.render") is None,
+                    reason="nirf.sim.render not written yet")
 def test_real_renderer_frame_through_the_driver():
-    from sim.render import FrameRenderer
+    from nirf.sim.render import FrameRenderer
 
     clock = ManualClock()
     sensor = SensorModel(width=WIDTH, height=HEIGHT)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hal.errors import DeviceTimeout
-from services.study.clinical import Clinical, _Collecting, _average
+from nirf.hal.errors import DeviceTimeout
+from nirf.services.study.clinical import Clinical, _Collecting, _average
 
 T_REQUEST = 1_000_000
 

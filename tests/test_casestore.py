@@ -13,10 +13,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.study.casestore import SCHEMA_VERSION, CaseStore, validate_case_id
-from services.study import records
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
+from nirf.services.study.casestore import SCHEMA_VERSION, CaseStore, validate_case_id
+from nirf.services.study import records
 
 WALL_START_NS = 1_700_000_000_000_000_000  # ManualClock's default wall time
 
@@ -121,7 +121,7 @@ def test_doses_come_from_config_values(tmp_path, clock):
 
 
 def test_from_config_uses_the_study_section(tmp_path, clock):
-    from config import load
+    from nirf.config import load
     cfg = load("sim")
     s = CaseStore.from_config(tmp_path / "c.db", cfg, clock=clock)
     try:

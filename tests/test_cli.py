@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from services.cli import main as cli
+from nirf.services.cli import main as cli
 from tests.cartproc import ROOT, free_port, start_cart
 
 pytestmark = pytest.mark.e2e
@@ -286,7 +286,7 @@ def test_backup_to_a_named_folder_is_a_checked_copy(nirfctl, tmp_path):
 
 
 def test_watch_into_a_pipe_closed_early_ends_quietly(cart):
-    script = (f"{sys.executable} -m services.cli.main --config {cart.config_path} --state-dir {cart.state_dir} "
+    script = (f"{sys.executable} -m nirf.services.cli.main --config {cart.config_path} --state-dir {cart.state_dir} "
               f"--json watch --seconds 20 | head -n 3; exit ${{PIPESTATUS[0]}}")
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
@@ -299,7 +299,7 @@ def test_watch_shows_live_status_as_a_separate_process(cart):
     """The installed entry point, as a technician runs it, for a second and a half."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "--state-dir",
+        [sys.executable, "-m", "nirf.services.cli.main", "--config", str(cart.config_path), "--state-dir",
          str(cart.state_dir), "watch", "--seconds", "1.5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
@@ -308,7 +308,7 @@ def test_watch_shows_live_status_as_a_separate_process(cart):
 
 def test_watch_json_lines(cart):
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "--state-dir",
+        [sys.executable, "-m", "nirf.services.cli.main", "--config", str(cart.config_path), "--state-dir",
          str(cart.state_dir), "--json", "watch", "--seconds", "1.5"],
         cwd=ROOT, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr

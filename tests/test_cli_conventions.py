@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 
-from services.cli import main as cli
-from services.study.casestore import CaseStore
+from nirf.services.cli import main as cli
+from nirf.services.study.casestore import CaseStore
 from tests.cartproc import ROOT
 
 
@@ -30,7 +30,7 @@ def test_json_may_follow_any_subcommand():
 
 
 def test_version_is_printed_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "--version"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "nirf.services.cli.main", "--version"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0
     assert proc.stdout.startswith("nirfctl ") and proc.stdout.split()[1][0].isdigit()
@@ -74,7 +74,7 @@ def test_export_json_to_a_file_reports_it(tmp_path, capsys):
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
     _store_with_captures(tmp_path, 400)  # far more than a pipe holds
-    script = (f"{sys.executable} -m services.cli.main --state-dir {tmp_path} export | head -n 2; "
+    script = (f"{sys.executable} -m nirf.services.cli.main --state-dir {tmp_path} export | head -n 2; "
               "exit ${PIPESTATUS[0]}")
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from services.study.casestore import CaseStore
-from services.cli.client import CartClient, CartError
-from services.study.tiff import read_tiff
+from nirf.services.study.casestore import CaseStore
+from nirf.services.cli.client import CartClient, CartError
+from nirf.services.study.tiff import read_tiff
 from tests.cartproc import ROOT, start_cart
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ RESAMPLES = 300
 def nirfctl(cart, *args: str, timeout_s: float = 60.0) -> tuple[int, dict]:
     """Run the CLI as its own process with --json; returns (exit code, parsed reply)."""
     env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir))
-    proc = subprocess.run([sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path),
+    proc = subprocess.run([sys.executable, "-m", "nirf.services.cli.main", "--config", str(cart.config_path),
                            "--state-dir", str(cart.state_dir), "--json", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
                           stdin=subprocess.DEVNULL)
@@ -161,7 +161,7 @@ def test_the_study_workflow_through_the_cli(cart, tmp_path):
         assert all(r["frames_lost"] == "0" for r in caps)
 
         env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir))
-        study = subprocess.run([sys.executable, "-m", "services.cli.main", "--config", str(cart.config_path), "export"],
+        study = subprocess.run([sys.executable, "-m", "nirf.services.cli.main", "--config", str(cart.config_path), "export"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                                stdin=subprocess.DEVNULL)
         assert study.returncode == 0, study.stderr
@@ -204,7 +204,7 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
         start_imaging(client)
         recorder_pid = int((cart.runtime_dir / "recorder.pid").read_text())
         # the study process holds the case store and commits each capture
-        controller_pid = child_pid(cart.proc.pid, "services.study.main")
+        controller_pid = child_pid(cart.proc.pid, "nirf.services.study.main")
         case_dir = cart.state_dir / "captures" / "SSCC-007"
         committed_replies: list[dict] = []
 
@@ -278,14 +278,14 @@ def test_killing_recorder_and_controller_mid_capture_loses_nothing_committed(tmp
 
 # ---------------------------------------------------------------------- export without a cart
 def test_export_without_a_case_database_is_a_usage_error(tmp_path, capsys):
-    from services.cli import main as cli
+    from nirf.services.cli import main as cli
 
     assert cli.main(["--state-dir", str(tmp_path), "export"]) == cli.EXIT_USAGE
     assert "no case database" in capsys.readouterr().err
 
 
 def test_export_of_an_unknown_case_is_refused_and_writes_nothing(tmp_path, capsys):
-    from services.cli import main as cli
+    from nirf.services.cli import main as cli
 
     CaseStore(tmp_path / "study.db").close()
     out = tmp_path / "x.csv"
@@ -305,8 +305,8 @@ def test_a_synthetic_study_through_the_bus_equals_the_outside_references(cart, t
     scipy and lifelines computed from the exported records."""
     import numpy as np
 
-    from services.common import keys as keys_mod
-    from services.study import records
+    from nirf.services.common import keys as keys_mod
+    from nirf.services.study import records
     from tests import study_reference as ref
 
     rng = np.random.default_rng(18)

@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from services.cli.client import CartClient
+from nirf.services.cli.client import CartClient
 from tests.cartproc import start_cart
 
 pytestmark = pytest.mark.e2e

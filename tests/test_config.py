@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import config
-from hal.errors import ConfigError
+from nirf import config
+from nirf.hal.errors import ConfigError
 
 
 @pytest.mark.parametrize("profile", ["sim", "device"])
@@ -59,7 +59,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_the_controller_refuses_to_start_on_a_bad_config(tmp_path):
     bad = write(tmp_path, "[safety]\nemission_delay_s = 0.1\n")
-    r = subprocess.run([sys.executable, "-m", "services.imaging.main", "--config", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "nirf.services.imaging.main", "--config", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "emission_delay_s" in r.stderr and "1.0 to 10.0" in r.stderr

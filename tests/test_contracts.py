@@ -16,12 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from hal.camera import CameraSettings, Frame
-from hal.clock import ManualClock, SystemClock
-from hal.errors import DeviceRejected, InvalidArgument, WrongState
-from hal.laser import LaserSource, LaserStatus
-from sim.world import SensorModel, World
-from sim.worldview import LocalWorldView
+from nirf.hal.camera import CameraSettings, Frame
+from nirf.hal.clock import ManualClock, SystemClock
+from nirf.hal.errors import DeviceRejected, InvalidArgument, WrongState
+from nirf.hal.laser import LaserSource, LaserStatus
+from nirf.sim.world import SensorModel, World
+from nirf.sim.worldview import LocalWorldView
 
 HW_EMISSION = os.environ.get("NIRF_HW_ALLOW_EMISSION") == "1"
 
@@ -35,9 +35,9 @@ def _serial(port_path):
 # ============================================================================ laser source
 @pytest.fixture(params=["loopback", "pty", "hardware"])
 def laser(request):
-    from drivers.laser_mcu import McuLaser
-    from sim.mcu_emulator import McuEmulator
-    from sim.serial_link import LoopbackSerial, PtyLink
+    from nirf.drivers.laser_mcu import McuLaser
+    from nirf.sim.mcu_emulator import McuEmulator
+    from nirf.sim.serial_link import LoopbackSerial, PtyLink
 
     kind = request.param
     link = None
@@ -128,9 +128,9 @@ def test_laser_frame_timing_reports_frames(laser):
 # ============================================================================ filter wheel
 @pytest.fixture(params=["loopback", "pty", "hardware"])
 def wheel(request):
-    from drivers.fw102c import Fw102cWheel
-    from sim.fw102c_emulator import Fw102cEmulator
-    from sim.serial_link import LoopbackSerial, PtyLink
+    from nirf.drivers.fw102c import Fw102cWheel
+    from nirf.sim.fw102c_emulator import Fw102cEmulator
+    from nirf.sim.serial_link import LoopbackSerial, PtyLink
 
     kind = request.param
     link = None
@@ -177,8 +177,8 @@ def test_wheel_refuses_positions_that_do_not_exist(wheel, bad):
 # ============================================================================ safety I/O
 @pytest.fixture(params=["standin", "hardware"])
 def gpio_io(request):
-    from drivers.gpio import GpioSafetyIO, import_rpi_gpio
-    from sim.gpio_standin import GpioStandIn
+    from nirf.drivers.gpio import GpioSafetyIO, import_rpi_gpio
+    from nirf.sim.gpio_standin import GpioStandIn
 
     pins = {"key": 17, "interlock": 27, "footswitch": 22, "indicator": 23, "white_light": 24}
     if request.param == "standin":
@@ -231,8 +231,8 @@ class _Triggers:
 
 @pytest.fixture(params=["standin-pi4", "standin-pi5", "hardware"])
 def camera(request):
-    from drivers.camera import PiCamera, picamera2_factory
-    from sim.picamera2_standin import Picamera2StandIn
+    from nirf.drivers.camera import PiCamera, picamera2_factory
+    from nirf.sim.picamera2_standin import Picamera2StandIn
 
     triggers = None
     if request.param.startswith("standin"):

@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument
-from services.gateway import bus as bus_mod
-from services.study.recorder import Recorder
-from services.study import dicom
-from services.study.outbox import CStoreSender, Outbox, SendResult
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.study.recorder import Recorder
+from nirf.services.study import dicom
+from nirf.services.study.outbox import CStoreSender, Outbox, SendResult
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -383,7 +383,7 @@ def test_a_capture_through_the_bus_reaches_the_pacs(tmp_path, orthanc):
     files and its outbox sends them to Orthanc."""
     import datetime as dt
 
-    from services.cli.client import CartClient
+    from nirf.services.cli.client import CartClient
     from tests.cartproc import start_cart
 
     orthanc.start()
@@ -436,7 +436,7 @@ def test_without_measurements_the_capture_is_kept_and_the_missing_dicom_named(tm
 
 
 def test_a_full_disk_while_writing_dicom_refuses_the_capture_and_queues_nothing(tmp_path, mocker):
-    from services.study import tiff as tiff_mod
+    from nirf.services.study import tiff as tiff_mod
 
     box = Outbox(tmp_path / "outbox", FakePacs().send, clock=ManualClock())
     rec = Recorder(tmp_path, reserve_bytes=0, dicom=SETTINGS, outbox=box)
@@ -460,8 +460,8 @@ def test_a_full_disk_while_writing_dicom_refuses_the_capture_and_queues_nothing(
 
 
 def test_dicom_settings_in_the_configuration_are_checked():
-    import config as config_mod
-    from hal.errors import ConfigError
+    from nirf import config as config_mod
+    from nirf.hal.errors import ConfigError
 
     ok = config_mod.validate({"dicom": {"enabled": True, "uid_root": ROOT, "pacs_port": 11112}})
     assert ok["dicom"]["uid_root"] == ROOT and ok["dicom"]["pacs_port"] == 11112

@@ -27,12 +27,12 @@ import pytest
 import zmq
 import zmq.auth
 
-import config as config_mod
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument
-from services.common import keys as keys_mod
-from services.display.main import DisplayHTTPServer, DisplayModel, TelemetryListener
-from services.processing.png import encode_png
+from nirf import config as config_mod
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument
+from nirf.services.common import keys as keys_mod
+from nirf.services.display.main import DisplayHTTPServer, DisplayModel, TelemetryListener
+from nirf.services.processing.png import encode_png
 from tests.cartproc import ROOT, free_port, start_cart
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -427,7 +427,7 @@ def live(tmp_path_factory):
     Chromium showing the page."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package to run the display's browser tests")
-    from services.cli.client import CartClient
+    from nirf.services.cli.client import CartClient
     from tests.cdp import Chromium
 
     cart = start_cart(tmp_path_factory.mktemp("display"), width=WIDTH, height=HEIGHT)
@@ -581,7 +581,7 @@ def test_the_page_warns_stale_when_the_cart_stops(live):
                PYTHONUNBUFFERED="1")
     log_path = cart.config_path.parent / "display2.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.display.main", "--config", str(cart.config_path),
+        proc = subprocess.Popen([sys.executable, "-m", "nirf.services.display.main", "--config", str(cart.config_path),
                                  "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -638,8 +638,7 @@ def test_a_request_naming_another_host_is_refused(server):
 def test_idle_connections_beyond_the_cap_close_the_oldest_and_the_page_answers(server):
     """C8: silent connections are capped; at the cap the oldest idle one is closed, so a
     flood of them never starves the page."""
-    import services.display.main as display_main
-
+    import nirf.services.display.main as display_main
     idle = []
     try:
         for _ in range(display_main.MAX_CONNECTIONS + 40):

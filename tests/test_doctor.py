@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from services.cli import doctor
-from services.cli.doctor import CameraSample, Probe
-from sim.picamera2_standin import Picamera2StandIn
-from sim.world import SensorModel, World
-from hal.clock import SystemClock
-from sim.worldview import LocalWorldView
+from nirf.services.cli import doctor
+from nirf.services.cli.doctor import CameraSample, Probe
+from nirf.sim.picamera2_standin import Picamera2StandIn
+from nirf.sim.world import SensorModel, World
+from nirf.hal.clock import SystemClock
+from nirf.sim.worldview import LocalWorldView
 
 
 def cfg(black_level=16, bits=10):
@@ -169,7 +169,7 @@ def test_nirfctl_doctor_exit_code_and_json(capsys):
 
 
 def test_nirfctl_has_the_doctor_command(capsys):
-    from services.cli.main import main
+    from nirf.services.cli.main import main
 
     code = main(["--config", "sim", "doctor", "--no-camera"])
     assert code in (0, 1)
@@ -180,10 +180,10 @@ def test_nirfctl_has_the_doctor_command(capsys):
 def test_the_cart_sampler_with_the_emulators_behind_its_ports(monkeypatch):
     """The Pi glue itself: the wheel turns to the blocked slot, the MCU triggers dark frames
     with the laser off, picamera2 (here the stand-in, as a Pi 5) delivers them."""
-    import drivers.camera
-    from sim.fw102c_emulator import Fw102cEmulator
-    from sim.mcu_emulator import McuEmulator
-    from sim.serial_link import PtyLink
+    import nirf.drivers.camera
+    from nirf.sim.fw102c_emulator import Fw102cEmulator
+    from nirf.sim.mcu_emulator import McuEmulator
+    from nirf.sim.serial_link import PtyLink
 
     clock = SystemClock()
     world = World(clock, SensorModel(width=128, height=96))
@@ -196,7 +196,7 @@ def test_the_cart_sampler_with_the_emulators_behind_its_ports(monkeypatch):
         cams.append(Picamera2StandIn(LocalWorldView(world), seed=5))
         return cams[-1]
 
-    monkeypatch.setattr(drivers.camera, "picamera2_factory", factory)
+    monkeypatch.setattr(nirf.drivers.camera, "picamera2_factory", factory)
     c = cfg(black_level=16)
     c.laser = SimpleNamespace(port=mcu.port, baudrate=115200)
     c.filter_wheel = SimpleNamespace(port=wheel.port, baudrate=115200, blocked_position=3)

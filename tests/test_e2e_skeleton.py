@@ -178,7 +178,7 @@ def test_sbr_of_the_default_phantom_is_four(client, ambient):
 
 
 def test_an_unlisted_key_gets_no_answer(cart, tmp_path):
-    from services.common.keys import create_keypair
+    from nirf.services.common.keys import create_keypair
 
     _, secret = create_keypair(tmp_path, "stranger")
     stranger = RawClient(cart, key_file=secret)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from controller.budget import EmissionBudget
-from hal.clock import ManualClock
+from nirf.controller.budget import EmissionBudget
+from nirf.hal.clock import ManualClock
 
 
 def emit(budget, clock, seconds):

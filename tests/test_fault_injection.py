@@ -33,7 +33,7 @@ import msgpack
 import pytest
 import zmq
 
-import config as config_mod
+from nirf import config as config_mod
 from tests import faults as fi
 from tests.cartproc import ROOT, start_cart, wait_for_file
 
@@ -614,7 +614,7 @@ def test_garbage_and_oversized_messages_from_many_clients_change_nothing(rig):
 
 
 def test_unknown_keys_get_no_answer(rig, tmp_path):
-    from services.common.keys import create_keypair
+    from nirf.services.common.keys import create_keypair
 
     rig.op.emit(POWER_MW, fluorescence=False)
     t0 = time.time_ns()
@@ -639,7 +639,7 @@ def test_unknown_keys_get_no_answer(rig, tmp_path):
             sub.close(linger=0)
 
     def wrong_server_key() -> None:
-        from services.common.keys import create_keypair as mk
+        from nirf.services.common.keys import create_keypair as mk
 
         fake_pub, _ = mk(tmp_path, "fake-server")
         import zmq.auth as za

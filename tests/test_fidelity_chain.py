@@ -17,17 +17,17 @@ import time
 import pytest
 import serial
 
-from services.imaging.acquisition import Acquisition
-from drivers.camera import PiCamera
-from drivers.laser_mcu import McuLaser
-from hal.camera import CameraSettings
-from hal.clock import SystemClock
-from services.processing.pipeline import PairProcessor, Roi
-from sim.mcu_emulator import McuEmulator, factory_for
-from sim.picamera2_standin import Picamera2StandIn
-from sim.serial_link import PtyLink
-from sim.world import SensorModel, World
-from sim.worldview import LocalWorldView
+from nirf.services.imaging.acquisition import Acquisition
+from nirf.drivers.camera import PiCamera
+from nirf.drivers.laser_mcu import McuLaser
+from nirf.hal.camera import CameraSettings
+from nirf.hal.clock import SystemClock
+from nirf.services.processing.pipeline import PairProcessor, Roi
+from nirf.sim.mcu_emulator import McuEmulator, factory_for
+from nirf.sim.picamera2_standin import Picamera2StandIn
+from nirf.sim.serial_link import PtyLink
+from nirf.sim.world import SensorModel, World
+from nirf.sim.worldview import LocalWorldView
 
 W, H = 256, 192
 # the default phantom: a disk of radius H/6 at the centre, 200 nM in 50 nM: SBR 4.0

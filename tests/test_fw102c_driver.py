@@ -8,9 +8,9 @@ import threading
 import pytest
 import serial
 
-from drivers.fw102c import READ_POLL_S, Fw102cWheel
-from hal.clock import ManualClock, SystemClock
-from hal.errors import (
+from nirf.drivers.fw102c import READ_POLL_S, Fw102cWheel
+from nirf.hal.clock import ManualClock, SystemClock
+from nirf.hal.errors import (
     DeviceDisconnected,
     DeviceRejected,
     DeviceTimeout,
@@ -18,9 +18,9 @@ from hal.errors import (
     ProtocolError,
     WheelStuck,
 )
-from sim.fw102c_emulator import IDN, Fw102cEmulator
-from sim.serial_link import LoopbackSerial, PtyLink
-from sim.world import World
+from nirf.sim.fw102c_emulator import IDN, Fw102cEmulator
+from nirf.sim.serial_link import LoopbackSerial, PtyLink
+from nirf.sim.world import World
 
 STEP_S = 0.3
 

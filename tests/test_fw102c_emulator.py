@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hal.clock import ManualClock
-from sim.fw102c_emulator import HIGH_SPEED_FACTOR, MAX_INPUT_BYTES, MAX_LINE_BYTES, Fw102cEmulator
-from sim.world import World
+from nirf.hal.clock import ManualClock
+from nirf.sim.fw102c_emulator import HIGH_SPEED_FACTOR, MAX_INPUT_BYTES, MAX_LINE_BYTES, Fw102cEmulator
+from nirf.sim.world import World
 
 NOT_DEFINED = b"Command error CMD_NOT_DEFINED"
 ARG_INVALID = b"Command error CMD_ARG_INVALID"

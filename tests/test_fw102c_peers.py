@@ -16,11 +16,11 @@ import time
 import pytest
 import serial
 
-from drivers.fw102c import Fw102cWheel
-from hal.clock import ManualClock, SystemClock
-from sim.fw102c_emulator import Fw102cEmulator
-from sim.serial_link import LoopbackSerial, PtyLink
-from sim.world import World
+from nirf.drivers.fw102c import Fw102cWheel
+from nirf.hal.clock import ManualClock, SystemClock
+from nirf.sim.fw102c_emulator import Fw102cEmulator
+from nirf.sim.serial_link import LoopbackSerial, PtyLink
+from nirf.sim.world import World
 
 STEP_S = 0.02
 
@@ -192,7 +192,7 @@ def loopback_rig(**wheel_variant):
     {"prompt_space": False, "lf_errors": False, "powerup_garbage": True},
 ])
 def test_driver_connects_moves_and_reports_errors_with_every_variant(variant):
-    from hal.errors import InvalidArgument
+    from nirf.hal.errors import InvalidArgument
 
     world, wheel = loopback_rig(**variant)
     wheel.connect()  # version 1 failed here after power-up: the garbage took *idn?

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from drivers.gpio import GpioSafetyIO, import_rpi_gpio
-from hal.clock import ManualClock
-from hal.errors import DeviceError
-from sim.gpio_standin import GpioStandIn
-from sim.world import World
-from sim.worldview import LocalWorldView
+from nirf.drivers.gpio import GpioSafetyIO, import_rpi_gpio
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceError
+from nirf.sim.gpio_standin import GpioStandIn
+from nirf.sim.world import World
+from nirf.sim.worldview import LocalWorldView
 
 PINS = {"key": 17, "interlock": 27, "footswitch": 22, "indicator": 23, "white_light": 24}
 WAIT_S = 2.0  # upper bound for anything that happens on another thread
@@ -632,7 +632,7 @@ def test_driver_runs_with_the_system_clock(world):
 
 
 def test_importing_the_driver_does_not_import_rpi_gpio():
-    code = ("import sys, drivers.gpio\n"
+    code = ("import sys, nirf.drivers.gpio\n"
             "bad = [m for m in sys.modules if m == 'RPi' or m.startswith('RPi.')]\n"
             "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -648,7 +648,7 @@ def test_missing_rpi_gpio_becomes_device_error(monkeypatch):
 
 
 def test_rpi_gpio_refusing_to_run_becomes_device_error(mocker):
-    mocker.patch("drivers.gpio.importlib.import_module",
+    mocker.patch("nirf.drivers.gpio.importlib.import_module",
                  side_effect=RuntimeError("This module can only be run on a Raspberry Pi!"))
     with pytest.raises(DeviceError, match="Raspberry Pi") as info:
         import_rpi_gpio()
@@ -686,8 +686,8 @@ def _run_import(tmp_path, cwd, env_extra):
     code = ("import sys\n"
             f"sys.path.insert(0, {str(tmp_path / 'site')!r})\n"
             f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "from drivers.gpio import import_rpi_gpio\n"
-            "from hal.errors import DeviceError\n"
+            "from nirf.drivers.gpio import import_rpi_gpio\n"
+            "from nirf.hal.errors import DeviceError\n"
             "try:\n"
             "    import_rpi_gpio()\n"
             "    print('imported')\n"

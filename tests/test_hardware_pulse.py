@@ -15,11 +15,11 @@ import pytest
 import serial
 import zmq
 
-import config as config_mod
-from drivers.laser_mcu import McuLaser
-from hal.errors import DeviceRejected, InvalidArgument
-from sim import simset
-from sim.hardware import HardwareProcess
+from nirf import config as config_mod
+from nirf.drivers.laser_mcu import McuLaser
+from nirf.hal.errors import DeviceRejected, InvalidArgument
+from nirf.sim import simset
+from nirf.sim.hardware import HardwareProcess
 
 RECV_TIMEOUT_MS = 5000
 

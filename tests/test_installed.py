@@ -79,10 +79,19 @@ def test_pypi_config_still_imports_beside_the_cart(installed):
     """PyPI's ``config`` keeps working with the cart installed after it."""
     code = "from config import Config; import io; c = Config(io.StringIO('a: 1')); print(c.a)"
     proc = run([str(installed["py"]), "-c", code], installed["env"], check=False)
-    if proc.returncode != 0 and (installed["site"] / "config" / "sim.toml").exists():
-        pytest.xfail("the cart still installs a top-level 'config' package over PyPI's; "
-                     "fixed when its packages move under one namespace")
     assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr
+    assert not (installed["site"] / "config" / "sim.toml").exists(), "the cart wrote into PyPI's config package"
+
+
+def test_the_cart_installs_one_top_level_name(installed):
+    """Everything the cart installs is under ``nirf/`` (plus its dist-info)."""
+    record = next(installed["site"].glob("nirf_cart-*.dist-info")) / "RECORD"
+    tops = {line.split(",")[0].split("/")[0] for line in record.read_text().splitlines() if line}
+    tops = {t for t in tops if not t.endswith(".dist-info") and t != ".."}
+    assert tops == {"nirf"}, sorted(tops)
+    code = "import nirf.config, nirf.controller.main, nirf.services.gateway.main; print(nirf.config.__name__)"
+    proc = run([str(installed["py"]), "-c", code], installed["env"])
+    assert proc.stdout.strip() == "nirf.config"
 
 
 def test_the_installed_simulated_cart_starts_answers_and_stops(installed, tmp_path):

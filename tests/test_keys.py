@@ -15,9 +15,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from hal.errors import ConfigError
-from services.common import keys
-from services.gateway.bus import CommandServer
+from nirf.hal.errors import ConfigError
+from nirf.services.common import keys
+from nirf.services.gateway.bus import CommandServer
 from tests.cartproc import free_port
 
 REPLY_TIMEOUT_S = 1.0

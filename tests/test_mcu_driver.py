@@ -10,9 +10,9 @@ import time
 import pytest
 import serial
 
-from drivers.laser_mcu import McuLaser
-from hal.clock import ManualClock, SystemClock
-from hal.errors import (
+from nirf.drivers.laser_mcu import McuLaser
+from nirf.hal.clock import ManualClock, SystemClock
+from nirf.hal.errors import (
     DeviceDisconnected,
     DeviceError,
     DeviceRejected,
@@ -20,10 +20,10 @@ from hal.errors import (
     InvalidArgument,
     ProtocolError,
 )
-from hal.laser import LaserStatus
-from sim.mcu_emulator import McuEmulator
-from sim.serial_link import LoopbackSerial, PtyLink
-from sim.world import World
+from nirf.hal.laser import LaserStatus
+from nirf.sim.mcu_emulator import McuEmulator
+from nirf.sim.serial_link import LoopbackSerial, PtyLink
+from nirf.sim.world import World
 
 FULL_SCALE_MW = 500.0
 
@@ -403,7 +403,7 @@ def test_over_a_real_pty(pty_rig):
 
 # -- protocol 2: factory record, expected mW, counts, notices ------------------------------
 def test_factory_record_read_at_connect_and_cached(rig):
-    from sim.mcu_emulator import factory_for
+    from nirf.sim.mcu_emulator import factory_for
 
     rig.emu = McuEmulator(rig.world, rig.clock, full_scale_mw=FULL_SCALE_MW, seed=3,
                           factory=factory_for(FULL_SCALE_MW, 200.0, 301.0))
@@ -430,7 +430,7 @@ def test_blank_mcu_connects_but_has_no_factory_record(rig):
 
 
 def test_write_factory_needs_the_service_jumper(connected):
-    from hal.laser import FactoryCalibration
+    from nirf.hal.laser import FactoryCalibration
 
     laser, world = connected.laser, connected.world
     before = laser.factory()

@@ -10,10 +10,10 @@ import binascii
 
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument
-from sim.mcu_emulator import McuEmulator
-from sim.world import World
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument
+from nirf.sim.mcu_emulator import McuEmulator
+from nirf.sim.world import World
 
 FULL_SCALE_MW = 500.0
 CEILING = 0.8

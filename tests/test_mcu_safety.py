@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hal.clock import ManualClock
-from hal.laser import FactoryCalibration
-from sim.mcu_emulator import McuEmulator, factory_for
-from sim.world import World, judge_frames
+from nirf.hal.clock import ManualClock
+from nirf.hal.laser import FactoryCalibration
+from nirf.sim.mcu_emulator import McuEmulator, factory_for
+from nirf.sim.world import World, judge_frames
 
 FULL_SCALE_MW = 500.0
 MAX_MW = 200.0
@@ -341,7 +341,7 @@ def test_openings_are_counted_while_off_without_latching():
 @pytest.mark.parametrize("name", ["interlock", "key"])
 def test_real_time_pulses_latch_every_time(name):
     """1, 2, 5 and 10 ms pulses from the world's timer thread, 10 each, while ON."""
-    from hal.clock import SystemClock
+    from nirf.hal.clock import SystemClock
 
     clock = SystemClock()
     world = World(clock)
@@ -531,8 +531,8 @@ def test_client_over_the_pty_cannot_exceed_the_budget_by_reissuing_enables(tmp_p
 
     import serial
 
-    from hal.clock import SystemClock
-    from sim.serial_link import PtyLink
+    from nirf.hal.clock import SystemClock
+    from nirf.sim.serial_link import PtyLink
 
     budget_s = 1.0
     clock = SystemClock()

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hal.errors import InvalidArgument, WrongState
-from services.processing.pipeline import (
+from nirf.hal.errors import InvalidArgument, WrongState
+from nirf.services.processing.pipeline import (
     COLOUR_LUT,
     PREVIEW_SATURATED_RGB,
     PairProcessor,
     Roi,
     flat_field_from_uniform,
 )
-from sim.world import DEFAULT_K_FLUO
+from nirf.sim.world import DEFAULT_K_FLUO
 
 # --- a frame synthesiser following SIM.md -------------------------------------------------
 

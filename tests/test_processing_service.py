@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
-from services.gateway import bus as bus_mod
-from services.processing import main as processing_main
-from services.processing.main import ProcessingService
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.processing import main as processing_main
+from nirf.services.processing.main import ProcessingService
 from tests.safety_rig import make_config
 
 W, H = 256, 192

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import zmq
 
-from hal.camera import Frame, FrameMeta
-from hal.clock import ManualClock
-from hal.errors import DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
-from services.gateway import bus as bus_mod
-from services.study import tiff as tiff_mod
-from services.study.recorder import Recorder, RecorderService
-from services.study.tiff import pair_file_name, read_pair, read_tiff
+from nirf.hal.camera import Frame, FrameMeta
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.study import tiff as tiff_mod
+from nirf.services.study.recorder import Recorder, RecorderService
+from nirf.services.study.tiff import pair_file_name, read_pair, read_tiff
 
 W, H = 32, 24
 CASE = "DFSP-014"
@@ -228,7 +228,7 @@ def test_a_full_disk_mid_capture_refuses_it_and_leaves_nothing(rec, tmp_path, mo
 
 def test_too_little_free_space_refuses_before_writing(tmp_path, mocker):
     rec = Recorder(tmp_path, reserve_bytes=10_000_000)
-    mocker.patch("services.study.recorder.shutil.disk_usage",
+    mocker.patch("nirf.services.study.recorder.shutil.disk_usage",
                  return_value=SimpleNamespace(total=20_000_000, used=15_000_000, free=5_000_000))
     writes = mocker.spy(tiff_mod, "_write_all")
     feed(rec, [2])
@@ -371,7 +371,7 @@ class FakeImaging:
     served in-process by the real RecordTap (which holds the socket to the recorder)."""
 
     def __init__(self, ctx, runtime_dir: Path):
-        from services.imaging.record_tap import RecordTap
+        from nirf.services.imaging.record_tap import RecordTap
 
         self.tap = RecordTap(ctx, f"ipc://{runtime_dir / 'record.ipc'}")
         self.handlers = self.tap.handlers()
@@ -385,8 +385,8 @@ class FakeController:
     recorder thread on real sockets, and results made up from the pairs it is fed."""
 
     def __init__(self, state_dir: Path, runtime_dir: Path, valid=lambda seq: True):
-        from config import validate, Config
-        from controller.state import State
+        from nirf.config import validate, Config
+        from nirf.controller.state import State
 
         self.cfg = Config("test", validate({}))
         self.state_dir, self.runtime_dir = state_dir, runtime_dir
@@ -413,7 +413,7 @@ class FakeController:
                                                     width=W, height=H, lit=True, mcu_frame=seq, laser_mw=50.0,
                                                     filter_position=1))
             off = Frame(pixels(seq, "off"), on.meta.with_(mcu_frame=seq + 1, lit=False, laser_mw=0.0))
-            from services.imaging.main import _meta
+            from nirf.services.imaging.main import _meta
 
             self.imaging.tap.on_pair(on, off, {"frame_seq": seq, "on": _meta(on.meta), "off": _meta(off.meta)})
             r = {"frame_seq": seq, "t_capture_ns": 1_700_000_000_000_000_000 + seq, "valid": self.valid(seq),
@@ -427,7 +427,7 @@ class FakeController:
 
 @pytest.fixture
 def clinical_rig(tmp_path, short_runtime):
-    from services.study.clinical import Clinical
+    from nirf.services.study.clinical import Clinical
 
     ctl = FakeController(tmp_path, short_runtime)
     ctl.clinical = Clinical(ctl)
@@ -461,7 +461,7 @@ def test_capture_needs_an_open_case(clinical_rig):
 
 
 def test_capture_needs_fluorescence_while_emitting(clinical_rig):
-    from controller.state import State
+    from nirf.controller.state import State
 
     ctl, _ = clinical_rig
     open_case(ctl.clinical)
@@ -503,7 +503,7 @@ def test_a_capture_is_recorded_and_stored(clinical_rig, tmp_path):
 
 
 def test_only_valid_results_count_and_only_their_frames_are_kept(tmp_path, short_runtime):
-    from services.study.clinical import Clinical
+    from nirf.services.study.clinical import Clinical
 
     ctl = FakeController(tmp_path, short_runtime, valid=lambda seq: seq % 4 == 0)
     ctl.clinical = Clinical(ctl)
@@ -537,7 +537,7 @@ def test_a_full_disk_refuses_the_capture_and_stores_nothing(clinical_rig, tmp_pa
 
 
 def test_no_recorder_gives_a_clear_error(tmp_path, short_runtime, mocker):
-    from services.study import clinical as clinical_mod
+    from nirf.services.study import clinical as clinical_mod
 
     mocker.patch.object(clinical_mod, "RECORDER_BASE_TIMEOUT_S", 0.5)
     mocker.patch.object(clinical_mod, "RECORDER_PER_PAIR_S", 0.0)
@@ -555,7 +555,7 @@ def test_no_recorder_gives_a_clear_error(tmp_path, short_runtime, mocker):
 
 
 def test_too_few_valid_results_time_out(tmp_path, short_runtime, mocker):
-    from services.study import clinical as clinical_mod
+    from nirf.services.study import clinical as clinical_mod
 
     mocker.patch.object(clinical_mod, "RESULTS_MARGIN_S", 0.0)
     ctl = FakeController(tmp_path, short_runtime, valid=lambda seq: False)
@@ -572,7 +572,7 @@ def test_too_few_valid_results_time_out(tmp_path, short_runtime, mocker):
 
 
 def test_an_uncommitted_capture_folder_is_set_aside_at_start(tmp_path, short_runtime):
-    from services.study.clinical import Clinical
+    from nirf.services.study.clinical import Clinical
 
     orphan = tmp_path / FOLDER
     orphan.mkdir(parents=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 
-from sim.remote import RemoteWorldView
+from nirf.sim.remote import RemoteWorldView
 
 CLOSED = {"key": True, "interlock_closed": True, "footswitch": False}
 

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument
-from sim.render import NOISE_MAX, NOISE_MEAN, NOISE_VAR, FrameRenderer, shaped_noise_u16
-from sim.world import Inclusion, Phantom, SceneSnapshot, SensorModel, World
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument
+from nirf.sim.render import NOISE_MAX, NOISE_MEAN, NOISE_VAR, FrameRenderer, shaped_noise_u16
+from nirf.sim.world import Inclusion, Phantom, SceneSnapshot, SensorModel, World
 
 SENSOR = SensorModel()
 EXPOSURE_US = 10_000

@@ -12,9 +12,9 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hal.errors import InvalidArgument
-from services.study import report
-from services.study.report import (betainc, betaincinv, build_report, clopper_pearson, proportion,
+from nirf.hal.errors import InvalidArgument
+from nirf.services.study import report
+from nirf.services.study.report import (betainc, betaincinv, build_report, clopper_pearson, proportion,
                              wilson)
 
 ALPHA = 0.05

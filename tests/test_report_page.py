@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hal.clock import ManualClock
-from services.study.casestore import CaseStore
-from services.study.report import ReportOptions
-from services.study import page
+from nirf.hal.clock import ManualClock
+from nirf.services.study.casestore import CaseStore
+from nirf.services.study.report import ReportOptions
+from nirf.services.study import page
 from tests.study_synth import make_study
 
 # Where a copy of the screenshot is left for people to look at, when that folder is named.

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hal.errors import InvalidArgument
-from services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
-from services.processing.roi import RoiFinder, _largest_square, auto_rois
-from sim.world import DEFAULT_K_FLUO
+from nirf.hal.errors import InvalidArgument
+from nirf.services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
+from nirf.services.processing.roi import RoiFinder, _largest_square, auto_rois
+from nirf.sim.world import DEFAULT_K_FLUO
 
 W, H = 728, 544
 FULL_SCALE = 1023

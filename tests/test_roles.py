@@ -15,10 +15,10 @@ import pytest
 import zmq
 import zmq.auth
 
-from hal.errors import DeviceTimeout
-from services.common import keys
-from services.gateway.bus import READ_ONLY
-from services.cli.client import CartClient
+from nirf.hal.errors import DeviceTimeout
+from nirf.services.common import keys
+from nirf.services.gateway.bus import READ_ONLY
+from nirf.services.cli.client import CartClient
 from tests.cartproc import start_cart
 from tests.test_keys import Server, ask
 
@@ -135,7 +135,7 @@ def test_with_the_authenticator_stopped_nobody_connects(server):
 
 
 def test_with_the_authenticator_stopped_no_telemetry_reaches_anyone(tmp_path):
-    from services.gateway.bus import Telemetry
+    from nirf.services.gateway.bus import Telemetry
     from tests.cartproc import free_port
 
     keys.ensure_sim_keys(tmp_path)

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from controller.cart import Readings, emission_permitted
-from controller.state import State
-from hal.errors import ConfigError, FaultActive, InterlockOpen, InvalidArgument, KeyOff, WrongState
-from sim.serial_link import LoopbackSerial
+from nirf.controller.cart import Readings, emission_permitted
+from nirf.controller.state import State
+from nirf.hal.errors import ConfigError, FaultActive, InterlockOpen, InvalidArgument, KeyOff, WrongState
+from nirf.sim.serial_link import LoopbackSerial
 from tests.safety_rig import Rig, make_config
 
 DEVICE_RULES = dict(safety={"footswitch_required": True, "boot_requires_key_cycle": True,
@@ -31,8 +31,8 @@ def test_s1_output_forced_off_when_the_controller_connects():
     rig.advance(0.05)
     assert rig.output_mw > 0
     # A new controller process starts: its first act on the link turns the output off.
-    from controller.cart import Cart
-    from drivers.laser_mcu import McuLaser
+    from nirf.controller.cart import Cart
+    from nirf.drivers.laser_mcu import McuLaser
 
     laser = McuLaser(lambda: LoopbackSerial(rig.mcu, rig.clock, timeout=0.05), clock=rig.clock, timeout_s=0.05)
     cart = Cart(rig.cfg, laser=laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock)
@@ -334,8 +334,8 @@ def test_s12_a_crashed_controller_leaves_the_laser_off_and_a_restart_starts_safe
     # the controller process dies: nothing more arrives on the link
     rig.advance(1.0, host_alive=False)
     assert rig.output_mw == 0.0
-    from controller.cart import Cart
-    from drivers.laser_mcu import McuLaser
+    from nirf.controller.cart import Cart
+    from nirf.drivers.laser_mcu import McuLaser
 
     laser = McuLaser(lambda: LoopbackSerial(rig.mcu, rig.clock, timeout=0.05), clock=rig.clock, timeout_s=0.05)
     cart = Cart(rig.cfg, laser=laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock)
@@ -491,7 +491,7 @@ ATTACK_TABLE = [[0.0, 0.0], [0.8, 40.0], [1.0, 50.0]]
 
 
 def install(rig, points, factor=1.0):
-    from controller.calibration import PowerCalibration
+    from nirf.controller.calibration import PowerCalibration
 
     cal = PowerCalibration(tuple(d for d, _ in points), tuple(p for _, p in points), factor, "test")
     rig.cart.install_calibration(cal)
@@ -555,7 +555,7 @@ def test_s6a_no_table_inside_the_band_gets_light_above_1_1_x_max(kind, setpoint)
 
 
 def test_s6a_a_stored_table_outside_the_band_is_refused_at_connect():
-    from controller.calibration import PowerCalibration
+    from nirf.controller.calibration import PowerCalibration
 
     rig = Rig(start=False)
     rig.cart.calibration = PowerCalibration((0.0, 0.8, 1.0), (0.0, 40.0, 50.0), 0.1, "power-tampered")
@@ -646,7 +646,7 @@ def test_s7a_the_budget_survives_disarm_reset_and_a_restart(tmp_path):
     # a restart of the safety core: a new cart on the same state folder (the MCU's budget is
     # 1800 s here, so its count hardly matters: the host's persisted record must hold)
     assert rig.cart.budget.flush()
-    from controller.cart import Cart
+    from nirf.controller.cart import Cart
 
     cart = Cart(rig.cfg, laser=rig.laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock,
                 budget_path=path)
@@ -677,7 +677,7 @@ def test_s7a_the_mcu_count_wins_when_it_is_larger():
     rig.advance(6.0)
     rig.cart.disarm()
     # a new safety core without the host's record (memory only): the MCU still counts 6 s
-    from controller.cart import Cart
+    from nirf.controller.cart import Cart
 
     cart = Cart(rig.cfg, laser=rig.laser, wheel=None, inputs=rig.io, indicators=rig.io, clock=rig.clock)
     cart.start()
@@ -755,7 +755,7 @@ def test_s16_the_interval_is_at_most_half_the_timeout(interval, timeout, ok):
 
 # ----------------------------------------------------------------------------- error paths (v2)
 def test_without_the_factory_record_nothing_emits_and_no_table_is_taken():
-    from hal.errors import DeviceError
+    from nirf.hal.errors import DeviceError
 
     rig = Rig(start=False)
     def no_record():
@@ -776,7 +776,7 @@ def test_without_the_factory_record_nothing_emits_and_no_table_is_taken():
 
 
 def test_a_heartbeat_between_ticks_that_fails_latches_serial_link():
-    from hal.errors import DeviceTimeout
+    from nirf.hal.errors import DeviceTimeout
 
     rig = Rig()
     rig.arm_and_emit(50)

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from controller.calibration import PowerCalibration
-from controller.state import State
-from hal.errors import NirfError
+from nirf.controller.calibration import PowerCalibration
+from nirf.controller.state import State
+from nirf.hal.errors import NirfError
 from tests.safety_rig import Rig
 
 MAX_EMISSION_S = 20.0

@@ -1,6 +1,6 @@
 """The study's scenes (SIM.md ``scene``), captured in automatic-ROI mode through the bus on
 the running simulated cart, judged against each scene's geometry and truth in
-:mod:`sim.scenes` (not against the pipeline's opinion); and each validity reason of
+:mod:`nirf.sim.scenes` (not against the pipeline's opinion); and each validity reason of
 PRODUCT.md section 7 on the running cart.
 
 - ``clean_bed``: a stored negative capture, SBR within 10 % of the truth of its ROIs;
@@ -18,8 +18,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.cli.client import CartClient, CartError
-from sim import scenes
+from nirf.services.cli.client import CartClient, CartError
+from nirf.sim import scenes
 from tests.cartproc import start_cart
 
 pytestmark = pytest.mark.e2e
@@ -247,7 +247,7 @@ def test_the_open_filter_is_flagged(client):
 
 def test_a_capture_needs_flat_field_and_todays_qc_or_a_recorded_override(tmp_path):
     """The gate the device profile always has, switched on here in the sim profile."""
-    from services.study.casestore import CaseStore
+    from nirf.services.study.casestore import CaseStore
 
     c = start_cart(tmp_path, width=W, height=H, extra="[processing]\ncapture_requires_calibration = true\n")
     try:
@@ -287,8 +287,8 @@ def test_the_device_profile_always_gates_captures():
     """Unit level: the device profile's gate cannot be switched off by the key."""
     from types import SimpleNamespace
 
-    from hal.errors import WrongState
-    from services.study.clinical import Clinical
+    from nirf.hal.errors import WrongState
+    from nirf.services.study.clinical import Clinical
 
     gate = Clinical._calibration_gate
     calibration = SimpleNamespace(capture_problems=lambda: ["no QC check today"])

@@ -11,12 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from hal.clock import ManualClock
-from services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
-from services.processing.roi import RoiFinder
-from sim import scenes
-from sim.render import FrameRenderer
-from sim.world import SensorModel, World
+from nirf.hal.clock import ManualClock
+from nirf.services.processing.pipeline import PairProcessor, Roi, flat_field_from_uniform
+from nirf.services.processing.roi import RoiFinder
+from nirf.sim import scenes
+from nirf.sim.render import FrameRenderer
+from nirf.sim.world import SensorModel, World
 
 W, H = 1456, 1088
 SENSOR = SensorModel(width=W, height=H)

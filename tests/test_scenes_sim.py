@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument
-from sim import scenes
-from sim.render import FrameRenderer
-from sim.simset import validate
-from sim.world import DEFAULT_K_FLUO, SensorModel, World
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument
+from nirf.sim import scenes
+from nirf.sim.render import FrameRenderer
+from nirf.sim.simset import validate
+from nirf.sim.world import DEFAULT_K_FLUO, SensorModel, World
 
 W, H = 728, 544
 SENSOR = SensorModel(width=W, height=H)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from hal.clock import ManualClock, SystemClock
-from services.common import sdnotify
+from nirf.hal.clock import ManualClock, SystemClock
+from nirf.services.common import sdnotify
 from tests.cartproc import start_cart
 from tests.safety_rig import Rig
 
@@ -132,13 +132,13 @@ def test_status_is_one_line(path_listener):
 
 def test_send_failure_is_logged_not_raised(short_dir, caplog):
     env = {"NOTIFY_SOCKET": str(short_dir / "nobody-listens-here")}
-    with caplog.at_level(logging.WARNING, logger="services.common.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="nirf.services.common.sdnotify"):
         assert sdnotify.ready(env) is False
     assert any("READY=1" in r.getMessage() and "nobody-listens-here" in r.getMessage() for r in caplog.records)
 
 
 def test_unusable_address_is_refused(caplog):
-    with caplog.at_level(logging.WARNING, logger="services.common.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="nirf.services.common.sdnotify"):
         assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "relative/path"}) is False
         assert sdnotify.notify("READY=1", {"NOTIFY_SOCKET": "@"}) is False
     assert sum("NOTIFY_SOCKET" in r.getMessage() for r in caplog.records) == 2
@@ -292,7 +292,7 @@ def test_cart_ready_after_safe_then_watchdog_until_frozen(tmp_path, monkeypatch,
                 log_at_ready = cart.log_text()
         assert ready_seen, "no READY=1 from the controller\n" + cart.log_text()
         assert "safety core ready" in log_at_ready, "READY=1 came before the safety core finished starting"
-        from services.cli.client import CartClient
+        from nirf.services.cli.client import CartClient
 
         client = CartClient.from_state_dir(cart.state_dir, cart.control, cart.telemetry, context=ctx)
         # the cart is ready when it publishes its first status (PROTOCOL): every process up
@@ -350,7 +350,7 @@ def test_a_receiver_that_does_not_read_never_blocks_the_sender(short_dir):
     the loop that feeds the watchdog (the supervisor, the gateway) must never stall on it."""
     import threading
 
-    from services.common import sdnotify
+    from nirf.services.common import sdnotify
 
     path = str(short_dir / "full")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

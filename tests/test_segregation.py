@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import zmq
 
-from services.common import keys as keys_mod
+from nirf.services.common import keys as keys_mod
 from tests.cartproc import start_cart
 from tests.faults import Operator, WorldProbe, alive, child_pid, fault_codes, frozen, kill, wait_until
 
 pytestmark = pytest.mark.e2e
 
 WIDTH, HEIGHT = 728, 544
-SAFETY, IMAGING, GATEWAY = "controller.main", "services.imaging.main", "services.gateway.main"
-STUDY, PROCESSING, DISPLAY = "services.study.main", "services.processing.main", "services.display.main"
+SAFETY, IMAGING, GATEWAY = "nirf.controller.main", "nirf.services.imaging.main", "nirf.services.gateway.main"
+STUDY, PROCESSING, DISPLAY = "nirf.services.study.main", "nirf.services.processing.main", "nirf.services.display.main"
 ANSWER_S = 0.1  # S14: laser.off, disarm, status and ping within 100 ms
 
 
@@ -42,7 +42,7 @@ def cart(tmp_path_factory):
 
 def answers(o: Operator, cmd: str = "ping", timeout_s: float = 0.5) -> bool:
     """True when ``cmd`` is answered in time (a key the cart does not know gets silence)."""
-    from hal.errors import DeviceTimeout
+    from nirf.hal.errors import DeviceTimeout
 
     try:
         return bool(o.call(cmd, timeout_s=timeout_s).get("ok"))
@@ -293,11 +293,11 @@ def test_a_second_recorder_refuses_to_start(cart, op):
     import sys
 
     env = dict(os.environ, NIRF_STATE_DIR=str(cart.state_dir), NIRF_RUNTIME_DIR=str(cart.runtime_dir))
-    p = subprocess.run([sys.executable, "-m", "services.study.recorder", "--config", str(cart.config_path)],
+    p = subprocess.run([sys.executable, "-m", "nirf.services.study.recorder", "--config", str(cart.config_path)],
                        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 2, p.stderr
     assert "another recorder" in p.stderr
-    assert alive(child_pid(cart, "services.study.recorder"))
+    assert alive(child_pid(cart, "nirf.services.study.recorder"))
 
 
 def test_keys_added_work_and_revoked_keys_lose_telemetry_within_2_s(cart, op):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.main import SERVICES_TIMEOUT_S, ServiceWatch
-from controller.state import SERVICE_LOST, State
-from hal.errors import FaultActive, WrongState
+from nirf.controller.main import SERVICES_TIMEOUT_S, ServiceWatch
+from nirf.controller.state import SERVICE_LOST, State
+from nirf.hal.errors import FaultActive, WrongState
 from tests.safety_rig import Rig
 
 
@@ -91,7 +91,7 @@ def test_a_dead_thread_stops_the_safety_cores_watchdog_pings(tmp_path):
     import threading
     from types import SimpleNamespace
 
-    from controller.main import SafetyCore
+    from nirf.controller.main import SafetyCore
 
     rig = Rig(safety={"emission_delay_s": 1.0})
     core = SafetyCore(rig.cfg, rig.laser, rig.io, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run",

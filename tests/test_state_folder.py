@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import config as config_mod
-
-
+from nirf import config as config_mod
 def test_a_checkout_keeps_var_sim(monkeypatch):
     monkeypatch.delenv("NIRF_STATE_DIR", raising=False)
     assert config_mod.running_from_checkout()  # these tests run from the checkout

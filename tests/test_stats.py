@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hal.errors import InvalidArgument
-from services.study import stats
+from nirf.hal.errors import InvalidArgument
+from nirf.services.study import stats
 from tests import study_reference as ref
 
 scipy_stats = pytest.importorskip("scipy.stats")

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from hal.clock import ManualClock
-from hal.errors import InvalidArgument, WrongState
-from services.study.casestore import CaseStore
-from services.study.report import ReportOptions
-from services.study import pool, records
+from nirf.hal.clock import ManualClock
+from nirf.hal.errors import InvalidArgument, WrongState
+from nirf.services.study.casestore import CaseStore
+from nirf.services.study.report import ReportOptions
+from nirf.services.study import pool, records
 from tests import study_reference as ref
 from tests.study_synth import make_study
 
@@ -225,7 +225,7 @@ def test_exclusions_are_required_where_the_store_says(tmp_path):
 
 
 def test_the_device_refuses_an_unsynchronised_clock_unless_overridden():
-    from services.study.clinical import Clinical
+    from nirf.services.study.clinical import Clinical
 
     gate = Clinical.__new__(Clinical)  # only the gate: no sockets needed
     gate.cfg = SimpleNamespace(profile="device")
@@ -252,7 +252,7 @@ def test_an_override_is_recorded_as_a_deviation(tmp_path):
 
 
 def test_the_clock_state_reader_answers():
-    from services.study.casestore import wall_clock_synchronised
+    from nirf.services.study.casestore import wall_clock_synchronised
 
     assert wall_clock_synchronised() in (True, False, None)
 
@@ -291,7 +291,7 @@ def test_pooling_two_centres_equals_one_cart_holding_all(tmp_path):
             make_study(one, clock, seed=seed, per_cell=3, first_number=first)
     with CaseStore(path, clock=ManualClock(), report_options=ReportOptions(bootstrap_resamples=RESAMPLES)) as one:
         whole = one.report()
-    from services.study.report import build_study_report
+    from nirf.services.study.report import build_study_report
 
     got = build_study_report(pooled, options=ReportOptions(bootstrap_resamples=RESAMPLES))
 
@@ -407,7 +407,7 @@ def test_export_reads_back_to_the_same_records(study):
 
 
 def test_a_version_1_database_is_migrated(tmp_path):
-    from services.study import casestore
+    from nirf.services.study import casestore
 
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)

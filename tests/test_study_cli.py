@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import json
 
-from hal.clock import ManualClock
-from services.cli import main as cli
-from services.study.casestore import CaseStore
+from nirf.hal.clock import ManualClock
+from nirf.services.cli import main as cli
+from nirf.services.study.casestore import CaseStore
 from tests.study_synth import make_study
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import config as config_mod
-
+from nirf import config as config_mod
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 INSTALL_SCRIPT = ROOT / "install" / "install-pi.sh"

@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from hal.errors import DeviceError, InvalidArgument
-from services.study import tiff
-from services.study.tiff import (RecorderDiskFull, RecorderError, SequenceGapCounter, TiffFormatError,
+from nirf.hal.errors import DeviceError, InvalidArgument
+from nirf.services.study import tiff
+from nirf.services.study.tiff import (RecorderDiskFull, RecorderError, SequenceGapCounter, TiffFormatError,
                            parse_tiff, read_tiff, tiff_bytes, write_tiff_atomic)
 
 
@@ -132,7 +132,7 @@ def test_reader_rejects_garbage(tmp_path):
 
 
 def test_disk_full_on_write_leaves_no_file(tmp_path, mocker):
-    mocker.patch("services.study.tiff.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    mocker.patch("nirf.services.study.tiff.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     fsync = mocker.spy(tiff.os, "fsync")
     with pytest.raises(RecorderDiskFull) as info:
         write_tiff_atomic(tmp_path / "f.tif", frame(), META)
@@ -149,21 +149,21 @@ def test_short_writes_are_completed(tmp_path, mocker):
     def dribble(fd, data):
         return real_write(fd, bytes(data[:1000]))  # the kernel may take less than asked
 
-    mocker.patch("services.study.tiff.os.write", side_effect=dribble)
+    mocker.patch("nirf.services.study.tiff.os.write", side_effect=dribble)
     a = frame()
     write_tiff_atomic(tmp_path / "f.tif", a, META)
     np.testing.assert_array_equal(read_tiff(tmp_path / "f.tif")[0], a)
 
 
 def test_failed_fsync_leaves_no_file(tmp_path, mocker):
-    mocker.patch("services.study.tiff.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    mocker.patch("nirf.services.study.tiff.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(RecorderDiskFull):
         write_tiff_atomic(tmp_path / "f.tif", frame(), META)
     assert visible(tmp_path) == []
 
 
 def test_other_io_error_is_a_recorder_error(tmp_path, mocker):
-    mocker.patch("services.study.tiff.os.fsync", side_effect=OSError(errno.EIO, "Input/output error"))
+    mocker.patch("nirf.services.study.tiff.os.fsync", side_effect=OSError(errno.EIO, "Input/output error"))
     with pytest.raises(RecorderError) as info:
         write_tiff_atomic(tmp_path / "f.tif", frame(), META)
     assert not isinstance(info.value, RecorderDiskFull)
@@ -182,7 +182,7 @@ def test_failed_folder_fsync_removes_renamed_file(tmp_path, mocker):
             raise OSError(errno.EIO, "Input/output error")
         return real_fsync(fd)
 
-    mocker.patch("services.study.tiff.os.fsync", side_effect=fsync)
+    mocker.patch("nirf.services.study.tiff.os.fsync", side_effect=fsync)
     with pytest.raises(RecorderError):
         write_tiff_atomic(tmp_path / "f.tif", frame(), META)
     assert len(calls) == 2
@@ -190,7 +190,7 @@ def test_failed_folder_fsync_removes_renamed_file(tmp_path, mocker):
 
 
 def test_rename_failure_leaves_no_file(tmp_path, mocker):
-    mocker.patch("services.study.tiff.os.rename", side_effect=OSError(errno.EDQUOT, "Disk quota exceeded"))
+    mocker.patch("nirf.services.study.tiff.os.rename", side_effect=OSError(errno.EDQUOT, "Disk quota exceeded"))
     with pytest.raises(RecorderDiskFull):
         write_tiff_atomic(tmp_path / "f.tif", frame(), META)
     assert visible(tmp_path) == []
@@ -207,7 +207,7 @@ def test_success_syncs_file_and_folder(tmp_path, mocker):
 
 def test_reserve_refuses_before_writing(tmp_path, mocker):
     usage = type("Usage", (), {"free": 1_000_000, "total": 10**9, "used": 0})
-    mocker.patch("services.study.tiff.shutil.disk_usage", return_value=usage)
+    mocker.patch("nirf.services.study.tiff.shutil.disk_usage", return_value=usage)
     with pytest.raises(RecorderDiskFull, match="1000000 bytes free"):
         write_tiff_atomic(tmp_path / "f.tif", frame(), META, reserve_bytes=999_000)
     assert visible(tmp_path) == []
@@ -228,7 +228,7 @@ def test_gap_counter_in_order():
 def test_gap_counter_counts_missing(caplog):
     c = SequenceGapCounter("rec")
     seqs = [0, 1, 2, 5, 6, 10, 11]
-    with caplog.at_level(logging.WARNING, logger="services.study.tiff"):
+    with caplog.at_level(logging.WARNING, logger="nirf.services.study.tiff"):
         missed = [c.feed(s) for s in seqs]
     assert missed == [0, 0, 0, 2, 0, 3, 0]
     assert c.gaps == 2 and c.missing == 5 and c.lost == 5
@@ -241,7 +241,7 @@ def test_gap_counter_counts_missing(caplog):
 
 def test_gap_counter_restart_and_duplicates(caplog):
     c = SequenceGapCounter()
-    with caplog.at_level(logging.WARNING, logger="services.study.tiff"):
+    with caplog.at_level(logging.WARNING, logger="nirf.services.study.tiff"):
         for s in (5, 6, 6, 0, 1):
             c.feed(s)
     assert c.out_of_order == 2 and c.missing == 0
@@ -380,7 +380,7 @@ def test_a_pair_is_written_atomically(tmp_path, mocker):
 
 
 def test_a_full_disk_leaves_no_pair_behind(tmp_path, mocker):
-    mocker.patch("services.study.tiff.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    mocker.patch("nirf.services.study.tiff.os.write", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(RecorderDiskFull, match="p.ome.tiff"):
         tiff.write_pair_atomic(tmp_path / "p.ome.tiff", frame(), frame(seed=2), ON_META, OFF_META)
     assert visible(tmp_path) == []

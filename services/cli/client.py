@@ -16,7 +16,7 @@ import msgpack
 import zmq
 import zmq.auth
 
-from hal.errors import DeviceTimeout
+from nirf.hal.errors import DeviceTimeout
 
 DEFAULT_TIMEOUT_S = 5.0
 

@@ -342,9 +342,9 @@ def cart_camera_sampler(cfg: Any) -> Callable[[], CameraSample]:
     def sample() -> CameraSample:
         import serial  # pyserial, a run-time dependency
 
-        from drivers.camera import picamera2_factory
-        from drivers.fw102c import Fw102cWheel
-        from drivers.laser_mcu import McuLaser
+        from nirf.drivers.camera import picamera2_factory
+        from nirf.drivers.fw102c import Fw102cWheel
+        from nirf.drivers.laser_mcu import McuLaser
 
         wheel = Fw102cWheel(lambda: serial.Serial(cfg.filter_wheel.port,
                                                   cfg.filter_wheel.baudrate, timeout=0.05))

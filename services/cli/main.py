@@ -45,11 +45,11 @@ from pathlib import Path
 
 import zmq.auth
 
-import config as config_mod
-from hal.errors import DeviceTimeout, NirfError
-from services.common import keys as keys_mod
-from services.cli.client import CartClient, CartError
-from services.study.report import ARMS, HISTOLOGIES
+from nirf import config as config_mod
+from nirf.hal.errors import DeviceTimeout, NirfError
+from nirf.services.common import keys as keys_mod
+from nirf.services.cli.client import CartClient, CartError
+from nirf.services.study.report import ARMS, HISTOLOGIES
 
 SITES = ("gross_tumor", "tumor_bed", "specimen_cross_section")
 
@@ -495,7 +495,7 @@ def format_report(report: dict) -> str:
 def export_command(args, cfg) -> int:
     """Long CSV straight from the case database in the state folder (no cart needed), and
     optionally the REDCap data dictionary."""
-    from services.study.casestore import CaseStore
+    from nirf.services.study.casestore import CaseStore
 
     state_dir = Path(args.state_dir) if args.state_dir else cfg.state_dir()
     db = state_dir / "study.db"
@@ -534,9 +534,9 @@ def export_command(args, cfg) -> int:
 
 def pool_command(args, cfg) -> int:
     """Pool exports into one analysis: conflicts on standard error, the report as asked."""
-    from services.study.casestore import _write_atomically
-    from services.study import page, pool, records
-    from services.study.report import ReportOptions, build_study_report
+    from nirf.services.study.casestore import _write_atomically
+    from nirf.services.study import page, pool, records
+    from nirf.services.study.report import ReportOptions, build_study_report
 
     data, summary = pool.pool(pool.read_exports(args.exports))
     study = cfg.study.as_dict()
@@ -614,7 +614,7 @@ def _main(argv=None) -> int:
         if args.command == "export":
             return export_command(args, cfg)
         if args.command == "doctor":
-            from services.cli.doctor import doctor_command  # imported only for this command
+            from nirf.services.cli.doctor import doctor_command  # imported only for this command
             return doctor_command(args, cfg)
         if args.command == "pool":
             return pool_command(args, cfg)
@@ -646,8 +646,8 @@ def _main(argv=None) -> int:
                 print(f"nirfctl: {msg}", file=sys.stderr)
             return EXIT_NO_ANSWER
         if cmd == "report" and getattr(args, "html", None):
-            from services.study.casestore import _write_atomically
-            from services.study import page
+            from nirf.services.study.casestore import _write_atomically
+            from nirf.services.study import page
 
             _write_atomically(args.html, page.render(result))
             print(f"report page written to {args.html}", file=sys.stderr)

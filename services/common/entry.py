@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from services.common import sdnotify
+from nirf.services.common import sdnotify
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hal.errors import NirfError
+from nirf.hal.errors import NirfError
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import zmq
 
-from services.common import ipc
+from nirf.services.common import ipc
 
 log = logging.getLogger(__name__)
 

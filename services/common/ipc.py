@@ -31,8 +31,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from hal.clock import Clock, SystemClock
-from hal.errors import Busy, CommandRefused, NirfError
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import Busy, CommandRefused, NirfError
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class InternalClient:
 
     def call(self, cmd: str, args: dict | None = None, *, timeout_s: float = 2.0,
              caller: Caller = INTERNAL, t_arrival_ns: int | None = None, expires: bool = False):
-        from hal.errors import DeviceTimeout
+        from nirf.hal.errors import DeviceTimeout
 
         with self._lock:
             self._n += 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from hal.errors import ConfigError
+from nirf.hal.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

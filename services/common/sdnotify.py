@@ -23,7 +23,7 @@ import socket
 import threading
 from collections.abc import Mapping
 
-from hal.clock import Clock, SystemClock
+from nirf.hal.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 

@@ -45,14 +45,14 @@ from typing import Any
 import zmq
 import zmq.auth
 
-import config as config_mod
-from hal.clock import Clock, SystemClock
-from hal.errors import ConfigError, InvalidArgument, NirfError
-from services.gateway import bus as bus_mod
-from services.common import entry
-from services.common import keys as keys_mod
-from services.common import sdnotify
-from services.processing.png import encode_png
+from nirf import config as config_mod
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import ConfigError, InvalidArgument, NirfError
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.common import entry
+from nirf.services.common import keys as keys_mod
+from nirf.services.common import sdnotify
+from nirf.services.processing.png import encode_png
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from hal.errors import NirfError, NotPermitted, UnknownCommand
-from services.common.keys import OPERATOR, make_curve_server
+from nirf.hal.errors import NirfError, NotPermitted, UnknownCommand
+from nirf.services.common.keys import OPERATOR, make_curve_server
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ MAX_ID_LEN = 64
 # Arguments nested deeper than this are refused before any handler sees them.
 MAX_ARGS_DEPTH = 32
 # Commands an observer may call; everything else needs the operator role.
-from services.gateway.commands import READ_ONLY  # noqa: E402  (the one command table)
+from nirf.services.gateway.commands import READ_ONLY  # noqa: E402  (the one command table)
 
 UNPACK_LIMITS = dict(max_str_len=16 * 1024, max_bin_len=64 * 1024, max_array_len=4096, max_map_len=256)
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import zmq
 
-import config as config_mod
-from hal.errors import NirfError
-from services.common import entry, ipc, sdnotify
-from services.common import keys as keys_mod
-from services.gateway import bus as bus_mod
-from services.gateway.audit import AuditLog
-from services.gateway.commands import COMMANDS, OWNERS, Command
+from nirf import config as config_mod
+from nirf.hal.errors import NirfError
+from nirf.services.common import entry, ipc, sdnotify
+from nirf.services.common import keys as keys_mod
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.gateway.audit import AuditLog
+from nirf.services.gateway.commands import COMMANDS, OWNERS, Command
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ paired, and handed to a sink.
 The MCU is the timing master: it triggers every exposure and, in fluorescence mode, gates
 the laser on for even-numbered frames. Frame 0 is triggered the moment the MCU accepts
 ``FTON``; each trigger produces a frame notice on the serial line
-(:class:`hal.laser.FrameTag`: counter, lit, the MCU's microsecond time); each exposure
+(:class:`nirf.hal.laser.FrameTag`: counter, lit, the MCU's microsecond time); each exposure
 produces a camera frame with a sensor timestamp. picamera2 may drop any frame (it discards
 requests whose status is not Success, and keeps only the newest completed request), so a
 frame's place in the stream says nothing about its counter. :class:`FrameTagger` works the
@@ -35,10 +35,10 @@ import math
 import threading
 from typing import Callable
 
-from hal.camera import CameraSettings, Frame, NirCamera
-from hal.clock import Clock, SystemClock
-from hal.errors import CameraStall, DeviceError, InvalidArgument
-from hal.laser import FrameTag, LaserSource
+from nirf.hal.camera import CameraSettings, Frame, NirCamera
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument
+from nirf.hal.laser import FrameTag, LaserSource
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from controller.calibration import validate_power_points  # noqa: F401 (re-exported for tests)
-from services.common.files import write_atomic
-from controller.state import State
-from hal.errors import (Busy, ConfigError, DeviceError, DeviceTimeout, InvalidArgument, NirfError,
+from nirf.controller.calibration import validate_power_points  # noqa: F401 (re-exported for tests)
+from nirf.services.common.files import write_atomic
+from nirf.controller.state import State
+from nirf.hal.errors import (Busy, ConfigError, DeviceError, DeviceTimeout, InvalidArgument, NirfError,
                         NotPermitted, WrongState)
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class _FlatCollector:
 class Calibration:
     """The calibration procedures of a running controller and the calibrations in use.
 
-    ``service`` is the :class:`services.imaging.main.ControllerService` (or anything with
+    ``service`` is the :class:`nirf.services.imaging.main.ControllerService` (or anything with
     the same attributes: ``cfg``, ``state_dir``, ``clock``, ``cart``, ``acquisition``,
     ``filter``, ``_move_filter``, ``wait_results``, ``audit``, ``telemetry``, ``roi``).
     Construction reads ``current.json`` and applies a stored power calibration to
@@ -469,7 +469,7 @@ class Calibration:
     def cmd_flat(self, args, caller) -> dict:
         """``calibrate.flat {pairs}``: a flat-field map from N pairs of a uniform target.
         Needs fluorescence acquisition running (state EMITTING)."""
-        from services.processing.pipeline import flat_field_from_uniform
+        from nirf.services.processing.pipeline import flat_field_from_uniform
 
         cmd = "calibrate.flat"
         _only(args, {"pairs"}, cmd)

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import zmq
 
-import config as config_mod
-from controller.state import State
-from hal.camera import CameraSettings
-from hal.clock import SystemClock
-from hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
-from hal.laser import FrameTag, McuNotice
-from services.common import entry, ipc, sdnotify
-from services.common.follow import Follower, LatestState, Results
-from services.imaging.acquisition import Acquisition
-from services.imaging.record_tap import RecordTap
+from nirf import config as config_mod
+from nirf.controller.state import State
+from nirf.hal.camera import CameraSettings
+from nirf.hal.clock import SystemClock
+from nirf.hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
+from nirf.hal.laser import FrameTag, McuNotice
+from nirf.services.common import entry, ipc, sdnotify
+from nirf.services.common.follow import Follower, LatestState, Results
+from nirf.services.imaging.acquisition import Acquisition
+from nirf.services.imaging.record_tap import RecordTap
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,10 @@ class Devices:
 
 
 def build_sim_devices(cfg, runtime_dir: Path) -> Devices:
-    from controller.main import _serial_factory, remote_world
-    from drivers.camera import PiCamera
-    from drivers.fw102c import Fw102cWheel
-    from sim.picamera2_standin import Picamera2StandIn
+    from nirf.controller.main import _serial_factory, remote_world
+    from nirf.drivers.camera import PiCamera
+    from nirf.drivers.fw102c import Fw102cWheel
+    from nirf.sim.picamera2_standin import Picamera2StandIn
 
     world, info = remote_world(cfg, runtime_dir)
     wheel = Fw102cWheel(_serial_factory(info["wheel_port"], cfg.filter_wheel.baudrate),
@@ -162,9 +162,9 @@ def build_sim_devices(cfg, runtime_dir: Path) -> Devices:
 
 
 def build_device_devices(cfg) -> Devices:
-    from controller.main import _serial_factory
-    from drivers.camera import PiCamera, picamera2_factory
-    from drivers.fw102c import Fw102cWheel
+    from nirf.controller.main import _serial_factory
+    from nirf.drivers.camera import PiCamera, picamera2_factory
+    from nirf.drivers.fw102c import Fw102cWheel
 
     if not cfg.filter_wheel.port:
         raise ConfigError(f"{cfg.source}: [filter_wheel] port must be set in the device profile")
@@ -219,7 +219,7 @@ class ImagingService:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        from services.imaging.calibration import Calibration
+        from nirf.services.imaging.calibration import Calibration
 
         self.calibration = Calibration(self)
         self.frames_out = self.ctx.socket(zmq.PUB)
@@ -450,7 +450,7 @@ class ImagingService:
 
     def cmd_selftest(self, args, caller) -> dict:
         """Each device checked and reported on its own; SAFE and acquisition off only."""
-        from services.imaging import selftest
+        from nirf.services.imaging import selftest
 
         self._noargs(args, "selftest")
         if self.cart.state is not State.SAFE or self.acquisition.mode != "off":

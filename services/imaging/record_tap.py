@@ -17,8 +17,8 @@ import time
 import numpy as np
 import zmq
 
-from hal.errors import Busy, DeviceTimeout, InvalidArgument
-from services.common import ipc
+from nirf.hal.errors import Busy, DeviceTimeout, InvalidArgument
+from nirf.services.common import ipc
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from controller.selftest import _check  # noqa: F401  (one report shape for every device)
+from nirf.controller.selftest import _check  # noqa: F401  (one report shape for every device)
 
 log = logging.getLogger(__name__)
 

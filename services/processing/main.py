@@ -3,11 +3,11 @@ laser safety.
 
 It subscribes to laser-on/laser-off pairs from the controller (``frames.ipc``: topic
 ``pair``, a msgpack header, then the two raw uint16 frames), runs the pipeline
-(:mod:`services.processing.pipeline`) and pushes one ``result`` per pair, and a false-colour
+(:mod:`nirf.services.processing.pipeline`) and pushes one ``result`` per pair, and a false-colour
 ``preview`` at a modest rate, back to the controller (``results.ipc``), which publishes
 them on the telemetry endpoint.
 
-In automatic-ROI mode the ROI search (:mod:`services.processing.roi`) runs off the per-pair path, in
+In automatic-ROI mode the ROI search (:mod:`nirf.services.processing.roi`) runs off the per-pair path, in
 its own thread: it takes the newest pair (the frames are shared, not copied), searches,
 and hands back ROIs tagged with a generation number, the time they were found
 (``roi_found_ns``, wall clock) and the pair they were found on. The per-pair path applies
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-import config as config_mod
-from hal.errors import NirfError
-from services.gateway import bus as bus_mod
-from services.common import entry
-from services.common import sdnotify
+from nirf import config as config_mod
+from nirf.hal.errors import NirfError
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.common import entry
+from nirf.services.common import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Found:
 
 class ProcessingService:
     def __init__(self, cfg, runtime_dir: Path, *, context: zmq.Context | None = None):
-        from services.processing.pipeline import PairProcessor
+        from nirf.services.processing.pipeline import PairProcessor
 
         self.cfg = cfg
         self.runtime_dir = Path(runtime_dir)
@@ -106,7 +106,7 @@ class ProcessingService:
         self.push.connect(f"ipc://{self.runtime_dir / 'results.ipc'}")
 
     def _new_processor(self, width: int, height: int, bits: int):
-        from services.processing.pipeline import PairProcessor
+        from nirf.services.processing.pipeline import PairProcessor
 
         p = self.cfg.processing
         return PairProcessor(width, height, bits, sbr_threshold=p.sbr_threshold,
@@ -142,7 +142,7 @@ class ProcessingService:
 
     def _search(self, on, off, seq, t_capture_ns, flat, shape, request_ns) -> _Found:
         """One automatic search (in whichever thread runs it)."""
-        from services.processing.roi import RoiFinder
+        from nirf.services.processing.roi import RoiFinder
 
         h, w = shape
         if self._finder is None or (self._finder.height, self._finder.width) != (h, w):
@@ -219,7 +219,7 @@ class ProcessingService:
         """Apply the ROIs the controller asks for. In automatic mode, offer this pair to
         the search when one is due and apply the newest ROIs found (an unchanged answer
         keeps the running average). Returns whether ROIs are in place."""
-        from services.processing.pipeline import Roi
+        from nirf.services.processing.pipeline import Roi
 
         roi = header["roi"]
         now = time.monotonic()
@@ -287,7 +287,7 @@ class ProcessingService:
         """Load and apply the named flat field when the name (or the processor) changed;
         True when a flat field is applied. A map that cannot be used is logged and the
         pairs are processed uncorrected (``flat_field_applied`` false in the result)."""
-        from services.imaging.calibration import load_flat_field
+        from nirf.services.imaging.calibration import load_flat_field
 
         if self._flat_applied is None or self._flat_applied[:2] != (name, self.proc):
             applied = False

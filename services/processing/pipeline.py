@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hal.errors import InvalidArgument, WrongState
+from nirf.hal.errors import InvalidArgument, WrongState
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR colour types we write: 2 = RGB triplets, 0 = greyscale; bit depth 8 for both.

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hal.errors import InvalidArgument
-from services.processing.pipeline import Roi
+from nirf.hal.errors import InvalidArgument
+from nirf.services.processing.pipeline import Roi
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from hal.clock import Clock, SystemClock
-from hal.errors import DeviceError, InvalidArgument
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import DeviceError, InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
-from hal.clock import Clock, SystemClock
-from hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
-from services.study.report import ARMS, HISTOLOGIES, STATUSES, ReportOptions, build_study_report
-from services.study import records
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import DeviceError, InvalidArgument, NoCase, WrongState
+from nirf.services.study.report import ARMS, HISTOLOGIES, STATUSES, ReportOptions, build_study_report
+from nirf.services.study import records
 
 log = logging.getLogger(__name__)
 
@@ -1170,7 +1170,7 @@ class CaseStore:
 
     def dataset(self, case_id: str | None = None) -> dict:
         """Every record of the study (or of one case) as the records map the report and
-        the export read (:mod:`services.study.records`). Child records carry their case's
+        the export read (:mod:`nirf.services.study.records`). Child records carry their case's
         centre, so a patient is ``(centre_id, case_id)`` throughout."""
         where, params = ("WHERE c.case_id = ?", (case_id,)) if case_id is not None else ("", ())
         with self._read() as db:
@@ -1233,7 +1233,7 @@ class CaseStore:
                  "detail": json.loads(r["detail"])} for r in rows]
 
     def export_csv(self, out_file: str | os.PathLike | TextIO, case_id: str | None = None) -> int:
-        """Write the long CSV (one row per record, :mod:`services.study.records`) of one
+        """Write the long CSV (one row per record, :mod:`nirf.services.study.records`) of one
         case or the whole study; returns the number of rows. A path is written atomically
         (temporary file, fsync, rename); an open text file is written as is."""
         data = self.dataset(case_id)

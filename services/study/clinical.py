@@ -1,7 +1,7 @@
 """The clinical workflow of the study process: cases, site captures, pathology and the
 report (bus commands ``case.open``, ``case.close``, ``capture``, ``pathology.set``,
-``report``), with the case store (:mod:`services.study.casestore`, ``<state_dir>/study.db``) and
-the recorder process (:mod:`services.study.recorder`).
+``report``), with the case store (:mod:`nirf.services.study.casestore`, ``<state_dir>/study.db``) and
+the recorder process (:mod:`nirf.services.study.recorder`).
 
 A capture, step by step:
 
@@ -14,7 +14,7 @@ A capture, step by step:
    (in automatic-ROI mode only results whose ROIs were found after the request arrived:
    the pair headers ask processing for a fresh search; a capture whose results keep coming
    back not valid is refused with their reasons); the call needs SBR, intensity and CNR
-   (:func:`services.processing.pipeline.call`);
+   (:func:`nirf.services.processing.pipeline.call`);
 4. the recorder is told which pairs those were (``end``); it writes exactly their frames
    and answers with the files, the frames lost and any error (a full disk refuses the
    capture: nothing is stored);
@@ -48,10 +48,10 @@ from typing import Any, Callable
 
 import zmq
 
-from hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
-from services.common import ipc
-from services.study.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
-from services.study.recorder import CAPTURES_FOLDER
+from nirf.hal.errors import Busy, DeviceError, DeviceTimeout, InvalidArgument, NoCase, WrongState
+from nirf.services.common import ipc
+from nirf.services.study.casestore import SITES, CaseStore, LABEL_MAX_CHARS, wall_clock_synchronised
+from nirf.services.study.recorder import CAPTURES_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class Clinical:
 
     def cmd_backup(self, args: dict, caller=None) -> dict:
         """``backup``: a consistent online copy of the case store (services.study.backup)."""
-        from services.study.backup import BACKUPS_FOLDER, backup
+        from nirf.services.study.backup import BACKUPS_FOLDER, backup
 
         _only(args, {"dest"}, "backup")
         dest = args.get("dest", str(self.state_dir / BACKUPS_FOLDER))
@@ -348,7 +348,7 @@ class Clinical:
         return override
 
     def _check_imaging(self) -> None:
-        from controller.state import State
+        from nirf.controller.state import State
 
         state = self.service.cart.state
         mode = self.service.acquisition.mode
@@ -641,9 +641,9 @@ def _average(results: list[dict], processing) -> dict:
     per-pair ROI means (the ROIs have the same pixels in every pair), SBR the ratio of the
     averaged means (a mean of per-pair ratios would be biased upward by noise), CNR against
     the mean background spread, intensity the mean; the call on those
-    (:func:`services.processing.pipeline.call`: SBR, intensity and CNR must all reach their limits).
+    (:func:`nirf.services.processing.pipeline.call`: SBR, intensity and CNR must all reach their limits).
     ``processing`` is the ``[processing]`` configuration (its floors and threshold)."""
-    from services.processing.pipeline import call
+    from nirf.services.processing.pipeline import call
 
     default_threshold = float(processing.sbr_threshold)
     threshold = results[-1].get("threshold", default_threshold) if results else default_threshold

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 SC_WORD_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.7.3"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

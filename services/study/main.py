@@ -19,11 +19,11 @@ from pathlib import Path
 
 import zmq
 
-import config as config_mod
-from controller.state import State
-from hal.errors import DeviceError, NirfError
-from services.common import entry, ipc, sdnotify
-from services.common.follow import LatestState, Results
+from nirf import config as config_mod
+from nirf.controller.state import State
+from nirf.hal.errors import DeviceError, NirfError
+from nirf.services.common import entry, ipc, sdnotify
+from nirf.services.common.follow import LatestState, Results
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _ImagingView:
 
 class StudyService:
     def __init__(self, cfg, *, state_dir: Path, runtime_dir: Path, ctx: zmq.Context | None = None, clock=None):
-        from hal.clock import SystemClock
+        from nirf.hal.clock import SystemClock
 
         self.cfg = cfg
         self.state_dir, self.runtime_dir = Path(state_dir), Path(runtime_dir)
@@ -115,7 +115,7 @@ class StudyService:
         return self.results.wait_results(count, timeout_s, valid_only)
 
     def start(self) -> None:
-        from services.study.clinical import Clinical
+        from nirf.services.study.clinical import Clinical
 
         try:
             self.clinical = Clinical(self)

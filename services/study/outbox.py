@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hal.clock import Clock, SystemClock
-from hal.errors import InvalidArgument
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

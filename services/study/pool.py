@@ -1,6 +1,6 @@
 """Pool several carts' exports into one analysis (PRODUCT.md section 10, several centres).
 
-Each export is the long CSV of :mod:`services.study.records`. Pooling:
+Each export is the long CSV of :mod:`nirf.services.study.records`. Pooling:
 
 1. Records are identified by their globally unique ``uid``: the same record in two exports
    (a cart exported twice) is kept once; the same uid with different content is a conflict.
@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from hal.errors import InvalidArgument
-from services.study import records
+from nirf.hal.errors import InvalidArgument
+from nirf.services.study import records
 
 # The fields that describe the patient; two carts' case records must agree on these.
 PATIENT_FIELDS = ("histology", "arm", "weight_kg", "dose_mg", "injection_time", "surgery_date",

@@ -51,8 +51,8 @@ The answer to ``end`` (on ``record_ack.ipc``)::
 How a capture reaches the disk, so that nothing half-written is ever visible (D2): the
 recorder keeps the forwarded pairs in memory (bounded by ``[recorder] buffer_mb``) until
 ``end``; it then writes each requested pair as one OME-TIFF with
-:func:`services.study.tiff.write_pair_atomic` (and, with ``[dicom] enabled``, the capture's DICOM
-files, queued in the durable outbox of :mod:`services.study.outbox`) into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
+:func:`nirf.services.study.tiff.write_pair_atomic` (and, with ``[dicom] enabled``, the capture's DICOM
+files, queued in the durable outbox of :mod:`nirf.services.study.outbox`) into a hidden staging folder ``captures/<case_id>/.<capture_id>.partial``, and renames
 that folder to ``captures/<case_id>/<capture_id>`` (atomic) once every file is on disk,
 then flushes the parent folder. A crash leaves at most a hidden staging folder, removed
 when the recorder starts again. A full disk (or less free space than
@@ -80,13 +80,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-import config as config_mod
-from hal.clock import Clock, SystemClock
-from hal.errors import NirfError
-from services.gateway import bus as bus_mod
-from services.common import entry
-from services.common import sdnotify
-from services.study.tiff import (RecorderDiskFull, RecorderError, SequenceGapCounter, pair_file_name,
+from nirf import config as config_mod
+from nirf.hal.clock import Clock, SystemClock
+from nirf.hal.errors import NirfError
+from nirf.services.gateway import bus as bus_mod
+from nirf.services.common import entry
+from nirf.services.common import sdnotify
+from nirf.services.study.tiff import (RecorderDiskFull, RecorderError, SequenceGapCounter, pair_file_name,
                            write_bytes_atomic, write_pair_atomic)
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ class Recorder:
         r = cfg.recorder
         state_dir = state_dir if state_dir is not None else cfg.state_dir()
         if cfg.dicom.enabled and "dicom" not in kw:
-            from services.study.dicom import DicomSettings
-            from services.study.outbox import Outbox
+            from nirf.services.study.dicom import DicomSettings
+            from nirf.services.study.outbox import Outbox
 
             kw["dicom"] = DicomSettings.from_config(cfg, software_version=_software_version())
             kw.setdefault("outbox", Outbox.from_config(cfg, state_dir))
@@ -419,7 +419,7 @@ class Recorder:
             done["dicom_errors"].append("no measurements in the end message; no DICOM made")
             log.error("recorder: capture %s: no measurements came with it; no DICOM made", capture_id)
             return []
-        from services.study import dicom as dicom_mod
+        from nirf.services.study import dicom as dicom_mod
 
         try:
             objects = dicom_mod.capture_files(frames, frame_meta, measurements, case_id=case_id,

@@ -9,8 +9,8 @@ record type. Cells hold plain values, never JSON: true/false as REDCap's ``yesno
 1/0, dates as ``YYYY-MM-DD``, wall times as ISO 8601 text (with their time zone).
 
 :func:`write_csv` and :func:`read_csv` turn the records map (the one
-:func:`services.study.report.build_study_report` reads) into rows and back, so a pooled analysis
-of exports (:mod:`services.study.pool`) sees exactly what the carts held.
+:func:`nirf.services.study.report.build_study_report` reads) into rows and back, so a pooled analysis
+of exports (:mod:`nirf.services.study.pool`) sees exactly what the carts held.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, TextIO
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 FORM = "study_record"
 # The data dictionary's columns, in the order and spelling REDCap's dictionary upload expects.

@@ -2,8 +2,8 @@
 
 The report is computed from the study's records (:func:`build_study_report`), the same way
 whether they come from one cart's case store or from several carts' exports pooled
-(:mod:`services.study.pool`). The records are a map of lists (see
-:mod:`services.study.records`): ``cases``, ``captures``, ``pathology`` (entries per
+(:mod:`nirf.services.study.pool`). The records are a map of lists (see
+:mod:`nirf.services.study.records`): ``cases``, ``captures``, ``pathology`` (entries per
 capture), ``margins`` (the patient's final margin status), ``followups``,
 ``adverse_events`` and ``deviations``. Every record carries ``uid``, ``centre_id`` and
 ``cart_id``; a patient is ``(centre_id, case_id)``.
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Iterable, Mapping
 
-from hal.errors import InvalidArgument
-from services.study.stats import (Z_95, auc_cluster_bootstrap, auc_mann_whitney, betainc,  # noqa: F401
+from nirf.hal.errors import InvalidArgument
+from nirf.services.study.stats import (Z_95, auc_cluster_bootstrap, auc_mann_whitney, betainc,  # noqa: F401
                                   betaincinv, clopper_pearson, clustered_proportion,
                                   fisher_exact_2x2, kaplan_meier_incidence, logrank,
                                   pearson_chi2, proportion, roc_points, wilson)

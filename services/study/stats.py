@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from hal.errors import InvalidArgument
+from nirf.hal.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from hal.errors import DeviceError, InvalidArgument, NirfError
+from nirf.hal.errors import DeviceError, InvalidArgument, NirfError
 
 log = logging.getLogger(__name__)
 
