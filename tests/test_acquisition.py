@@ -207,3 +207,47 @@ def test_frames_carry_the_exposure_the_trigger_pulse_gives():
     acq.mode = "white"
     acq._handle(Frame(frame(0).data, meta(0).with_(exposure_us=33_333)), None)
     assert got[0].meta.exposure_us == 50_000
+
+
+# -- under load: the FTON request and its reply can take several periods ----------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(before_ms=st.floats(0.0, 300.0), after_ms=st.floats(0.0, 300.0),
+       latencies_ms=st.lists(st.floats(0.5, 20.0), min_size=40, max_size=40),
+       dropped=st.sets(st.integers(0, 39), max_size=12), jitter_us=st.integers(-300, 300))
+def test_a_wide_fton_window_never_gives_a_frame_a_wrong_counter(before_ms, after_ms, latencies_ms,
+                                                                dropped, jitter_us):
+    """FTON sent up to 300 ms before the MCU took it and acknowledged up to 300 ms after
+    (a loaded host), notices 0.5-20 ms late, frames dropped anywhere: a frame is tagged with
+    its own counter or left untagged, never given another's (that would swap the on/off
+    labels of the whole session), and after the first notices every frame is tagged."""
+    window = (WALL_T0_NS - int(before_ms * 1e6), WALL_T0_NS + int(after_ms * 1e6))
+    t = FrameTagger(PERIOD_US, start_window_ns=window)
+    untagged = []
+    for n in range(40):
+        t.add([tag(k, latency_us=int(latencies_ms[k] * 1000)) for k in range(n + 1)])
+        if n in dropped:
+            continue
+        got = t.match(meta(n, jitter_us=jitter_us))
+        if got is None:
+            untagged.append(n)
+        else:
+            assert (got.counter, got.lit) == (n, n % 2 == 0), f"frame {n} tagged as {got.counter}"
+    assert not [n for n in untagged if n > 2], untagged
+
+
+def test_the_old_midpoint_guess_is_not_used_for_a_wide_window():
+    """The regression: FTON acknowledged 200 ms after the MCU took it (the host was busy).
+    The middle of that window is 3 periods after frame 0; frames placed from it were given
+    counters not yet notified and every real notice was discarded as stale, so no frame
+    was ever tagged and no result came."""
+    window = (WALL_T0_NS - 500_000, WALL_T0_NS + 200_000_000)
+    t = FrameTagger(PERIOD_US, start_window_ns=window)
+    got = []
+    for n in range(10):
+        t.add([tag(k) for k in range(n + 1)])
+        m = t.match(meta(n))
+        got.append(None if m is None else m.counter)
+    assert got == list(range(10))

@@ -101,19 +101,32 @@ class FrameTagger:
             mcu_us = meta.sensor_timestamp_ns / 1000.0 - self.sensor_minus_mcu_us
             x = (mcu_us - self._mcu_t0_us) / self.period_us
             n = round(x)
-        elif self.start_window_ns is not None:
-            lo, hi = self.start_window_ns
-            x = (meta.t_start_ns - (lo + hi) / 2) / 1000.0 / self.period_us
-            n = round(x)
-        elif self._host_minus_mcu_ns is not None and self._mcu_t0_us is not None:
-            # A notice arrives after its trigger, never before: the earliest arrival bounds
-            # the MCU-to-wall offset from above, so the frame can only be later than it looks.
-            mcu_us = (meta.t_start_ns - self._host_minus_mcu_ns) / 1000.0
-            x = (mcu_us - self._mcu_t0_us) / self.period_us
-            n = math.ceil(x - self.tolerance)
-            x = n  # one-sided: no distance check possible
         else:
-            return None
+            # Before the first match: bounds on the wall-clock time of frame 0's trigger.
+            period_ns = self.period_us * 1000.0
+            lo, hi = self.start_window_ns or (None, None)
+            upper = None  # from the notices: one arrives after its trigger, never before
+            if self._host_minus_mcu_ns is not None and self._mcu_t0_us is not None:
+                upper = self._mcu_t0_us * 1000.0 + self._host_minus_mcu_ns
+                if lo is not None and upper < lo:  # the two disagree: trust the notices
+                    lo = hi = None
+                hi = upper if hi is None else min(hi, upper)
+            if lo is not None and hi - lo <= self.tolerance * period_ns:
+                # narrow enough that its middle cannot be taken for the next trigger
+                x = (meta.t_start_ns - (lo + hi) / 2) / period_ns
+                n = round(x)
+            elif upper is not None:
+                # One-sided: frame 0 began at most ``hi``, so the frame can only be later
+                # than it looks from there (a wide FTON window alone would be a guess: under
+                # load the request and its reply can take several periods).
+                x = (meta.t_start_ns - hi) / period_ns
+                n = math.ceil(x - self.tolerance)
+                if lo is not None and n > (meta.t_start_ns - lo) / period_ns + self.tolerance:
+                    self.rejected += 1
+                    return None
+                x = n  # no distance check possible
+            else:
+                return None  # a wide window and no notice yet: wait rather than guess
         if n < 0 or abs(x - n) > self.tolerance:
             self.rejected += 1
             log.debug("frame at sensor time %d ns is %.2f periods from any trigger",
