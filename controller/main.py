@@ -70,6 +70,11 @@ class ServiceWatch:
         # old one died and was restarted faster than the timeout; it lost what it knew.
         self.instance: dict[str, str] = {}
         self.restarted: set[str] = set()
+        # When the reader of the heartbeats last emptied its socket. A refusal (arm,
+        # fault.reset) measures silence up to then: heartbeats still waiting unread because
+        # that thread did not run (the process was descheduled) are not silence. Trips keep
+        # measuring up to now, so a reader that stops for good still ends in SERVICE_LOST.
+        self._serviced: float | None = None
 
     def beat(self, name: str, instance: str | None = None) -> None:
         if name not in self.last:
@@ -96,8 +101,13 @@ class ServiceWatch:
                  f"(limit {self.timeout_s * 1000:.0f} ms) while {state.value}")
                 for name, age in self.silent(now)]
 
+    def serviced(self, now: float) -> None:
+        """The heartbeat reader has read everything that was waiting, at ``now``."""
+        self._serviced = now
+
     def causes(self, now: float) -> list[str]:
-        return [f"the {name} process is not running" for name, _ in self.silent(now)]
+        ref = now if self._serviced is None else min(now, self._serviced)
+        return [f"the {name} process is not running" for name, _ in self.silent(ref)]
 
     def ages_ms(self) -> dict:
         now = self.clock.monotonic()
@@ -277,6 +287,7 @@ class SafetyCore:
                         except zmq.Again:
                             break
                         self._on_notice(ipc.unpack_map(data))
+                self.watch.serviced(self.clock.monotonic())
                 changed = False
                 while True:
                     try:

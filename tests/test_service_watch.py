@@ -148,3 +148,32 @@ def test_a_restart_while_safe_changes_nothing(rig):
     rig.cart.arm()
     rig.advance(0.1)
     assert rig.cart.state is State.ARMING
+
+
+def test_heartbeats_waiting_unread_are_not_silence_for_a_refusal():
+    """The safety core descheduled for 600 ms: the gateway's heartbeats wait in the socket
+    while the arm request is handled first. Silence counts up to the last read of the
+    heartbeats, so arm is not refused for it; a truly silent process still is."""
+    r = WatchedRig(safety={"emission_delay_s": 1.0})
+    r.advance(0.1)
+    r.watch.serviced(r.clock.monotonic())
+    r.silent.update({"gateway", "imaging"})
+    r.clock.advance(0.6)  # nothing ran: no heartbeat read, no check
+    assert r.watch.causes(r.clock.monotonic()) == []
+    r.watch.serviced(r.clock.monotonic())  # the reader ran and found nothing
+    assert r.watch.causes(r.clock.monotonic()) == ["the gateway process is not running",
+                                                  "the imaging process is not running"]
+    with pytest.raises(WrongState, match="gateway"):
+        r.cart.arm()
+
+
+def test_a_stalled_heartbeat_reader_still_trips_while_armed(rig):
+    """Only refusals measure up to the last read: while armed a reader that stopped reading
+    for good ends in SERVICE_LOST (the trips measure up to now)."""
+    rig.watch.serviced(rig.clock.monotonic())
+    rig.cart.arm()
+    rig.silent.update({"gateway", "imaging"})
+    rig.advance(SERVICES_TIMEOUT_S + 0.2)
+    assert rig.cart.state is State.FAULT
+    assert [f.code for f in rig.cart.faults] == [SERVICE_LOST]
+    assert rig.output_mw == 0.0

@@ -126,6 +126,17 @@ class Gateway:
         self.audit.close()
 
     # ------------------------------------------------------------------ the loop
+    def _beat_if_due(self, next_hb: float) -> float:
+        """Send the safety core a heartbeat (and systemd its watchdog ping) when one is due;
+        the next due time."""
+        now = time.monotonic()
+        if now < next_hb:
+            return next_hb
+        self.heartbeat.send({"kind": "hb", "process": "gateway", "instance": self.instance})
+        self.watchdog()
+        self._expire_pending(now)
+        return now + HEARTBEAT_S
+
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
@@ -146,22 +157,22 @@ class Gateway:
                     return
                 raise
             try:
+                # the heartbeat is checked between the drains too: a burst of publications
+                # under load does not delay it past its period
                 for name, s in self.subs.items():
                     if s in events:
                         self._drain(s, lambda frames, n=name: self._on_publication(n, frames))
+                next_hb = self._beat_if_due(next_hb)
                 for name, s in self.owners.items():
                     if s in events:
                         self._drain(s, self._on_owner_reply)
                 if self.results_in in events:
                     self._drain(self.results_in, self._on_result)
+                next_hb = self._beat_if_due(next_hb)
                 if self.control in events:
                     self._drain(self.control, self._on_request, limit=200)
+                next_hb = self._beat_if_due(next_hb)
                 now = time.monotonic()
-                if now >= next_hb:
-                    self.heartbeat.send({"kind": "hb", "process": "gateway", "instance": self.instance})
-                    self.watchdog()
-                    next_hb = now + HEARTBEAT_S
-                    self._expire_pending(now)
                 if now >= next_keys:
                     self._check_keys()
                     next_keys = now + KEY_CHECK_S
