@@ -52,6 +52,7 @@ class FrameMeta:
     mcu_frame: int | None = None
     laser_mw: float = 0.0  # calibrated optical power during lit frames
     filter_position: int = 0
+    cut: bool = False  # the MCU cut this lit frame's exposure (a turn-off or decrease)
 
     def with_(self, **changes) -> "FrameMeta":
         return replace(self, **changes)

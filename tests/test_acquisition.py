@@ -251,3 +251,34 @@ def test_the_old_midpoint_guess_is_not_used_for_a_wide_window():
         m = t.match(meta(n))
         got.append(None if m is None else m.counter)
     assert got == list(range(10))
+
+
+# -- the MCU's cut record (``! CUT <counter>``) --------------------------------------------
+def test_a_lit_frame_the_mcu_cut_is_marked_in_its_pair():
+    """The MCU reports a lit exposure cut by a turn-off or a decrease; the pair made from
+    that on frame carries ``cut`` (processing flags it ``on_frame_cut``), the others not; a
+    report that comes after its frame was handed on is counted, never silently lost."""
+    from nirf.hal.laser import McuNotice
+
+    got = []
+    acq = Acquisition(FakeCamera([frame(n) for n in range(8)]), FakeLaser([tag(n) for n in range(8)]),
+                      on_pair=lambda on, off: got.append((on, off)), laser_mw=lambda: 50.0)
+    acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    acq._pending_on = None
+    acq.mode = "fluorescence"
+    notices = {2: [McuNotice("CUT", ("2",))], 7: [McuNotice("CUT", ("4",)), McuNotice("CUT", ("x",))]}
+    for n in range(8):
+        f = acq.camera.capture(1.0)
+        acq._note_cuts(notices.get(n, []))
+        acq._tagger.add(acq.laser.poll()[0])
+        acq._handle(f, acq._tagger.match(f.meta))
+    assert [(on.meta.mcu_frame, on.meta.cut, off.meta.cut) for on, off in got] == \
+        [(0, False, False), (2, True, False), (4, False, False), (6, False, False)]
+    assert (acq.cuts, acq.cuts_late) == (2, 1)  # the report of 4 came after its pair; "x" is malformed
+
+
+def test_the_cut_mark_reaches_the_pipeline_as_on_frame_cut():
+    from nirf.services.imaging.main import _meta
+
+    m = meta(2).with_(lit=True, mcu_frame=2, cut=True, laser_mw=50.0)
+    assert _meta(m)["cut"] is True and _meta(meta(3))["cut"] is False

@@ -242,6 +242,81 @@ def test_the_open_filter_is_flagged(client):
         client.call("filter.move", {"name": "icg_emission"}, timeout_s=15)
 
 
+def _lit_exposures(events, t0_ns, t1_ns, exposure_ns):
+    """The world's lit frames in [t0, t1]: (start, end, decreased) from its record of the
+    optical output (the MCU lights the whole period of a lit frame; the exposure is its first
+    ``exposure_ns``); ``decreased`` when the output stepped down to a lower non-zero level
+    before the exposure ended (a cut the MCU must report)."""
+    out, start, level, decreased = [], None, 0.0, False
+    for t, mw in events:
+        if level == 0.0 and mw > 0.0:
+            start, decreased = t, False
+        elif start is not None and 0.0 < mw < level and t < start + exposure_ns:
+            decreased = True
+        elif start is not None and mw == 0.0:
+            if t0_ns <= start <= t1_ns:
+                out.append((start, t, decreased))
+            start = None
+        level = mw
+    return out
+
+
+def test_a_decrease_during_a_lit_exposure_flags_that_pair_cut(cart, client):
+    """``laser.set`` lower while the MCU has a lit exposure open: the MCU cuts it and says so
+    (``! CUT``), and the result of that pair is invalid with ``on_frame_cut``. Judged on the
+    world's own record of the optical output: every flagged pair's on exposure was cut, and
+    every pair whose on exposure was cut is flagged (or counted as a late report)."""
+    from tests.faults import WorldProbe
+
+    fps = 30.0
+    exposure_us = 25_000  # most of the period: a decrease usually lands inside a lit exposure
+    probe = WorldProbe(cart.runtime_dir)
+    try:
+        client.call("camera.set", {"exposure_us": exposure_us, "fps": fps})
+        sim_set(client, {"scene": "default"})
+        before = client.call("status")["pairs"]
+        t0 = time.time_ns()
+        for _ in range(12):
+            client.call("laser.set", {"power_mw": 40})
+            time.sleep(0.045)
+            client.call("laser.set", {"power_mw": LASER_MW})  # an increase waits for the next lit frame
+            time.sleep(0.07)
+        t1 = time.time_ns()
+        got = []
+        deadline = time.monotonic() + 20
+        while not got or got[-1]["t_capture_ns"] < t1 + 300_000_000:
+            assert time.monotonic() < deadline, "results stopped"
+            m = client.wait_for("result", timeout_s=2)
+            if m is not None and m["t_capture_ns"] > t0:
+                got.append(m)
+        after = client.call("status")["pairs"]
+        exposures = _lit_exposures(probe.events(), t0 - 100_000_000, t1 + 400_000_000, exposure_us * 1000)
+    finally:
+        probe.close()
+        client.call("laser.set", {"power_mw": LASER_MW})
+        client.call("camera.set", {"exposure_us": 10_000, "fps": fps})
+    period_ns = 1e9 / fps
+
+    def exposure_of(r):
+        # t_capture is the end of the pair's off frame, one period after the on frame
+        on_start = r["t_capture_ns"] - period_ns - exposure_us * 1000
+        near = [e for e in exposures if abs(e[0] - on_start) < 5_000_000]
+        return near[0] if near else None
+
+    flagged = [r for r in got if "on_frame_cut" in r["flags"]]
+    assert flagged, f"no pair flagged cut in {len(got)} results; cut exposures in the world: " \
+                    f"{sum(e[2] for e in exposures)}"
+    for r in flagged:
+        e = exposure_of(r)
+        assert e is not None and e[2], f"pair {r['frame_seq']} flagged cut, but the world shows its exposure whole"
+        assert r["valid"] is False and r["positive"] is False
+    missed = [r["frame_seq"] for r in got if "on_frame_cut" not in r["flags"]
+              and (e := exposure_of(r)) is not None and e[2]]
+    late = after["cut_notices_late"] - before["cut_notices_late"]
+    assert len(missed) <= late, f"pairs cut in the world but not flagged: {missed} (late reports: {late})"
+    assert after["cut_notices"] - before["cut_notices"] >= len(flagged)
+
+
 # --- the calibration gate (PRODUCT.md section 7: device profile) ------------------------
 
 

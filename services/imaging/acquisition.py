@@ -192,6 +192,12 @@ class Acquisition:
         self.pairs_incomplete = 0
         self.stalls = 0
         self.last_frame_monotonic: float | None = None
+        # Counters of lit frames the MCU reported cut mid-exposure (``! CUT <counter>``); a
+        # pair's on frame is marked when the pair is made, one period after its exposure.
+        self._cut: collections.deque[int] = collections.deque(maxlen=64)
+        self.cuts = 0  # CUT notices taken
+        self.cuts_late = 0  # of those, for a frame already handed on (not marked)
+        self._handed: collections.deque[int] = collections.deque(maxlen=64)
         self._fps_window: collections.deque[float] = collections.deque(maxlen=61)
 
     # ------------------------------------------------------------------ control
@@ -307,13 +313,37 @@ class Acquisition:
             self.frames += 1
             self.on_liveness(True, now)
             try:
-                tags, _notices = self.laser.poll()
+                tags, notices = self.laser.poll()
             except DeviceError as err:
                 log.warning("could not read frame notices: %s", err)
-                tags = []
+                tags, notices = [], []
+            self._note_cuts(notices)
             self._tagger.add(tags)
             tag = self._tagger.match(frame.meta)
             self._handle(frame, tag)
+
+    def _note_cuts(self, notices) -> None:
+        for n in notices:
+            if getattr(n, "kind", None) != "CUT":
+                continue
+            try:
+                counter = int(n.detail[0])
+            except (IndexError, ValueError, TypeError):
+                log.warning("malformed CUT notice %r", n)
+                continue
+            self.cuts += 1
+            if counter in self._handed:
+                self.cuts_late += 1
+                log.warning("the MCU reported frame %d cut after it was handed on", counter)
+            self._cut.append(counter)
+
+    def _marked(self, frame: Frame) -> Frame:
+        """``frame`` with ``cut`` set when the MCU reported its exposure cut."""
+        c = frame.meta.mcu_frame
+        self._handed.append(c)
+        if c is not None and c in self._cut:
+            return Frame(frame.data, frame.meta.with_(cut=True))
+        return frame
 
     def _handle(self, frame: Frame, tag: FrameTag | None) -> None:
         lit = None if tag is None else tag.lit
@@ -328,7 +358,7 @@ class Acquisition:
         )
         frame = Frame(frame.data, meta)
         if self.mode != "fluorescence":
-            self.on_frame(frame)
+            self.on_frame(self._marked(frame))
             return
         if tag is None:
             self._pending_on = None
@@ -344,4 +374,4 @@ class Acquisition:
             self.pairs_incomplete += 1
             return
         self.pairs += 1
-        self.on_pair(on, frame)
+        self.on_pair(self._marked(on), self._marked(frame))

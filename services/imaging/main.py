@@ -311,7 +311,8 @@ class ImagingService:
                        "exposure_us": cam.exposure_us, "gain": cam.gain, "width": cam.width, "height": cam.height},
             "acquisition": acq.mode,
             "roi": roi,
-            "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete},
+            "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete,
+                      "cut_notices": acq.cuts, "cut_notices_late": acq.cuts_late},
             "calibration_id": self.calibration.current_id(),
             # why a patient capture should not be taken now (no flat field, no QC today)
             "capture_problems": self.calibration.capture_problems(),
@@ -505,7 +506,7 @@ def _meta(m) -> dict:
     return {"seq": m.seq, "mcu_frame": m.mcu_frame, "lit": m.lit, "t_start_ns": m.t_start_ns,
             "t_end_ns": m.t_end_ns, "exposure_us": m.exposure_us, "gain": m.gain, "laser_mw": m.laser_mw,
             "filter_position": m.filter_position, "bits": m.bits, "black_level": m.black_level,
-            "width": m.width, "height": m.height}
+            "width": m.width, "height": m.height, "cut": m.cut}
 
 
 def main(argv=None) -> int:
