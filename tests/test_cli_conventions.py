@@ -115,3 +115,19 @@ def test_a_usage_problem_found_after_parsing_exits_2_and_says_why(tmp_path, caps
     assert code == cli.EXIT_USAGE and "server.key" in err
     doc = json.loads(out)
     assert doc["ok"] is False and doc["error"]["code"] == "USAGE" and "server.key" in doc["error"]["message"]
+
+
+def test_capture_overrides_go_into_the_request():
+    """``nirfctl capture`` can give the device profile's calibration-gate override and the
+    clock override, each with its reason; without them the request carries neither."""
+    from nirf.services.cli import main as cli
+
+    def request(*argv):
+        return cli._request_for(cli._parser().parse_args(["capture", "tumor_bed", *argv]))
+
+    assert request() == ("capture", {"site": "tumor_bed", "label": "", "pairs": 8})
+    cmd, args = request("--pairs", "4", "--override-reason", "QC target cracked, replaced tomorrow",
+                        "--clock-override-reason", "no network in theatre 3")
+    assert cmd == "capture" and args["pairs"] == 4
+    assert args["override_reason"] == "QC target cracked, replaced tomorrow"
+    assert args["clock_override_reason"] == "no network in theatre 3"

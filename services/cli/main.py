@@ -189,6 +189,10 @@ def _add_clinical_commands(sub) -> None:
     cap.add_argument("site", choices=SITES)
     cap.add_argument("--label", default="", help="where, e.g. \"12 o'clock\" (no names)")
     cap.add_argument("--pairs", type=int, default=8, help="valid results to average, 1-64 (default 8)")
+    cap.add_argument("--override-reason",
+                     help="capture although the flat field or today's QC is missing (device profile), and why "
+                          "(stored on the capture)")
+    cap.add_argument("--clock-override-reason", help="capture although the clock is not synchronised, and why")
     path = sub.add_parser("pathology", help="enter pathology's finding for a capture")
     psub = path.add_subparsers(dest="action", required=True)
     ps = psub.add_parser("set")
@@ -293,7 +297,11 @@ def _request_for(args) -> tuple[str, dict]:
                 a[key] = getattr(args, key)
         return "case.open", a
     if c == "capture":
-        return "capture", {"site": args.site, "label": args.label, "pairs": args.pairs}
+        a = {"site": args.site, "label": args.label, "pairs": args.pairs}
+        for key in ("override_reason", "clock_override_reason"):
+            if getattr(args, key, None) is not None:
+                a[key] = getattr(args, key)
+        return "capture", a
     if c == "pathology":
         a = {"capture_id": args.capture_id, "status": args.margin}
         for key in ("reason",):
