@@ -35,6 +35,7 @@ CONF_FILE="$CONF_DIR/device.toml"
 STATE_DIR=/var/lib/nirf
 UNIT_DIR=/etc/systemd/system
 SERVICE_USER=nirf
+DISPLAY_USER=nirf-display   # the surgical display: its own user, its own key only
 DEVICE_GROUPS=(dialout gpio video)
 # picamera2 and libcamera come from here (Raspberry Pi OS), never from PyPI.
 APT_PACKAGES=(
@@ -113,6 +114,11 @@ if ! getent passwd "$SERVICE_USER" >/dev/null; then
     useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
         --shell /usr/sbin/nologin --comment "NIRF imaging cart" "$SERVICE_USER"
     note "created"
+fi
+if ! getent passwd "$DISPLAY_USER" >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin --comment "NIRF cart surgical display" "$DISPLAY_USER"
+    note "created $DISPLAY_USER"
 fi
 # -a adds to the groups the user already has; repeating it changes nothing
 usermod -a -G "$(IFS=,; echo "${DEVICE_GROUPS[*]}")" "$SERVICE_USER"
@@ -206,6 +212,15 @@ ensure = getattr(keys, "ensure_display_key", None)  # versions without a display
 if ensure is not None:
     ensure(Path(sys.argv[1]))
 ' "$STATE_DIR"
+# hand the display its own secret key, and only that one (root: a chown)
+"$VENV/bin/python" -c '
+import pwd, sys
+from pathlib import Path
+from nirf.services.common import keys
+user = pwd.getpwnam(sys.argv[2])
+keys.give_display_its_key(Path(sys.argv[1]), user.pw_uid, user.pw_gid)
+' "$STATE_DIR" "$DISPLAY_USER"
+note "the display ($DISPLAY_USER) reads its own key only"
 note "technicians' keys: see 'Adding a technician's key' in $PREFIX/docs/operations.md"
 
 # ---------------------------------------------------------------------------- 7. trigger

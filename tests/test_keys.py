@@ -312,3 +312,75 @@ def test_a_connection_opened_before_removal_loses_access_too(server, tmp_path):
         assert answered_after_removal is False, "the removed key kept its open connection's access"
     finally:
         sock.close(linger=0)
+
+
+# -- the display's own user (the installer's permissions) --------------------------------
+def _world_runnable_python() -> str | None:
+    """An interpreter that an unprivileged user can run (every folder on its way and the
+    file itself open to others): the venv's may live under root's home."""
+    import shutil
+    import sys
+
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
+        if not candidate:
+            continue
+        path = Path(os.path.realpath(candidate))
+        if path.exists() and all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents]) \
+                and os.stat(path).st_mode & 0o004:
+            return str(path)
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a file to another user")
+def test_the_display_user_reads_its_own_secret_key_and_no_other(tmp_path_factory):
+    """As the installer leaves the state folder (``give_display_its_key``), an unprivileged
+    user standing in for ``nirf-display`` (here ``nobody``) can read its own secret key and
+    the cart's public key, and no other secret key; it cannot list ``keys/``."""
+    import json
+    import pwd
+    import subprocess
+    import sys
+    import tempfile
+
+    from nirf.services.common import keys as keys_mod
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="nirf-keys-"))  # /tmp: every parent is traversable
+    try:
+        os.chmod(base, 0o755)
+        state = base / "state"
+        state.mkdir(mode=0o750)
+        keys_mod.ensure_sim_keys(state)
+        keys_mod.create_keypair(keys_mod.keys_dir(state), "technician-a")
+        own = keys_mod.give_display_its_key(state, nobody.pw_uid, nobody.pw_gid)
+        kd = keys_mod.keys_dir(state)
+        secrets = sorted(str(p) for p in kd.glob("*.key_secret"))
+        assert len(secrets) == 4 and str(own) in secrets
+        probe = ("import json, os, sys\n"
+                 "out = {}\n"
+                 "for p in sys.argv[2:]:\n"
+                 "    try:\n"
+                 "        open(p, 'rb').read(1); out[p] = 'read'\n"
+                 "    except PermissionError:\n"
+                 "        out[p] = 'denied'\n"
+                 "try:\n"
+                 "    os.listdir(sys.argv[1]); out['list'] = 'read'\n"
+                 "except PermissionError:\n"
+                 "    out['list'] = 'denied'\n"
+                 "print(json.dumps(out))\n")
+        server_public = str(kd / "server.key")
+        python = _world_runnable_python()
+        if python is None:
+            pytest.skip("no Python interpreter here that another user may run")
+        proc = subprocess.run([python, "-I", "-c", probe, str(kd), *secrets, server_public],
+                              user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], capture_output=True,
+                              text=True, timeout=30, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        seen = json.loads(proc.stdout)
+        assert seen.pop(str(own)) == "read"
+        assert seen.pop(server_public) == "read"
+        assert seen.pop("list") == "denied"
+        assert set(seen.values()) == {"denied"}, seen  # the cart's, the operator's, the technician's
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)

@@ -273,6 +273,11 @@ def test_the_display_sees_no_secret_key_but_its_own(units):
     assert any(v.startswith("%S/nirf/keys") for v in s["TemporaryFileSystem"])
     shown = " ".join(s["BindReadOnlyPaths"]).split()
     assert sorted(p.rsplit("/", 1)[-1] for p in shown) == ["display.key", "display.key_secret", "server.key"]
+    # and it runs as a user of its own, which the installer hands its key (test_keys.py
+    # reads the keys as such a user)
+    assert s["User"] == ["nirf-display"] and s["Group"] == ["nirf-display"]
+    script = INSTALL_SCRIPT.read_text()
+    assert "DISPLAY_USER=nirf-display" in script and "give_display_its_key" in script
     for name in ALL_SERVICES:
         if name != "nirf-display.service":
             assert "BindReadOnlyPaths" not in units[name]["Service"] or "keys" not in " ".join(

@@ -120,6 +120,27 @@ def ensure_display_key(state_dir: Path) -> Path:
     return secret
 
 
+def give_display_its_key(state_dir: Path, uid: int, gid: int) -> Path:
+    """On the device the display runs as a user of its own (``nirf-display``): hand it its
+    secret key and nothing else. The display's ``.key_secret`` becomes that user's (0600);
+    every other secret key stays the cart user's (0600); ``keys/`` and the state folder
+    let it reach a file it knows the name of (0711) without listing them. Root only; the
+    installer calls it, and again after a key is replaced. Returns the display's key."""
+    kd = keys_dir(state_dir)
+    secret = ensure_display_key(state_dir)
+    for folder in (Path(state_dir), kd):
+        mode = os.stat(folder).st_mode & 0o777
+        os.chmod(folder, (mode & 0o770) | 0o711)  # others: traverse only (no r, no w)
+    for path in kd.glob("*.key_secret"):
+        if path != secret:
+            os.chmod(path, 0o600)
+    for public in (kd / "server.key", kd / f"{DISPLAY_KEY_NAME}.key"):
+        os.chmod(public, 0o644)
+    os.chown(secret, uid, gid)
+    os.chmod(secret, 0o600)
+    return secret
+
+
 def load_server_keys(state_dir: Path) -> tuple[bytes, bytes]:
     path = keys_dir(state_dir) / "server.key_secret"
     if not path.exists():
