@@ -25,7 +25,9 @@ PIP_TIMEOUT_S = 900
 
 
 def run(cmd, env, timeout=120, check=True):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    # from the user's home, never the checkout: "python -c" would import its folders
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          cwd=env.get("HOME") or "/")
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -44,8 +46,13 @@ def installed(tmp_path_factory):
     proc = run([str(py), "-m", "pip", "install", "--quiet", "config"], env, timeout=PIP_TIMEOUT_S, check=False)
     if proc.returncode != 0:
         pytest.skip(f"PyPI's 'config' package could not be installed (no package index?): {proc.stderr[-500:]}")
-    # A copy of the checkout without its virtual environment and state, as a user has it.
-    run([str(py), "-m", "pip", "install", "--quiet", str(ROOT)], env, timeout=PIP_TIMEOUT_S)
+    # A copy of the checkout without its virtual environment, state and build leftovers (a
+    # stale build/ folder would be packed into the wheel as it is), as a user has it.
+    import shutil
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", "build", "var", "*.egg-info", ".git", "__pycache__", ".hypothesis", ".pytest_cache"))
+    run([str(py), "-m", "pip", "install", "--quiet", str(source)], env, timeout=PIP_TIMEOUT_S)
     site = run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env).stdout.strip()
     return {"venv": venv, "py": py, "bin": venv / "bin", "home": home, "env": env, "site": Path(site)}
 

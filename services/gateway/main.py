@@ -350,6 +350,9 @@ class Gateway:
             return
         if cmd.lane == "long":
             if self.long_running is not None:
+                lr = self.long_running
+                log.info("BUSY for %s (%s): %s (%s) from %s pending for %.2f s, %d pending in all", name, req_id,
+                         lr.cmd.name, lr.client_id, lr.caller.name, time.monotonic() - lr.arrived, len(self.pending))
                 reply = bus_mod.error_reply(req_id, "BUSY", f"{self.long_running.cmd.name} is running; try {name} "
                                                             "when it has finished")
                 self._send(envelope, reply)
