@@ -10,9 +10,15 @@ requests whose status is not Success, and keeps only the newest completed reques
 frame's place in the stream says nothing about its counter. :class:`FrameTagger` works the
 counter out from time instead:
 
-* the first frames are placed against the wall-clock window in which ``FTON`` was sent and
-  acknowledged (frame ``n`` began ``n`` periods after it); without that window, against
-  the earliest arrival of the MCU's notices (a notice never arrives before its trigger);
+* the first frames are placed against the time of frame 0's trigger, bounded below by when
+  ``FTON`` was sent and above by its acknowledgement and by the earliest arrival of the
+  MCU's notices (a notice never arrives before its trigger). When those bounds are within a
+  quarter period, the frame is placed from their middle; otherwise from the upper bound,
+  one-sided (the frame can only be later than it looks); with a wide window and no notice
+  yet, the frame is left untagged. A loaded host can take several periods between sending
+  FTON and reading the reply: splitting such a window in the middle would give frames the
+  counters of triggers not yet notified (no pair ever) or of their neighbours (on and off
+  swapped);
 * once a frame has been matched, the sensor's clock is locked to the MCU's clock and each
   later frame is placed by its sensor timestamp, the drift between the two crystals
   followed;
