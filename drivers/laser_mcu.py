@@ -355,7 +355,18 @@ class McuLaser(LaserSource):
     def _read_some(self, command: str) -> None:
         before = self.clock.monotonic()
         try:
-            chunk = self._port.read_until(b"\n")
+            # Whole chunks, not pyserial's read_until (one read(1) and select per byte: most
+            # of the safety core's time at 50 status polls a second). The first byte may
+            # wait for the port's timeout; what has arrived with it is taken in one read.
+            waiting = self._port.in_waiting
+            if waiting:
+                chunk = self._port.read(waiting)
+            else:
+                chunk = self._port.read(1)
+                if chunk:
+                    more = self._port.in_waiting
+                    if more:
+                        chunk += self._port.read(more)
         except _PORT_ERRORS as err:
             self._lost(err, command)  # raises
             return

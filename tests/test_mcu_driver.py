@@ -175,6 +175,8 @@ def test_corrupted_replies_retried_then_protocol_error(connected):
 
 
 def test_garbage_from_the_port_gives_protocol_error(connected, mocker):
+    # every read of the port brings garbage (the driver reads whole chunks)
+    mocker.patch.object(connected.port, "read", return_value=b"#%&garbage\x00\n")
     mocker.patch.object(connected.port, "read_until", return_value=b"#%&garbage\x00\n")
     with pytest.raises(ProtocolError, match="laser-mcu"):
         connected.laser.heartbeat()
@@ -197,17 +199,22 @@ def test_silent_device_times_out_after_bounded_retries(connected, mocker):
 def test_retried_command_not_applied_twice(connected, mocker):
     rig = connected
     port = rig.port
-    real_read_until = port.read_until
+    real_read = port.read
     damaged = []
 
-    def flaky_read_until(*args, **kwargs):
-        data = real_read_until(*args, **kwargs)
-        if not damaged and b" OK" in data and not data.startswith(b"!"):
-            damaged.append(data)
-            return data.replace(b"OK", b"0K", 1)  # one character changed
+    def flaky_read(*args, **kwargs):
+        data = real_read(*args, **kwargs)
+        if damaged:
+            return data
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            if b" OK" in line and not line.startswith(b"!"):
+                damaged.append(line)
+                lines[i] = line.replace(b"OK", b"0K", 1)  # one character changed
+                return b"\n".join(lines)
         return data
 
-    mocker.patch.object(port, "read_until", side_effect=flaky_read_until)
+    mocker.patch.object(port, "read", side_effect=flaky_read)
     before = len(written_lines(port))
     rig.laser.start_frames(30.0, 10_000, True)
     assert damaged, "the reply was not damaged: the test did not exercise a retry"
