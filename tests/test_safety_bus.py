@@ -8,7 +8,7 @@ hardware's own record of the optical output (``WorldProbe``: the world's ``laser
   than 5 ms; a legitimate recalibration (key cycled at the cart) is accepted.
 * S3a: interlock and key pulses of 1, 2, 5 and 10 ms (``sim.set pulse``, timed in the
   hardware process) in ARMING, ARMED and EMITTING: each latches FAULT, and no light follows
-  without a reset and a new arm. Five of each in the ``slow`` run, fifty with
+  without a reset and a new arm. Three of each in the ``slow`` run, fifty with
   ``NIRF_FAULTS_LONG=1`` (or ``NIRF_PULSE_REPEATS``); one of each in the quick run.
 * S7a: re-issuing ``laser.on`` cannot exceed the budget, which survives disarm, reset and a
   restart of the cart.
@@ -33,9 +33,9 @@ WIDTH, HEIGHT = 364, 272  # small frames: these tests are about the laser, not t
 MAX_MW = 200.0
 TRIP_MW = 1.1 * MAX_MW
 FULL_SCALE_MW = 500.0  # the simulated diode's true curve: 500 mW x duty
-# Five of each in make test (120 pulses, about 2.5 min; the whole suite must stay within its
+# Three of each in make test (72 pulses, about 1.5 min; the whole suite must stay within its
 # time), fifty in the long form.
-REPEATS = int(os.environ.get("NIRF_PULSE_REPEATS", "50" if fi.LONG else "5"))
+REPEATS = int(os.environ.get("NIRF_PULSE_REPEATS", "50" if fi.LONG else "3"))
 OVER_LIMIT_ALLOWED_NS = 5_000_000  # S6a: never above 1.1 x max for more than 5 ms
 
 
