@@ -10,6 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nirf.services.imaging.acquisition import Acquisition, FrameTagger
 from nirf.hal.camera import Frame, FrameMeta
@@ -210,9 +211,6 @@ def test_frames_carry_the_exposure_the_trigger_pulse_gives():
 
 
 # -- under load: the FTON request and its reply can take several periods ----------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-
 @settings(max_examples=300, deadline=None)
 @given(before_ms=st.floats(0.0, 300.0), after_ms=st.floats(0.0, 300.0),
        latencies_ms=st.lists(st.floats(0.5, 20.0), min_size=40, max_size=40),
@@ -282,3 +280,18 @@ def test_the_cut_mark_reaches_the_pipeline_as_on_frame_cut():
 
     m = meta(2).with_(lit=True, mcu_frame=2, cut=True, laser_mw=50.0)
     assert _meta(m)["cut"] is True and _meta(meta(3))["cut"] is False
+
+
+def test_cut_reports_of_an_earlier_run_do_not_mark_the_next():
+    """Counters start from 0 again with every FTON: a cut reported for frame 2 before a
+    restart says nothing of the new run's frame 2."""
+    from nirf.hal.laser import McuNotice
+
+    acq = Acquisition(FakeCamera([]), FakeLaser([]))
+    acq._note_cuts([McuNotice("CUT", ("2",))])
+    assert acq._marked(Frame(frame(2).data, meta(2).with_(mcu_frame=2))).meta.cut is True
+    acq._start_locked("white")
+    acq.stop()
+    assert acq._marked(Frame(frame(2).data, meta(2).with_(mcu_frame=2))).meta.cut is False
+    acq._note_cuts([McuNotice("CUT", ("2",))])  # now for a frame already handed on
+    assert acq.cuts_late == 1

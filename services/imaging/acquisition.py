@@ -201,9 +201,9 @@ class Acquisition:
         # Counters of lit frames the MCU reported cut mid-exposure (``! CUT <counter>``); a
         # pair's on frame is marked when the pair is made, one period after its exposure.
         self._cut: collections.deque[int] = collections.deque(maxlen=64)
+        self._last_handed: int | None = None  # counter of the newest frame handed on
         self.cuts = 0  # CUT notices taken
         self.cuts_late = 0  # of those, for a frame already handed on (not marked)
-        self._handed: collections.deque[int] = collections.deque(maxlen=64)
         self._fps_window: collections.deque[float] = collections.deque(maxlen=61)
 
     # ------------------------------------------------------------------ control
@@ -240,6 +240,9 @@ class Acquisition:
     def _start_locked(self, mode: str) -> None:
         self._tagger = FrameTagger(1e6 / self.fps)
         self._pending_on: Frame | None = None
+        # counters start again from 0 with every FTON: cut reports of the last run are void
+        self._cut.clear()
+        self._last_handed = None
         self.camera.start()
         pulse_us = self.trigger_pulse_us(self.camera.settings.exposure_us)
         self._true_exposure_us = int(round(pulse_us + TRIGGER_EXPOSURE_EXTRA_US))
@@ -338,7 +341,7 @@ class Acquisition:
                 log.warning("malformed CUT notice %r", n)
                 continue
             self.cuts += 1
-            if counter in self._handed:
+            if self._last_handed is not None and counter <= self._last_handed:
                 self.cuts_late += 1
                 log.warning("the MCU reported frame %d cut after it was handed on", counter)
             self._cut.append(counter)
@@ -346,7 +349,8 @@ class Acquisition:
     def _marked(self, frame: Frame) -> Frame:
         """``frame`` with ``cut`` set when the MCU reported its exposure cut."""
         c = frame.meta.mcu_frame
-        self._handed.append(c)
+        if c is not None:
+            self._last_handed = c
         if c is not None and c in self._cut:
             return Frame(frame.data, frame.meta.with_(cut=True))
         return frame
