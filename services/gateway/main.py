@@ -36,6 +36,8 @@ VERSION = "0.2.0"
 HEARTBEAT_S = 0.1
 KEY_CHECK_S = 0.5
 STALE_SAFETY_S = 1.0
+# The first status waits for every process at most this long (see Gateway._ready).
+READY_WAIT_S = 30.0
 ALWAYS = frozenset(name for name, c in COMMANDS.items() if c.always)
 PROCESS_STATES = ("safety", "imaging", "study")
 AUDITED_EVENTS = frozenset({"state", "fault", "safety", "info", "input"})
@@ -58,6 +60,7 @@ class Gateway:
         self.state_dir, self.runtime_dir = Path(state_dir), Path(runtime_dir)
         self.ctx = ctx or zmq.Context()
         self.started = time.monotonic()
+        self._is_ready = False
         import threading
 
         self.stop_event = threading.Event()
@@ -404,10 +407,21 @@ class Gateway:
         return {"version": VERSION, "profile": self.cfg.profile,
                 "uptime_s": round(time.monotonic() - self.started, 3)}
 
-    def _ready(self) -> bool:
+    def _ready(self, now: float | None = None) -> bool:
         """The cart is up (and its first status goes out) once the safety core and imaging
-        have both reported."""
-        return "safety" in self.states and "imaging" in self.states
+        have both reported and the safety core has heard every process it watches (so an
+        ``arm`` right after the first status is not refused for a process still starting).
+        After ``READY_WAIT_S`` the status goes out anyway: a process that never comes up
+        is then shown as a problem instead of hiding the whole cart."""
+        if self._is_ready:
+            return True
+        now = time.monotonic() if now is None else now
+        safety = self.states.get("safety")
+        heard = (safety is not None and "imaging" in self.states
+                 and all(age is not None for age in (safety.get("services") or {"?": None}).values()))
+        if heard or (safety is not None and now - self.started > READY_WAIT_S):
+            self._is_ready = True
+        return self._is_ready
 
     def _status_changed(self) -> bool:
         s = self.states.get("safety") or {}
