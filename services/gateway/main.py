@@ -425,8 +425,11 @@ class Gateway:
 
     def _status_changed(self) -> bool:
         s = self.states.get("safety") or {}
+        laser = s.get("laser") if isinstance(s.get("laser"), dict) else {}
+        # the laser's own report that it is on (or off) goes out at once too: a display or
+        # a client waiting for the light must not wait for the next periodic status
         key = (s.get("state"), tuple(f.get("code") for f in s.get("faults") or [] if isinstance(f, dict)),
-               (self.states.get("study") or {}).get("case"))
+               (self.states.get("study") or {}).get("case"), laser.get("on"))
         changed = key != self._last_status_key
         self._last_status_key = key
         return changed

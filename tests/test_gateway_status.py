@@ -1,7 +1,9 @@
-"""When the gateway sends its first status (the protocol's "ready"): only once the safety
+"""When the gateway sends a status. The first (the protocol's "ready") (the protocol's "ready"): only once the safety
 core has heard every process it watches, so an ``arm`` right after it is not refused for a
 process still starting; and after a bounded wait in any case, so a process that never comes
-up is reported instead of hiding the cart."""
+up is reported instead of hiding the cart. After that, at once on every change a client
+waits for (state, faults, case, the laser's own report that it is on), else at the status
+rate."""
 
 from nirf.services.gateway.main import READY_WAIT_S, Gateway
 
@@ -9,6 +11,7 @@ from nirf.services.gateway.main import READY_WAIT_S, Gateway
 def gateway(states: dict, started: float = 100.0) -> Gateway:
     gw = object.__new__(Gateway)  # only the readiness logic: no sockets, no threads
     gw.states, gw.started, gw._is_ready = states, started, False
+    gw._last_status_key = None
     return gw
 
 
@@ -43,3 +46,18 @@ def test_a_process_that_never_reports_does_not_hide_the_cart_for_ever():
     assert gw._ready(now=100.0 + READY_WAIT_S + 0.1)
     # without the safety core there is nothing true to say: still no status
     assert not gateway({}, started=0.0)._ready(now=10 * READY_WAIT_S)
+
+
+def test_the_laser_reporting_on_or_off_is_a_change_sent_at_once():
+    gw = gateway({"safety": {"state": "ARMED", "faults": [], "laser": {"on": False}}})
+    assert gw._status_changed()  # the first
+    assert not gw._status_changed()
+    gw.states["safety"] = {"state": "EMITTING", "faults": [], "laser": {"on": False}}
+    assert gw._status_changed()  # laser.on accepted: the state changes first ...
+    gw.states["safety"] = {"state": "EMITTING", "faults": [], "laser": {"on": True}}
+    assert gw._status_changed()  # ... the MCU's report that the output is on follows
+    assert not gw._status_changed()
+    gw.states["safety"] = {"state": "EMITTING", "faults": [], "laser": {"on": True, "power_mw": 49.7}}
+    assert not gw._status_changed()  # a new reading alone waits for the status rate
+    gw.states["safety"] = {"state": "EMITTING", "faults": [{"code": "OVERTEMP"}], "laser": {"on": False}}
+    assert gw._status_changed()
