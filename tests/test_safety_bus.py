@@ -8,8 +8,8 @@ hardware's own record of the optical output (``WorldProbe``: the world's ``laser
   than 5 ms; a legitimate recalibration (key cycled at the cart) is accepted.
 * S3a: interlock and key pulses of 1, 2, 5 and 10 ms (``sim.set pulse``, timed in the
   hardware process) in ARMING, ARMED and EMITTING: each latches FAULT, and no light follows
-  without a reset and a new arm. Three of each in the ``slow`` run, fifty with
-  ``NIRF_FAULTS_LONG=1`` (or ``NIRF_PULSE_REPEATS``); one of each in the quick run.
+  without a reset and a new arm: one per input and stage here (the quick run); the repeated
+  ones, ten of each, are in ``test_safety_pulses``.
 * S7a: re-issuing ``laser.on`` cannot exceed the budget, which survives disarm, reset and a
   restart of the cart.
 * S3a foot switch: a release of 20 ms ends emission, a 2 ms one is contact bounce.
@@ -17,84 +17,17 @@ hardware's own record of the optical output (``WorldProbe``: the world's ``laser
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 
 import pytest
 
 from tests import faults as fi
-from tests.cartproc import start_cart, wait_for_file
+from tests.safetybench import FULL_SCALE_MW, MAX_MW, TRIP_MW, Bench, pulse_trial
 
 pytestmark = pytest.mark.e2e
 
-WIDTH, HEIGHT = 364, 272  # small frames: these tests are about the laser, not the images
-MAX_MW = 200.0
-TRIP_MW = 1.1 * MAX_MW
-FULL_SCALE_MW = 500.0  # the simulated diode's true curve: 500 mW x duty
-# Three of each in make test (72 pulses, about 1.5 min; the whole suite must stay within its
-# time), fifty in the long form.
-REPEATS = int(os.environ.get("NIRF_PULSE_REPEATS", "50" if fi.LONG else "3"))
 OVER_LIMIT_ALLOWED_NS = 5_000_000  # S6a: never above 1.1 x max for more than 5 ms
-
-
-class Bench:
-    """One running cart, its operator and the hardware's own view."""
-
-    def __init__(self, tmp, extra: str = "", safety: str = ""):
-        self.cart = start_cart(tmp, width=WIDTH, height=HEIGHT, extra=extra, safety=safety)
-        try:
-            self.cart.wait_for_keys()
-            self.op = fi.Operator(self.cart, topics=("status", "event"))
-            self.op.wait("status", timeout_s=60)
-            assert wait_for_file(self.cart.runtime_dir / "hardware.json", 10)
-            self.probe = fi.WorldProbe(self.cart.runtime_dir)
-        except BaseException:
-            self.cart.stop()
-            raise
-
-    def close(self) -> None:
-        self.op.close()
-        self.probe.close()
-        self.cart.stop()
-        shutil.rmtree(self.cart.runtime_dir, ignore_errors=True)
-
-    # -- helpers
-    def status(self) -> dict:
-        return self.op.ok("status")
-
-    def key_cycle(self, off_s: float = 0.7) -> None:
-        """The key turned off and on at the cart (S3a: off >= 0.5 s)."""
-        self.probe.set({"key": False})
-        fi.wait_until(lambda: self.status()["key"] is False, 5, "the controller to see the key off")
-        time.sleep(off_s)
-        self.probe.set({"key": True})
-        fi.wait_until(lambda: self.status()["key"] is True, 5, "the controller to see the key on")
-
-    def to_safe(self) -> None:
-        self.op.to_safe()
-
-    def calibrate(self, points, factor: float = 1.0, reason: str = "test", cycle: bool = True) -> dict:
-        if cycle:
-            self.key_cycle()
-        return self.op.call("calibrate.power", {"points": points, "photodiode_factor": factor, "reason": reason})
-
-    def restore_factory_table(self) -> None:
-        self.to_safe()
-        r = self.calibrate([[0.0, 0.0], [1.0, FULL_SCALE_MW]], reason="back to the true curve")
-        assert r["ok"], r
-
-    def arm_to(self, stage: str, power_mw: float = 50.0) -> None:
-        self.op.drain()  # a queued status from before must not answer the waits below
-        self.op.ok("arm")
-        if stage == "ARMING":
-            return
-        self.op.wait_state("ARMED", 10)
-        if stage == "EMITTING":
-            self.op.ok("laser.on", {"power_mw": power_mw})
-            self.op.wait_state("EMITTING", 10, lambda m: m["laser"]["on"])
-            fi.wait_until(lambda: self.probe.output_mw() > 0, 5, "light out of the cart")
 
 
 def time_above(events, level_mw: float, t0_ns: int, t1_ns: int) -> int:
@@ -218,39 +151,10 @@ def test_a_legitimate_recalibration_is_accepted_and_audited(bench):
 
 
 # ---------------------------------------------------------------------- S3a
-def pulse_trial(bench, stage: str, name: str, ms: int) -> None:
-    code = {"interlock": "INTERLOCK_OPEN", "key": "KEY_OFF"}[name]
-    bench.to_safe()
-    bench.arm_to(stage)
-    bench.op.drain()
-    t_req = time.time_ns()
-    bench.probe.set({"pulse": {"input": name, "ms": ms}})
-    st = bench.op.wait_state("FAULT", 5)
-    assert code in fi.fault_codes(st) or f"MCU_{'ILK' if name == 'interlock' else 'KEY'}" in fi.fault_codes(st), st
-    # no light after the pulse: from its end (plus the time the request took to arrive)
-    time.sleep(0.3)
-    after = t_req + int(ms * 1e6) + 50_000_000
-    assert bench.probe.lit_after(after) == [], f"light after a {ms} ms {name} pulse in {stage}"
-    # and none from another laser.on without reset and re-arm
-    assert not bench.op.call("laser.on", {"power_mw": 50.0})["ok"]
-    time.sleep(0.1)
-    assert bench.probe.output_mw() == 0.0
-    assert bench.status()["state"] == "FAULT"
-
-
 @pytest.mark.parametrize("stage", ["ARMING", "ARMED", "EMITTING"])
 @pytest.mark.parametrize("name", ["interlock", "key"])
 def test_a_1_ms_pulse_latches_fault_quick(bench, stage, name):
     pulse_trial(bench, stage, name, 1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("ms", [1, 2, 5, 10])
-@pytest.mark.parametrize("stage", ["ARMING", "ARMED", "EMITTING"])
-@pytest.mark.parametrize("name", ["interlock", "key"])
-def test_every_pulse_latches_fault(bench, stage, name, ms):
-    for _ in range(REPEATS):
-        pulse_trial(bench, stage, name, ms)
 
 
 # ---------------------------------------------------------------------- S7a
