@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 from hypothesis import settings
 
@@ -44,33 +45,48 @@ def register_process_group(proc: subprocess.Popen) -> None:
             _children.append(proc)
 
 
-def kill_children() -> int:
-    """SIGKILL every remembered child that still runs, with its process group when it
-    leads one; returns how many were running."""
+def _signal_child(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        if os.getpgid(proc.pid) == proc.pid:  # a group of its own: all of it
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_children(grace_s: float = 0.0) -> int:
+    """End every remembered child that still runs, with its process group when it leads
+    one; returns how many were running. With ``grace_s`` they get SIGTERM first and that
+    long to end (a pytest-xdist worker then ends the children it started itself), the rest
+    SIGKILL."""
     with _children_lock:
         procs = list(_children)
         _children.clear()
-    killed = 0
-    for proc in procs:
-        if proc.poll() is not None:
-            continue
-        killed += 1
-        try:
-            if os.getpgid(proc.pid) == proc.pid:  # a group of its own: end all of it
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-        except (ProcessLookupError, PermissionError):
-            continue
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            pass
-    return killed
+    running = [p for p in procs if p.poll() is None]
+    if grace_s > 0:
+        for proc in running:
+            _signal_child(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    for proc in running:
+        if proc.poll() is None:
+            _signal_child(proc, signal.SIGKILL)
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+    return len(running)
 
 
 def _on_signal(signum, frame):
-    kill_children()
+    # a worker of a parallel run (pytest-xdist) is one of these children: SIGTERM first lets
+    # it end the children it started itself before it goes
+    kill_children(grace_s=3.0)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

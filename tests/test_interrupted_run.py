@@ -48,15 +48,17 @@ def wait_for(path: Path, timeout_s: float) -> str:
 
 @pytest.mark.slow  # starts a pytest run of its own
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see processes")
+@pytest.mark.parametrize("workers", [0, 2])  # 2: a parallel run (pytest-xdist), as make test does
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_leaves_no_process(tmp_path, sig):
+def test_an_interrupted_run_leaves_no_process(tmp_path, sig, workers):
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed")
     out = tmp_path / "pids"
     (tmp_path / "test_inner.py").write_text(INNER.format(out=out))
     shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+    parallel = ["-n", str(workers)] if workers else []
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, str(tmp_path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:

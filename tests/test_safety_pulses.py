@@ -5,9 +5,10 @@ own record of the optical output) without a reset and a new arm.
 
 Ten of each in ``make test`` (240 pulses), fifty with ``NIRF_FAULTS_LONG=1`` (1200), or
 ``NIRF_PULSE_REPEATS=N``. A trial is mostly waiting (the emission delay before ARMED, the
-0.3 s watched for light after the pulse), so the repeats of each kind are shared between two
-carts that run side by side. The module has those two carts to itself: they are stopped
-when it ends, before any timing-sensitive test of another module runs.
+0.3 s watched for light after the pulse), so the repeats of each kind are shared between
+four carts that run side by side (idle between trials: no camera stream). The module has
+those carts to itself: they are stopped when it ends, before any timing-sensitive test of
+another module runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.safetybench import Bench, pulse_trial
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPEATS = int(os.environ.get("NIRF_PULSE_REPEATS", "50" if fi.LONG else "10"))
-CARTS = 2
+CARTS = 4
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def test_every_figure_equals_the_outside_references(study, capsys):
               f"{max(diffs):.3g}")
 
 
+@pytest.mark.slow  # several seconds of reference statistics: in make test, not test-quick
 def test_rescored_at_a_threshold_equals_the_references(study):
     report = study.report(threshold=2.5)
     assert report["threshold"] == 2.5
@@ -277,6 +278,7 @@ def _export(store) -> dict:
     return records.read_csv(io.StringIO(buf.getvalue()))
 
 
+@pytest.mark.slow  # several seconds of reference statistics: in make test, not test-quick
 def test_pooling_two_centres_equals_one_cart_holding_all(tmp_path):
     a, b = _two_centres(tmp_path)
     assert {c["case_id"] for c in a.dataset()["cases"]} == {c["case_id"] for c in b.dataset()["cases"]}
