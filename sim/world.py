@@ -200,6 +200,7 @@ class World:
             "mcu_overtemp": False,
             "wheel_stuck": False,
             "photodiode_gain": 1.0,
+            "gate_leak": 0.0,
         }
         # laser: what the MCU drives (diode drive, mW) and the resulting optical output
         self._drive_mw = 0.0
