@@ -474,6 +474,8 @@ class McuLaser(LaserSource):
             log.warning("laser-mcu: MCU latched fault %s", " ".join(detail))
         elif kind == "CUT":
             log.info("laser-mcu: lit frame %s cut mid-exposure", " ".join(detail))
+        elif kind == "LIT":
+            log.warning("laser-mcu: light seen during dark frame %s (the gate leaks)", " ".join(detail))
         elif kind == "IN":
             kind = "INPUT"
         elif kind == "BOOT":

@@ -53,6 +53,7 @@ class FrameMeta:
     laser_mw: float = 0.0  # calibrated optical power during lit frames
     filter_position: int = 0
     cut: bool = False  # the MCU cut this lit frame's exposure (a turn-off or decrease)
+    light_seen: bool = False  # the MCU's photodiode saw light during this dark frame's exposure
 
     def with_(self, **changes) -> "FrameMeta":
         return replace(self, **changes)

@@ -152,7 +152,8 @@ class FrameTag:
 class McuNotice:
     """An unsolicited message from the MCU other than a frame tag (e.g. a fault)."""
 
-    kind: str  # "FAULT", "BOOT", "CUT" (a lit frame cut mid-exposure), "INPUT" (an input edge)
+    kind: str  # "FAULT", "BOOT", "CUT" (a lit frame cut mid-exposure), "LIT" (light seen in a
+    # dark frame's exposure), "INPUT" (an input edge)
     detail: tuple[str, ...] = field(default_factory=tuple)
 
 

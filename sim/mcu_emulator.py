@@ -74,6 +74,9 @@ XMW_TRIP_S = 0.050  # S6a: reading and expected mW disagreeing for longer than t
 XMW_REL = 0.20  # "disagree": by more than 20 % of the larger of the two ...
 XMW_FS_ALLOWANCE = 0.02  # ... plus 2 % of the factory table's full scale (S6a's own allowance)
 XMW_FLOOR_MW = 1.0  # ... plus the photodiode's noise floor, so 0 mW vs 0.3 mW is no mismatch
+# Light in a dark frame's exposure (the gate leaking): a reading above this, 7.5 sigma of
+# the photodiode's noise floor, is reported with ! LIT <counter> (PRODUCT.md section 7).
+DARK_LIGHT_MW = 1.5
 BUDGET_MIN_FREE_MAX_S = 60.0  # EN 1 needs min(60 s, budget / 10) of budget free
 
 # Strict number formats: no signs, exponents, nan or inf ever reach the firmware's maths.
@@ -230,6 +233,7 @@ class McuEmulator:
         self._frame_count = 0  # frames triggered since the last start
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
         self._frame_lit = False  # the frame in progress was triggered lit and is still lit
+        self._dark_lit_reported: int | None = None  # the last dark frame reported ! LIT
         # Safe at boot: no drive, whatever the world held before.
         self.world.set_laser_drive(0.0, self._boot_ns)
         self.world.add_listener(self._on_world)
@@ -425,6 +429,12 @@ class McuEmulator:
         else:
             self._pd_held_mw = self._pd_live_mw
             self._pd_held_valid = True
+        # Light during a dark frame's exposure (a leaking gate): the host must know that the
+        # off frame of its pair is not dark (section 7), once per frame.
+        if (self._modulating() and not self._frame_lit and self._pd_live_mw > DARK_LIGHT_MW
+                and self._dark_lit_reported != self._gate_frame and self._in_exposure(self.clock.time_ns())):
+            self._dark_lit_reported = self._gate_frame
+            self._send(f"! LIT {self._gate_frame}")
 
     def _xmw_disagrees(self) -> bool:
         reading, expected = self._pd_held_mw, self._applied_mw
@@ -526,11 +536,22 @@ class McuEmulator:
         if not self._enabled:
             return 0.0
         if self._modulating():
-            return self._applied_duty * self.full_scale_mw if self._frame_lit else 0.0
+            if self._frame_lit:
+                return self._applied_duty * self.full_scale_mw
+            # sim.set fault gate_leak: the per-frame gate lets this fraction through
+            leak = float(self.world.faults.get("gate_leak", 0.0) or 0.0)
+            return self._applied_duty * self.full_scale_mw * leak
         return self._applied_duty * self.full_scale_mw
 
     def _apply_drive(self, t_ns: int | None = None) -> None:
         self.world.set_laser_drive(self._drive_mw(), self.clock.time_ns() if t_ns is None else t_ns)
+
+    def _in_exposure(self, now_ns: int) -> bool:
+        """Inside the exposure of the frame in progress (from its trigger for ``exposure_us``)."""
+        if not self._ft_running:
+            return False
+        t_start = self._t0_ns + self._gate_frame * self._period_ns
+        return t_start <= now_ns < t_start + self._exposure_us * 1000
 
     def _in_lit_exposure(self, now_ns: int) -> bool:
         if not (self._ft_running and self._frame_lit):

@@ -42,7 +42,10 @@ triggers one: a background thread takes each :class:`~sim.world.Trigger` from th
 view, waits (on the clock) until the exposure window ``[t_start, t_start + ExposureTime]``
 has passed plus a small margin (so laser changes reported late by the hardware process are
 in), and renders the frame from the laser output averaged over exactly that window. A
-laser toggle mistimed against the exposure therefore gives a partly lit frame.
+laser toggle mistimed against the exposure therefore gives a partly lit frame. (With the
+built-in renderer the frame is rendered as the exposure starts, from the light in force
+then, and that render is kept only if the light and the scene are still the same once the
+exposure is over, so the frame is ready when its exposure ends, as a sensor's is.)
 
 Raw data arrive the way picamera2 hands them out for unpacked raw formats: a ``uint8``
 array of shape ``(height, stride_bytes)``, little-endian 16-bit pixels, rows padded to an
@@ -194,6 +197,10 @@ class StandInJob:
         return self._owner._wait_job(self, timeout)
 
 
+def _same_mw(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
 def _raw_format_parts(fmt: str) -> tuple[str, int, str | None]:
     """``"SRGGB10_CSI2P"`` -> ("RGGB", 10, "CSI2P"); ``"R10"`` -> ("R", 10, None)."""
     m = _ANY_RAW_RE.match(fmt)
@@ -280,6 +287,8 @@ class Picamera2StandIn:
         self.frames_dropped = 0
         self.frames_failed = 0
         self.triggers_swallowed = 0
+        self.frames_rendered_early = 0  # rendered as the exposure started, and kept
+        self.frames_rendered_again = 0  # the light or scene changed meanwhile: rendered again
         self.last_exposure_us: float | None = None  # what the sensor really integrated
 
     # -- description ----------------------------------------------------------------------
@@ -668,6 +677,9 @@ class Picamera2StandIn:
         # triggering by hand) the control value stands in for it.
         exposure_us = pulse_us + TRIGGER_EXPOSURE_EXTRA_US if pulse_us > 0 else float(reported_us)
         t_end_ns = trigger.t_start_ns + int(round(exposure_us * 1000))
+        # The renderer works in whole microseconds (14.26 us rounds to 14: 0.3 ppm of 50 ms).
+        render_us = int(round(exposure_us)) if pulse_us > 0 else reported_us
+        early = self._render_early(trigger.t_start_ns, t_end_ns, render_us, gain)
         if not self._wait_until_world(t_end_ns + int(self.settle_margin_s * 1e9)):
             return  # stopped meanwhile
         scene = self.world_view.scene()
@@ -680,11 +692,14 @@ class Picamera2StandIn:
             self.frames_failed += 1
             return
         laser_mw = float(self.world_view.laser_mean_mw(trigger.t_start_ns, t_end_ns))
-        # The renderer works in whole microseconds (14.26 us rounds to 14: 0.3 ppm of 50 ms).
-        render_us = int(round(exposure_us)) if pulse_us > 0 else reported_us
-        counts = self._renderer.render(scene, laser_mw, render_us, gain)
+        if early is not None and early[0] == scene.version and _same_mw(early[1], laser_mw):
+            raw = early[2]
+            self.frames_rendered_early += 1
+        else:
+            if early is not None:
+                self.frames_rendered_again += 1
+            raw = self._render_packed(scene, laser_mw, render_us, gain)
         self.last_exposure_us = exposure_us
-        raw = self._pack(np.asarray(counts))
         # The sensor clock is the monotonic clock; the world's times are wall clock.
         wall_minus_mono_ns = self.world_view.now_ns() - self.sensor_clock_ns()
         if self._last_trigger_ns is None:
@@ -745,6 +760,36 @@ class Picamera2StandIn:
             slept_s += step
             remaining_ns = t_wall_ns - self.world_view.now_ns()
         return not self._stop_event.is_set()
+
+    def _render_early(self, t_start_ns: int, t_end_ns: int, render_us: int,
+                      gain: float) -> tuple[int, float, np.ndarray] | None:
+        """The frame rendered as the exposure starts, from the light it will have seen if
+        nothing changes before it ends: ``(scene version, laser mW, raw buffer)``, kept only
+        if both are still the same once the exposure is over (else the frame is rendered
+        again from what really happened). The frame is then ready when its exposure ends,
+        as a sensor's would be, instead of a render's time later. Only with the built-in
+        renderer, and not while the scene moves (each render moves it one step)."""
+        if not self._renderer_clips:
+            return None
+        scene = self.world_view.scene()
+        if scene.camera_stall or self._stalled or getattr(scene, "motion_px", 0.0):
+            return None
+        laser_mw = float(self.world_view.laser_mean_mw(t_start_ns, t_end_ns))
+        return scene.version, laser_mw, self._render_packed(scene, laser_mw, render_us, gain)
+
+    def _render_packed(self, scene: Any, laser_mw: float, render_us: int, gain: float) -> np.ndarray:
+        """A frame rendered into the uint8 (height, stride) buffer picamera2 hands out: in
+        place with the built-in renderer, else rendered and then packed."""
+        if not self._renderer_clips:
+            return self._pack(np.asarray(self._renderer.render(scene, laser_mw, render_us, gain)))
+        h, w = self.sensor.height, self.sensor.width
+        buf = np.empty((h, self._stride_bytes() // 2), dtype="<u2")
+        buf[:, w:] = 0
+        view = buf[:, :w]
+        self._renderer.render(scene, laser_mw, render_us, gain, out=view)
+        if self.left_aligned:
+            np.left_shift(view, 16 - self.sensor.bits, out=view)
+        return buf.view(np.uint8)
 
     def _pack(self, counts: np.ndarray) -> np.ndarray:
         """Right-aligned counts -> the uint8 (height, stride) buffer picamera2 hands out."""

@@ -13,7 +13,7 @@ from nirf.hal.errors import InvalidArgument
 
 MAX_INCLUSIONS = 32
 MAX_MOTION_PX = 50.0  # per frame; more would carry a focus out of a test frame at once
-FAULT_KEYS = ("camera_stall", "serial_corruption", "mcu_overtemp", "wheel_stuck", "photodiode_gain")
+FAULT_KEYS = ("camera_stall", "serial_corruption", "mcu_overtemp", "wheel_stuck", "photodiode_gain", "gate_leak")
 
 
 def _num(name: str, v, lo: float, hi: float) -> float:
@@ -137,6 +137,8 @@ def _fault(v) -> dict:
             out[k] = _num("fault.serial_corruption", x, 0.0, 1.0)
         elif k == "photodiode_gain":
             out[k] = _num("fault.photodiode_gain", x, 0.0, 10.0)
+        elif k == "gate_leak":
+            out[k] = _num("fault.gate_leak", x, 0.0, 1.0)
         else:
             raise InvalidArgument(f"sim.set fault: unknown fault {k!r}; known: {', '.join(FAULT_KEYS)}")
     return out

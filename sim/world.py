@@ -17,6 +17,8 @@ camera trigger windows.
 
 from __future__ import annotations
 
+import bisect
+
 import copy
 import threading
 import time
@@ -198,6 +200,7 @@ class World:
             "mcu_overtemp": False,
             "wheel_stuck": False,
             "photodiode_gain": 1.0,
+            "gate_leak": 0.0,
         }
         # laser: what the MCU drives (diode drive, mW) and the resulting optical output
         self._drive_mw = 0.0
@@ -524,23 +527,23 @@ def judge_frames(laser: list, triggers: list) -> dict:
     return out
 
 
+def _event_time(event: tuple[int, float]) -> int:
+    return event[0]
+
+
 def mean_of_steps(events: list[tuple[int, float]], t0_ns: int, t1_ns: int) -> float:
     """Average of a step function given as sorted (t_ns, value) change points over
-    [t0, t1]. Before the first point the value is the first point's value."""
+    [t0, t1]. Before the first point the value is the first point's value. The start of the
+    window is found by bisection, so only the points inside it are visited (the history
+    holds thousands of points while a modulated exposure spans one or two)."""
+    first = bisect.bisect_right(events, t0_ns, key=_event_time)  # points at or before t0
+    value = events[first - 1][1] if first else events[0][1]
     if t1_ns <= t0_ns:
-        # zero-length window: the value at t0
-        v = events[0][1]
-        for t, val in events:
-            if t <= t0_ns:
-                v = val
-        return v
+        return value  # zero-length window: the value at t0
     total = 0.0
-    value = events[0][1]
     cursor = t0_ns
-    for t, val in events:
-        if t <= t0_ns:
-            value = val
-            continue
+    for i in range(first, len(events)):
+        t, val = events[i]
         if t >= t1_ns:
             break
         total += value * (t - cursor)

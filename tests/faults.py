@@ -139,7 +139,7 @@ class Operator:
         """Bring the cart back to SAFE with a healthy simulated world (between scenarios)."""
         self.ok("sim.set", {"interlock": "closed", "key": True,
                             "fault": {"camera_stall": False, "serial_corruption": 0.0, "mcu_overtemp": False,
-                                      "wheel_stuck": False, "photodiode_gain": 1.0}})
+                                      "wheel_stuck": False, "photodiode_gain": 1.0, "gate_leak": 0.0}})
         self.call("acquire.stop")
         deadline = time.monotonic() + timeout_s
         last = None

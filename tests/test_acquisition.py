@@ -275,6 +275,32 @@ def test_a_lit_frame_the_mcu_cut_is_marked_in_its_pair():
     assert (acq.cuts, acq.cuts_late) == (2, 1)  # the report of 4 came after its pair; "x" is malformed
 
 
+def test_a_dark_frame_the_mcu_saw_light_in_is_marked_in_its_pair():
+    """``! LIT <counter>``: the MCU's photodiode saw light during a dark exposure (a leaking
+    gate); the pair whose off frame it is carries ``light_seen`` (processing flags it
+    ``off_frame_lit``); the mark reaches the pipeline's metadata."""
+    from nirf.hal.laser import McuNotice
+    from nirf.services.imaging.main import _meta
+
+    got = []
+    acq = Acquisition(FakeCamera([frame(n) for n in range(8)]), FakeLaser([tag(n) for n in range(8)]),
+                      on_pair=lambda on, off: got.append((on, off)), laser_mw=lambda: 50.0)
+    acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    acq._pending_on = None
+    acq.mode = "fluorescence"
+    notices = {3: [McuNotice("LIT", ("3",))], 5: [McuNotice("LIT", ("1",))]}
+    for n in range(8):
+        f = acq.camera.capture(1.0)
+        acq._note_cuts(notices.get(n, []))
+        acq._tagger.add(acq.laser.poll()[0])
+        acq._handle(f, acq._tagger.match(f.meta))
+    assert [(off.meta.mcu_frame, off.meta.light_seen, on.meta.light_seen) for on, off in got] == \
+        [(1, False, False), (3, True, False), (5, False, False), (7, False, False)]
+    assert (acq.dark_lit, acq.dark_lit_late, acq.cuts) == (2, 1, 0)
+    off = [off for _, off in got][1]
+    assert _meta(off.meta)["light_seen"] is True and _meta(got[0][1].meta)["light_seen"] is False
+
+
 def test_the_cut_mark_reaches_the_pipeline_as_on_frame_cut():
     from nirf.services.imaging.main import _meta
 

@@ -49,7 +49,7 @@ class Rig:
     """World + view + stand-in factory + driver on one manual clock."""
 
     def __init__(self, *, pi5=False, mono=True, hide_platform=False, platform=None,
-                 **driver_kwargs):
+                 real_renderer=False, **driver_kwargs):
         self.clock = ManualClock()
         self.sensor = SensorModel(width=WIDTH, height=HEIGHT)
         self.world = World(self.clock, self.sensor)
@@ -57,7 +57,8 @@ class Rig:
             # As a test of the whole cart does it: sim.set {"camera_platform": ...}
             self.world.apply({"camera_platform": platform})
         self.view = LocalWorldView(self.world)
-        self.renderer = FakeRenderer(self.sensor)
+        # None: the stand-in's own FrameRenderer (the simulator's physics)
+        self.renderer = None if real_renderer else FakeRenderer(self.sensor)
         self.cameras: list[Picamera2StandIn] = []
         self._pi5 = pi5
         self._mono = mono
@@ -207,6 +208,71 @@ def test_half_lit_exposure_gives_half_the_mean_power(rig):
     frame = rig.driver.capture(timeout_s=2.0)
     assert rig.renderer.calls[-1][0] == pytest.approx(100.0, rel=1e-6)
     assert int(frame.data[10, 10]) == BLACK + 100
+
+
+# -- rendered as the exposure starts ---------------------------------------------------------
+
+
+def expected_mean_counts(r, laser_mw: float, exposure_us: int, gain: float) -> float:
+    """The physics' noise-free mean of the frame (sim.render), independent of the stand-in."""
+    from nirf.sim.render import FrameRenderer
+    return float(FrameRenderer(r.sensor).expected_counts(r.world.scene(), laser_mw, exposure_us, gain).mean())
+
+
+@pytest.mark.parametrize("pi5", [False, True])
+def test_a_frame_rendered_as_its_exposure_starts_is_kept_when_nothing_changed(pi5):
+    r = Rig(real_renderer=True, pi5=pi5)
+    try:
+        r.start(exposure_us=EXPOSURE_US, gain=2.0)
+        r.expose(0, laser_mw=200.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert (r.camera.frames_rendered_early, r.camera.frames_rendered_again) == (1, 0)
+        want = expected_mean_counts(r, 200.0, EXPOSURE_US, 2.0)
+        assert float(frame.data.mean()) == pytest.approx(want, rel=0.01)
+    finally:
+        r.close()
+
+
+def test_light_reported_after_the_early_render_makes_the_frame_rendered_again():
+    """The hardware reports the laser turning off half way through the exposure only after
+    the stand-in began rendering (the report is late): the frame must show what happened,
+    half the light, not what was assumed."""
+    r = Rig(real_renderer=True)
+    try:
+        r.start(exposure_us=EXPOSURE_US, gain=2.0)
+        cam = r.camera
+        wait = cam._wait_until_world
+        late = {}
+
+        def late_report(t_wall_ns):
+            if not late:  # once: between the early render and the end of the exposure
+                late["t"] = t0 + EXPOSURE_US * 500
+                r.world.set_laser_drive(0.0, late["t"])
+            return wait(t_wall_ns)
+
+        cam._wait_until_world = late_report
+        t0 = r.expose(0, laser_mw=200.0)
+        frame = r.driver.capture(timeout_s=2.0)
+        assert late, "the late report was not injected"
+        assert (cam.frames_rendered_early, cam.frames_rendered_again) == (0, 1)
+        half = expected_mean_counts(r, 100.0, EXPOSURE_US, 2.0)
+        full = expected_mean_counts(r, 200.0, EXPOSURE_US, 2.0)
+        assert abs(full - half) > 20  # the two are told apart
+        assert float(frame.data.mean()) == pytest.approx(half, rel=0.01)
+    finally:
+        r.close()
+
+
+def test_a_moving_scene_is_rendered_once_at_the_end():
+    r = Rig(real_renderer=True)
+    try:
+        r.world.apply({"motion_px": 2})
+        r.start(exposure_us=EXPOSURE_US, gain=2.0)
+        r.expose(0, laser_mw=200.0)
+        r.driver.capture(timeout_s=2.0)
+        assert (r.camera.frames_rendered_early, r.camera.frames_rendered_again) == (0, 0)
+    finally:
+        r.close()
 
 
 def test_laser_after_the_window_does_not_leak_in(rig):

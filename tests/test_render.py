@@ -339,8 +339,22 @@ def test_render_into_a_given_array():
     assert result is out and out.mean() > SENSOR.black_level
 
 
+def test_render_into_a_padded_camera_buffer_gives_the_same_frame():
+    """A view of a buffer whose rows are padded (a camera's stride) is written in place,
+    pixel for pixel as a plain array with the same seed, and the padding is not touched."""
+    plain = FrameRenderer(SENSOR, seed=3).render(default_scene(), 50.0, EXPOSURE_US, 1.0)
+    buffer = np.full((SENSOR.height, SENSOR.width + 24), 7, np.uint16)
+    view = buffer[:, :SENSOR.width]
+    result = FrameRenderer(SENSOR, seed=3).render(default_scene(), 50.0, EXPOSURE_US, 1.0, out=view)
+    assert result is view
+    np.testing.assert_array_equal(view, plain)
+    assert (buffer[:, SENSOR.width:] == 7).all()
+
+
 @pytest.mark.parametrize("out", [
     np.zeros((10, 10), np.uint16),
+    np.zeros((SENSOR.height, 2 * SENSOR.width), np.uint16)[:, ::2],  # every other pixel
+    np.zeros((SENSOR.height, SENSOR.width), np.uint16)[::-1],  # rows backwards
     np.zeros((SENSOR.height, SENSOR.width), np.float32),
     np.zeros((SENSOR.width, SENSOR.height), np.uint16).T,  # right shape, not C-contiguous
 ])

@@ -317,6 +317,61 @@ def test_a_decrease_during_a_lit_exposure_flags_that_pair_cut(cart, client):
     assert after["cut_notices"] - before["cut_notices"] >= len(flagged)
 
 
+def _level_at(events, t_ns):
+    """The world's optical output at ``t_ns`` (its record is a step function)."""
+    level = 0.0
+    for t, mw in events:
+        if t > t_ns:
+            break
+        level = mw
+    return level
+
+
+def test_light_in_the_off_frames_makes_every_pair_off_frame_lit(cart, client):
+    """A leaking modulation gate (``sim.set fault gate_leak``): the world lights the dark
+    frames at a tenth of the lit level; the MCU's photodiode sees it in the exposure and
+    reports it (``! LIT``), and the results are invalid with ``off_frame_lit``; once the
+    gate is healthy they are valid again. Judged on the world's record of the optical
+    output: a flagged pair's off exposure was lit, and a pair whose off exposure was lit is
+    flagged unless its report came late (counted)."""
+    from tests.faults import WorldProbe
+
+    probe = WorldProbe(cart.runtime_dir)
+    got = []
+    try:
+        sim_set(client, {"scene": "default"})
+        before = client.call("status")["pairs"]
+        client.call("sim.set", {"fault": {"gate_leak": 0.1}})
+        t0 = time.time_ns() + 100_000_000
+        deadline = time.monotonic() + 20
+        while len(got) < 12:
+            assert time.monotonic() < deadline, f"results stopped after {len(got)}"
+            m = client.wait_for("result", timeout_s=2)
+            if m is not None and m["t_capture_ns"] > t0:
+                got.append(m)
+        after = client.call("status")["pairs"]
+        events = probe.events()
+    finally:
+        client.call("sim.set", {"fault": {"gate_leak": 0.0}})
+        probe.close()
+    # t_capture is the end of the off frame's exposure: 2 ms before it lies inside it
+    lit_off = [r for r in got if _level_at(events, r["t_capture_ns"] - 2_000_000) > 0]
+    assert len(lit_off) >= len(got) - 1, "the world did not light the off frames: the fault was not injected"
+    flagged = [r for r in got if "off_frame_lit" in r["flags"]]
+    assert flagged, f"no result flagged off_frame_lit among {len(got)}"
+    for r in flagged:
+        assert r in lit_off, f"pair {r['frame_seq']} flagged, but its off exposure was dark in the world"
+        assert r["valid"] is False and r["positive"] is False
+    missed = [r["frame_seq"] for r in lit_off if r not in flagged]
+    late = after["dark_light_notices_late"] - before["dark_light_notices_late"]
+    assert len(missed) <= late, f"off frames lit in the world but not flagged: {missed} (late reports: {late})"
+    assert after["dark_light_notices"] - before["dark_light_notices"] >= len(flagged)
+    # healthy again: a pair exposed well after the repair is valid
+    after_fix = time.time_ns() + 200_000_000
+    m = client.wait_for("result", lambda r: r["t_capture_ns"] > after_fix, timeout_s=10)
+    assert m is not None and "off_frame_lit" not in m["flags"], m and m["flags"]
+
+
 # --- the calibration gate (PRODUCT.md section 7: device profile) ------------------------
 
 

@@ -241,13 +241,14 @@ def test_a_lost_pair_is_bridged_and_moved_rois_still_see_the_motion():
 
 
 @pytest.mark.parametrize("where,flag", [("off_lit", "off_frame_lit"), ("off_cut", "off_frame_lit"),
-                                        ("on_cut", "on_frame_cut")])
+                                        ("off_light_seen", "off_frame_lit"), ("on_cut", "on_frame_cut")])
 def test_the_mcu_gating_record_invalidates_a_lit_or_cut_frame(where, flag):
     meta_on = {"cut": True} if where == "on_cut" else {}
-    meta_off = {"lit": True} if where == "off_lit" else ({"cut": True} if where == "off_cut" else {})
+    meta_off = {"off_lit": {"lit": True}, "off_cut": {"cut": True},
+                "off_light_seen": {"light_seen": True}}.get(where, {})
     results, _ = run(world_for(scene="default"), pairs=1, meta_on=meta_on, meta_off=meta_off)
     assert flag in results[0]["flags"] and not results[0]["valid"]
-    clean, _ = run(world_for(scene="default"), pairs=1, meta_on={"cut": False}, meta_off={"lit": False, "cut": False})
+    clean, _ = run(world_for(scene="default"), pairs=1, meta_on={"cut": False}, meta_off={"lit": False, "cut": False, "light_seen": False})
     assert clean[0]["valid"]
 
 

@@ -204,6 +204,10 @@ class Acquisition:
         self._last_handed: int | None = None  # counter of the newest frame handed on
         self.cuts = 0  # CUT notices taken
         self.cuts_late = 0  # of those, for a frame already handed on (not marked)
+        # Counters of dark frames whose exposure the MCU's photodiode saw light in (``! LIT``)
+        self._dark_lit: collections.deque[int] = collections.deque(maxlen=64)
+        self.dark_lit = 0
+        self.dark_lit_late = 0
         self._fps_window: collections.deque[float] = collections.deque(maxlen=61)
 
     # ------------------------------------------------------------------ control
@@ -242,6 +246,7 @@ class Acquisition:
         self._pending_on: Frame | None = None
         # counters start again from 0 with every FTON: cut reports of the last run are void
         self._cut.clear()
+        self._dark_lit.clear()
         self._last_handed = None
         self.camera.start()
         pulse_us = self.trigger_pulse_us(self.camera.settings.exposure_us)
@@ -332,28 +337,43 @@ class Acquisition:
             self._handle(frame, tag)
 
     def _note_cuts(self, notices) -> None:
+        """The MCU's reports on frames already triggered: ``CUT`` (a lit exposure cut by a
+        turn-off or decrease) and ``LIT`` (light seen during a dark exposure)."""
         for n in notices:
-            if getattr(n, "kind", None) != "CUT":
+            kind = getattr(n, "kind", None)
+            if kind not in ("CUT", "LIT"):
                 continue
             try:
                 counter = int(n.detail[0])
             except (IndexError, ValueError, TypeError):
-                log.warning("malformed CUT notice %r", n)
+                log.warning("malformed %s notice %r", kind, n)
                 continue
-            self.cuts += 1
-            if self._last_handed is not None and counter <= self._last_handed:
-                self.cuts_late += 1
-                log.warning("the MCU reported frame %d cut after it was handed on", counter)
-            self._cut.append(counter)
+            late = self._last_handed is not None and counter <= self._last_handed
+            if kind == "CUT":
+                self.cuts += 1
+                self.cuts_late += late
+                self._cut.append(counter)
+            else:
+                self.dark_lit += 1
+                self.dark_lit_late += late
+                self._dark_lit.append(counter)
+            if late:
+                log.warning("the MCU reported frame %d %s after it was handed on", counter,
+                            "cut" if kind == "CUT" else "lit in the dark")
 
     def _marked(self, frame: Frame) -> Frame:
         """``frame`` with ``cut`` set when the MCU reported its exposure cut."""
         c = frame.meta.mcu_frame
         if c is not None:
             self._last_handed = c
-        if c is not None and c in self._cut:
-            return Frame(frame.data, frame.meta.with_(cut=True))
-        return frame
+        if c is None:
+            return frame
+        marks = {}
+        if c in self._cut:
+            marks["cut"] = True
+        if c in self._dark_lit:
+            marks["light_seen"] = True
+        return Frame(frame.data, frame.meta.with_(**marks)) if marks else frame
 
     def _handle(self, frame: Frame, tag: FrameTag | None) -> None:
         lit = None if tag is None else tag.lit

@@ -312,7 +312,8 @@ class ImagingService:
             "acquisition": acq.mode,
             "roi": roi,
             "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete,
-                      "cut_notices": acq.cuts, "cut_notices_late": acq.cuts_late},
+                      "cut_notices": acq.cuts, "cut_notices_late": acq.cuts_late,
+                      "dark_light_notices": acq.dark_lit, "dark_light_notices_late": acq.dark_lit_late},
             "calibration_id": self.calibration.current_id(),
             # why a patient capture should not be taken now (no flat field, no QC today)
             "capture_problems": self.calibration.capture_problems(),
@@ -506,7 +507,7 @@ def _meta(m) -> dict:
     return {"seq": m.seq, "mcu_frame": m.mcu_frame, "lit": m.lit, "t_start_ns": m.t_start_ns,
             "t_end_ns": m.t_end_ns, "exposure_us": m.exposure_us, "gain": m.gain, "laser_mw": m.laser_mw,
             "filter_position": m.filter_position, "bits": m.bits, "black_level": m.black_level,
-            "width": m.width, "height": m.height, "cut": m.cut}
+            "width": m.width, "height": m.height, "cut": m.cut, "light_seen": m.light_seen}
 
 
 def main(argv=None) -> int:

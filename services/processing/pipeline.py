@@ -657,8 +657,9 @@ class PairProcessor:
             flags.append("rois_overlap")
         if self.emission_filter is not None and meta_on["filter_position"] != self.emission_filter:
             flags.append("filter_not_emission")
-        # the MCU's gating record: the off frame must have had no laser light at all
-        if meta_off.get("lit") or meta_off.get("cut"):
+        # the MCU's gating record: the off frame must have had no laser light at all (its
+        # photodiode saw none during the exposure either)
+        if meta_off.get("lit") or meta_off.get("cut") or meta_off.get("light_seen"):
             flags.append("off_frame_lit")
         if meta_on.get("cut"):
             flags.append("on_frame_cut")
