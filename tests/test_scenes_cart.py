@@ -349,7 +349,6 @@ def test_light_in_the_off_frames_makes_every_pair_off_frame_lit(cart, client):
             m = client.wait_for("result", timeout_s=2)
             if m is not None and m["t_capture_ns"] > t0:
                 got.append(m)
-        after = client.call("status")["pairs"]
         events = probe.events()
     finally:
         client.call("sim.set", {"fault": {"gate_leak": 0.0}})
@@ -362,10 +361,17 @@ def test_light_in_the_off_frames_makes_every_pair_off_frame_lit(cart, client):
     for r in flagged:
         assert r in lit_off, f"pair {r['frame_seq']} flagged, but its off exposure was dark in the world"
         assert r["valid"] is False and r["positive"] is False
+    # the counters come with the imaging process's periodic state: wait for them to catch up
+    deadline = time.monotonic() + 5
+    while True:
+        after = client.call("status")["pairs"]
+        if after["dark_light_notices"] - before["dark_light_notices"] >= len(flagged) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert after["dark_light_notices"] - before["dark_light_notices"] >= len(flagged)
     missed = [r["frame_seq"] for r in lit_off if r not in flagged]
     late = after["dark_light_notices_late"] - before["dark_light_notices_late"]
     assert len(missed) <= late, f"off frames lit in the world but not flagged: {missed} (late reports: {late})"
-    assert after["dark_light_notices"] - before["dark_light_notices"] >= len(flagged)
     # healthy again: a pair exposed well after the repair is valid
     after_fix = time.time_ns() + 200_000_000
     m = client.wait_for("result", lambda r: r["t_capture_ns"] > after_fix, timeout_s=10)
