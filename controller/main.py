@@ -203,6 +203,7 @@ class SafetyCore:
         self.watchdog = sdnotify.WatchdogPinger(clock=self.clock)
         self.ctx = ctx or zmq.Context()
         self.notices_bad = 0
+        self._camera_instance: str | None = None  # the imaging process whose camera is watched
         self._rev = ipc.Revision()
         self._threads: list[threading.Thread] = []
 
@@ -316,6 +317,14 @@ class SafetyCore:
     def _on_notice(self, msg: dict | None) -> None:
         kind = msg.get("kind") if msg else None
         instance = msg.get("instance") if msg and isinstance(msg.get("instance"), str) else None
+        from_imaging = kind == "camera" or (kind == "hb" and msg.get("process") == "imaging")
+        if from_imaging and instance is not None and instance != self._camera_instance:
+            # A new imaging process: the stream the old one watched died with it. Until the
+            # new one starts its own, there is no camera to wait for (else a reset would be
+            # refused for ever: "camera still delivers no frames").
+            if self._camera_instance is not None:
+                self.cart.note_camera(False)
+            self._camera_instance = instance
         if kind == "hb" and isinstance(msg.get("process"), str):
             self.watch.beat(msg["process"], instance)
         elif kind == "camera" and isinstance(msg.get("watching"), bool):

@@ -177,3 +177,30 @@ def test_a_stalled_heartbeat_reader_still_trips_while_armed(rig):
     assert rig.cart.state is State.FAULT
     assert [f.code for f in rig.cart.faults] == [SERVICE_LOST]
     assert rig.output_mw == 0.0
+
+
+def test_a_new_imaging_process_voids_the_camera_watch_of_the_old_one(tmp_path):
+    """Imaging killed while it streamed: its last word was "watching, frame at t". The new
+    process starts with no stream; the safety core must not wait for the old stream's frames
+    (a reset would be refused for ever: "camera still delivers no frames"). The same process
+    going on beating changes nothing."""
+    from nirf.controller.main import SafetyCore
+
+    rig = Rig(safety={"emission_delay_s": 1.0})
+    core = SafetyCore(rig.cfg, rig.laser, rig.io, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run",
+                      clock=rig.clock)
+    try:
+        core._on_notice({"kind": "camera", "watching": True, "frame": True, "instance": "old"})
+        rig.clock.advance(rig.cfg.safety.camera_stall_s + 0.5)
+        core._on_notice({"kind": "hb", "process": "imaging", "instance": "old"})
+        assert "camera still delivers no frames" in core.cart.persisting_causes()
+        core._on_notice({"kind": "hb", "process": "gateway", "instance": "gw"})  # another process
+        assert "camera still delivers no frames" in core.cart.persisting_causes()
+        core._on_notice({"kind": "hb", "process": "imaging", "instance": "new"})
+        assert "camera still delivers no frames" not in core.cart.persisting_causes()
+        # the new one's own stream is watched as before
+        core._on_notice({"kind": "camera", "watching": True, "frame": True, "instance": "new"})
+        rig.clock.advance(rig.cfg.safety.camera_stall_s + 0.5)
+        assert "camera still delivers no frames" in core.cart.persisting_causes()
+    finally:
+        core.ctx.destroy(linger=0)
