@@ -74,6 +74,10 @@ XMW_TRIP_S = 0.050  # S6a: reading and expected mW disagreeing for longer than t
 XMW_REL = 0.20  # "disagree": by more than 20 % of the larger of the two ...
 XMW_FS_ALLOWANCE = 0.02  # ... plus 2 % of the factory table's full scale (S6a's own allowance)
 XMW_FLOOR_MW = 1.0  # ... plus the photodiode's noise floor, so 0 mW vs 0.3 mW is no mismatch
+# The emulator's ticks: every millisecond while anything runs on time (the output enabled,
+# frame timing, a trip timer), every IDLE_TICK_S otherwise: a dark laser needs only its
+# thermal model and checks then, and input edges come by interrupt at any time.
+IDLE_TICK_S = 0.02
 # Light in a dark frame's exposure (the gate leaking): a reading above this, 7.5 sigma of
 # the photodiode's noise floor, is reported with ! LIT <counter> (PRODUCT.md section 7).
 DARK_LIGHT_MW = 1.5
@@ -185,6 +189,10 @@ class McuEmulator:
         self._rx = bytearray()
         self._discarding = False  # inside an over-long line, until its terminator
         self._tx = bytearray()
+        # set by the serial link: called when output is queued outside feed and tick (an
+        # interrupt), so it goes out at once even between idle ticks
+        self.on_output = None
+        self._in_tick = False
         self._cache: tuple[int, str, str] | None = None  # (seq, command text, reply text)
         # Every command line executed (not replayed), "seq text", most recent last; for
         # tests and logs.
@@ -243,23 +251,30 @@ class McuEmulator:
     def feed(self, data: bytes) -> None:
         """Bytes from the host. Complete lines are acted on at once."""
         with self._lock:
-            self._advance()
-            for byte in bytes(data):
-                if byte == 0x0A:  # LF ends a line
-                    if self._discarding:
-                        self._discarding = False
-                    else:
-                        self._handle_line(bytes(self._rx))
-                    self._rx.clear()
-                elif self._discarding:
-                    continue
-                elif len(self._rx) >= MAX_LINE_BYTES:
-                    # Too long for the firmware's buffer: answer once, drop the rest.
-                    self._rx.clear()
-                    self._discarding = True
-                    self._send("- ERR MALFORMED")
+            self._in_tick = True  # the link sends what this queues right after
+            try:
+                self._feed_locked(data)
+            finally:
+                self._in_tick = False
+
+    def _feed_locked(self, data: bytes) -> None:
+        self._advance()
+        for byte in bytes(data):
+            if byte == 0x0A:  # LF ends a line
+                if self._discarding:
+                    self._discarding = False
                 else:
-                    self._rx.append(byte)
+                    self._handle_line(bytes(self._rx))
+                self._rx.clear()
+            elif self._discarding:
+                continue
+            elif len(self._rx) >= MAX_LINE_BYTES:
+                # Too long for the firmware's buffer: answer once, drop the rest.
+                self._rx.clear()
+                self._discarding = True
+                self._send("- ERR MALFORMED")
+            else:
+                self._rx.append(byte)
 
     def take_output(self) -> bytes:
         """Bytes the MCU has sent since the last call."""
@@ -271,7 +286,17 @@ class McuEmulator:
     def tick(self) -> None:
         """Run the time-driven behaviour: frame triggers, thermal model, safety checks."""
         with self._lock:
-            self._advance()
+            self._in_tick = True
+            try:
+                self._advance()
+            finally:
+                self._in_tick = False
+
+    def tick_interval_s(self) -> float:
+        """How soon the next tick is needed (see :data:`IDLE_TICK_S`)."""
+        busy = (self._enabled or self._ft_running or self._opt_since is not None
+                or self._xmw_since is not None)
+        return 0.001 if busy else IDLE_TICK_S
 
     # -- introspection for tests and the hardware process -------------------------------------
     @property
@@ -315,6 +340,8 @@ class McuEmulator:
         if len(self._tx) + len(data) > TX_LIMIT_BYTES:
             return  # nobody is reading; a real UART buffer overflows the same way
         self._tx += data
+        if self.on_output is not None and not self._in_tick:
+            self.on_output()  # an interrupt's notice: the link sends it now, not at the next tick
 
     # -- input interrupt ----------------------------------------------------------------------
     def _on_world(self, kind: str, payload: dict) -> None:

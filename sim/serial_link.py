@@ -37,6 +37,10 @@ class EmulatorCore(Protocol):
 
     def tick(self) -> None: ...
 
+    # Optional: ``tick_interval_s()`` how soon the next tick is needed (an idle device needs
+    # fewer), and ``on_output``, an attribute the link sets to a callable the core calls when
+    # it queued output outside a tick (an interrupt), so the link sends it at once.
+
 
 class PtyLink:
     """Serve an emulator core on a pseudo-terminal.
@@ -59,6 +63,22 @@ class PtyLink:
         self.slave_path: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Woken at once when the core queues output between ticks (idle ticks can be long).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        if hasattr(core, "on_output"):
+            core.on_output = self._wake
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending (or the link is gone)
+
+    def _interval_s(self) -> float:
+        interval = getattr(self.core, "tick_interval_s", None)
+        return self.tick_s if interval is None else max(self.tick_s, float(interval()))
 
     @property
     def port(self) -> str:
@@ -115,9 +135,15 @@ class PtyLink:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake()  # out of a long idle wait at once
         if self._thread:
             self._thread.join(timeout=2.0)
         self._close_pty()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -129,8 +155,13 @@ class PtyLink:
                 self._stop.wait(self.tick_s)
                 continue
             try:
-                ready, _, _ = select.select([master], [], [], self.tick_s)
-                if ready:
+                ready, _, _ = select.select([master, self._wake_r], [], [], self._interval_s())
+                if self._wake_r in ready:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if master in ready:
                     data = os.read(master, 4096)
                     if data:
                         self.core.feed(data)
