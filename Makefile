@@ -31,6 +31,10 @@ run: $(STAMP)
 # real time, and two carts at once would share the CPU). Both passes always run; the
 # status is the first failure's.
 XDIST := -n 3 --dist loadfile
+# Bytecode caches on for the tests even where the environment turns them off: every worker
+# and every process of every simulated cart would otherwise compile the sources anew (the
+# __pycache__ folders are ignored by git).
+test test-quick: export PYTHONDONTWRITEBYTECODE :=
 
 test: $(STAMP)
 	@status=0; \

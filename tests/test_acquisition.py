@@ -211,6 +211,7 @@ def test_frames_carry_the_exposure_the_trigger_pulse_gives():
 
 
 # -- under load: the FTON request and its reply can take several periods ----------------
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 @settings(max_examples=300, deadline=None)
 @given(before_ms=st.floats(0.0, 300.0), after_ms=st.floats(0.0, 300.0),
        latencies_ms=st.lists(st.floats(0.5, 20.0), min_size=40, max_size=40),

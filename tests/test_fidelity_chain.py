@@ -142,6 +142,7 @@ def test_pairs_survive_dropped_frames_and_sbr_is_the_truth(cart):
     assert all(r["signal_mean"] > 0 for r in results)
 
 
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 def test_intensity_does_not_depend_on_the_exposure(cart):
     """50 ms at 10 fps and 10 ms at 30 fps: the fluorescence per unit exposure is the same.
     Divided by a clipped 33 ms, the 50 ms pairs would read 1.5 times too bright."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import tomllib
 
+import pytest
+
 from tests.cartproc import ROOT
 
 TOPS = ("config", "controller", "drivers", "hal", "services", "sim")
@@ -56,6 +58,7 @@ def _bare_imports(path) -> list[str]:
     return bad
 
 
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 def test_no_code_imports_a_folder_by_its_bare_name():
     files = [p for top in (*TOPS, "tests", "bench") for p in (ROOT / top).rglob("*.py")]
     assert len(files) > 100

@@ -117,6 +117,7 @@ def test_kaplan_meier_and_logrank_match_lifelines():
     del lifelines
 
 
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 def test_cluster_adjusted_coverage_holds_where_plain_intervals_fail(capsys):
     """4 margins per patient, within-patient correlation 0.5 (beta-binomial, ICC = 1 / (a +
     b + 1)), true sensitivity 0.8, 60 patients: the plain intervals cover the truth about

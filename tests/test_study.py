@@ -87,6 +87,7 @@ def test_every_tumor_bed_capture_is_accounted_for(study):
     assert f["window_deviations"] > 0
 
 
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 def test_close_and_indeterminate_can_be_counted(tmp_path):
     clock = ManualClock()
     store = CaseStore(tmp_path / "s.db", clock=clock, report_options=ReportOptions(

@@ -346,6 +346,7 @@ def ome_schema():
     return xmlschema.XMLSchema(xsd)
 
 
+@pytest.mark.slow  # seconds of CPU: in make test, not in test-quick
 @pytest.mark.parametrize("on_meta, off_meta, pixel_size", [(ON_META, OFF_META, 52.5), ({}, {}, None)])
 def test_the_ome_xml_is_valid_against_the_ome_schema(tmp_path, ome_schema, on_meta, off_meta, pixel_size):
     """Checked with xmlschema against the OME 2016-06 schema (the copy ome-types ships),
