@@ -159,12 +159,12 @@ def test_safety_commands_are_answered_during_a_capture_a_qc_run_and_a_selftest(c
         for v in list(lat.values()) + list(lat2.values()):
             assert statistics.median(v) < ANSWER_S
 
-        # a 64-pair capture (EMITTING): status and ping from the other operator, then laser.off
+        # a 32-pair capture (EMITTING): status and ping from the other operator, then laser.off
         to_emitting(op)
         op.ok("case.open", {"case_id": "SEG-0001", "histology": "DFSP", "arm": "icg_25mg",
                             "injection_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 86400))})
         box = {}
-        t = run_long(op, "capture", {"site": "tumor_bed", "label": "12 o'clock", "pairs": 64}, box)
+        t = run_long(op, "capture", {"site": "tumor_bed", "label": "12 o'clock", "pairs": 32}, box)
         lat = latencies(other, ["status", "ping"], 50, box["running"])
         busy = other.call("qc.run", {})
         t.join(120)
@@ -177,7 +177,7 @@ def test_safety_commands_are_answered_during_a_capture_a_qc_run_and_a_selftest(c
 
         # a QC baseline (EMITTING, long): laser.off from the other operator is answered at once
         box = {}
-        t = run_long(op, "qc.baseline", {"results": 120}, box)
+        t = run_long(op, "qc.baseline", {"results": 60}, box)
         lat = latencies(other, ["status", "ping"], 20, box["running"])
         dt, reply = timed(other, "laser.off")
         t.join(120)
