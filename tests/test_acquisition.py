@@ -253,24 +253,31 @@ def test_the_old_midpoint_guess_is_not_used_for_a_wide_window():
 
 
 # -- the MCU's cut record (``! CUT <counter>``) --------------------------------------------
-def test_a_lit_frame_the_mcu_cut_is_marked_in_its_pair():
-    """The MCU reports a lit exposure cut by a turn-off or a decrease; the pair made from
-    that on frame carries ``cut`` (processing flags it ``on_frame_cut``), the others not; a
-    report that comes after its frame was handed on is counted, never silently lost."""
-    from nirf.hal.laser import McuNotice
-
+def stream_with_notices(notices: dict) -> tuple:
+    """Eight frames in fluorescence mode; ``notices[n]`` (McuNotices) arrive with frame n.
+    Returns the acquisition and the pairs it made."""
     got = []
     acq = Acquisition(FakeCamera([frame(n) for n in range(8)]), FakeLaser([tag(n) for n in range(8)]),
                       on_pair=lambda on, off: got.append((on, off)), laser_mw=lambda: 50.0)
     acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
     acq._pending_on = None
     acq.mode = "fluorescence"
-    notices = {2: [McuNotice("CUT", ("2",))], 7: [McuNotice("CUT", ("4",)), McuNotice("CUT", ("x",))]}
     for n in range(8):
         f = acq.camera.capture(1.0)
         acq._note_cuts(notices.get(n, []))
         acq._tagger.add(acq.laser.poll()[0])
         acq._handle(f, acq._tagger.match(f.meta))
+    return acq, got
+
+
+def test_a_lit_frame_the_mcu_cut_is_marked_in_its_pair():
+    """The MCU reports a lit exposure cut by a turn-off or a decrease; the pair made from
+    that on frame carries ``cut`` (processing flags it ``on_frame_cut``), the others not; a
+    report that comes after its frame was handed on is counted, never silently lost."""
+    from nirf.hal.laser import McuNotice
+
+    acq, got = stream_with_notices(
+        {2: [McuNotice("CUT", ("2",))], 7: [McuNotice("CUT", ("4",)), McuNotice("CUT", ("x",))]})
     assert [(on.meta.mcu_frame, on.meta.cut, off.meta.cut) for on, off in got] == \
         [(0, False, False), (2, True, False), (4, False, False), (6, False, False)]
     assert (acq.cuts, acq.cuts_late) == (2, 1)  # the report of 4 came after its pair; "x" is malformed
@@ -283,18 +290,7 @@ def test_a_dark_frame_the_mcu_saw_light_in_is_marked_in_its_pair():
     from nirf.hal.laser import McuNotice
     from nirf.services.imaging.main import _meta
 
-    got = []
-    acq = Acquisition(FakeCamera([frame(n) for n in range(8)]), FakeLaser([tag(n) for n in range(8)]),
-                      on_pair=lambda on, off: got.append((on, off)), laser_mw=lambda: 50.0)
-    acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
-    acq._pending_on = None
-    acq.mode = "fluorescence"
-    notices = {3: [McuNotice("LIT", ("3",))], 5: [McuNotice("LIT", ("1",))]}
-    for n in range(8):
-        f = acq.camera.capture(1.0)
-        acq._note_cuts(notices.get(n, []))
-        acq._tagger.add(acq.laser.poll()[0])
-        acq._handle(f, acq._tagger.match(f.meta))
+    acq, got = stream_with_notices({3: [McuNotice("LIT", ("3",))], 5: [McuNotice("LIT", ("1",))]})
     assert [(off.meta.mcu_frame, off.meta.light_seen, on.meta.light_seen) for on, off in got] == \
         [(1, False, False), (3, True, False), (5, False, False), (7, False, False)]
     assert (acq.dark_lit, acq.dark_lit_late, acq.cuts) == (2, 1, 0)
