@@ -242,6 +242,7 @@ class McuEmulator:
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
         self._frame_lit = False  # the frame in progress was triggered lit and is still lit
         self._dark_lit_reported: int | None = None  # the last dark frame reported ! LIT
+        self._dark_frame: int | None = None  # the frame in progress, when triggered dark
         # Safe at boot: no drive, whatever the world held before.
         self.world.set_laser_drive(0.0, self._boot_ns)
         self.world.add_listener(self._on_world)
@@ -406,6 +407,7 @@ class McuEmulator:
                 self._applied_duty, self._applied_mw = self._duty, self._expected_mw
                 self._pd_held_valid = False
             self._frame_lit = lit
+            self._dark_frame = None if lit else n
             # The gate for this frame is set before the trigger, at the trigger's time, so
             # the whole frame period is lit (or dark).
             self.world.set_laser_drive(self._drive_mw(), t_ns)
@@ -458,7 +460,7 @@ class McuEmulator:
             self._pd_held_valid = True
         # Light during a dark frame's exposure (a leaking gate): the host must know that the
         # off frame of its pair is not dark (section 7), once per frame.
-        if (self._modulating() and not self._frame_lit and self._pd_live_mw > DARK_LIGHT_MW
+        if (self._modulating() and self._dark_frame == self._gate_frame and self._pd_live_mw > DARK_LIGHT_MW
                 and self._dark_lit_reported != self._gate_frame and self._in_exposure(self.clock.time_ns())):
             self._dark_lit_reported = self._gate_frame
             self._send(f"! LIT {self._gate_frame}")
@@ -803,6 +805,8 @@ class McuEmulator:
         self._next_frame = 0
         self._frame_count = 0
         self._gate_frame = 0
+        self._dark_lit_reported = None  # counters start again: a new frame 0 is a new frame
+        self._dark_frame = None  # frame 0 is lit, and not triggered yet
         # Dark until frame 0's trigger (at t0, on the next step) decides its gate.
         self._frame_lit = False
         self._pd_held_valid = False

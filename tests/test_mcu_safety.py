@@ -240,6 +240,24 @@ def test_light_in_a_dark_exposure_is_reported_once_for_that_frame(leak):
     assert emu.faults == ()  # a measurement problem, not a safety fault: light is permitted
 
 
+def test_light_in_the_dark_is_reported_again_after_frame_timing_restarts():
+    """Frame counters start from 0 at every FTON: a dark frame reported before a restart
+    does not hide the new run's frame of the same number."""
+    clock, world, emu, host = make()
+    host.cmd("DUTY 0.2 100")
+    world.apply({"fault": {"gate_leak": 0.2}})
+    runs = []
+    for _ in range(2):
+        assert host.cmd("EN 1 100") == "OK out=1"  # enabled first: frame 0 is lit
+        host.notices.clear()
+        assert host.cmd("FTON 16667 8000 1").startswith("OK")
+        host.advance(0.03)  # frame 0 (lit) and frame 1 (dark, leaked): the run's last report is 1
+        runs.append({int(n.split()[2]) for n in host.notices if n.startswith("! LIT ")})
+        assert host.cmd("EN 0").startswith("OK")
+        assert host.cmd("FTOFF").startswith("OK")
+    assert runs == [{1}, {1}], runs
+
+
 def test_a_low_reading_trips_xmw_too():
     clock, world, emu, host = make()
     host.cmd("DUTY 0.3 150")
