@@ -417,8 +417,9 @@ class Gateway:
             return True
         now = time.monotonic() if now is None else now
         safety = self.states.get("safety")
-        heard = (safety is not None and "imaging" in self.states
-                 and all(age is not None for age in (safety.get("services") or {"?": None}).values()))
+        services = (safety or {}).get("services") or {}
+        heard = ("imaging" in self.states and bool(services)
+                 and all(age is not None for age in services.values()))
         if heard or (safety is not None and now - self.started > READY_WAIT_S):
             self._is_ready = True
         return self._is_ready
