@@ -6,10 +6,9 @@ how often a frame's bytes are copied, and what that would cost on a Raspberry Pi
   1.0 is one core kept busy.
 * **Simulator-only against device-path work**: the hardware process (the MCU and filter-wheel
   emulators and the world) and the launcher (systemd on the cart) are simulator-only. Inside
-  imaging, the picamera2 stand-in renders every frame (the scene and the noise, written
-  straight into a padded raw buffer, which the sensor's DMA fills on a Pi). That part is
-  measured by running the stand-in's own rendering alone, in this process, for the same
-  number of frames
+  imaging, the picamera2 stand-in renders every frame (the scene, the noise, the packing into
+  a padded raw buffer, which the sensor's DMA does on a Pi). That part is measured by running
+  the same renderer and packing alone, in this process, for the same number of frames
   (one per MCU trigger: fps x window), timing its thread's CPU (``time.thread_time``), and
   subtracted from imaging's share. Everything else (the safety core, imaging's driver and
   frame path, gateway, study, processing, recorder, display) is device-path work: what would
@@ -106,9 +105,9 @@ OTHER_FRAME_COPIES = (
     FrameCopy("while a capture collects: the pair sent to the recorder too (two more kernel copies)",
               "services/imaging/record_tap.py", "self._push.send_multipart([b\"pair\"",
               condition="captures only"),
+    FrameCopy("simulator only: the stand-in packs the rendered counts into a padded raw buffer "
+              "(the sensor's DMA fills it on a Pi)", "sim/picamera2_standin.py", "np.copyto(view, counts)"),
 )
-# (The simulator's stand-in renders straight into its padded raw buffer, as the sensor's DMA
-# fills it on a Pi: no copy there either.)
 
 
 def locate(copy: FrameCopy, root: Path = ROOT) -> int:
@@ -218,9 +217,9 @@ def copy_bandwidth(size_bytes: int = 64 << 20, repeats: int = 7) -> float:
 
 
 def render_cpu_s(frames: int, *, laser_mw: float = 50.0, exposure_us: int = 8000, seed: int = 1) -> float:
-    """CPU seconds (this thread's) the picamera2 stand-in spends on ``frames`` frames,
-    rendered as it renders them (straight into a new padded raw buffer), alternating
-    laser-on and laser-off as modulation does."""
+    """CPU seconds (this thread's) the picamera2 stand-in spends on ``frames`` frames: the
+    renderer (as the stand-in calls it, a new array per frame) and the packing into its padded
+    raw buffer, alternating laser-on and laser-off as modulation does."""
     from nirf.hal.clock import ManualClock
     from nirf.sim.picamera2_standin import Picamera2StandIn
     from nirf.sim.render import FrameRenderer
@@ -229,13 +228,14 @@ def render_cpu_s(frames: int, *, laser_mw: float = 50.0, exposure_us: int = 8000
 
     world = World(ManualClock())
     standin = Picamera2StandIn(LocalWorldView(world), platform="pi4")
-    standin._renderer = FrameRenderer(world.sensor, seed=seed)  # what start() would create
+    renderer = FrameRenderer(world.sensor, seed=seed)
     scene = world.scene()
     for p in (laser_mw, 0.0):  # warm-up, as the first frames of a stream build their maps
-        standin._render_packed(scene, p, exposure_us, 1.0)
+        standin._pack(np.asarray(renderer.render(scene, p, exposure_us, 1.0)))
     t0 = time.thread_time()
     for i in range(frames):
-        standin._render_packed(scene, laser_mw if i % 2 == 0 else 0.0, exposure_us, 1.0)
+        counts = renderer.render(scene, laser_mw if i % 2 == 0 else 0.0, exposure_us, 1.0)
+        standin._pack(np.asarray(counts))
     return time.thread_time() - t0
 
 

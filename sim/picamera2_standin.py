@@ -780,33 +780,20 @@ class Picamera2StandIn:
     def _render_packed(self, scene: Any, laser_mw: float, render_us: int, gain: float) -> np.ndarray:
         """A frame as the uint8 (height, stride) buffer picamera2 hands out: the built-in
         renderer writes into it in place (it clips to full scale itself); an injected one's
-        frame is packed into it."""
-        if not self._renderer_clips:
-            return self._pack(np.asarray(self._renderer.render(scene, laser_mw, render_us, gain)))
-        buf, view = self._new_buffer()
-        self._renderer.render(scene, laser_mw, render_us, gain, out=view)
-        return self._finished(buf, view)
-
-    def _pack(self, counts: np.ndarray) -> np.ndarray:
-        """Right-aligned counts -> the uint8 (height, stride) buffer picamera2 hands out,
-        clipped to full scale."""
+        frame is clipped into it."""
         h, w = self.sensor.height, self.sensor.width
-        if counts.shape != (h, w):
-            raise ValueError(f"renderer gave a {counts.shape} frame, sensor is {(h, w)}")
-        buf, view = self._new_buffer()
-        np.minimum(counts, (1 << self.sensor.bits) - 1, out=view, casting="unsafe")
-        return self._finished(buf, view)
-
-    def _new_buffer(self) -> tuple[np.ndarray, np.ndarray]:
-        """A padded raw buffer (uint16, rows of the stride) and the view of its pixels. Only
-        the row padding needs zeros: the pixels are all written by the caller (np.zeros of the
-        whole buffer costs several ms a frame at full size)."""
-        w = self.sensor.width
-        buf = np.empty((self.sensor.height, self._stride_bytes() // 2), dtype="<u2")
+        # Only the row padding needs zeros: the pixels are all written below (np.zeros of
+        # the whole buffer and a uint16 minimum cost several ms a frame at full size).
+        buf = np.empty((h, self._stride_bytes() // 2), dtype="<u2")
         buf[:, w:] = 0
-        return buf, buf[:, :w]
-
-    def _finished(self, buf: np.ndarray, view: np.ndarray) -> np.ndarray:
+        view = buf[:, :w]
+        if self._renderer_clips:
+            self._renderer.render(scene, laser_mw, render_us, gain, out=view)
+        else:
+            counts = np.asarray(self._renderer.render(scene, laser_mw, render_us, gain))
+            if counts.shape != (h, w):
+                raise ValueError(f"renderer gave a {counts.shape} frame, sensor is {(h, w)}")
+            np.minimum(counts, (1 << self.sensor.bits) - 1, out=view, casting="unsafe")
         if self.left_aligned:
             np.left_shift(view, 16 - self.sensor.bits, out=view)
         return buf.view(np.uint8)
