@@ -242,7 +242,7 @@ class McuEmulator:
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
         self._frame_lit = False  # the frame in progress was triggered lit and is still lit
         self._dark_lit_reported: int | None = None  # the last dark frame reported ! LIT
-        self._frame_dark = False  # the frame in progress was triggered dark
+        self._dark_frame: int | None = None  # the frame in progress, when triggered dark
         # Safe at boot: no drive, whatever the world held before.
         self.world.set_laser_drive(0.0, self._boot_ns)
         self.world.add_listener(self._on_world)
@@ -407,7 +407,7 @@ class McuEmulator:
                 self._applied_duty, self._applied_mw = self._duty, self._expected_mw
                 self._pd_held_valid = False
             self._frame_lit = lit
-            self._frame_dark = not lit
+            self._dark_frame = None if lit else n
             # The gate for this frame is set before the trigger, at the trigger's time, so
             # the whole frame period is lit (or dark).
             self.world.set_laser_drive(self._drive_mw(), t_ns)
@@ -460,8 +460,8 @@ class McuEmulator:
             self._pd_held_valid = True
         # Light during a dark frame's exposure (a leaking gate): the host must know that the
         # off frame of its pair is not dark (section 7), once per frame.
-        if (self._frame_dark and self._pd_live_mw > DARK_LIGHT_MW and self._dark_lit_reported != self._gate_frame
-                and self._modulating() and self._in_exposure(self.clock.time_ns())):
+        if (self._modulating() and self._dark_frame == self._gate_frame and self._pd_live_mw > DARK_LIGHT_MW
+                and self._dark_lit_reported != self._gate_frame and self._in_exposure(self.clock.time_ns())):
             self._dark_lit_reported = self._gate_frame
             self._send(f"! LIT {self._gate_frame}")
 
@@ -583,7 +583,10 @@ class McuEmulator:
         return t_start <= now_ns < t_start + self._exposure_us * 1000
 
     def _in_lit_exposure(self, now_ns: int) -> bool:
-        return self._frame_lit and self._in_exposure(now_ns)
+        if not (self._ft_running and self._frame_lit):
+            return False
+        t_start = self._t0_ns + self._gate_frame * self._period_ns
+        return t_start <= now_ns < t_start + self._exposure_us * 1000
 
     def _turn_off(self, now_ns: int) -> None:
         """Output off at once (command, trip or watchdog); never waits for a boundary."""
@@ -803,7 +806,7 @@ class McuEmulator:
         self._frame_count = 0
         self._gate_frame = 0
         self._dark_lit_reported = None  # counters start again: a new frame 0 is a new frame
-        self._frame_dark = False  # frame 0 is not triggered yet
+        self._dark_frame = None  # frame 0 is lit, and not triggered yet
         # Dark until frame 0's trigger (at t0, on the next step) decides its gate.
         self._frame_lit = False
         self._pd_held_valid = False

@@ -778,22 +778,35 @@ class Picamera2StandIn:
         return scene.version, laser_mw, self._render_packed(scene, laser_mw, render_us, gain)
 
     def _render_packed(self, scene: Any, laser_mw: float, render_us: int, gain: float) -> np.ndarray:
-        """A frame as the uint8 (height, stride) buffer picamera2 hands out: the built-in
-        renderer writes into it in place (it clips to full scale itself); an injected one's
-        frame is clipped into it."""
+        """A frame rendered into the uint8 (height, stride) buffer picamera2 hands out: in
+        place with the built-in renderer, else rendered and then packed."""
+        if not self._renderer_clips:
+            return self._pack(np.asarray(self._renderer.render(scene, laser_mw, render_us, gain)))
         h, w = self.sensor.height, self.sensor.width
-        # Only the row padding needs zeros: the pixels are all written below (np.zeros of
-        # the whole buffer and a uint16 minimum cost several ms a frame at full size).
         buf = np.empty((h, self._stride_bytes() // 2), dtype="<u2")
         buf[:, w:] = 0
         view = buf[:, :w]
-        if self._renderer_clips:
-            self._renderer.render(scene, laser_mw, render_us, gain, out=view)
+        self._renderer.render(scene, laser_mw, render_us, gain, out=view)
+        if self.left_aligned:
+            np.left_shift(view, 16 - self.sensor.bits, out=view)
+        return buf.view(np.uint8)
+
+    def _pack(self, counts: np.ndarray) -> np.ndarray:
+        """Right-aligned counts -> the uint8 (height, stride) buffer picamera2 hands out."""
+        h, w = self.sensor.height, self.sensor.width
+        if counts.shape != (h, w):
+            raise ValueError(f"renderer gave a {counts.shape} frame, sensor is {(h, w)}")
+        full_scale = (1 << self.sensor.bits) - 1
+        stride_px = self._stride_bytes() // 2
+        # Only the row padding needs zeros: the pixels are all written below (np.zeros of
+        # the whole buffer and a uint16 minimum cost several ms a frame at full size).
+        buf = np.empty((h, stride_px), dtype="<u2")
+        buf[:, w:] = 0
+        view = buf[:, :w]
+        if self._renderer_clips and counts.dtype == np.uint16:
+            np.copyto(view, counts)
         else:
-            counts = np.asarray(self._renderer.render(scene, laser_mw, render_us, gain))
-            if counts.shape != (h, w):
-                raise ValueError(f"renderer gave a {counts.shape} frame, sensor is {(h, w)}")
-            np.minimum(counts, (1 << self.sensor.bits) - 1, out=view, casting="unsafe")
+            np.minimum(counts, full_scale, out=view, casting="unsafe")
         if self.left_aligned:
             np.left_shift(view, 16 - self.sensor.bits, out=view)
         return buf.view(np.uint8)

@@ -417,9 +417,8 @@ class Gateway:
             return True
         now = time.monotonic() if now is None else now
         safety = self.states.get("safety")
-        services = (safety or {}).get("services") or {}
-        heard = ("imaging" in self.states and bool(services)
-                 and all(age is not None for age in services.values()))
+        heard = (safety is not None and "imaging" in self.states
+                 and all(age is not None for age in (safety.get("services") or {"?": None}).values()))
         if heard or (safety is not None and now - self.started > READY_WAIT_S):
             self._is_ready = True
         return self._is_ready

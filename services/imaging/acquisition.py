@@ -362,12 +362,12 @@ class Acquisition:
                             "cut" if kind == "CUT" else "lit in the dark")
 
     def _marked(self, frame: Frame) -> Frame:
-        """``frame`` with ``cut`` (a lit exposure cut) and ``light_seen`` (light in a dark
-        exposure) set as the MCU reported them."""
+        """``frame`` with ``cut`` set when the MCU reported its exposure cut."""
         c = frame.meta.mcu_frame
+        if c is not None:
+            self._last_handed = c
         if c is None:
             return frame
-        self._last_handed = c
         marks = {}
         if c in self._cut:
             marks["cut"] = True
