@@ -132,9 +132,9 @@ def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
     for platform in ("pi4", "pi5"):
         v = framepath.verify_driver_copies(platform)
         notes.append(f"P5 instrumented capture ({platform}, stride {v['stride_bytes']} B for {v['row_bytes']} B "
-                     f"of pixels): make_array copied {v['make_array_copies']}, driver copied {v['driver_copies']}, "
-                     f"{v['copies_in_imaging']} copies inside imaging, frame contiguous {v['frame_contiguous']} "
-                     "(so the ipc send adds only the kernel's copy)")
+                     f"of pixels): the mapped camera buffer copied {v['mapped_copies']} times, the driver "
+                     f"{v['driver_copies']}, {v['copies_in_imaging']} in all; the frame a ring slot: {v['in_ring']}, "
+                     f"values right: {v['values_right']}")
     frame_bytes = e2e.WIDTH * e2e.HEIGHT * 2
     notes.append(f"P5 frame bytes moved: {copies} x {frame_bytes / 1e6:.2f} MB x {e2e.FPS:.0f} fps = "
                  f"{copies * frame_bytes * e2e.FPS / 1e6:.0f} MB/s")

@@ -18,7 +18,8 @@ how often a frame's bytes are copied, and what that would cost on a Raspberry Pi
 * **Copies of a frame's bytes** between the camera buffer and the pipeline: read from the
   code path (:data:`FRAME_COPIES`, each located by a marker string so the file and line stay
   right as the code moves), and checked for the driver's part by an instrumented capture
-  (:func:`verify_driver_copies`: which arrays share memory with which).
+  (:func:`verify_driver_copies`: which arrays share memory with which, and whether the frame
+  is a slot of the shared-memory ring that processing reads in place).
 * **Pi 4 / Pi 5 estimate**: the device-path share split into a memory-bound part (the frame
   copies at this machine's measured copy bandwidth, plus the pipeline's time per pair, which
   streams over both frames) scaled by the ratio of copy bandwidths, and the rest
@@ -84,29 +85,29 @@ class FrameCopy:
 
 
 FRAME_COPIES = (
-    FrameCopy("picamera2's make_array: the dmabuf copied into a new numpy array (the stand-in "
-              "copies its buffer the same way)", "drivers/camera.py", 'raw = request.make_array("raw")',
-              upstream="picamera2 request.py CompletedRequest.make_buffer: np.array(mapped buffer)"),
-    FrameCopy("the driver's right-aligned frame: a shift into a new array (Pi 5, 16-bit left-aligned) "
-              "or un-padding the strided rows into a contiguous one (Pi 4)", "drivers/camera.py",
-              "return np.right_shift(px, shift)",
-              condition="Pi 4: only when the raw stride is padded (np.ascontiguousarray of a "
-                        "strided view); the stand-in pads rows to 64 bytes"),
-    FrameCopy("ipc send to processing: libzmq writes the (zero-copy) message into the Unix "
-              "socket, the kernel copies it", "services/imaging/main.py",
-              'self.frames_out.send_multipart([b"pair"'),
-    FrameCopy("ipc receive in processing: the kernel copies the socket's bytes into libzmq's "
-              "message (np.frombuffer is a view of it, no further copy)", "services/processing/main.py",
-              "frames = self.sub.recv_multipart(copy=False)"),
+    FrameCopy("the driver's one copy: from the camera buffer, read in place through picamera2's "
+              "MappedArray, into a slot of the shared-memory frame ring (a right shift on a Pi 5, whose "
+              "16-bit raw is left-aligned; a copy that drops the row padding on a Pi 4); processing "
+              "reads the slot in place and the pair message carries only the slots' numbers",
+              "drivers/camera.py", "return np.right_shift(px, shift, out=out)",
+              upstream="picamera2 request.py MappedArray: the mapped dmabuf as an array, no copy "
+                       "(make_array would copy it)"),
 )
 
-# Not between the camera and the pipeline, listed so nobody counts them twice.
+# Not between the camera and the pipeline, or not in the normal course, listed so nobody
+# counts them twice.
 OTHER_FRAME_COPIES = (
     FrameCopy("while a capture collects: the pair sent to the recorder too (two more kernel copies)",
               "services/imaging/record_tap.py", "self._push.send_multipart([b\"pair\"",
               condition="captures only"),
-    FrameCopy("simulator only: the stand-in packs the rendered counts into a padded raw buffer "
-              "(the sensor's DMA fills it on a Pi)", "sim/picamera2_standin.py", "np.copyto(view, counts)"),
+    FrameCopy("fallback: a pair whose frames are not in the ring (every slot busy, the ring could not "
+              "be made, colour binning) carries its pixels: the kernel's copies of the ipc send and "
+              "receive (imaging's status counts the pairs each way)", "services/imaging/main.py",
+              "self.frames_out.send_multipart([b\"pair\", ipc.pack(header), on.data, off.data]",
+              condition="only when no slot is free"),
+    FrameCopy("simulator only: the stand-in renders each frame in place into one of its recycled raw "
+              "buffers (the sensor's DMA fills it on a Pi)", "sim/picamera2_standin.py",
+              "self._renderer.render(scene, laser_mw, render_us, gain, out=view)"),
 )
 
 
@@ -217,9 +218,10 @@ def copy_bandwidth(size_bytes: int = 64 << 20, repeats: int = 7) -> float:
 
 
 def render_cpu_s(frames: int, *, laser_mw: float = 50.0, exposure_us: int = 8000, seed: int = 1) -> float:
-    """CPU seconds (this thread's) the picamera2 stand-in spends on ``frames`` frames: the
-    renderer (as the stand-in calls it, a new array per frame) and the packing into its padded
-    raw buffer, alternating laser-on and laser-off as modulation does."""
+    """CPU seconds (this thread's) the picamera2 stand-in spends on ``frames`` frames as it
+    makes them in the cart: rendered in place into its padded raw buffer, the buffer given
+    back to its pool once used (as a released request's is), alternating laser-on and
+    laser-off as modulation does."""
     from nirf.hal.clock import ManualClock
     from nirf.sim.picamera2_standin import Picamera2StandIn
     from nirf.sim.render import FrameRenderer
@@ -228,26 +230,34 @@ def render_cpu_s(frames: int, *, laser_mw: float = 50.0, exposure_us: int = 8000
 
     world = World(ManualClock())
     standin = Picamera2StandIn(LocalWorldView(world), platform="pi4")
-    renderer = FrameRenderer(world.sensor, seed=seed)
+    standin._renderer = FrameRenderer(world.sensor, seed=seed)
     scene = world.scene()
+
+    def one(mw: float) -> None:
+        raw = standin._render_packed(scene, mw, exposure_us, 1.0)
+        with standin._lock:
+            standin._recycle_locked(raw)
+
     for p in (laser_mw, 0.0):  # warm-up, as the first frames of a stream build their maps
-        standin._pack(np.asarray(renderer.render(scene, p, exposure_us, 1.0)))
+        one(p)
     t0 = time.thread_time()
     for i in range(frames):
-        counts = renderer.render(scene, laser_mw if i % 2 == 0 else 0.0, exposure_us, 1.0)
-        standin._pack(np.asarray(counts))
+        one(laser_mw if i % 2 == 0 else 0.0)
     return time.thread_time() - t0
 
 
 def verify_driver_copies(platform: str = "pi4") -> dict:
-    """An instrumented capture through the camera driver on a stand-in request: which of the
-    arrays on the way share memory. Returns the copies seen in our process (camera buffer ->
-    make_array -> the driver's frame) and whether the frame is contiguous (so the ipc send
-    needs no further copy)."""
+    """An instrumented capture through the camera driver on a stand-in request, as the cart
+    makes it: the raw buffer read in place (MappedArray) and the frame written into a slot of
+    a frame ring. Returns the copies seen between the camera buffer and the frame, whether the
+    frame is a whole ring slot (so the pair message needs no pixels) and its values."""
+    import tempfile
+
     from nirf.drivers.camera import PiCamera
     from nirf.hal.camera import CameraSettings
     from nirf.hal.clock import ManualClock
-    from nirf.sim.picamera2_standin import Picamera2StandIn, StandInRequest
+    from nirf.services.common.framering import FrameRing, slot_of
+    from nirf.sim.picamera2_standin import MappedArray, Picamera2StandIn, StandInRequest
     from nirf.sim.world import World
     from nirf.sim.worldview import LocalWorldView
 
@@ -257,19 +267,26 @@ def verify_driver_copies(platform: str = "pi4") -> dict:
     counts = np.full((s.height, s.width), 100, np.uint16)
     camera_buffer = standin._pack(counts)
     fmt = f"R{16 if platform == 'pi5' else s.bits}"
-    request = StandInRequest(standin, camera_buffer, {"SensorTimestamp": 1_000_000, "ExposureTime": 8000,
-                                                      "AnalogueGain": 1.0}, {"raw": {"format": fmt}})
-    raw = request.make_array("raw")
-    request.release()
-    driver = PiCamera(lambda: standin, bits=s.bits, left_aligned=(platform == "pi5"))
-    frame = driver._build_frame(raw, {"SensorTimestamp": 1_000_000, "ExposureTime": 8000, "AnalogueGain": 1.0},
-                                CameraSettings(8000, 1.0, s.width, s.height))
-    copies = int(not np.shares_memory(raw, camera_buffer)) + int(not np.shares_memory(frame.data, raw))
-    return {"platform": platform, "stride_bytes": camera_buffer.shape[1], "row_bytes": s.width * 2,
-            "make_array_copies": not np.shares_memory(raw, camera_buffer),
-            "driver_copies": not np.shares_memory(frame.data, raw),
-            "copies_in_imaging": copies, "frame_contiguous": bool(frame.data.flags["C_CONTIGUOUS"]),
-            "values_right": bool(int(frame.data[0, 0]) == 100)}
+    md = {"SensorTimestamp": 1_000_000, "ExposureTime": 8000, "AnalogueGain": 1.0}
+    request = StandInRequest(standin, camera_buffer, md, {"raw": {"format": fmt}})
+    with tempfile.TemporaryDirectory() as d:
+        ring = FrameRing(Path(d) / "frames.ring", s.width * s.height * 2, slots=2)
+        driver = PiCamera(lambda: standin, bits=s.bits, left_aligned=(platform == "pi5"),
+                          mapped_array=MappedArray, allocator=ring.allocate)
+        with MappedArray(request, "raw") as m:
+            mapped_shares = np.shares_memory(m.array, camera_buffer)
+            frame = driver._build_frame(m.array, md, CameraSettings(8000, 1.0, s.width, s.height), shared=True)
+        request.release()
+        result = {"platform": platform, "stride_bytes": camera_buffer.shape[1], "row_bytes": s.width * 2,
+                  "mapped_copies": int(not mapped_shares),
+                  "driver_copies": int(not np.shares_memory(frame.data, camera_buffer)),
+                  "in_ring": slot_of(frame.data) is not None,
+                  "frame_contiguous": bool(frame.data.flags["C_CONTIGUOUS"]),
+                  "values_right": bool(int(frame.data[0, 0]) == 100 and int(frame.data[-1, -1]) == 100)}
+        result["copies_in_imaging"] = result["mapped_copies"] + result["driver_copies"]
+        del frame
+        ring.close()
+    return result
 
 
 def fmt_share(x: float) -> str:

@@ -242,6 +242,10 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         "faults": stats.faults,
         "final_state": final_status.get("state"),
         "final_faults": final_status.get("faults"),
+        # the frame ring at the end (streaming stopped): every slot free again, or held by the
+        # acquisition's current frames only; pairs sent each way over the whole run
+        "frame_ring": {k: (final_status.get("pairs") or {}).get(k)
+                       for k in ("ring", "in_shared_memory", "with_pixels", "held_back")},
         "cpu_s_per_process": stats.cpu_s,
         "processes": {name: p.row() for name, p in processes.items()},
     }
@@ -264,6 +268,9 @@ def print_report(r: dict) -> None:
           f"median {cap['median_s']} s {('- ' + cap['note']) if cap['note'] else ''}")
     print(f"  faults                  {r['faults'] or 'none'}; final state {r['final_state']}")
     print(f"  CPU s per process       {r['cpu_s_per_process']}")
+    ring = r.get("frame_ring") or {}
+    print(f"  frame ring              at the end {ring.get('ring')}; pairs in shared memory "
+          f"{ring.get('in_shared_memory')}, with pixels {ring.get('with_pixels')}, held back {ring.get('held_back')}")
     print(f"\n  {'process':11s} {'pid':>7s} {'RSS start':>10s} {'RSS end':>9s} {'RSS max':>9s} "
           f"{'growth':>8s} {'fds start':>9s} {'fds end':>8s}  verdict (growth < {TARGET_GROWTH_PCT:.0f} %)")
     for name, row in r["processes"].items():

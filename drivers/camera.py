@@ -106,6 +106,24 @@ def picamera2_factory(index: int = 0) -> Any:
         raise DeviceError(DEVICE, f"cannot open camera {index}: {err}") from err
 
 
+def picamera2_mapped_array() -> Callable[[Any, str], Any]:
+    """picamera2's ``MappedArray``: ``with MappedArray(request, "raw") as m`` gives the raw
+    buffer as a (height, stride) uint8 array without copying it (upstream's ``make_array``
+    copies it; the driver then copies once more to right-align or un-pad). Imported here,
+    for the same reason as in :func:`picamera2_factory`."""
+    try:
+        from picamera2 import MappedArray  # only on Raspberry Pi OS (python3-picamera2)
+    except ImportError as err:
+        raise DeviceError(DEVICE, f"picamera2 is not available ({err})") from err
+    return MappedArray
+
+
+def upstream_mapped_array(request: Any, stream: str) -> Any:
+    """``picamera2.MappedArray(request, stream)``, imported at the first frame (the device
+    profile's camera is built where picamera2 may not be installed yet)."""
+    return picamera2_mapped_array()(request, stream)
+
+
 def imx296_trigger_hook(
     param_path: str | Path = IMX296_TRIGGER_MODE_PARAM,
 ) -> Callable[[bool], None]:
@@ -164,6 +182,8 @@ class PiCamera(NirCamera):
         external_trigger: Callable[[bool], None] | None = None,
         buffer_count: int = DEFAULT_BUFFER_COUNT,
         sensor_clock_ns: Callable[[], int] | None = None,
+        mapped_array: Callable[[Any, str], Any] | None = None,
+        allocator: Callable[[int, int], np.ndarray | None] | None = None,
     ):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 16:
             raise InvalidArgument(f"camera: bits {bits!r} outside 8-16")
@@ -220,6 +240,11 @@ class PiCamera(NirCamera):
         self._last_frame_mono_s: float | None = None
         self._pending_job: Any = None  # a capture job that timed out, still queued upstream
         self.stale_requests_released = 0  # requests a timed-out job took, given back
+        # picamera2's MappedArray (or the stand-in's): the raw buffer read in place, so the
+        # frame's one copy is the driver's own, into ``allocator``'s array (shared memory)
+        self._mapped_array = mapped_array
+        self.allocator = allocator
+        self.copies_into_allocated = 0  # frames whose one copy went into an allocated array
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -486,15 +511,22 @@ class PiCamera(NirCamera):
             raise DeviceError(DEVICE, "capture returned no request")
         try:
             with self._vendor("reading the raw frame"):
-                raw = request.make_array("raw")
                 metadata = request.get_metadata()
+                if self._mapped_array is not None:
+                    # read in place; the frame's pixels are copied once, below, before release
+                    with self._mapped_array(request, "raw") as mapped:
+                        frame = self._build_frame(mapped.array, metadata, settings, shared=True)
+                else:
+                    frame = None
+                    raw = request.make_array("raw")  # picamera2 copies the buffer out
         finally:
             # Hand the buffer back at once: the frame is already copied out.
             try:
                 request.release()
             except Exception as err:
                 log.warning("releasing a camera request failed: %s", err)
-        frame = self._build_frame(raw, metadata, settings)
+        if frame is None:
+            frame = self._build_frame(raw, metadata, settings, shared=False)
         self._last_frame_mono_s = self._clock.monotonic()
         return frame
 
@@ -535,7 +567,7 @@ class PiCamera(NirCamera):
             if a.shape[1] % 2:
                 raise DeviceError(
                     DEVICE, f"raw row of {a.shape[1]} bytes is not whole 16-bit pixels")
-            a = np.ascontiguousarray(a).view("<u2")
+            a = (a if a.flags.c_contiguous else np.ascontiguousarray(a)).view("<u2")
         elif a.dtype != np.uint16:
             raise DeviceError(DEVICE, f"raw frame of dtype {a.dtype}, expected uint8 or uint16")
         if a.shape[0] < height or a.shape[1] < width:
@@ -543,7 +575,10 @@ class PiCamera(NirCamera):
                                       f"configured {width}x{height}")
         return a[:height, :width]
 
-    def _right_aligned(self, px: np.ndarray) -> np.ndarray:
+    def _right_aligned(self, px: np.ndarray, shared: bool = False) -> np.ndarray:
+        """Right-aligned counts in an array of the frame's own: the one copy of the pixels
+        (into the allocator's array when there is one). ``shared``: ``px`` is the camera's
+        buffer itself, so a copy is needed even when nothing is to shift."""
         shift = 16 - self.bits
         if self._check_alignment:
             self._check_alignment = False
@@ -556,11 +591,20 @@ class PiCamera(NirCamera):
                 log.warning(
                     "camera raw data have low bits set: data are right-aligned; not shifting")
                 self._left_aligned = False
+        out = self.allocator(*px.shape) if self.allocator is not None else None
+        if out is not None:
+            self.copies_into_allocated += 1
+            if self._left_aligned:
+                return np.right_shift(px, shift, out=out)
+            np.copyto(out, px)
+            return out
         if self._left_aligned:
             return np.right_shift(px, shift)
+        if shared:
+            return np.array(px, order="C")
         return np.ascontiguousarray(px)
 
-    def _build_frame(self, raw: Any, md: dict, settings: CameraSettings) -> Frame:
+    def _build_frame(self, raw: Any, md: dict, settings: CameraSettings, shared: bool = False) -> Frame:
         try:
             sensor_ts_ns = int(md["SensorTimestamp"])
             exposure_us = int(md.get("ExposureTime", settings.exposure_us))
@@ -568,7 +612,7 @@ class PiCamera(NirCamera):
             frame_duration_us = int(md.get("FrameDuration", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise DeviceError(DEVICE, f"frame metadata unusable ({err!r}): {md!r}") from err
-        data = self._right_aligned(self._pixels(raw, settings.width, settings.height))
+        data = self._right_aligned(self._pixels(raw, settings.width, settings.height), shared)
         bits, black, width, height = self.bits, self.black_level, settings.width, settings.height
         if self.colour:
             # Sum each 2x2 Bayer cell: one pixel per cell, two more bits of range.

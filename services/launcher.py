@@ -166,6 +166,13 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(timeout=2.0)
+        # imaging unlinks its frame ring when it stops; one that was killed cannot
+        from nirf.services.common.framering import ring_path
+
+        try:
+            ring_path(self.runtime_dir).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def main(argv=None) -> int:

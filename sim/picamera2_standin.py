@@ -141,17 +141,21 @@ class StandInRequest:
         self._released = False
         self._lock = threading.Lock()
 
+    def _buffer(self, name: str) -> np.ndarray:
+        """The named stream's buffer itself (only ``"raw"`` exists here). Call with the lock."""
+        if self._released:
+            raise RuntimeError("request already released")
+        if name != "raw":
+            raise RuntimeError(f"Stream {name!r} is not defined")
+        fmt = str(self.config.get("raw", {}).get("format", ""))
+        if "_" in fmt:
+            raise RuntimeError(f"the camera stand-in delivers unpacked raw only, not {fmt}")
+        return self._raw
+
     def make_array(self, name: str) -> np.ndarray:
         """A copy of the named stream's buffer (only ``"raw"`` exists here)."""
         with self._lock:
-            if self._released:
-                raise RuntimeError("request already released")
-            if name != "raw":
-                raise RuntimeError(f"Stream {name!r} is not defined")
-            fmt = str(self.config.get("raw", {}).get("format", ""))
-            if "_" in fmt:
-                raise RuntimeError(f"the camera stand-in delivers unpacked raw only, not {fmt}")
-            return self._raw.copy()
+            return self._buffer(name).copy()
 
     def get_metadata(self) -> dict:
         """The frame's metadata (a copy)."""
@@ -163,13 +167,43 @@ class StandInRequest:
             if self._released:
                 raise RuntimeError("CompletedRequest: lock now has negative ref_count")
             self._released = True
-            self._raw = None  # type: ignore[assignment]
-        self._owner._request_released(self)
+            raw, self._raw = self._raw, None  # type: ignore[assignment]
+        self._owner._request_released(self, raw)
 
     @property
     def released(self) -> bool:
         """True once the request has been given back."""
         return self._released
+
+
+class MappedArray:
+    """picamera2's ``MappedArray`` for the stand-in's requests: ``with MappedArray(request,
+    "raw") as m`` gives the raw buffer itself as a (height, stride) uint8 array, no copy
+    (``reshape=False``: the flat buffer; ``write=False``: a read-only view). As upstream, the
+    array is the camera's: once the request is released the buffer goes back to the camera
+    and a later frame is written into it."""
+
+    def __init__(self, request: StandInRequest, stream: str, reshape: bool = True, write: bool = True):
+        self._request, self._stream = request, stream
+        self._reshape, self._write = bool(reshape), bool(write)
+        self._array: np.ndarray | None = None
+
+    def __enter__(self) -> "MappedArray":
+        with self._request._lock:
+            raw = self._request._buffer(self._stream)
+        a = raw if self._reshape else raw.reshape(-1)
+        if not self._write:
+            a = a.view()
+            a.flags.writeable = False
+        self._array = a
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray | None:
+        return self._array
 
 
 class StandInJob:
@@ -274,6 +308,7 @@ class Picamera2StandIn:
         self._completed: deque[StandInRequest] = deque()
         self._jobs: deque[StandInJob] = deque()
         self._held: set[int] = set()  # ids of requests handed out and not yet released
+        self._pool: list[np.ndarray] = []  # raw buffers of released or dropped requests
         self._max_queue_len = 1
         self._started = False
         self._closed = False
@@ -289,6 +324,7 @@ class Picamera2StandIn:
         self.triggers_swallowed = 0
         self.frames_rendered_early = 0  # rendered as the exposure started, and kept
         self.frames_rendered_again = 0  # the light or scene changed meanwhile: rendered again
+        self.buffers_reused = 0  # frames written into the buffer of an earlier, released request
         self.last_exposure_us: float | None = None  # what the sensor really integrated
 
     # -- description ----------------------------------------------------------------------
@@ -647,9 +683,30 @@ class Picamera2StandIn:
                     # the slice on it, so the timeout still ends.
                     self._clock.sleep(step)
 
-    def _request_released(self, request: StandInRequest) -> None:
+    def _request_released(self, request: StandInRequest, raw: np.ndarray | None = None) -> None:
         with self._lock:
             self._held.discard(id(request))
+            if raw is not None:
+                self._recycle_locked(raw)
+
+    def _recycle_locked(self, raw: np.ndarray) -> None:
+        """A raw buffer back to the camera's pool (as libcamera requeues a released
+        request's buffer): later frames are written into it."""
+        if len(self._pool) < self._buffer_count() + 2:
+            self._pool.append(raw)
+
+    def _take_buffer(self, h: int, stride_px: int, w: int) -> np.ndarray:
+        """A (h, stride_px) uint16 buffer whose row padding is zero: a recycled one when
+        there is one of this size (no new pages to fault in), else a new one."""
+        with self._lock:
+            while self._pool:
+                raw = self._pool.pop()
+                if raw.shape == (h, stride_px * 2):
+                    self.buffers_reused += 1
+                    return raw.view("<u2")
+        buf = np.empty((h, stride_px), dtype="<u2")
+        buf[:, w:] = 0
+        return buf
 
     # -- the sensor -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -698,6 +755,8 @@ class Picamera2StandIn:
         else:
             if early is not None:
                 self.frames_rendered_again += 1
+                with self._lock:
+                    self._recycle_locked(early[2])
             raw = self._render_packed(scene, laser_mw, render_us, gain)
         self.last_exposure_us = exposure_us
         # The sensor clock is the monotonic clock; the world's times are wall clock.
@@ -733,8 +792,11 @@ class Picamera2StandIn:
             self._run_jobs_locked()
             while len(self._completed) > self._max_queue_len:
                 # Only the newest completed request is kept; older ones go back at once.
-                self._completed.popleft()
+                old = self._completed.popleft()
                 self.frames_dropped += 1
+                if old._raw is not None:
+                    self._recycle_locked(old._raw)
+                    old._raw = None  # never handed out: nobody can read it any more
             self._cond.notify_all()
 
     def _buffer_count(self) -> int:
@@ -783,8 +845,7 @@ class Picamera2StandIn:
         if not self._renderer_clips:
             return self._pack(np.asarray(self._renderer.render(scene, laser_mw, render_us, gain)))
         h, w = self.sensor.height, self.sensor.width
-        buf = np.empty((h, self._stride_bytes() // 2), dtype="<u2")
-        buf[:, w:] = 0
+        buf = self._take_buffer(h, self._stride_bytes() // 2, w)
         view = buf[:, :w]
         self._renderer.render(scene, laser_mw, render_us, gain, out=view)
         if self.left_aligned:
@@ -800,8 +861,7 @@ class Picamera2StandIn:
         stride_px = self._stride_bytes() // 2
         # Only the row padding needs zeros: the pixels are all written below (np.zeros of
         # the whole buffer and a uint16 minimum cost several ms a frame at full size).
-        buf = np.empty((h, stride_px), dtype="<u2")
-        buf[:, w:] = 0
+        buf = self._take_buffer(h, stride_px, w)
         view = buf[:, :w]
         if self._renderer_clips and counts.dtype == np.uint16:
             np.copyto(view, counts)

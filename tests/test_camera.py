@@ -20,7 +20,8 @@ from nirf.drivers.camera import PiCamera, imx296_trigger_hook, picamera2_factory
 from nirf.hal.camera import CameraSettings
 from nirf.hal.clock import ManualClock
 from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument, WrongState
-from nirf.sim.picamera2_standin import Picamera2StandIn, Platform
+from nirf.services.common.framering import FrameRing, slot_of
+from nirf.sim.picamera2_standin import MappedArray, Picamera2StandIn, Platform
 from nirf.sim.world import SensorModel, World
 from nirf.sim.worldview import LocalWorldView
 
@@ -142,6 +143,33 @@ def test_frame_arrives_with_metadata_and_is_released(rig):
     # Manual exposure, set before start.
     assert rig.camera.camera_configuration()["controls"]["AeEnable"] is False
     assert t0 <= frame.meta.t_end_ns
+
+
+@pytest.mark.parametrize("platform", ["pi4", "pi5"])
+@pytest.mark.parametrize("into_ring", [True, False])
+def test_a_frame_read_in_place_is_copied_once_and_outlives_its_camera_buffer(tmp_path, platform, into_ring):
+    # As in the cart: the raw buffer read in place (MappedArray), the frame's one copy made
+    # by the driver (into a ring slot when there is an allocator) before the request goes
+    # back; the stand-in then writes later frames into that same buffer, as libcamera does.
+    ring = FrameRing(tmp_path / "frames.ring", WIDTH * HEIGHT * 2, slots=4) if into_ring else None
+    r = Rig(platform=platform, mapped_array=MappedArray, allocator=ring.allocate if ring else None)
+    try:
+        r.start()
+        r.expose(0, laser_mw=100.0)
+        kept = r.driver.capture(timeout_s=2.0)
+        for n in range(1, 6):
+            r.expose(n, laser_mw=10.0 * n)
+            later = r.driver.capture(timeout_s=2.0)
+            assert int(later.data[5, 5]) == BLACK + 10 * n
+        assert r.camera.buffers_reused >= 4  # the kept frame's camera buffer was written again ...
+        assert int(kept.data[5, 5]) == BLACK + 100 and int(kept.data[0, 0]) == (1 << r.sensor.bits) - 1
+        assert (slot_of(kept.data) is not None) == into_ring  # ... but the frame is its own copy
+        assert r.driver.copies_into_allocated == (6 if into_ring else 0)
+        assert r.camera.outstanding_requests == 0
+    finally:
+        r.close()
+        if ring is not None:
+            ring.close()
 
 
 def test_sequence_numbers_and_frame_duration(rig):

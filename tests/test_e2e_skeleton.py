@@ -177,6 +177,27 @@ def test_sbr_of_the_default_phantom_is_four(client, ambient):
     assert sbr == pytest.approx(4.0, rel=0.05)
 
 
+def test_pairs_reach_processing_through_shared_memory_and_every_slot_comes_back(client):
+    # the frame path of the running cart: the driver writes each frame once into the ring,
+    # processing reads it there; when the stream stops, no slot stays held or leased
+    client.ok("roi.set", {"signal": SIGNAL_ROI, "background": BACKGROUND_ROI})
+    client.ok("arm")
+    client.wait("status", lambda m: m["state"] == "ARMED", timeout_s=5)
+    client.ok("laser.on", {"power_mw": 50})
+    client.ok("acquire.start", {"mode": "fluorescence"})
+    first = client.wait("result", lambda m: m["valid"], timeout_s=15)
+    last = first
+    while last["frame_seq"] < first["frame_seq"] + 40:
+        last = client.wait("result", lambda m: m["frame_seq"] > last["frame_seq"], timeout_s=10)
+    assert last["valid"] and last["pairs_dropped_ring"] == 0
+    client.ok("acquire.stop")
+    client.ok("disarm")
+    s = client.wait("status", lambda m: m["acquisition"] == "off" and m["pairs"]["ring"] is not None
+                    and m["pairs"]["ring"]["free"] == m["pairs"]["ring"]["slots"], timeout_s=5)
+    assert s["pairs"]["in_shared_memory"] >= 20 and s["pairs"]["with_pixels"] == 0
+    assert s["pairs"]["in_shared_memory"] >= s["pairs"]["sent"] - s["pairs"]["held_back"] - 1
+
+
 def test_an_unlisted_key_gets_no_answer(cart, tmp_path):
     from nirf.services.common.keys import create_keypair
 

@@ -179,3 +179,88 @@ def test_the_open_filter_in_the_pair_header_invalidates(service):
               "roi_version": 1, "calibration_id": "c", "flat_field": None}
     r = service.handle([_Part(b"pair"), _Part(bus_mod.pack(header)), _Part(on.tobytes()), _Part(off.tobytes())])
     assert r["flags"] == ["filter_not_emission"]
+
+
+# -- frames in shared memory ---------------------------------------------------------------
+def _ring_pair(svc, ring, conc, seq, roi):
+    """The pair of ``handle`` as imaging sends it from the ring: slot numbers, no pixels."""
+    from nirf.services.common.framering import FrameRing  # noqa: F401 (the type of ``ring``)
+
+    on, off = frames(conc, seq)
+    a, b = ring.allocate(H, W), ring.allocate(H, W)
+    a[...], b[...] = on, off
+    how, part = ring.lease_pair(a, b)
+    assert how == "ring"
+    meta = lambda lit: {"seq": seq, "mcu_frame": seq, "lit": lit, "t_start_ns": seq, "t_end_ns": seq + 1,  # noqa: E731
+                        "exposure_us": 10_000, "gain": 1.0, "laser_mw": 50.0 if lit else 0.0,
+                        "filter_position": 1, "bits": 10, "black_level": 16, "width": W, "height": H}
+    header = {"frame_seq": seq, "on": meta(True), "off": meta(False), "threshold": 2.0, "roi": roi,
+              "roi_version": 1, "calibration_id": "p:nominal|f:-|d:-", "flat_field": None, "ring": part}
+    return [_Part(b"pair"), _Part(bus_mod.pack(header))], part
+
+
+@pytest.fixture
+def ring_service(service):
+    from nirf.services.common import framering
+
+    ring = framering.FrameRing(framering.ring_path(service.runtime_dir), H * W * 2, slots=8)
+    service.reports = []
+    service.ring_reports = SimpleNamespace(send=lambda data, flags=0: service.reports.append(bus_mod.unpack(data)))
+    yield service, ring
+    ring.close()
+
+
+FIXED = {"signal": [100, 70, 56, 52], "background": [10, 10, 40, 40]}
+
+
+def test_a_pair_read_in_place_from_the_ring_gives_the_same_result_and_is_reported_done(ring_service):
+    svc, ring = ring_service
+    by_pixels = handle(svc, scene(), 3, roi=FIXED)
+    parts, part = _ring_pair(svc, ring, scene(), 3, FIXED)
+    in_place = svc.handle(parts)
+    for key in ("sbr", "intensity", "signal_mean", "background_mean", "cnr", "valid", "flags"):
+        assert in_place[key] == by_pixels[key]
+    assert svc.ring_pairs == 1 and svc.ring_dropped == 0
+    assert svc.reports[-1]["kind"] == "done" and svc.reports[-1]["seq"] == part["seq"]
+    ring.on_report(svc.reports[-1])
+    import gc
+
+    gc.collect()
+    assert ring.busy()["free"] == ring.slots  # the report ends the lease: nothing leaks
+
+
+def test_the_automatic_search_gets_a_copy_not_the_ring_slots(ring_service):
+    svc, ring = ring_service
+    svc._search_thread = object()  # as when the thread runs: the job waits in the mailbox
+    parts, _ = _ring_pair(svc, ring, scene(), 1, "auto")
+    svc.handle(parts)
+    job = svc._search_pair
+    assert job is not None
+    on, off = job[1], job[2]
+    assert on.flags.owndata and off.flags.owndata  # its own arrays: the slots may go back
+
+
+def test_a_frame_overwritten_while_processed_gives_no_result(ring_service, monkeypatch):
+    svc, ring = ring_service
+    parts, part = _ring_pair(svc, ring, scene(), 5, FIXED)
+    real = svc.proc.process
+
+    def overwritten(on, off, m_on, m_off):
+        ring._gens[part["on"][0]] += 1  # imaging (wrongly) wrote the slot again meanwhile
+        return real(on, off, m_on, m_off)
+
+    monkeypatch.setattr(svc.proc, "process", overwritten)
+    before = len(svc.sent)
+    assert svc.handle(parts) is None
+    assert len(svc.sent) == before and svc.ring_dropped == 1  # no result on a torn frame
+    assert svc.reports[-1] == {"kind": "done", "token": ring.token_hex, "instance": svc.instance,
+                               "seq": part["seq"]}
+
+
+def test_a_pair_of_a_ring_that_is_gone_is_dropped_and_reported(ring_service):
+    svc, ring = ring_service
+    parts, part = _ring_pair(svc, ring, scene(), 6, FIXED)
+    header = bus_mod.unpack(parts[1].bytes)
+    header["ring"] = dict(part, token="00" * 16)
+    assert svc.handle([parts[0], _Part(bus_mod.pack(header))]) is None
+    assert svc.ring_dropped == 1 and svc.reports[-1]["kind"] == "done"

@@ -277,6 +277,7 @@ class Acquisition:
             self._thread.join(timeout=self.stall_timeout_s + 2.0)
         self._thread = None
         self.mode = "off"
+        self._pending_on = None  # an on frame whose off frame never came: its buffer goes back
         self.on_liveness(False, None)
         try:
             self.laser.stop_frames()

@@ -29,7 +29,7 @@ from nirf.hal.camera import CameraSettings
 from nirf.hal.clock import SystemClock
 from nirf.hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
 from nirf.hal.laser import FrameTag, McuNotice
-from nirf.services.common import entry, ipc, sdnotify
+from nirf.services.common import entry, framering, ipc, sdnotify
 from nirf.services.common.follow import Follower, LatestState, Results
 from nirf.services.imaging.acquisition import Acquisition
 from nirf.services.imaging.record_tap import RecordTap
@@ -150,20 +150,20 @@ def build_sim_devices(cfg, runtime_dir: Path) -> Devices:
     from nirf.controller.main import _serial_factory, remote_world
     from nirf.drivers.camera import PiCamera
     from nirf.drivers.fw102c import Fw102cWheel
-    from nirf.sim.picamera2_standin import Picamera2StandIn
+    from nirf.sim.picamera2_standin import MappedArray, Picamera2StandIn
 
     world, info = remote_world(cfg, runtime_dir)
     wheel = Fw102cWheel(_serial_factory(info["wheel_port"], cfg.filter_wheel.baudrate),
                         move_timeout_s=cfg.filter_wheel.move_timeout_s)
     camera = PiCamera(lambda: Picamera2StandIn(world, seed=cfg.sim.seed), bits=cfg.camera.bits,
                       black_level=cfg.camera.black_level, colour=cfg.camera.colour,
-                      stall_timeout_s=cfg.safety.camera_stall_s)
+                      stall_timeout_s=cfg.safety.camera_stall_s, mapped_array=MappedArray)
     return Devices(wheel, camera, world)
 
 
 def build_device_devices(cfg) -> Devices:
     from nirf.controller.main import _serial_factory
-    from nirf.drivers.camera import PiCamera, picamera2_factory
+    from nirf.drivers.camera import PiCamera, picamera2_factory, upstream_mapped_array
     from nirf.drivers.fw102c import Fw102cWheel
 
     if not cfg.filter_wheel.port:
@@ -171,7 +171,8 @@ def build_device_devices(cfg) -> Devices:
     wheel = Fw102cWheel(_serial_factory(cfg.filter_wheel.port, cfg.filter_wheel.baudrate),
                         move_timeout_s=cfg.filter_wheel.move_timeout_s)
     camera = PiCamera(picamera2_factory, bits=cfg.camera.bits, black_level=cfg.camera.black_level,
-                      colour=cfg.camera.colour, stall_timeout_s=cfg.safety.camera_stall_s)
+                      colour=cfg.camera.colour, stall_timeout_s=cfg.safety.camera_stall_s,
+                      mapped_array=upstream_mapped_array)
     return Devices(wheel, camera, None)
 
 
@@ -227,6 +228,20 @@ class ImagingService:
         self.frames_out.setsockopt(zmq.SNDHWM, 8)  # live path: a slow consumer loses old pairs (~40 MB at full size)
         self.frames_out.bind(ipc.endpoint(self.runtime_dir, "frames"))
         self._frames_lock = threading.Lock()
+        # frames in shared memory (services/common/framering.py): the driver writes each
+        # frame into a ring slot, the pair message names the slots, processing reports back
+        self.ring_reports = self.ctx.socket(zmq.PULL)
+        self.ring_reports.setsockopt(zmq.LINGER, 0)
+        self.ring_reports.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.ring_reports.bind(ipc.endpoint(self.runtime_dir, "frames_done"))
+        self._reports_lock = threading.Lock()
+        self.ring = framering.RingAllocator(framering.ring_path(self.runtime_dir), clock=self.clock,
+                                            drain=self._drain_ring_reports)
+        if hasattr(self.devices.camera, "allocator"):
+            self.devices.camera.allocator = self.ring
+        self.pairs_held_back = 0  # processing behind: pairs not sent (its leases full)
+        self.pairs_in_ring = 0  # sent as slot numbers, the pixels in shared memory
+        self.pairs_with_pixels = 0  # sent with their pixels (no ring slot for them)
         self.record = RecordTap(self.ctx, ipc.endpoint(self.runtime_dir, "record"))
         handlers = self._handlers()
         handlers.update(self.calibration.handlers())
@@ -287,6 +302,8 @@ class ImagingService:
         except NirfError:
             pass
         self.server.close()
+        self.ring_reports.close(linger=0)
+        self.ring.close()
         self.record.close()
         self.results.close()
         self.cart.close()
@@ -313,7 +330,11 @@ class ImagingService:
             "roi": roi,
             "pairs": {"sent": acq.pairs, "incomplete": acq.pairs_incomplete,
                       "cut_notices": acq.cuts, "cut_notices_late": acq.cuts_late,
-                      "dark_light_notices": acq.dark_lit, "dark_light_notices_late": acq.dark_lit_late},
+                      "dark_light_notices": acq.dark_lit, "dark_light_notices_late": acq.dark_lit_late,
+                      "in_shared_memory": getattr(self, "pairs_in_ring", 0),
+                      "with_pixels": getattr(self, "pairs_with_pixels", 0),
+                      "held_back": getattr(self, "pairs_held_back", 0),
+                      "ring": self._ring_busy()},
             "calibration_id": self.calibration.current_id(),
             # why a patient capture should not be taken now (no flat field, no QC today)
             "capture_problems": self.calibration.capture_problems(),
@@ -335,12 +356,44 @@ class ImagingService:
         }
         self.calibration.on_pair(on, off, header)  # the flat-field procedure's tap
         self.record.on_pair(on, off, header)  # to the recorder while a capture collects
+        self._drain_ring_reports()
+        ring = self.ring.ring
+        how, part = ring.lease_pair(on.data, off.data) if ring is not None else ("pixels", None)
+        if how == "held_back":
+            self.pairs_held_back += 1
+            return
         with self._frames_lock:
             try:
-                self.frames_out.send_multipart([b"pair", ipc.pack(header), on.data, off.data],
-                                               zmq.NOBLOCK, copy=False)
+                if how == "ring":
+                    header["ring"] = part  # the pixels stay in shared memory
+                    self.frames_out.send_multipart([b"pair", ipc.pack(header)], zmq.NOBLOCK)
+                    self.pairs_in_ring += 1
+                else:
+                    self.frames_out.send_multipart([b"pair", ipc.pack(header), on.data, off.data],
+                                                   zmq.NOBLOCK, copy=False)
+                    self.pairs_with_pixels += 1
             except zmq.Again:
-                pass
+                if how == "ring":
+                    ring.unlease_pair(part)
+
+    def _ring_busy(self) -> dict | None:
+        ring = getattr(self, "ring", None)
+        if ring is None or ring.ring is None:
+            return None
+        self._drain_ring_reports()  # while no frame comes, nothing else takes them in
+        return ring.ring.busy()
+
+    def _drain_ring_reports(self) -> None:
+        """Processing's reports (done with a pair, idle since): the leases they end."""
+        with self._reports_lock:
+            while True:
+                try:
+                    data = self.ring_reports.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                ring = self.ring.ring
+                if ring is not None:
+                    ring.on_report(ipc.unpack_map(data))
 
     # ------------------------------------------------------------------ commands
     def _handlers(self) -> dict:

@@ -1,14 +1,17 @@
 """The processing service: its own process, so a crash in image processing never touches
 laser safety.
 
-It subscribes to laser-on/laser-off pairs from the controller (``frames.ipc``: topic
-``pair``, a msgpack header, then the two raw uint16 frames), runs the pipeline
+It subscribes to laser-on/laser-off pairs from imaging (``frames.ipc``: topic ``pair``, a
+msgpack header, then either the two raw uint16 frames or, usually, nothing more: the header's
+``ring`` names the two frames' slots in shared memory, read in place and reported done on
+``frames_done.ipc``; see :mod:`nirf.services.common.framering`), runs the pipeline
 (:mod:`nirf.services.processing.pipeline`) and pushes one ``result`` per pair, and a false-colour
 ``preview`` at a modest rate, back to the controller (``results.ipc``), which publishes
 them on the telemetry endpoint.
 
 In automatic-ROI mode the ROI search (:mod:`nirf.services.processing.roi`) runs off the per-pair path, in
-its own thread: it takes the newest pair (the frames are shared, not copied), searches,
+its own thread: it takes the newest pair (shared when the pair carried its pixels, a copy
+when they are in the ring, whose slots go back when the pair is done), searches,
 and hands back ROIs tagged with a generation number, the time they were found
 (``roi_found_ns``, wall clock) and the pair they were found on. The per-pair path applies
 the newest ROIs at its next pair and tags every result with them, so a capture can take
@@ -31,7 +34,7 @@ import zmq
 from nirf import config as config_mod
 from nirf.hal.errors import NirfError
 from nirf.services.gateway import bus as bus_mod
-from nirf.services.common import entry
+from nirf.services.common import entry, framering
 from nirf.services.common import sdnotify
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,15 @@ class ProcessingService:
         self._flat_applied: tuple | None = None
         # systemd's watchdog, fed from the receive loop (no-op off systemd)
         self.watchdog = sdnotify.WatchdogPinger()
+        # frames in shared memory: the ring imaging names, and what we tell it back
+        self.ring = framering.RingReader(framering.ring_path(self.runtime_dir))
+        self.instance = f"{__import__('os').getpid()}-{time.time_ns()}"
+        self.ring_reports = None
+        self._last_rx = time.monotonic()
+        self._ring_token: str | None = None
+        self.ring_pairs = 0  # pairs read in place from the ring
+        self.ring_dropped = 0  # pairs whose slots were not (or no longer) theirs
+        self._in_ring: dict | None = None  # the ring part of the pair being handled
 
     def connect(self) -> None:
         self.sub = self.ctx.socket(zmq.SUB)
@@ -104,6 +116,11 @@ class ProcessingService:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDHWM, 200)
         self.push.connect(f"ipc://{self.runtime_dir / 'results.ipc'}")
+        self.ring_reports = self.ctx.socket(zmq.PUSH)
+        self.ring_reports.setsockopt(zmq.LINGER, 0)
+        self.ring_reports.setsockopt(zmq.SNDHWM, 100)
+        self.ring_reports.connect(f"ipc://{self.runtime_dir / 'frames_done.ipc'}")
+        self._report("idle", since=self._last_rx)  # a new processing: earlier leases are void
 
     def _new_processor(self, width: int, height: int, bits: int):
         from nirf.services.processing.pipeline import PairProcessor
@@ -158,13 +175,25 @@ class ProcessingService:
         self.start_search_thread()
         while not self.stop_event.is_set():
             self.watchdog()
-            if not self.sub.poll(200):
+            if not self.sub.poll(int(framering.IDLE_REPORT_S * 1000)):
+                # nothing for a while: any pair imaging still counts as ours was lost on the way
+                self._report("idle", since=self._last_rx)
                 continue
             frames = self.sub.recv_multipart(copy=False)
+            self._last_rx = time.monotonic()
             try:
                 self.handle(frames)
             except Exception:  # one bad pair must not stop the stream
                 log.exception("pair could not be processed")
+
+    def _report(self, kind: str, **fields) -> None:
+        if self.ring_reports is None:
+            return
+        try:
+            self.ring_reports.send(bus_mod.pack(framering.report(kind, self._ring_token, self.instance, **fields)),
+                                   zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # imaging is not there: its next ring starts free anyway
 
     def _ensure_processor(self, width: int, height: int, bits: int) -> None:
         if self._proc_shape == (height, width, bits):
@@ -178,12 +207,45 @@ class ProcessingService:
             self._search_epoch += 1
             self._search_due = True
 
-    def handle(self, frames) -> dict:
+    def handle(self, frames) -> dict | None:
         header = bus_mod.unpack(frames[1].bytes)
+        ring_part = header.get("ring")
+        if ring_part is None:
+            return self._handle(header, frames[2].buffer, frames[3].buffer, None)
+        try:
+            self._ring_token = ring_part.get("token") if isinstance(ring_part, dict) else None
+            on, off = self.ring.views(ring_part)
+        except framering.RingMiss as err:
+            self.ring_dropped += 1
+            log.warning("pair %s dropped: %s", header.get("frame_seq"), err)
+            self._ring_done(ring_part)
+            return None
+        try:
+            self.ring_pairs += 1
+            return self._handle(header, on, off, ring_part)
+        finally:
+            del on, off
+            self._ring_done(ring_part)
+
+    def _ring_done(self, ring_part) -> None:
+        seq = ring_part.get("seq") if isinstance(ring_part, dict) else None
+        if isinstance(seq, int):
+            self._report("done", seq=seq)
+
+    def _handle(self, header: dict, on_buf, off_buf, ring_part: dict | None) -> dict | None:
         m_on, m_off = header["on"], header["off"]
         h, w = m_on["height"], m_on["width"]
-        on = np.frombuffer(frames[2].buffer, dtype=np.uint16).reshape(h, w)
-        off = np.frombuffer(frames[3].buffer, dtype=np.uint16).reshape(h, w)
+        if ring_part is None:
+            on = np.frombuffer(on_buf, dtype=np.uint16).reshape(h, w)
+            off = np.frombuffer(off_buf, dtype=np.uint16).reshape(h, w)
+        else:
+            on, off = on_buf, off_buf
+            if on.shape != (h, w) or off.shape != (h, w):
+                self.ring_dropped += 1
+                log.warning("pair %s dropped: ring slots of %s, header says %dx%d", header.get("frame_seq"),
+                            on.shape, w, h)
+                return None
+        self._in_ring = ring_part
         self._ensure_processor(w, h, m_on["bits"])
         seq = header["frame_seq"]
         self.pairs_received += 1
@@ -200,17 +262,26 @@ class ProcessingService:
             result = self.proc.process(on, off, meta_on, meta_off)
         else:
             result = self._result_without_rois(meta_on, meta_off)
+        if ring_part is not None and not self.ring.current(ring_part):
+            # a slot was written again while in use (never, while the leases hold): no result
+            # computed on a torn frame goes out
+            self.ring_dropped += 1
+            log.error("pair %s dropped: its frame was overwritten while processed", seq)
+            return None
         result.update(self._roi_tag)
         result["calibration_id"] = header.get("calibration_id")  # every result records its calibration
         result["flat_field_applied"] = flat_ok
         result["t_done_ns"] = time.time_ns()
         result["pairs_received"] = self.pairs_received
         result["pairs_missing"] = self.pairs_missing
+        result["pairs_dropped_ring"] = self.ring_dropped  # frames no longer in shared memory
         self.push.send_multipart([b"result", bus_mod.pack(result)])
         now = time.monotonic()
         if now >= self._next_preview:
             self._next_preview = now + self.preview_period_s
             pw, ph, rgb = self.proc.preview(on, off)
+            if ring_part is not None and not self.ring.current(ring_part):
+                return result
             self.push.send_multipart([b"preview", bus_mod.pack({"width": pw, "height": ph, "format": "rgb8",
                                                                 "frame_seq": seq}), rgb])
         return result
@@ -254,6 +325,9 @@ class ProcessingService:
             if due and fresh_enough:
                 self._search_due = False
                 self._next_auto_roi = now + AUTO_ROI_REFRESH_S
+                if self._in_ring is not None:
+                    # the search outlives this pair; the ring's slots go back when it is done
+                    on, off = on.copy(), off.copy()
                 job = (on, off, seq, t_capture_ns, self.proc.flat_field, (height, width), self._search_after_ns)
                 if self._search_thread is not None:
                     self._search_pair = (self._search_epoch, *job)
