@@ -70,6 +70,13 @@ SERVICE_KEY_CYCLE_WINDOW_S = 60.0
 # the poll alone is contact bounce.
 FOOTSWITCH_POLL_CONFIRM = 2
 # Heartbeat send times kept for the status and the benchmark (S16), and the span reported.
+# The MCU's status is read when something calls for it (an MCU notice of an input edge, a
+# fault or a reset; a change the host asked for that the MCU has not reported yet; an output
+# reading out of tolerance), and at least this often whatever happens (the backstop). The
+# other checks run on every tick.
+STATUS_BACKSTOP_S = 0.1
+# MCU notices that call for its status at once: an input edge, a latched fault, a reset
+MCU_EVENT_NOTICES = frozenset({"INPUT", "FAULT", "BOOT"})
 HEARTBEAT_HISTORY = 4096
 HEARTBEAT_REPORT_S = 60.0
 
@@ -174,7 +181,12 @@ class Cart:
         self.camera_watch = False
         self.camera_last_frame: float | None = None
         self.ticks = 0
+        self.status_reads = 0
         self._watches: list = []
+        self._last_status_at: float | None = None
+        self._status_wanted = True
+        self._wake = threading.Event()  # an MCU event: tick now, status included
+        self.on_status_read: Callable[[], None] | None = None  # told after each MCU status read
 
     # ------------------------------------------------------------------ extra rules
     def add_watch(self, watch) -> None:
@@ -324,9 +336,14 @@ class Cart:
         first, the next tick or the next heartbeat, so a heartbeat is never held back to the
         next tick (version 1 sent every 120 ms for a 100 ms interval at 50 Hz)."""
         next_t = self.clock.monotonic()
+        # An MCU event (mcu_event) wakes the loop early; a stand-in for ``stop`` (a test that
+        # moves a manual clock in its wait) is waited on itself.
+        sleep = self._wake.wait if isinstance(stop, threading.Event) else stop.wait
         while not stop.is_set():
             now = self.clock.monotonic()
-            if now >= next_t:
+            woken = self._wake.is_set()
+            if now >= next_t or woken:
+                self._wake.clear()
                 try:
                     self.tick()
                     if on_healthy_tick is not None:
@@ -336,15 +353,41 @@ class Cart:
                     log.exception("supervisor tick failed; forcing the laser off")
                     with self._lock:
                         self._trip("SUPERVISOR_ERROR", "internal error in the supervisor loop; see the log")
-                next_t += self.period_s
-                if next_t < self.clock.monotonic() - self.period_s:  # far behind (the process was frozen)
-                    next_t = self.clock.monotonic()
+                if now >= next_t:  # an extra tick for an MCU event leaves the schedule alone
+                    next_t += self.period_s
+                    if next_t < self.clock.monotonic() - self.period_s:  # far behind (the process was frozen)
+                        next_t = self.clock.monotonic()
             elif self.heartbeat_due(now):
                 self._heartbeat_between_ticks(now)
             wake = next_t
             if self._next_heartbeat is not None and self._link_ok:
                 wake = min(wake, self._next_heartbeat)
-            stop.wait(max(wake - self.clock.monotonic(), 0.0))
+            sleep(max(wake - self.clock.monotonic(), 0.0))
+
+    def mcu_event(self) -> None:
+        """The MCU reported an input edge, a latched fault or its reset on its own: read its
+        status and check everything at once, not at the next backstop read."""
+        self._status_wanted = True
+        self._wake.set()
+
+    def on_mcu_notices(self, notices) -> None:
+        """The notices the MCU sent on its own (``McuNotice``), as the thread that reads them
+        hands them on: an event among them wakes the supervisor (:meth:`mcu_event`)."""
+        if any(n.kind in MCU_EVENT_NOTICES for n in notices):
+            self.mcu_event()
+
+    def _status_due(self, now: float) -> bool:
+        """Whether this tick reads the MCU's status (see STATUS_BACKSTOP_S)."""
+        st = self.mcu_status
+        if self._status_wanted or st is None or self._last_status_at is None:
+            return True
+        if now - self._last_status_at >= STATUS_BACKSTOP_S - self.period_s / 2:
+            return True
+        if bool(st.output_on) != bool(self._enabled_sent):
+            return True  # asked to turn on or off: watch until the MCU says it did
+        if self._enabled_sent and self._duty_sent is not None and abs(st.duty - self._duty_sent[0]) > 2e-6:
+            return True  # a new power, not yet reported
+        return self._output_bad_since is not None or self._disagree_since is not None
 
     # ------------------------------------------------------------------ heartbeat (S5, S16)
     def _heartbeat_between_ticks(self, now: float) -> None:
@@ -518,7 +561,13 @@ class Cart:
                 return
         try:
             self._heartbeat_if_due(now)
-            self.mcu_status = self.laser.status()
+            if self._status_due(now):
+                self._status_wanted = False
+                self.mcu_status = self.laser.status()
+                self._last_status_at = now
+                self.status_reads += 1
+                if self.on_status_read is not None:
+                    self.on_status_read()
         except DeviceError as err:
             self._link_ok = False
             self._last_reconnect = now

@@ -48,7 +48,8 @@ VERSION = "0.2.0"
 WATCHED = ("gateway", "imaging")
 SERVICES_TIMEOUT_S = 0.5
 STATE_PERIOD_S = 0.1
-FRAME_POLL_S = 0.005
+FRAME_POLL_S = 0.005  # a laser driver that cannot block until input is polled this often
+FRAME_WAIT_S = 0.1  # the frames thread's longest sleep (it checks for the stop this often)
 
 
 class ServiceWatch:
@@ -145,14 +146,16 @@ def wait_hardware_info(runtime_dir: Path, wait_s: float = 15.0) -> dict:
     return json.loads(info_path.read_text())
 
 
-def remote_world(cfg, runtime_dir: Path):
+def remote_world(cfg, runtime_dir: Path, topics: tuple[str, ...] | None = None):
+    """The simulated world as this process sees it; ``topics``: the world's publications it
+    follows (None: all)."""
     from nirf.sim.remote import RemoteWorldView
     from nirf.sim.world import SensorModel
 
     info = wait_hardware_info(runtime_dir)
     cam = cfg.camera
     sensor = SensorModel(width=cam.width, height=cam.height, bits=cam.bits, black_level=cam.black_level)
-    return RemoteWorldView(info["world_pub"], info["world_ctl"], sensor), info
+    return RemoteWorldView(info["world_pub"], info["world_ctl"], sensor, topics=topics), info
 
 
 def build_devices(cfg, runtime_dir: Path):
@@ -164,7 +167,7 @@ def build_devices(cfg, runtime_dir: Path):
     if cfg.profile == "sim":
         from nirf.sim.gpio_standin import GpioStandIn
 
-        world, info = remote_world(cfg, runtime_dir)
+        world, info = remote_world(cfg, runtime_dir, topics=("inputs", "values"))
         laser_port = _serial_factory(info["mcu_port"], cfg.laser.baudrate)
         gpio = GpioStandIn(world, pins(cfg))
     else:
@@ -206,6 +209,10 @@ class SafetyCore:
         self._camera_instance: str | None = None  # the imaging process whose camera is watched
         self._rev = ipc.Revision()
         self._threads: list[threading.Thread] = []
+        self._wake_r, self._wake_w = os.pipe()  # wakes the notices loop (see _wake_notices)
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.cart.on_status_read = self._wake_notices
 
     # -- commands (all quick; the long ones live elsewhere)
     def handlers(self) -> dict:
@@ -264,6 +271,7 @@ class SafetyCore:
     def _on_cart_event(self, kind: str, detail: dict) -> None:
         try:
             self._events.put_nowait((kind, detail))
+            self._wake_notices()
         except queue.Full:
             pass
 
@@ -274,14 +282,20 @@ class SafetyCore:
 
     # -- threads
     def _notices_loop(self) -> None:
-        """Heartbeats and camera notices in; state and events out."""
+        """Heartbeats and camera notices in; state and events out. It sleeps until a notice
+        comes, the cart reports an event or a fresh MCU status (the wake pipe), or the next
+        periodic state is due (STATE_PERIOD_S); the state is built and compared only then,
+        not for every notice."""
         poller = zmq.Poller()
         poller.register(self.notices, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         next_state = 0.0
         last = None
         while not self.stop_event.is_set():
             try:
-                if poller.poll(20):
+                now = time.monotonic()
+                ready = dict(poller.poll(max(1, int((next_state - now) * 1000) + 1) if next_state > now else 0))
+                if self.notices in ready:
                     while True:
                         try:
                             data = self.notices.recv(zmq.NOBLOCK)
@@ -289,6 +303,13 @@ class SafetyCore:
                             break
                         self._on_notice(ipc.unpack_map(data))
                 self.watch.serviced(self.clock.monotonic())
+                woken = self._wake_r in ready
+                if woken:
+                    try:
+                        while os.read(self._wake_r, 256):
+                            pass
+                    except BlockingIOError:
+                        pass
                 changed = False
                 while True:
                     try:
@@ -299,8 +320,10 @@ class SafetyCore:
                     if kind in ("state", "fault", "safety", "info", "input"):
                         self._publish_event({"kind": kind, **detail})
                 now = time.monotonic()
+                if not (changed or woken or now >= next_state):
+                    continue
                 snap = self.state_snapshot()
-                key = {k: v for k, v in snap.items() if k not in ("services", "sim", "rev")}
+                key = {k: v for k, v in snap.items() if k not in ("services", "sim", "rev", "heartbeat")}
                 # On every change of what status shows (a tick after laser.on the MCU reports
                 # its output on), and at 10 Hz whatever happens.
                 if changed or key != last or now >= next_state:
@@ -313,6 +336,13 @@ class SafetyCore:
                 log.exception("notices loop")
             except Exception:
                 log.exception("notices loop: unexpected error")
+
+    def _wake_notices(self) -> None:
+        """Tell the notices loop something may have changed (a cart event, a status read)."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already
 
     def _on_notice(self, msg: dict | None) -> None:
         kind = msg.get("kind") if msg else None
@@ -334,8 +364,16 @@ class SafetyCore:
             self.notices_bad += 1
 
     def _frames_loop(self) -> None:
-        """The MCU's frame records (and its other notices), relayed to imaging as they come."""
-        while not self.stop_event.wait(FRAME_POLL_S):
+        """The MCU's frame records (and its other notices), relayed to imaging as they come:
+        the thread sleeps until the MCU sends something (the port's descriptor, see
+        ``McuLaser.wait_input``), at most FRAME_WAIT_S. An input edge, a fault or a reset the
+        MCU reports wakes the supervisor for an immediate status read."""
+        wait = getattr(self.laser, "wait_input", None)
+        while not self.stop_event.is_set():
+            if wait is not None:
+                wait(FRAME_WAIT_S)
+            elif self.stop_event.wait(FRAME_POLL_S):
+                return
             try:
                 tags, notices = self.laser.poll()
             except NirfError:
@@ -348,6 +386,7 @@ class SafetyCore:
                                            "host_time_ns": t.host_time_ns})
             for n in notices:
                 self.pub.publish("notice", {"kind": n.kind, "detail": list(n.detail)})
+            self.cart.on_mcu_notices(notices)
 
     def threads_alive(self) -> bool:
         return all(t.is_alive() for t in self._threads) and self.server.worker_alive()
@@ -394,6 +433,11 @@ class SafetyCore:
         self.server.close()
         self.pub.close()
         self.notices.close(linger=0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         if self.world is not None:
             self.world.close()
         self.ctx.destroy(linger=0)

@@ -17,8 +17,11 @@ import binascii
 import collections
 import logging
 import math
+import os
 import random
+import select
 import threading
+import weakref
 from typing import Any, Callable
 
 from serial import SerialException
@@ -49,6 +52,14 @@ _RESEND_CODES = ("CRC", "MALFORMED")
 _STATUS_KEYS = ("out", "duty", "ceil", "ilk", "key", "temp", "pd", "faults", "fc", "ft", "mod",
                 "ilkc", "keyc", "ont", "bud")
 _FACTORY_KEYS = ("n", "pdf", "max", "ceil", "trip", "budget")
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def crc16_ccitt(data: bytes) -> int:
@@ -123,6 +134,10 @@ class McuLaser(LaserSource):
         self.resends = 0  # command lines sent again
         self.stale_replies = 0  # replies to an earlier attempt or command, ignored
         self.dropped_notices = 0  # queued notices lost because poll() was not called
+        # wait_input(): woken by the port's descriptor, or by this pipe when a command's
+        # exchange took in (and queued) lines the MCU sent on its own
+        self._wake: tuple[int, int] | None = None  # made at the first wait_input()
+        self._queued_unseen = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def connect(self) -> None:
@@ -263,6 +278,48 @@ class McuLaser(LaserSource):
         """Stop triggering the camera; the laser returns to continuous while enabled."""
         self._command("FTOFF")
 
+    def wait_input(self, timeout_s: float) -> bool:
+        """Block until the MCU has sent something (the port is readable, or a command's
+        exchange queued lines it sent on its own) or ``timeout_s`` passes; True when there may
+        be something for :meth:`poll`. A port without a descriptor (a test's fake) is polled
+        instead: this waits ``min(timeout_s, 5 ms)``."""
+        port = self._port
+        fileno = getattr(port, "fileno", None)
+        try:
+            fd = fileno() if fileno is not None else None
+        except (OSError, ValueError, AttributeError, TypeError):
+            fd = None
+        if not isinstance(fd, int):
+            self.clock.sleep(min(timeout_s, 0.005))
+            return True
+        if self._wake is None:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._wake = (r, w)
+            weakref.finalize(self, _close_fds, r, w)
+        wake_r = self._wake[0]
+        try:
+            ready, _, _ = select.select([fd, wake_r], [], [], max(timeout_s, 0.0))
+        except (OSError, ValueError):  # the port closed meanwhile
+            self.clock.sleep(min(timeout_s, 0.005))
+            return True
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 64):
+                    pass
+            except BlockingIOError:
+                pass
+        return bool(ready)
+
+    def _wake_waiter(self) -> None:
+        if self._wake is None:
+            return  # nobody waits in wait_input()
+        try:
+            os.write(self._wake[1], b"!")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already
+
     def poll(self) -> tuple[list[FrameTag], list[McuNotice]]:
         """Frame tags and notices the MCU sent since the last call, without blocking."""
         with self._lock:
@@ -306,6 +363,16 @@ class McuLaser(LaserSource):
     # -- exchange ---------------------------------------------------------------------------
     def _command(self, command: str) -> str:
         """Send one command and return the reply's fields (after ``OK``)."""
+        with self._lock:
+            try:
+                return self._command_locked(command)
+            finally:
+                if self._queued_unseen:
+                    # lines the MCU sent on its own came in with the reply: tell wait_input()
+                    self._queued_unseen = False
+                    self._wake_waiter()
+
+    def _command_locked(self, command: str) -> str:
         with self._lock:
             self._ensure_port()
             self._seq = (self._seq + 1) % (MAX_SEQ + 1)
@@ -405,6 +472,8 @@ class McuLaser(LaserSource):
         parts = body.split(" ")
         if parts[0] == "!":
             self._unsolicited(parts[1:], raw)
+            if pending_seq is not None:
+                self._queued_unseen = True
             return None
         if parts[0] == "-":
             # The MCU saw a damaged line: ours, if we are waiting.

@@ -67,7 +67,8 @@ def scene_from_dict(d: dict) -> SceneSnapshot:
 class RemoteWorldView:
     """A :class:`~sim.worldview.WorldView` over the hardware process's sockets."""
 
-    def __init__(self, pub_endpoint: str, ctl_endpoint: str, sensor: SensorModel, *, context=None):
+    def __init__(self, pub_endpoint: str, ctl_endpoint: str, sensor: SensorModel, *, context=None,
+                 topics: tuple[str, ...] | None = None):
         self.sensor = sensor
         self.ctx = context or zmq.Context.instance()
         self.ctl_endpoint = ctl_endpoint
@@ -83,7 +84,10 @@ class RemoteWorldView:
         self._sub = self.ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, 100000)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # ``topics``: only what this process's stand-ins read (the safety core's GPIO stand-in
+        # needs the inputs, not the 130 laser and trigger messages a second of a stream)
+        for topic in (("",) if topics is None else topics):
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sub.connect(pub_endpoint)
         # Subscribe first, then take a snapshot, so nothing falls between the two.
         snap = self.request({"op": "get"})

@@ -9,6 +9,7 @@ from nirf import config as config_mod
 from nirf.controller.cart import Cart
 from nirf.drivers.laser_mcu import McuLaser
 from nirf.hal.clock import ManualClock
+from nirf.hal.errors import DeviceError
 from nirf.hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
 from nirf.sim.mcu_emulator import McuEmulator, factory_for
 from nirf.sim.serial_link import LoopbackSerial
@@ -125,7 +126,17 @@ class Rig:
             if host_alive:
                 if camera_frames and self.cart.camera_watch:
                     self.cart.note_camera(True, self.clock.monotonic())
+                self.relay_notices()
                 self.cart.tick()
+
+    def relay_notices(self) -> None:
+        """What the safety core's frames thread does: take in what the MCU sent on its own
+        and hand its notices to the cart (an input edge or a fault wakes the supervisor)."""
+        try:
+            _, notices = self.laser.poll()
+        except DeviceError:
+            return  # a dead link: the supervisor finds out on its own
+        self.cart.on_mcu_notices(notices)
 
     def mcu_status_lost(self) -> bool:
         """True when the cart has no MCU status now (a dead or garbled link): it cannot have

@@ -446,6 +446,53 @@ def test_s3a_the_mcu_edge_counters_trip_when_the_host_saw_no_edge(stage, name, c
     assert_no_light_until_reset_and_rearm(rig)
 
 
+@pytest.mark.parametrize("stage", ["ARMED", "EMITTING"])
+def test_s3a_without_the_mcus_notice_the_backstop_status_read_still_trips(stage, monkeypatch):
+    # the GPIO callbacks lost the pulse and so did the line carrying the MCU's own notice of
+    # it: the counters still come with the next backstop read of the MCU's status
+    from nirf.controller.cart import STATUS_BACKSTOP_S
+
+    rig = Rig()
+    reach(rig, stage)
+    rig.io._listeners.clear()
+    monkeypatch.setattr(rig, "relay_notices", lambda: rig.laser.poll())  # read, never handed on
+    pulse(rig, "interlock", 1)
+    ticks = 0
+    while rig.cart.state.value == stage and ticks < 50:
+        rig.advance(Rig.TICK_S)
+        ticks += 1
+    assert rig.cart.state is State.FAULT and "INTERLOCK_OPEN" in {f.code for f in rig.cart.faults}
+    assert ticks * Rig.TICK_S <= STATUS_BACKSTOP_S + Rig.TICK_S + 1e-9
+    assert rig.output_mw == 0.0
+
+
+def test_the_mcus_status_is_read_on_its_events_and_at_the_backstop_not_on_every_tick():
+    from nirf.controller.cart import STATUS_BACKSTOP_S
+
+    rig = Rig()
+    reach(rig, "EMITTING")
+    rig.advance(0.2)  # settled: the MCU reports what the host asked
+    reads, ticks = rig.cart.status_reads, rig.cart.ticks
+    rig.advance(2.0)
+    n_reads, n_ticks = rig.cart.status_reads - reads, rig.cart.ticks - ticks
+    assert n_ticks == 100
+    assert 2.0 / STATUS_BACKSTOP_S - 1 <= n_reads <= 2.0 / STATUS_BACKSTOP_S + 1
+    # an input edge the MCU reports (its "! IN" notice): read at the very next tick
+    rig.io._listeners.clear()
+    reads = rig.cart.status_reads
+    pulse(rig, "key", 1)
+    rig.advance(Rig.TICK_S)
+    assert rig.cart.status_reads == reads + 1 and rig.cart.state is State.FAULT
+    # a change the host asked for is watched on every tick until the MCU reports it
+    rig2 = Rig()
+    reach(rig2, "ARMED")
+    rig2.advance(0.2)
+    reads = rig2.cart.status_reads
+    rig2.cart.laser_on(50)
+    rig2.advance(Rig.TICK_S)
+    assert rig2.cart.status_reads >= reads + 1 and rig2.cart.mcu_status.output_on
+
+
 def test_s3a_an_opening_counted_while_safe_does_not_trip_a_later_arm():
     rig = Rig()
     rig.io._listeners.clear()

@@ -85,3 +85,58 @@ def test_the_mcu_emulator_ticks_fast_only_while_something_runs_on_time():
     emu._ft_running = False
     emu._enabled = True
     assert emu.tick_interval_s() == 0.001  # watchdog, trips and budget while permitted
+
+
+def _mcu_on_a_pty():
+    import serial
+
+    from nirf.drivers.laser_mcu import McuLaser
+    from nirf.hal.clock import SystemClock
+
+    clock = SystemClock()
+    world = World(clock)
+    emu = McuEmulator(world, clock, full_scale_mw=500.0, heartbeat_timeout_ms=1000)
+    link = PtyLink(emu, "mcu").start()
+    laser = McuLaser(lambda: serial.Serial(link.port, 115200, timeout=0.05), timeout_s=0.5,
+                     heartbeat_timeout_ms=1000)
+    laser.connect()
+    laser.poll()  # whatever the connect left
+    return world, link, laser
+
+
+def test_the_driver_sleeps_until_the_mcu_sends_something_on_its_own():
+    # the safety core's frames thread blocks in wait_input instead of polling every 5 ms
+    world, link, laser = _mcu_on_a_pty()
+    try:
+        t0 = time.monotonic()
+        assert laser.wait_input(0.2) is False  # nothing came: the whole timeout slept
+        assert time.monotonic() - t0 >= 0.19
+        threading.Timer(0.1, world.set_inputs, args=({"interlock": "open"},)).start()
+        t0 = time.monotonic()
+        assert laser.wait_input(5.0) is True
+        assert time.monotonic() - t0 < 2.0  # woken by the line, not the timeout
+        time.sleep(0.05)
+        _, notices = laser.poll()
+        assert ("INPUT", ("ILK", "0")) in [(n.kind, n.detail) for n in notices]
+    finally:
+        laser.close()
+        link.stop()
+
+
+def test_a_notice_taken_in_by_a_command_still_wakes_the_waiting_thread():
+    # the supervisor's status read took the notice in with its reply (and queued it): the
+    # port has nothing left to read, so only the driver's own wake-up can end the wait
+    world, link, laser = _mcu_on_a_pty()
+    try:
+        laser.wait_input(0.01)  # the wake-up exists once a thread has waited
+        world.set_inputs({"key": False})
+        time.sleep(0.1)  # the notice is in the port's buffer before the command's reply
+        laser.status()
+        t0 = time.monotonic()
+        assert laser.wait_input(5.0) is True
+        assert time.monotonic() - t0 < 2.0
+        _, notices = laser.poll()
+        assert ("INPUT", ("KEY", "0")) in [(n.kind, n.detail) for n in notices]
+    finally:
+        laser.close()
+        link.stop()

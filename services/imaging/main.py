@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.2.0"
 HEARTBEAT_S = 0.1
+CAMERA_NOTICE_S = 0.1  # frames are told to the safety core at most this often (S9 needs 1 s)
 STATE_PERIOD_S = 0.1
 LONG_COMMANDS = frozenset({"calibrate.dark", "calibrate.flat", "qc.baseline", "qc.run", "selftest"})
 
@@ -57,6 +58,8 @@ class SafetyLink:
         self._tags: collections.deque = collections.deque(maxlen=1024)
         self._notices: collections.deque = collections.deque(maxlen=256)
         self._lock = threading.Lock()
+        self._camera_told: tuple[bool, bool] | None = None
+        self._camera_told_at = 0.0
         self.latest = LatestState(ctx, ipc.endpoint(runtime_dir, "safety_pub"), name="safety-state")
         self.frames = Follower(ctx, ipc.endpoint(runtime_dir, "safety_pub"), ("frame", "notice"), self._on,
                                name="safety-frames")
@@ -122,7 +125,16 @@ class SafetyLink:
 
     # -- notices
     def note_camera(self, watching: bool, last_frame_monotonic: float | None = None) -> None:
-        self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": last_frame_monotonic is not None,
+        """Tell the safety core the camera is watched (and that a frame came). A frame is
+        told at most every CAMERA_NOTICE_S: the safety core then takes the last frame to be
+        at most that much older than it was, so its stall rule (S9) can only act early, never
+        late; a start or stop of the watch is told at once."""
+        frame = last_frame_monotonic is not None
+        now = time.monotonic()
+        if frame and watching and self._camera_told == (True, True) and now - self._camera_told_at < CAMERA_NOTICE_S:
+            return
+        self._camera_told, self._camera_told_at = (bool(watching), frame), now
+        self.notifier.send({"kind": "camera", "watching": bool(watching), "frame": frame,
                             "instance": self.instance})
 
     def heartbeat(self) -> None:
