@@ -115,10 +115,26 @@ def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
         rows.append(("P5   device path with that thread taken out", framepath.fmt_share(direct.device_total),
                      f"<= {framepath.fmt_share(DEVICE_TARGET)}", direct.device_total <= DEVICE_TARGET))
         device_for_pi, device_basis = direct.device_total, "the stand-in thread taken out (same window)"
+    if s.sim_threads_cpu_s:
+        # every simulator-only thread inside the device-path processes (OS name nirf-sim-...:
+        # the stand-in's sensor, the world followers the stand-ins read), same window
+        sim_threads = sum(s.sim_threads_cpu_s.values()) / wall
+        rows.append(("P5   simulator threads inside the device-path processes",
+                     framepath.fmt_share(sim_threads), "", None))
+        device_only = sum(shares.get(n, 0.0) for n, sim in framepath.SIMULATOR_ONLY.items() if not sim) - sim_threads
+        rows.append(("P5   device path with every simulator thread taken out", framepath.fmt_share(device_only),
+                     f"<= {framepath.fmt_share(DEVICE_TARGET)}", device_only <= DEVICE_TARGET))
+        notes.append("P5 simulator threads per process (share of a core): " + ", ".join(
+            f"{framepath.PROCESS_LABELS.get(n, n)} {framepath.fmt_share(v / wall)}"
+            for n, v in sorted(s.sim_threads_cpu_s.items()) if v > 0))
+        device_for_pi, device_basis = device_only, "every simulator thread taken out (same window)"
     safety = shares.get("controller")
     if safety is not None:
-        rows.append(("P5 safety core (supervisor) share of a core", framepath.fmt_share(safety),
-                     f"<= {framepath.fmt_share(SAFETY_TARGET)}", safety <= SAFETY_TARGET))
+        safety_sim = s.sim_threads_cpu_s.get("controller", 0.0) / wall
+        safety_dev = safety - safety_sim
+        rows.append(("P5 safety core (supervisor) share of a core", framepath.fmt_share(safety), "", None))
+        rows.append(("P5   safety core without its simulator thread", framepath.fmt_share(safety_dev),
+                     f"<= {framepath.fmt_share(SAFETY_TARGET)}", safety_dev <= SAFETY_TARGET))
     copies = len(framepath.FRAME_COPIES)
     rows.append(("P5 copies of a frame, camera buffer to pipeline", str(copies), "<= 1", copies <= 1))
     notes.append(f"P5 window {wall:.1f} s of streaming, {frames} frames rendered; the rendering inside imaging "

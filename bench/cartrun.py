@@ -128,6 +128,26 @@ def thread_cpu_seconds(pid: int, comm: str) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def threads_cpu_by_prefix(pid: int, prefix: str) -> float | None:
+    """User + system CPU seconds of the threads of ``pid`` whose OS name starts with
+    ``prefix``; None once the process ended."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    ticks = 0
+    for tid in tids:
+        try:
+            if not Path(f"/proc/{pid}/task/{tid}/comm").read_text().startswith(prefix):
+                continue
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class BenchCart:
     """The simulated cart in its processes, for one benchmark run.
 

@@ -96,6 +96,9 @@ class StreamStats:
     # CPU seconds of the camera stand-in's sensor thread inside imaging over the same window
     # (simulator-only work, read from /proc by the thread's name), None when not found
     sim_camera_cpu_s: float | None = None
+    # CPU seconds of every simulator-only thread (OS name "nirf-sim-...": the stand-in's
+    # sensor, the world followers) per process of the device path, over the same window
+    sim_threads_cpu_s: dict[str, float] = field(default_factory=dict)
     roi_mode: str = "fixed"
     search_ms: dict[int, float] = field(default_factory=dict)  # ROI generation -> search time
     heartbeat: dict | None = None  # the safety core's heartbeat gaps (status), when it reports them
@@ -131,6 +134,8 @@ class StreamStats:
         self.cpu_wall_s += other.cpu_wall_s
         if other.sim_camera_cpu_s is not None:
             self.sim_camera_cpu_s = (self.sim_camera_cpu_s or 0.0) + other.sim_camera_cpu_s
+        for n, v in other.sim_threads_cpu_s.items():
+            self.sim_threads_cpu_s[n] = self.sim_threads_cpu_s.get(n, 0.0) + v
         self.heartbeat = other.heartbeat or self.heartbeat
         self.subscribers.extend(other.subscribers)
 
@@ -247,6 +252,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         next_tick = window_t0  # the first call marks the start of the measured part
         cpu0: dict | None = None
         cam0: float | None = None
+        sim0: dict[str, float] = {}
         cpu_t0 = 0.0
         try:
             while (now := time.monotonic()) < end:
@@ -255,6 +261,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                     cpu_t0 = time.monotonic()
                     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     cam0 = _sim_camera_cpu(pids)
+                    sim0 = _sim_threads_cpu(pids)
                 if on_tick is not None and now >= next_tick:
                     next_tick = now + tick_s
                     on_tick(watcher, now - window_t0)
@@ -262,6 +269,9 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
             stats.window_s = time.monotonic() - window_t0
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cam1 = _sim_camera_cpu(pids)
+            if cpu0 is not None:
+                sim1 = _sim_threads_cpu(pids)
+                stats.sim_threads_cpu_s = {n: round(sim1[n] - sim0[n], 3) for n in sim1 if n in sim0}
             stats.cpu_wall_s = time.monotonic() - cpu_t0 if cpu0 is not None else 0.0
             if cpu0 is not None and cam0 is not None and cam1 is not None and cam1 > 0:
                 stats.sim_camera_cpu_s = round(cam1 - cam0, 3)
@@ -293,6 +303,20 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         stats.processing_received = last["pairs_received"] - first["pairs_received"] + 1
     to_safe(client)
     return stats
+
+
+def _sim_threads_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the simulator-only threads of each device-path process."""
+    from nirf.sim.threads import PREFIX
+
+    out = {}
+    for name, pid in pids.items():
+        if name in ("hardware", "launcher"):
+            continue  # simulator-only as a whole
+        v = cartrun.threads_cpu_by_prefix(pid, PREFIX)
+        if v is not None:
+            out[name] = v
+    return out
 
 
 def _sim_camera_cpu(pids: dict[str, int]) -> float | None:

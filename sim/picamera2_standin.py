@@ -82,6 +82,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nirf.hal.clock import Clock, SystemClock
+from nirf.sim.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,6 @@ OS_THREAD_NAME = "nirf-sim-camera"
 
 _UNPACKED_RE = re.compile(r"^(R|S[RGB]{4})(8|10|12|14|16)$")
 _ANY_RAW_RE = re.compile(r"^(S?)([RGB]+?)(\d+)(?:_(.+))?$")
-
-
-def _name_os_thread(name: str) -> None:
-    """Name the calling thread for the operating system too (Linux; elsewhere nothing):
-    Python's thread names stay inside the interpreter."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
 
 
 class Platform(enum.Enum):
@@ -710,7 +701,7 @@ class Picamera2StandIn:
 
     # -- the sensor -----------------------------------------------------------------------
     def _run(self) -> None:
-        _name_os_thread(OS_THREAD_NAME)
+        name_os_thread(OS_THREAD_NAME)
         while not self._stop_event.is_set():
             trigger = self.world_view.wait_trigger(_TRIGGER_POLL_S)
             if trigger is None:

@@ -27,6 +27,7 @@ import zmq
 
 from nirf.hal.errors import DeviceTimeout, InvalidArgument, NirfError
 from nirf.sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_steps
+from nirf.sim.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class RemoteWorldView:
                     log.exception("input listener failed")
 
     def _follow(self) -> None:
+        name_os_thread("nirf-sim-world")  # simulator-only work in whichever process follows
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
         try:
