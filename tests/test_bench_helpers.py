@@ -277,15 +277,15 @@ def test_a_subscribers_window_counts_only_receipts_inside_it():
 def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
     import threading
 
-    from bench.cartrun import thread_cpu_seconds
-    from nirf.sim.picamera2_standin import _name_os_thread
+    from bench.cartrun import thread_cpu_seconds, threads_cpu_by_prefix
+    from nirf.sim.threads import name_os_thread
 
     busy_until = time.monotonic() + 0.3
     named = threading.Event()
     done = threading.Event()
 
     def work():
-        _name_os_thread("bench-test-thr")
+        name_os_thread("bench-test-thr")
         named.set()
         while time.monotonic() < busy_until:
             pass
@@ -301,7 +301,12 @@ def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
         assert 0.0 < spent <= thread_cpu_seconds(os.getpid(), "bench-test-thr") + 1e-9
         assert spent < time.process_time() + 0.05  # never more than the whole process used
         assert thread_cpu_seconds(os.getpid(), "no-such-thread") == 0.0
+        # by prefix (the simulator's threads are nirf-sim-...): the same thread, nothing else
+        assert threads_cpu_by_prefix(os.getpid(), "bench-test") == pytest.approx(
+            thread_cpu_seconds(os.getpid(), "bench-test-thr"), abs=0.02)
+        assert threads_cpu_by_prefix(os.getpid(), "no-such-") == 0.0
     finally:
         done.set()
         t.join(10)
     assert thread_cpu_seconds(2 ** 22 + 1, "x") is None  # beyond pid_max: no such process
+    assert threads_cpu_by_prefix(2 ** 22 + 1, "x") is None
