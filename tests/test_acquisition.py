@@ -178,6 +178,45 @@ def test_pairs_are_lit_then_dark_of_consecutive_counters():
     assert acq.pairs_incomplete == 1
 
 
+class LateLaser(FakeLaser):
+    """Each record reaches imaging ``delay_s`` after the frame that needs it is captured."""
+
+    def __init__(self, tags, clock, delay_s):
+        super().__init__(tags)
+        self.clock, self.delay_s, self.due = clock, delay_s, None
+
+    def poll(self):
+        if self.due is None or self.clock.monotonic() < self.due:
+            return [], []
+        out, self.tags = self.tags[:1], self.tags[1:]
+        self.due = None
+        return out, []
+
+
+@pytest.mark.parametrize("delay_s,paired", [(0.03, True), (0.5, False)])
+def test_a_frame_that_overtakes_its_trigger_record_waits_for_it_briefly(delay_s, paired):
+    from nirf.hal.clock import ManualClock
+    from nirf.services.imaging.acquisition import TAG_WAIT_S
+
+    clock = ManualClock()
+    laser = LateLaser([tag(n) for n in range(4)], clock, delay_s)
+    pairs = []
+    acq = Acquisition(FakeCamera([]), laser, clock=clock, laser_mw=lambda: 50.0,
+                      on_pair=lambda on, off: pairs.append((on.meta.mcu_frame, off.meta.mcu_frame)))
+    acq._tagger = FrameTagger(PERIOD_US, start_window_ns=start_window())
+    acq._pending_on = None
+    acq.mode = "fluorescence"
+    for n in range(4):
+        laser.due = clock.monotonic() + delay_s
+        t0 = clock.monotonic()
+        acq._tag_and_handle(frame(n))
+        assert clock.monotonic() - t0 <= max(delay_s, TAG_WAIT_S) + 0.01  # never waits longer
+    if paired:
+        assert pairs == [(0, 1), (2, 3)] and acq._tagger.unmatched == 0
+    else:  # a record that never comes in time: the frame is dropped, not held up
+        assert pairs == [] and acq._tagger.unmatched == 4
+
+
 @pytest.mark.parametrize("dropped", list(itertools.chain(dropped_patterns(), [()])))
 def test_pairs_after_dropped_frames_are_always_even_then_odd(dropped):
     present = [n for n in range(14) if n not in dropped]

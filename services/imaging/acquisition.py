@@ -49,6 +49,10 @@ from nirf.hal.laser import FrameTag, LaserSource
 log = logging.getLogger(__name__)
 
 MODES = ("fluorescence", "white", "dark")
+# A frame whose trigger record has not come yet waits for it at most this long (the record
+# leaves the MCU as the exposure starts, so it is normally there well before the frame).
+TAG_WAIT_S = 0.1
+TAG_POLL_S = 0.002
 
 # The IMX296 exposes for the trigger's low pulse plus 14.26 us (Raspberry Pi documentation,
 # "External Trigger on the GS Camera"); the pulse is shortened by the whole microseconds.
@@ -100,9 +104,16 @@ class FrameTagger:
         while len(self._tags) > self.MAX_TAGS:
             self._tags.popitem(last=False)
 
-    def counter_for(self, meta) -> int | None:
+    def awaited(self, meta) -> int | None:
+        """The counter of the trigger that exposed this frame when its notice has not come
+        yet (it may still be on its way through the safety core), else None."""
+        n = self.counter_for(meta, count=False)
+        return n if n is not None and n not in self._tags else None
+
+    def counter_for(self, meta, count: bool = True) -> int | None:
         """The counter of the trigger that exposed this frame, or None when the frame does
-        not sit close enough to any trigger time."""
+        not sit close enough to any trigger time. ``count`` False leaves the counters of
+        rejected frames alone (a look ahead, not a decision)."""
         if self.sensor_minus_mcu_us is not None and self._mcu_t0_us is not None:
             mcu_us = meta.sensor_timestamp_ns / 1000.0 - self.sensor_minus_mcu_us
             x = (mcu_us - self._mcu_t0_us) / self.period_us
@@ -128,13 +139,13 @@ class FrameTagger:
                 x = (meta.t_start_ns - hi) / period_ns
                 n = math.ceil(x - self.tolerance)
                 if lo is not None and n > (meta.t_start_ns - lo) / period_ns + self.tolerance:
-                    self.rejected += 1
+                    self.rejected += count
                     return None
                 x = n  # no distance check possible
             else:
                 return None  # a wide window and no notice yet: wait rather than guess
         if n < 0 or abs(x - n) > self.tolerance:
-            self.rejected += 1
+            self.rejected += count
             log.debug("frame at sensor time %d ns is %.2f periods from any trigger",
                       meta.sensor_timestamp_ns, abs(x - n))
             return None
@@ -151,6 +162,7 @@ class FrameTagger:
             del self._tags[stale]
         if tag is None:
             self.unmatched += 1
+            log.warning("frame %d: no record of its trigger from the laser controller; the frame is dropped", n)
             return None
         sensor_us = meta.sensor_timestamp_ns / 1000.0
         if self.sensor_minus_mcu_us is None:
@@ -327,15 +339,31 @@ class Acquisition:
             self._fps_window.append(now)
             self.frames += 1
             self.on_liveness(True, now)
-            try:
-                tags, notices = self.laser.poll()
-            except DeviceError as err:
-                log.warning("could not read frame notices: %s", err)
-                tags, notices = [], []
-            self._note_cuts(notices)
-            self._tagger.add(tags)
-            tag = self._tagger.match(frame.meta)
-            self._handle(frame, tag)
+            self._tag_and_handle(frame)
+
+    def _tag_and_handle(self, frame: Frame) -> None:
+        """Give a captured frame its trigger's record and hand it on. The frame can overtake
+        the record (it goes through the safety core, which a busy machine delays): it waits
+        for it a little (TAG_WAIT_S), never long."""
+        self._take_notices()
+        deadline = None
+        while self._tagger.awaited(frame.meta) is not None and not self._stop.is_set():
+            t = self.clock.monotonic()
+            deadline = t + TAG_WAIT_S if deadline is None else deadline
+            if t >= deadline:
+                break
+            self.clock.sleep(TAG_POLL_S)
+            self._take_notices()
+        self._handle(frame, self._tagger.match(frame.meta))
+
+    def _take_notices(self) -> None:
+        try:
+            tags, notices = self.laser.poll()
+        except DeviceError as err:
+            log.warning("could not read frame notices: %s", err)
+            tags, notices = [], []
+        self._note_cuts(notices)
+        self._tagger.add(tags)
 
     def _note_cuts(self, notices) -> None:
         """The MCU's reports on frames already triggered: ``CUT`` (a lit exposure cut by a
