@@ -97,9 +97,9 @@ class CaptureWorker(threading.Thread):
         client = self.cart.client()
         injected = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=24)
         try:
-            client.call("case.open", {"case_id": f"SOAK-{int(time.time()) % 100_000:05d}",  # the study's id pattern "histology": "DFSP",
-                                      # the fixed-dose arm: no weight needed; injected 24 h ago, inside
-                                      # the imaging window
+            # the study's id pattern; the fixed-dose arm needs no weight; injected 24 h ago,
+            # inside the imaging window
+            client.call("case.open", {"case_id": f"SOAK-{int(time.time()) % 100_000:05d}", "histology": "DFSP",
                                       "arm": "icg_25mg", "injection_time": injected.isoformat()},
                         timeout_s=10.0)
         except CartError as err:
