@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("fluorescence", "white", "dark")
 # A frame whose trigger record has not come yet waits for it at most this long (the record
-# leaves the MCU as the exposure starts, so it is normally there well before the frame).
-TAG_WAIT_S = 0.1
+# leaves the MCU as the exposure starts, so it is normally there well before the frame; the
+# camera keeps only its newest frame meanwhile, so a long wait would cost frames instead).
+TAG_WAIT_S = 0.03
 TAG_POLL_S = 0.002
+RELOCK_AFTER_MISSES = 30  # frames in a row without a record (half a second at 60 fps)
 
 # The IMX296 exposes for the trigger's low pulse plus 14.26 us (Raspberry Pi documentation,
 # "External Trigger on the GS Camera"); the pulse is shortened by the whole microseconds.
@@ -88,6 +90,8 @@ class FrameTagger:
         self.sensor_minus_mcu_us: float | None = None  # locked after the first match
         self.unmatched = 0  # frames without a notice for their counter
         self.rejected = 0  # frames between two trigger times
+        self.relocks = 0  # times the lock on the sensor clock was given up and found again
+        self._misses_in_a_row = 0
         self.last_counter: int | None = None
 
     def add(self, tags) -> None:
@@ -151,10 +155,26 @@ class FrameTagger:
             return None
         return int(n)
 
+    def _missed(self) -> None:
+        """One more frame in a row without its record. After RELOCK_AFTER_MISSES the lock on
+        the sensor clock is given up and found again from the notices' times, as at the start
+        (the sensor clock jumped: a camera restarted, a stalled machine), instead of dropping
+        every frame from then on."""
+        if self.sensor_minus_mcu_us is None:
+            return
+        self._misses_in_a_row += 1
+        if self._misses_in_a_row >= RELOCK_AFTER_MISSES:
+            log.warning("frame tagging: %d frames in a row fit no trigger; finding the sensor clock's offset again",
+                        self._misses_in_a_row)
+            self.sensor_minus_mcu_us = None
+            self._misses_in_a_row = 0
+            self.relocks += 1
+
     def match(self, meta) -> FrameTag | None:
         """The MCU's notice for this frame (a :class:`~hal.camera.FrameMeta`), or None."""
         n = self.counter_for(meta)
         if n is None:
+            self._missed()
             return None
         tag = self._tags.pop(n, None)
         # Notices of earlier triggers can no longer find their frame.
@@ -163,7 +183,9 @@ class FrameTagger:
         if tag is None:
             self.unmatched += 1
             log.warning("frame %d: no record of its trigger from the laser controller; the frame is dropped", n)
+            self._missed()
             return None
+        self._misses_in_a_row = 0
         sensor_us = meta.sensor_timestamp_ns / 1000.0
         if self.sensor_minus_mcu_us is None:
             self.sensor_minus_mcu_us = sensor_us - tag.mcu_time_us
@@ -344,7 +366,7 @@ class Acquisition:
     def _tag_and_handle(self, frame: Frame) -> None:
         """Give a captured frame its trigger's record and hand it on. The frame can overtake
         the record (it goes through the safety core, which a busy machine delays): it waits
-        for it a little (TAG_WAIT_S), never long."""
+        for it a little (TAG_WAIT_S, about two frame periods at 60 fps), never long."""
         self._take_notices()
         deadline = None
         while self._tagger.awaited(frame.meta) is not None and not self._stop.is_set():
