@@ -35,7 +35,7 @@ from nirf.hal.errors import (
     InvalidArgument,
     ProtocolError,
 )
-from nirf.hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice
+from nirf.hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice, trigger_period_us
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class McuLaser(LaserSource):
                 log.error("laser-mcu: could not confirm output off (%s); relying on the MCU watchdog", err)
 
     def _do_start_frames(self, fps: float, exposure_us: int, modulate: bool) -> None:
-        period_us = int(round(1e6 / fps))
+        period_us = trigger_period_us(fps)
         self._command(f"FTON {period_us} {exposure_us} {int(modulate)}")
 
     # -- exchange ---------------------------------------------------------------------------

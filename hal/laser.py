@@ -137,6 +137,14 @@ class FactoryCalibration:
         return math.floor(self.duty_for(trip_mw) / DUTY_RESOLUTION + 1e-6) * DUTY_RESOLUTION
 
 
+def trigger_period_us(fps: float) -> int:
+    """The camera trigger period the MCU runs for ``fps``: whole microseconds (the
+    protocol's ``FTON <period_us>``). Whoever times frames against the MCU's triggers uses
+    this, not ``1e6 / fps``: at 60 fps the two differ by a third of a microsecond a frame,
+    a quarter of a period after about 12,500 frames (3.5 minutes)."""
+    return int(round(1e6 / fps))
+
+
 @dataclass(frozen=True)
 class FrameTag:
     """The MCU's notice of one camera trigger: which frame, and whether the laser was

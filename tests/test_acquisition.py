@@ -129,6 +129,35 @@ def test_a_jump_of_the_sensor_clock_is_found_again_not_dropped_for_ever():
     assert all(got[n] == n for n in range(50 + len(lost) + 1, 200))  # every later frame, right
 
 
+@pytest.mark.parametrize("fps", [60.0, 30.0])
+def test_frames_are_timed_on_the_mcus_whole_microsecond_period_for_as_long_as_they_come(fps):
+    # FTON takes whole microseconds: at 60 fps the MCU triggers every 16667 us, not 16666.67.
+    # Timed with the fractional period the counters drifted a quarter of a period away after
+    # about 12,500 frames and no pair was made from then on (found in a soak).
+    from nirf.hal.laser import trigger_period_us
+
+    period = trigger_period_us(fps)
+    assert period == round(1e6 / fps) and isinstance(period, int)
+
+    def run(tagger_period: float, frames: int) -> int | None:
+        t = FrameTagger(tagger_period, start_window_ns=(WALL_T0_NS - 500_000, WALL_T0_NS + 500_000))
+        for n in range(frames):
+            mcu_us = MCU_T0_US + n * period
+            wall = WALL_T0_NS + n * period * 1000
+            t.add([FrameTag(n, n % 2 == 0, mcu_us, wall + 2_000_000)])
+            end = wall + EXPOSURE_US * 1000
+            m = FrameMeta(seq=n, t_start_ns=wall, t_end_ns=end, exposure_us=EXPOSURE_US, gain=1.0, width=4,
+                          height=2, sensor_timestamp_ns=end + SENSOR_MINUS_WALL_NS)
+            got = t.match(m)
+            if got is None or got.counter != n:
+                return n
+        return None
+
+    frames = 20_000 if fps == 60.0 else 30_000
+    assert run(period, frames) is None  # every frame of 5.5 (or 16.7) minutes tagged right
+    assert run(1e6 / fps, frames) is not None  # the old way lost them
+
+
 @pytest.mark.parametrize("kwargs", [{"period_us": 0}, {"period_us": 1000, "tolerance": 0.5}])
 def test_tagger_arguments_are_checked(kwargs):
     with pytest.raises(InvalidArgument):

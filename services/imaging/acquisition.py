@@ -44,7 +44,7 @@ from typing import Callable
 from nirf.hal.camera import CameraSettings, Frame, NirCamera
 from nirf.hal.clock import Clock, SystemClock
 from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument
-from nirf.hal.laser import FrameTag, LaserSource
+from nirf.hal.laser import FrameTag, LaserSource, trigger_period_us
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class Acquisition:
         return max(1, int(exposure_us) - int(TRIGGER_EXPOSURE_EXTRA_US))
 
     def _start_locked(self, mode: str) -> None:
-        self._tagger = FrameTagger(1e6 / self.fps)
+        self._tagger = FrameTagger(trigger_period_us(self.fps))  # the MCU's own period, whole us
         self._pending_on: Frame | None = None
         # counters start again from 0 with every FTON: cut reports of the last run are void
         self._cut.clear()
