@@ -107,10 +107,10 @@ def cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_seconds(pid: int, comm: str) -> float | None:
-    """User + system CPU time of the threads of ``pid`` whose name (/proc/<pid>/task/<tid>/comm)
-    is ``comm``, in seconds; 0.0 when none has that name, None once the process ended. A
-    thread that ended takes its time with it: sample while it runs."""
+def _threads_cpu(pid: int, wanted) -> float | None:
+    """User + system CPU seconds of the threads of ``pid`` whose OS name (/proc/<pid>/task/
+    <tid>/comm) ``wanted(name)`` accepts; None once the process ended. A thread that ended
+    takes its time with it: sample while it runs."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -118,7 +118,7 @@ def thread_cpu_seconds(pid: int, comm: str) -> float | None:
     ticks = 0
     for tid in tids:
         try:
-            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() != comm:
+            if not wanted(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()):
                 continue
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
@@ -128,24 +128,15 @@ def thread_cpu_seconds(pid: int, comm: str) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int, comm: str) -> float | None:
+    """CPU seconds of the threads of ``pid`` named ``comm``; 0.0 when none has that name,
+    None once the process ended."""
+    return _threads_cpu(pid, lambda name: name == comm)
+
+
 def threads_cpu_by_prefix(pid: int, prefix: str) -> float | None:
-    """User + system CPU seconds of the threads of ``pid`` whose OS name starts with
-    ``prefix``; None once the process ended."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    ticks = 0
-    for tid in tids:
-        try:
-            if not Path(f"/proc/{pid}/task/{tid}/comm").read_text().startswith(prefix):
-                continue
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of the threads of ``pid`` whose OS name starts with ``prefix``."""
+    return _threads_cpu(pid, lambda name: name.startswith(prefix))
 
 
 class BenchCart:

@@ -24,6 +24,7 @@ search uses a pair captured after it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ class ProcessingService:
         self.watchdog = sdnotify.WatchdogPinger()
         # frames in shared memory: the ring imaging names, and what we tell it back
         self.ring = framering.RingReader(framering.ring_path(self.runtime_dir))
-        self.instance = f"{__import__('os').getpid()}-{time.time_ns()}"
+        self.instance = f"{os.getpid()}-{time.time_ns()}"
         self.ring_reports = None
         self._last_rx = time.monotonic()
         self._ring_token: str | None = None
