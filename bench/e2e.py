@@ -99,6 +99,9 @@ class StreamStats:
     # CPU seconds of every simulator-only thread (OS name "nirf-sim-...": the stand-in's
     # sensor, the world followers) per process of the device path, over the same window
     sim_threads_cpu_s: dict[str, float] = field(default_factory=dict)
+    # CPU seconds of the safety core's supervisor thread (OS name nirf-supervisor) over the
+    # same window, None when not found
+    supervisor_cpu_s: float | None = None
     roi_mode: str = "fixed"
     search_ms: dict[int, float] = field(default_factory=dict)  # ROI generation -> search time
     heartbeat: dict | None = None  # the safety core's heartbeat gaps (status), when it reports them
@@ -136,6 +139,8 @@ class StreamStats:
             self.sim_camera_cpu_s = (self.sim_camera_cpu_s or 0.0) + other.sim_camera_cpu_s
         for n, v in other.sim_threads_cpu_s.items():
             self.sim_threads_cpu_s[n] = self.sim_threads_cpu_s.get(n, 0.0) + v
+        if other.supervisor_cpu_s is not None:
+            self.supervisor_cpu_s = (self.supervisor_cpu_s or 0.0) + other.supervisor_cpu_s
         self.heartbeat = other.heartbeat or self.heartbeat
         self.subscribers.extend(other.subscribers)
 
@@ -252,6 +257,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         next_tick = window_t0  # the first call marks the start of the measured part
         cpu0: dict | None = None
         cam0: float | None = None
+        sup0: float | None = None
         sim0: dict[str, float] = {}
         cpu_t0 = 0.0
         try:
@@ -262,6 +268,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     cam0 = _sim_camera_cpu(pids)
                     sim0 = _sim_threads_cpu(pids)
+                    sup0 = _supervisor_cpu(pids)
                 if on_tick is not None and now >= next_tick:
                     next_tick = now + tick_s
                     on_tick(watcher, now - window_t0)
@@ -269,6 +276,9 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
             stats.window_s = time.monotonic() - window_t0
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cam1 = _sim_camera_cpu(pids)
+            sup1 = _supervisor_cpu(pids)
+            if cpu0 is not None and sup0 is not None and sup1 is not None:
+                stats.supervisor_cpu_s = round(sup1 - sup0, 3)
             if cpu0 is not None:
                 sim1 = _sim_threads_cpu(pids)
                 stats.sim_threads_cpu_s = {n: round(sim1[n] - sim0[n], 3) for n in sim1 if n in sim0}
@@ -317,6 +327,14 @@ def _sim_threads_cpu(pids: dict[str, int]) -> dict[str, float]:
         if v is not None:
             out[name] = v
     return out
+
+
+def _supervisor_cpu(pids: dict[str, int]) -> float | None:
+    """CPU seconds so far of the safety core's supervisor thread (None when not found)."""
+    from nirf.controller.main import SUPERVISOR_THREAD
+
+    pid = pids.get("controller")
+    return None if pid is None else cartrun.thread_cpu_seconds(pid, SUPERVISOR_THREAD)
 
 
 def _sim_camera_cpu(pids: dict[str, int]) -> float | None:

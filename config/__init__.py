@@ -81,7 +81,7 @@ SCHEMA: dict[str, dict[str, Spec]] = {
         "reset_requires_key_cycle": _b(False),
         "heartbeat_timeout_ms": _i(500, 100, 1000),
         "heartbeat_interval_ms": _i(100, 20, 500, "S16: at most half of heartbeat_timeout_ms"),
-        "supervisor_rate_hz": _f(50.0, 20.0, 200.0),
+        "supervisor_rate_hz": _f(20.0, 20.0, 200.0, "the backstop tick: input edges and MCU events act at once"),
         "camera_stall_s": _f(1.0, 0.2, 5.0),
         "output_tolerance": _f(0.2, 0.05, 0.2),
         "output_settle_s": _f(0.2, 0.0, 1.0),

@@ -46,6 +46,7 @@ from nirf.hal.errors import (
 from nirf.hal.filter_wheel import FilterWheel
 from nirf.hal.laser import LaserSource, LaserStatus
 from nirf.hal.safety_io import FOOTSWITCH, INTERLOCK, KEY, Indicators, SafetyInputs
+from nirf.hal.threads import WakeSignal
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,15 @@ FOOTSWITCH_POLL_CONFIRM = 2
 # Heartbeat send times kept for the status and the benchmark (S16), and the span reported.
 # The MCU's status is read when something calls for it (an MCU notice of an input edge, a
 # fault or a reset; a change the host asked for that the MCU has not reported yet; an output
-# reading out of tolerance), and at least this often whatever happens (the backstop). The
-# other checks run on every tick.
+# reading out of tolerance), and at least this often whatever happens (the backstop). Every
+# heartbeat reads it in the same exchange (HBST), so with the default 100 ms heartbeat the
+# backstop needs no exchange of its own. The other checks run on every tick.
 STATUS_BACKSTOP_S = 0.1
 # MCU notices that call for its status at once: an input edge, a latched fault, a reset
 MCU_EVENT_NOTICES = frozenset({"INPUT", "FAULT", "BOOT"})
 HEARTBEAT_HISTORY = 4096
 HEARTBEAT_REPORT_S = 60.0
+HEARTBEAT_STATS_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,9 @@ class Cart:
         self._watches: list = []
         self._last_status_at: float | None = None
         self._status_wanted = True
-        self._wake = threading.Event()  # an MCU event: tick now, status included
+        self._wake = WakeSignal()  # an MCU event: tick now, status included
         self.on_status_read: Callable[[], None] | None = None  # told after each MCU status read
+        self._hb_stats_cache: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ extra rules
     def add_watch(self, watch) -> None:
@@ -336,6 +340,12 @@ class Cart:
         first, the next tick or the next heartbeat, so a heartbeat is never held back to the
         next tick (version 1 sent every 120 ms for a 100 ms interval at 50 Hz)."""
         next_t = self.clock.monotonic()
+        with self._lock:
+            # The heartbeat's schedule starts with the ticks': with an interval that is a whole
+            # number of periods (100 ms at 50 or 20 Hz) every heartbeat falls on a tick, and
+            # the loop wakes once for both.
+            if self._link_ok:
+                self._next_heartbeat = next_t
         # An MCU event (mcu_event) wakes the loop early; a stand-in for ``stop`` (a test that
         # moves a manual clock in its wait) is waited on itself.
         sleep = self._wake.wait if isinstance(stop, threading.Event) else stop.wait
@@ -364,6 +374,10 @@ class Cart:
                 wake = min(wake, self._next_heartbeat)
             sleep(max(wake - self.clock.monotonic(), 0.0))
 
+    def wake(self) -> None:
+        """Wake the supervisor loop now (it ticks at once; used at stop)."""
+        self._wake.set()
+
     def mcu_event(self) -> None:
         """The MCU reported an input edge, a latched fault or its reset on its own: read its
         status and check everything at once, not at the next backstop read."""
@@ -376,13 +390,27 @@ class Cart:
         if any(n.kind in MCU_EVENT_NOTICES for n in notices):
             self.mcu_event()
 
+    def _took_status(self, status, now: float) -> None:
+        """A fresh status reading of the MCU (read on its own or with a heartbeat)."""
+        self._status_wanted = False
+        self.mcu_status = status
+        self._last_status_at = now
+        self.status_reads += 1
+        if self.on_status_read is not None:
+            self.on_status_read()
+
     def _status_due(self, now: float) -> bool:
         """Whether this tick reads the MCU's status (see STATUS_BACKSTOP_S)."""
         st = self.mcu_status
         if self._status_wanted or st is None or self._last_status_at is None:
             return True
         if now - self._last_status_at >= STATUS_BACKSTOP_S - self.period_s / 2:
-            return True
+            # the backstop, unless the next heartbeat (which reads the status) comes sooner
+            # than the next tick would
+            nxt = self._next_heartbeat
+            if not (self._link_ok and nxt is not None and nxt - now <= self.period_s
+                    and nxt - self._last_status_at <= STATUS_BACKSTOP_S + self.period_s):
+                return True
         if bool(st.output_on) != bool(self._enabled_sent):
             return True  # asked to turn on or off: watch until the MCU says it did
         if self._enabled_sent and self._duty_sent is not None and abs(st.duty - self._duty_sent[0]) > 2e-6:
@@ -422,7 +450,9 @@ class Cart:
             return
         self.heartbeat_sent.append(self.clock.monotonic())  # the send time, at the sender
         try:
-            self.laser.heartbeat()
+            # The heartbeat carries a status reading in the same exchange (the MCU's HBST):
+            # the backstop read costs no exchange of its own.
+            self._took_status(self.laser.heartbeat_status(), now)
         finally:
             self._next_heartbeat += self.heartbeat_interval_s
             if self._next_heartbeat <= now:
@@ -562,12 +592,7 @@ class Cart:
         try:
             self._heartbeat_if_due(now)
             if self._status_due(now):
-                self._status_wanted = False
-                self.mcu_status = self.laser.status()
-                self._last_status_at = now
-                self.status_reads += 1
-                if self.on_status_read is not None:
-                    self.on_status_read()
+                self._took_status(self.laser.status(), now)
         except DeviceError as err:
             self._link_ok = False
             self._last_reconnect = now
@@ -932,5 +957,14 @@ class Cart:
             "indicator": self._indicator_on_since is not None,
             # v2 additions: the S7a budget and the S16 heartbeat, as the sender measured it
             "emission_budget": self.budget.status(self._mcu_on_time_s()),
-            "heartbeat": self.heartbeat_stats(),
+            "heartbeat": self._heartbeat_stats_for_status(),
         }
+
+    def _heartbeat_stats_for_status(self) -> dict:
+        """heartbeat_stats() for the status map, refreshed at most every HEARTBEAT_STATS_REFRESH_S:
+        a 60-second statistic, not worth sorting 600 gaps for every state published."""
+        now = self.clock.monotonic()
+        cached = self._hb_stats_cache
+        if cached is None or not 0.0 <= now - cached[0] < HEARTBEAT_STATS_REFRESH_S:
+            cached = self._hb_stats_cache = (now, self.heartbeat_stats())
+        return dict(cached[1])

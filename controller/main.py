@@ -39,15 +39,19 @@ from nirf.controller.cart import Cart
 from nirf.controller.state import SERVICE_LOST, State
 from nirf.hal.clock import Clock, SystemClock
 from nirf.hal.errors import DeviceError, InvalidArgument, NirfError, WrongState
+from nirf.hal.threads import os_named
 from nirf.services.common import entry, ipc, sdnotify
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.2.0"
+SUPERVISOR_THREAD = "nirf-supervisor"  # its OS name: the benchmark measures this thread alone (P5)
 # Processes whose silence while armed turns the laser off.
 WATCHED = ("gateway", "imaging")
 SERVICES_TIMEOUT_S = 0.5
-STATE_PERIOD_S = 0.1
+STATE_PERIOD_S = 0.1  # the state goes out about this often (with the status reads) ...
+STATE_BACKSTOP_S = 0.15  # ... and never less often than this, status reads or not
+STOP_LINGER_S = 0.5  # at stop, how long the last events may take to leave
 FRAME_POLL_S = 0.005  # a laser driver that cannot block until input is polled this often
 FRAME_WAIT_S = 0.1  # the frames thread's longest sleep (it checks for the stop this often)
 
@@ -283,18 +287,22 @@ class SafetyCore:
     # -- threads
     def _notices_loop(self) -> None:
         """Heartbeats and camera notices in; state and events out. It sleeps until a notice
-        comes, the cart reports an event or a fresh MCU status (the wake pipe), or the next
-        periodic state is due (STATE_PERIOD_S); the state is built and compared only then,
-        not for every notice."""
+        comes, the cart reports an event or a fresh MCU status (the wake pipe), or the state
+        has not gone out for STATE_BACKSTOP_S; the state is built and compared only then, not
+        for every notice. The periodic state rides on the supervisor's status reads (every
+        heartbeat, 100 ms): a wake-up at least half of STATE_PERIOD_S after the last state
+        publishes it, so the thread wakes once per status read rather than on a timer of its
+        own as well."""
         poller = zmq.Poller()
         poller.register(self.notices, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_state = 0.0
+        last_state = -1e9  # when the state last went out
         last = None
         while not self.stop_event.is_set():
             try:
                 now = time.monotonic()
-                ready = dict(poller.poll(max(1, int((next_state - now) * 1000) + 1) if next_state > now else 0))
+                backstop = last_state + STATE_BACKSTOP_S
+                ready = dict(poller.poll(max(1, int((backstop - now) * 1000) + 1) if backstop > now else 0))
                 if self.notices in ready:
                     while True:
                         try:
@@ -320,15 +328,16 @@ class SafetyCore:
                     if kind in ("state", "fault", "safety", "info", "input"):
                         self._publish_event({"kind": kind, **detail})
                 now = time.monotonic()
-                if not (changed or woken or now >= next_state):
+                due = now >= last_state + STATE_BACKSTOP_S or (woken and now - last_state >= STATE_PERIOD_S / 2)
+                if not (changed or woken or due):
                     continue
                 snap = self.state_snapshot()
                 key = {k: v for k, v in snap.items() if k not in ("services", "sim", "rev", "heartbeat")}
                 # On every change of what status shows (a tick after laser.on the MCU reports
-                # its output on), and at 10 Hz whatever happens.
-                if changed or key != last or now >= next_state:
+                # its output on), and about every STATE_PERIOD_S whatever happens.
+                if changed or key != last or due:
                     self.pub.publish("state", snap)
-                    next_state = now + STATE_PERIOD_S
+                    last_state = now
                     last = key
             except zmq.ZMQError as err:
                 if err.errno == zmq.ETERM:
@@ -336,6 +345,21 @@ class SafetyCore:
                 log.exception("notices loop")
             except Exception:
                 log.exception("notices loop: unexpected error")
+
+    def _publish_pending_events(self) -> None:
+        """Publish the queued cart events and a last state (only once the notices thread has
+        ended: the publisher socket is not shared between threads)."""
+        try:
+            while True:
+                try:
+                    kind, detail = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if kind in ("state", "fault", "safety", "info", "input"):
+                    self._publish_event({"kind": kind, **detail})
+            self.pub.publish("state", self.state_snapshot())
+        except (zmq.ZMQError, NirfError) as err:
+            log.warning("last events at stop not published: %s", err)
 
     def _wake_notices(self) -> None:
         """Tell the notices loop something may have changed (a cart event, a status read)."""
@@ -392,7 +416,8 @@ class SafetyCore:
         return all(t.is_alive() for t in self._threads) and self.server.worker_alive()
 
     def _healthy_tick(self) -> None:
-        if self.threads_alive():
+        # the threads are looked at only when a ping is due (a few times per watchdog period)
+        if self.watchdog.due() and self.threads_alive():
             self.watchdog()
 
     def start(self) -> None:
@@ -407,11 +432,12 @@ class SafetyCore:
         self.cart.start()
         self.cart.tick()
         self._threads = [
-            threading.Thread(target=self.cart.run, args=(self.stop_event,),
+            threading.Thread(target=os_named(SUPERVISOR_THREAD, self.cart.run), args=(self.stop_event,),
                              kwargs={"on_healthy_tick": self._healthy_tick}, name="supervisor", daemon=True),
-            threading.Thread(target=self.server.serve, args=(self.stop_event,), name="commands", daemon=True),
-            threading.Thread(target=self._notices_loop, name="notices", daemon=True),
-            threading.Thread(target=self._frames_loop, name="frames", daemon=True),
+            threading.Thread(target=os_named("nirf-commands", self.server.serve), args=(self.stop_event,),
+                             name="commands", daemon=True),
+            threading.Thread(target=os_named("nirf-notices", self._notices_loop), name="notices", daemon=True),
+            threading.Thread(target=os_named("nirf-mcu-frames", self._frames_loop), name="frames", daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -419,6 +445,7 @@ class SafetyCore:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.cart.wake()  # the supervisor sees the stop now, not at its next tick
         for t in self._threads:
             t.join(timeout=3.0)
         try:
@@ -426,12 +453,15 @@ class SafetyCore:
         except NirfError:
             pass
         self.cart.shutdown()
+        # The threads are gone: what the shutdown reported (EMITTING -> SAFE, "shutdown") goes
+        # out from here, and the socket lingers long enough for the gateway to get it.
+        self._publish_pending_events()
         try:
             self.io.close()
         except NirfError:
             log.exception("gpio close")
         self.server.close()
-        self.pub.close()
+        self.pub.close(linger_s=STOP_LINGER_S)
         self.notices.close(linger=0)
         for fd in (self._wake_r, self._wake_w):
             try:

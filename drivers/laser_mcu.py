@@ -123,6 +123,7 @@ class McuLaser(LaserSource):
         # Start at a random sequence number, so a restarted host is unlikely to repeat the
         # (seq, command) the MCU holds in its retry cache from the previous session.
         self._seq = random.SystemRandom().randrange(MAX_SEQ + 1)
+        self._hbst_known: bool | None = None  # whether the MCU answers HBST (None: not asked yet)
         self._rx = bytearray()
         self._frames: collections.deque[FrameTag] = collections.deque(maxlen=FRAME_QUEUE_LEN)
         self._notices: collections.deque[McuNotice] = collections.deque(maxlen=NOTICE_QUEUE_LEN)
@@ -197,9 +198,28 @@ class McuLaser(LaserSource):
         self._command(f"WDT {timeout_ms}")
         self.heartbeat_timeout_ms = timeout_ms
 
+    def heartbeat_status(self) -> LaserStatus:
+        """Feed the watchdog and read the status in one exchange (``HBST``, firmware 2.1).
+        An MCU that does not know the command (``ERR UNKNOWN``, older firmware) is asked with
+        ``HB`` and ``ST`` from then on."""
+        if self._hbst_known is not False:
+            try:
+                status = self._parse_status(self._command("HBST"))
+            except DeviceRejected as err:
+                if "does not know this command" not in str(err):
+                    raise
+                log.warning("laser-mcu: the MCU does not know HBST; heartbeat and status go separately")
+                self._hbst_known = False
+            else:
+                self._hbst_known = True
+                return status
+        return super().heartbeat_status()
+
     def status(self) -> LaserStatus:
         """One status reading (``ST``)."""
-        payload = self._command("ST")
+        return self._parse_status(self._command("ST"))
+
+    def _parse_status(self, payload: str) -> LaserStatus:
         fields = dict(tok.partition("=")[::2] for tok in payload.split(" ") if "=" in tok)
         missing = [k for k in _STATUS_KEYS if k not in fields]
         if missing:
@@ -561,6 +581,7 @@ class McuLaser(LaserSource):
             raise DeviceDisconnected(self.device, f"cannot open the port: {err}") from err
         self._port = port
         self._rx.clear()
+        self._hbst_known = None  # perhaps another MCU, with other firmware
         try:
             port.timeout = min(READ_SLICE_S, self.timeout_s)
             port.reset_input_buffer()

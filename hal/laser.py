@@ -225,6 +225,13 @@ class LaserSource(ABC):
     @abstractmethod
     def status(self) -> LaserStatus: ...
 
+    def heartbeat_status(self) -> LaserStatus:
+        """A heartbeat and then a status reading; a source that can do both in one exchange
+        (the MCU's ``HBST``) overrides this. Only the supervisor loop calls it, as it alone
+        sends heartbeats (S5)."""
+        self.heartbeat()
+        return self.status()
+
     @abstractmethod
     def clear_faults(self) -> None:
         """Clear the MCU's latched faults (refused by the MCU while a cause persists)."""

@@ -37,7 +37,7 @@ from nirf.sim.world import World
 log = logging.getLogger(__name__)
 
 MODEL = "NIRF-LMCU"
-FIRMWARE_VERSION = "2.0.0"
+FIRMWARE_VERSION = "2.1.0"
 PROTOCOL_VERSION = 2
 
 MAX_LINE_BYTES = 96  # longest command line the firmware buffers, terminator excluded
@@ -755,6 +755,12 @@ class McuEmulator:
         self._wdt_ms = int(args[0])
         return f"OK wdt={self._wdt_ms}"
 
+    def _cmd_hbst(self, args: list[str]) -> str:
+        """A heartbeat and a status reading in one exchange (firmware 2.1): feeds the watchdog
+        exactly as HB does, then answers as ST does."""
+        self._cmd_hb(args)
+        return self._cmd_st(args)
+
     def _cmd_st(self, args: list[str]) -> str:
         _nargs(args, 0)
         inputs = self.world.inputs()
@@ -891,6 +897,7 @@ class McuEmulator:
         "DUTY": _cmd_duty,
         "EN": _cmd_en,
         "HB": _cmd_hb,
+        "HBST": _cmd_hbst,
         "WDT": _cmd_wdt,
         "ST": _cmd_st,
         "CLR": _cmd_clr,

@@ -9,16 +9,8 @@ from the work that would run on the Pi (``bench/framepath.py``).
 
 from __future__ import annotations
 
-import threading
+from nirf.hal.threads import name_os_thread
+
+__all__ = ["PREFIX", "name_os_thread"]
 
 PREFIX = "nirf-sim-"
-
-
-def name_os_thread(name: str) -> None:
-    """Name the calling thread for the operating system (Linux; elsewhere nothing). At most
-    15 bytes are kept."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass

@@ -75,6 +75,8 @@ class Rig:
     def __init__(self, *, footswitch_in_series: bool = False, budget_path=None, mcu_budget_s: float = 1800.0,
                  clock: ManualClock | None = None, world: World | None = None, mcu: McuEmulator | None = None,
                  start: bool = True, **sections):
+        # the cart's own period matches the rig's ticks unless a test sets another rate
+        sections["safety"] = {"supervisor_rate_hz": 1.0 / self.TICK_S, **sections.get("safety", {})}
         self.cfg = make_config(**sections)
         self.clock = clock or ManualClock()
         self.world = world or World(self.clock, SensorModel(width=64, height=48),

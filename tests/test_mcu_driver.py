@@ -120,6 +120,32 @@ def test_identity_status_and_emission(connected):
     assert laser.status().duty == 0.0
 
 
+def test_heartbeat_and_status_in_one_exchange(connected):
+    laser = connected.laser
+    laser.set_duty(0.2, 100.0)
+    laser.set_enabled(True, 100.0)
+    before = len(written_lines(connected.port))
+    st = laser.heartbeat_status()
+    sent = [command_of(ln) for ln in written_lines(connected.port)[before:]]
+    assert sent == ["HBST"]
+    assert st.output_on and st.duty == pytest.approx(0.2) and st.interlock_closed and st.key_on
+    assert st.photodiode_mw == pytest.approx(0.2 * FULL_SCALE_MW, rel=0.05)
+
+
+def test_heartbeat_status_falls_back_to_hb_and_st_on_older_firmware(connected, caplog):
+    laser, emu = connected.laser, connected.emu
+    table = dict(emu._COMMANDS)
+    del table["HBST"]
+    emu._COMMANDS = table  # firmware 2.0: no HBST
+    before = len(written_lines(connected.port))
+    st = laser.heartbeat_status()
+    st2 = laser.heartbeat_status()
+    sent = [command_of(ln) for ln in written_lines(connected.port)[before:]]
+    assert sent == ["HBST", "HB", "ST", "HB", "ST"]  # asked once, then separately
+    assert st.faults == () and st2.faults == ()
+    assert "does not know HBST" in caplog.text
+
+
 def test_watchdog_timeout_set_at_connect():
     rig = Rig(heartbeat_timeout_ms=300)
     rig.laser.connect()

@@ -321,6 +321,39 @@ def test_replayed_heartbeat_does_not_feed_the_watchdog(host):
     assert "WDOG" in host.status()["faults"]
 
 
+def test_hbst_feeds_the_watchdog_and_answers_the_status(host, world):
+    host.cmd("WDT 200")
+    host.cmd("DUTY 0.1 50.0")
+    host.cmd("EN 1 50.0")
+    for _ in range(10):  # 1 s fed by HBST alone: stays on
+        host.clock.advance(0.1)
+        host.pump()
+        reply = host.cmd("HBST")
+        assert reply.startswith("OK ")
+        fields = dict(tok.split("=", 1) for tok in reply[3:].split(" "))
+        assert fields.keys() == host.status().keys()  # the same fields as ST, in the same order
+        assert fields["out"] == "1" and fields["faults"] == "-"
+    assert world.laser_output_mw() > 0.0
+    host.clock.advance(0.25)  # then silence: the watchdog trips as after HB
+    host.pump()
+    assert "WDOG" in host.status()["faults"] and world.laser_output_mw() == 0.0
+
+
+def test_replayed_hbst_does_not_feed_the_watchdog(host):
+    host.cmd("WDT 100")
+    host.cmd("EN 1 0.0")
+    first = host.cmd("HBST", seq=901)
+    host.clock.advance(0.08)
+    assert host.cmd("HBST", seq=901) == first  # the replay gets the cached reply
+    host.clock.advance(0.08)  # 0.16 s since the only real feed
+    host.pump()
+    assert "WDOG" in host.status()["faults"]
+
+
+def test_hbst_takes_no_argument(host):
+    assert host.cmd("HBST 1") == "ERR ARG"
+
+
 @pytest.mark.parametrize("value", ["50", "1500", "abc", "-200", "500.5"])
 def test_watchdog_range(host, value):
     assert host.cmd(f"WDT {value}") == "ERR ARG"

@@ -493,6 +493,30 @@ def test_the_mcus_status_is_read_on_its_events_and_at_the_backstop_not_on_every_
     assert rig2.cart.status_reads >= reads + 1 and rig2.cart.mcu_status.output_on
 
 
+def test_the_heartbeat_carries_the_backstop_status_read_in_one_exchange():
+    # Steady emission: one exchange per heartbeat interval (HBST), no status read of its own,
+    # and still a status reading at least every STATUS_BACKSTOP_S.
+    from nirf.controller.cart import STATUS_BACKSTOP_S
+
+    rig = Rig()
+    reach(rig, "EMITTING")
+    rig.advance(0.2)
+    rig.mcu.executed.clear()
+    reads = rig.cart.status_reads
+    seen = []
+    for _ in range(100):
+        rig.advance(Rig.TICK_S)
+        seen.append(rig.cart._last_status_at)
+    names = [line.split(" ")[1] for line in rig.mcu.executed]
+    interval = rig.cart.heartbeat_interval_s
+    assert names.count("HBST") == pytest.approx(2.0 / interval, abs=1)
+    assert names.count("HB") == 0 and names.count("ST") <= 1
+    assert rig.cart.status_reads - reads >= 2.0 / STATUS_BACKSTOP_S - 1
+    gaps = [b - a for a, b in zip(seen, seen[1:]) if b != a]
+    assert max(gaps) <= STATUS_BACKSTOP_S + 1e-9
+    assert rig.output_mw == pytest.approx(50.0, rel=0.2)
+
+
 def test_s3a_an_opening_counted_while_safe_does_not_trip_a_later_arm():
     rig = Rig()
     rig.io._listeners.clear()
@@ -828,8 +852,8 @@ def test_a_heartbeat_between_ticks_that_fails_latches_serial_link():
     rig = Rig()
     rig.arm_and_emit(50)
     def silent():
-        raise DeviceTimeout("laser-mcu", "no reply to HB")
-    rig.laser.heartbeat = silent
+        raise DeviceTimeout("laser-mcu", "no reply to HBST")
+    rig.laser.heartbeat = rig.laser.heartbeat_status = silent
     rig.clock.advance(0.2)
     rig.cart._heartbeat_between_ticks(rig.clock.monotonic())
     assert rig.cart.state is State.FAULT and rig.cart.faults[0].code == "SERIAL_LINK"

@@ -415,8 +415,9 @@ class Publisher:
             except zmq.Again:
                 pass
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket; ``linger_s`` gives messages still queued that long to go out."""
+        self.sock.close(linger=int(linger_s * 1000))
 
 
 class EventsOut:

@@ -148,6 +148,13 @@ class WatchdogPinger:
         """True when there is a watchdog to feed and a socket to feed it through."""
         return self.period_s is not None and bool(self._env.get("NOTIFY_SOCKET"))
 
+    def due(self) -> bool:
+        """True when a call now would send (so a caller can skip an expensive health check)."""
+        if not self.enabled:
+            return False
+        last = self._last_sent
+        return last is None or self._clock.monotonic() - last >= self.period_s
+
     def __call__(self) -> bool:
         """Feed the watchdog if it is due; True when a datagram went out."""
         if not self.enabled:

@@ -45,10 +45,12 @@ from nirf.hal.camera import CameraSettings, Frame, NirCamera
 from nirf.hal.clock import Clock, SystemClock
 from nirf.hal.errors import CameraStall, DeviceError, InvalidArgument
 from nirf.hal.laser import FrameTag, LaserSource, trigger_period_us
+from nirf.hal.threads import os_named
 
 log = logging.getLogger(__name__)
 
 MODES = ("fluorescence", "white", "dark")
+ACQUISITION_THREAD = "nirf-acquire"  # its OS name (the benchmark reads it)
 # A frame whose trigger record has not come yet waits for it at most this long (the record
 # leaves the MCU as the exposure starts, so it is normally there well before the frame; the
 # camera keeps only its newest frame meanwhile, so a long wait would cost frames instead).
@@ -298,7 +300,8 @@ class Acquisition:
         self._stop.clear()
         self.last_frame_monotonic = self.clock.monotonic()
         self.on_liveness(True, self.last_frame_monotonic)
-        self._thread = threading.Thread(target=self._run, name=f"acquire-{mode}", daemon=True)
+        self._thread = threading.Thread(target=os_named(ACQUISITION_THREAD, self._run), name=f"acquire-{mode}",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
