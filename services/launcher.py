@@ -49,9 +49,11 @@ PROCESSES = {
     "recorder": ("nirf.services.study.recorder", RECORDER_ENV),
     "display": ("nirf.services.display.main", {}),
 }
-# stopped in these groups, in order: the safety core after everything that could ask it for
-# light, the hardware last so the safety core can still turn the laser off through it
-STOP_ORDER = (("display", "processing", "study", "gateway", "recorder", "imaging"), ("safety",), ("hardware",))
+# stopped in these groups, in order: the safety core first, so it ends any emission itself (a
+# shutdown, not the SERVICE_LOST fault it latches when imaging or the gateway vanish under it)
+# while the gateway can still record that; nothing can ask for light once it is gone. The
+# hardware last, so the safety core can still turn the laser off through it.
+STOP_ORDER = (("safety",), ("display", "processing", "study", "gateway", "recorder", "imaging"), ("hardware",))
 
 
 def runtime_dir_for(cfg) -> Path:
@@ -151,8 +153,8 @@ class Launcher:
         return None
 
     def stop(self) -> None:
-        """Stop the services first and the simulated hardware last, so the controller can
-        still turn the laser and the indicator off through it."""
+        """Stop the safety core first (it turns the laser and the indicator off and reports a
+        shutdown), then the services, and the simulated hardware last."""
         self.stopping = True
         for group in STOP_ORDER:
             procs = [self.children[n] for n in group if n in self.children]
