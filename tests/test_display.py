@@ -174,6 +174,27 @@ def test_the_png_goes_only_to_a_browser_that_lacks_it():
     assert "png_b64" in model.snapshot(have_preview_id=first["preview"]["id"])["preview"]
 
 
+def test_a_preview_is_encoded_once_when_asked_for_and_not_at_all_when_nobody_looks():
+    model = DisplayModel(clock=ManualClock())
+    for seq in range(5):  # nobody looks: raw pixels kept, nothing encoded
+        assert _feed_preview(model, seq=seq, w=5, h=2, value=100 + seq)
+    assert model.previews_encoded == 0
+    snaps = [model.snapshot() for _ in range(3)]  # three browsers without it
+    png = model.latest_png()
+    assert model.previews_encoded == 1
+    assert all(s["preview"]["frame_seq"] == 4 and s["preview"]["png_b64"] == snaps[0]["preview"]["png_b64"]
+               for s in snaps)
+    w, h, _, px = decode_png(png)
+    assert (w, h) == (5, 2) and int(px.min()) == 104  # the newest preview's pixels
+    assert base64.b64decode(snaps[0]["preview"]["png_b64"]) == png
+
+
+def test_a_preview_whose_bytes_do_not_match_its_size_is_refused():
+    model = DisplayModel(clock=ManualClock())
+    assert model.handle("preview", {"format": "rgb8", "width": 4, "height": 4, "frame_seq": 1}, [b"\0" * 10]) is False
+    assert model.snapshot()["preview"] is None
+
+
 def test_results_with_nan_become_valid_json():
     model = DisplayModel(clock=ManualClock())
     model.handle("result", {"frame_seq": 3, "sbr": float("nan"), "cnr": float("inf"), "valid": False,
@@ -403,7 +424,8 @@ def test_the_listener_reads_telemetry_with_the_observer_key(tmp_path):
         header, px = _preview()
         batch = [[b"preview", msgpack.packb(dict(header, frame_seq=i)), px] for i in range(5)]
         listener._deliver(batch)
-        assert model.previews_encoded == 1 and model.snapshot()["preview"]["frame_seq"] == 4
+        snap = model.snapshot()
+        assert snap["preview"]["frame_seq"] == 4 and model.previews_encoded == 1
     finally:
         listener.stop()
         auth.stop()

@@ -15,8 +15,8 @@ can change the cart.
 Each browser gets *the latest* values, never a queue: its stream thread waits for the
 model to change, then sends the current snapshot. When a browser reads slowly, the sends
 block and the versions in between are skipped; the small socket send buffer keeps at most
-a frame or two in flight. The preview is PNG-encoded once per received preview, not per
-browser.
+a frame or two in flight. The preview is PNG-encoded when a browser first asks for it, once
+per preview whatever the number of browsers, and not at all while nobody looks.
 
 "Stale": the page shows a STALE warning when no status or no frame has arrived for
 ``display.stale_after_s`` (1 s). The server reports the age of each kind of data in every
@@ -132,9 +132,11 @@ class DisplayModel:
         self._status_rx: float | None = None
         self._result: dict = {}
         self._result_rx: float | None = None
-        self._preview: dict | None = None  # {"id", "width", "height", "frame_seq", "t_ns", "png_b64"}
+        self._preview: dict | None = None  # {"id", "width", "height", "frame_seq", "t_ns"}
         self._preview_rx: float | None = None
         self._preview_png: bytes | None = None
+        self._preview_b64: str | None = None
+        self._preview_raw = None  # the pixels of the latest preview until they are encoded
         self._preview_id = 0
         self._site: dict | None = None
         self._site_case: Any = None
@@ -221,17 +223,36 @@ class DisplayModel:
             if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_PREVIEW_SIDE_PX:
                 raise InvalidArgument(f"preview {name} = {side!r}: allowed 1 to {MAX_PREVIEW_SIDE_PX}")
         data = pixels.buffer if hasattr(pixels, "buffer") else pixels
-        png = encode_png(data, width, height, channels=3, compress_level=self.compress_level)
-        b64 = base64.b64encode(png).decode("ascii")
+        if len(memoryview(data).cast("B")) != width * height * 3:
+            raise InvalidArgument(f"preview of {len(memoryview(data).cast('B'))} bytes for {width}x{height} rgb8")
         with self._cond:
             self._preview_id += 1
             self._preview = {"id": self._preview_id, "width": width, "height": height,
-                             "frame_seq": _clean(header.get("frame_seq")), "t_ns": _clean(header.get("t_ns")),
-                             "png_b64": b64}
-            self._preview_png = png
+                             "frame_seq": _clean(header.get("frame_seq")), "t_ns": _clean(header.get("t_ns"))}
+            self._preview_raw = data  # encoded when a browser first asks (_preview_encoded)
+            self._preview_png = self._preview_b64 = None
             self._preview_rx = self.clock.monotonic()
-            self.previews_encoded += 1
             self._bump()
+
+    def _preview_encoded(self) -> tuple[dict, bytes, str] | None:
+        """The latest preview as (id, PNG, base64), encoded on the first request for it and
+        kept for every later one: once per preview whatever the number of browsers, and not
+        at all while nobody looks (the encode is most of this process's work). The encode
+        runs outside the lock, so telemetry is never held up by it."""
+        with self._cond:
+            if self._preview is None:
+                return None
+            meta, raw = dict(self._preview), self._preview_raw
+            if self._preview_png is not None:
+                return meta, self._preview_png, self._preview_b64
+        png = encode_png(raw, meta["width"], meta["height"], channels=3, compress_level=self.compress_level)
+        b64 = base64.b64encode(png).decode("ascii")
+        with self._cond:
+            self.previews_encoded += 1
+            if self._preview is not None and self._preview["id"] == meta["id"]:
+                self._preview_png, self._preview_b64 = png, b64
+                self._preview_raw = None
+        return meta, png, b64
 
     # ------------------------------------------------------------------ reading
     def wait_newer(self, version: int, timeout_s: float) -> int:
@@ -249,8 +270,8 @@ class DisplayModel:
 
     def latest_png(self) -> bytes | None:
         """The latest preview as PNG bytes, or None before the first one."""
-        with self._cond:
-            return self._preview_png
+        encoded = self._preview_encoded()
+        return None if encoded is None else encoded[1]
 
     def _age(self, rx: float | None, now: float) -> float | None:
         return None if rx is None else max(0.0, now - rx)
@@ -258,16 +279,23 @@ class DisplayModel:
     def snapshot(self, have_preview_id: int | None = None) -> dict:
         """The values for the page. The PNG is included only when its id differs from
         ``have_preview_id`` (the one the browser already has)."""
+        encoded = None
+        with self._cond:
+            wanted = self._preview is not None and self._preview["id"] != have_preview_id
+        if wanted:
+            encoded = self._preview_encoded()
         with self._cond:
             now = self.clock.monotonic()
             status_age = self._age(self._status_rx, now)
             preview_age = self._age(self._preview_rx, now)
             result_age = self._age(self._result_rx, now)
             preview = None
-            if self._preview is not None:
-                preview = {k: v for k, v in self._preview.items() if k != "png_b64"}
-                if self._preview["id"] != have_preview_id:
-                    preview["png_b64"] = self._preview["png_b64"]
+            if encoded is not None:
+                # the preview encoded, with its own id and details (should a newer one have
+                # come in meanwhile, the next update brings that one)
+                preview = dict(encoded[0], png_b64=encoded[2])
+            elif self._preview is not None:
+                preview = dict(self._preview)
             status = self._status
             # fluorescence pairs (and so previews) come only while the laser may emit
             acquiring = status.get("acquisition") == "fluorescence" and status.get("state") == "EMITTING"
