@@ -25,6 +25,7 @@ from nirf.services.processing.roi import RoiFinder, auto_rois
 WIDTH, HEIGHT, BITS = 1456, 1088, 10
 P1_TARGET = 3.0
 P1_V2_TARGET = 1.5
+PAIRS_PER_PREVIEW = 3  # bus.preview_rate_hz 10 against 30 pairs/s
 SEARCH_TARGET_MS = 5.0
 
 
@@ -61,6 +62,8 @@ def run(iterations: int = 100, pool: int = 4, seed: int = 1) -> dict:
     pipeline_s: list[float] = []
     fused_s: list[float] = []
     max_s: list[float] = []
+    process_s: list[float] = []
+    preview_s: list[float] = []
     search_s: list[float] = []
     for i in range(iterations + 5):
         on, off = pairs[i % pool]
@@ -68,6 +71,7 @@ def run(iterations: int = 100, pool: int = 4, seed: int = 1) -> dict:
         meta_on, meta_off = _meta(2 * i), _meta(2 * i)
         t0 = time.perf_counter()
         processor.process(on, off, meta_on, meta_off)
+        tp = time.perf_counter()
         processor.preview(on, off)
         t1 = time.perf_counter()
         np.subtract(on, off, out=floor_out, dtype=np.float32)
@@ -79,14 +83,21 @@ def run(iterations: int = 100, pool: int = 4, seed: int = 1) -> dict:
         t4 = time.perf_counter()
         if i >= 5:  # the first few warm caches and allocators
             pipeline_s.append(t1 - t0)
+            process_s.append(tp - t0)
+            preview_s.append(t1 - tp)
             fused_s.append(t2 - t1)
             max_s.append(t3 - t2)
             search_s.append(t4 - t3)
     pipe = statistics.median(pipeline_s)
     fused = statistics.median(fused_s)
     reads = statistics.median(max_s)
+    proc, prev = statistics.median(process_s), statistics.median(preview_s)
+    # as the processing service runs it: every pair processed, a preview for one pair in
+    # PAIRS_PER_PREVIEW (10 previews/s of 30 pairs/s at the default rates)
+    as_run = proc + prev / PAIRS_PER_PREVIEW
     return {"pipeline_s": pipe, "fused_s": fused, "ratio": pipe / fused, "max_s": reads,
-            "ratio_v2": pipe / reads, "search_s": statistics.median(search_s),
+            "ratio_v2": pipe / reads, "process_s": proc, "preview_s": prev, "as_run_s": as_run,
+            "ratio_v2_as_run": as_run / reads, "search_s": statistics.median(search_s),
             "search_p99_s": sorted(search_s)[min(len(search_s) - 1, int(0.99 * len(search_s)))],
             "iterations": iterations, "rois": processor.rois}
 
@@ -174,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio: {r['ratio']:.2f}   (P1 target <= {P1_TARGET:.1f})   {verdict}")
     print(f"  on.max() + off.max() median:         {r['max_s'] * 1e3:8.3f} ms")
     print(f"  ratio v2: {r['ratio_v2']:.2f}   (target <= {P1_V2_TARGET:.1f})")
+    print(f"    of the pipeline: process {r['process_s'] * 1e3:.3f} ms, preview {r['preview_s'] * 1e3:.3f} ms; "
+          f"as the service runs it (a preview for one pair in {PAIRS_PER_PREVIEW}) "
+          f"{r['as_run_s'] * 1e3:.3f} ms, ratio v2 {r['ratio_v2_as_run']:.2f} (not the target's figure)")
     print(f"  automatic ROI search median:         {r['search_s'] * 1e3:8.3f} ms (p99 "
           f"{r['search_p99_s'] * 1e3:.3f}; target <= {SEARCH_TARGET_MS:.0f} ms, off the per-pair path; "
           f"{r['search_s'] / r['fused_s']:.2f} fused passes)")

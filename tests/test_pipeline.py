@@ -456,6 +456,38 @@ def test_preview_marks_saturated_pixels_and_clamps_negative_values():
         p.preview(on, off, display_max_counts=0.0)
 
 
+def test_preview_pixels_are_the_colour_map_of_a_plain_reference():
+    # the preview against a plain numpy restatement of its definition (every k-th pixel of
+    # D, scaled to the display maximum, clamped, looked up row by row in the (256, 3) map;
+    # full-scale raw pixels painted PREVIEW_SATURATED_RGB)
+    scene = Scene(power_mw=150.0)
+    on, off, _, _ = pair(scene, np.random.default_rng(21))
+    p = processor(preview_downsample=4)
+    width, height, rgb = p.preview(on, off, display_max_counts=300.0)
+    d = on[::4, ::4].astype(np.float32) - off[::4, ::4].astype(np.float32)
+    idx = np.clip(d * np.float32(255.0 / 300.0), 0.0, 255.0).astype(np.intp)
+    expected = COLOUR_LUT[idx]
+    expected[on[::4, ::4] >= p.full_scale] = PREVIEW_SATURATED_RGB
+    assert (on[::4, ::4] >= p.full_scale).any() and (~(on[::4, ::4] >= p.full_scale)).any()
+    assert np.array_equal(np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3), expected)
+
+
+@given(st.integers(min_value=0, max_value=0xFFFF), st.integers(min_value=0, max_value=2**32 - 1))
+@settings(max_examples=25, deadline=None)
+def test_motion_profiles_are_exact_integer_sums(fill, seed):
+    # the column stripe is summed as a float32 matrix-vector product: exact for uint16 at any
+    # value, checked against integer sums (a frame near full scale is the worst case)
+    from nirf.services.processing.pipeline import MOTION_STRIPE_PX, MotionTracker
+
+    rng = np.random.default_rng(seed)
+    frame = np.clip(fill + rng.integers(-3, 4, size=(120, 160)), 0, 0xFFFF).astype(np.uint16)
+    xp, yp = MotionTracker._profiles(frame, (80, 60))
+    half = MOTION_STRIPE_PX // 2
+    rows = frame[60 - half:60 + half].astype(np.int64).sum(axis=0)
+    cols = frame[:, 80 - half:80 + half].astype(np.int64).sum(axis=1)
+    assert np.array_equal(xp.v, rows.astype(np.float64)) and np.array_equal(yp.v, cols.astype(np.float64))
+
+
 def test_colour_map_brightness_rises():
     brightness = COLOUR_LUT.astype(int).sum(axis=1)
     assert brightness[0] == 0
