@@ -89,7 +89,7 @@ FRAME_COPIES = (
               "MappedArray, into a slot of the shared-memory frame ring (a right shift on a Pi 5, whose "
               "16-bit raw is left-aligned; a copy that drops the row padding on a Pi 4); processing "
               "reads the slot in place and the pair message carries only the slots' numbers",
-              "drivers/camera.py", "return np.right_shift(px, shift, out=out)",
+              "drivers/camera.py", "return np.right_shift(px, px.dtype.type(shift), out=out)",
               upstream="picamera2 request.py MappedArray: the mapped dmabuf as an array, no copy "
                        "(make_array would copy it)"),
 )

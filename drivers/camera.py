@@ -595,7 +595,7 @@ class PiCamera(NirCamera):
         if out is not None:
             self.copies_into_allocated += 1
             if self._left_aligned:
-                return np.right_shift(px, shift, out=out)
+                return np.right_shift(px, px.dtype.type(shift), out=out)  # a scalar of px's type: no casting
             np.copyto(out, px)
             return out
         if self._left_aligned:

@@ -398,7 +398,9 @@ class ImagingService:
     def _drain_ring_reports(self) -> None:
         """Processing's reports (done with a pair, idle since): the leases they end."""
         with self._reports_lock:
-            while True:
+            # looked at before each frame: the common case (nothing came) costs one option
+            # read, not a raised zmq.Again
+            while self.ring_reports.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
                     data = self.ring_reports.recv(zmq.NOBLOCK)
                 except zmq.Again:
