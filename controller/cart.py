@@ -120,6 +120,11 @@ def emission_permitted(r: Readings) -> tuple[bool, list[str]]:
     return (not reasons, reasons)
 
 
+def _shown(st: LaserStatus) -> tuple:
+    """What the status map shows of an MCU status reading, the noisy readings left out."""
+    return (st.output_on, st.duty, st.faults, st.interlock_closed, st.key_on, st.frame_timing, st.modulation)
+
+
 class Cart:
     """The controller: state machine, safety supervisor and device owner."""
 
@@ -189,7 +194,10 @@ class Cart:
         self._last_status_at: float | None = None
         self._status_wanted = True
         self._wake = WakeSignal()  # an MCU event: tick now, status included
-        self.on_status_read: Callable[[], None] | None = None  # told after each MCU status read
+        # told after an MCU status read that changed what the status map shows of it (output,
+        # duty, faults, inputs, frame timing); the power and temperature readings, which move
+        # on every read, go out with the periodic state
+        self.on_status_change: Callable[[], None] | None = None
         self._hb_stats_cache: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ extra rules
@@ -393,11 +401,11 @@ class Cart:
     def _took_status(self, status, now: float) -> None:
         """A fresh status reading of the MCU (read on its own or with a heartbeat)."""
         self._status_wanted = False
-        self.mcu_status = status
+        prev, self.mcu_status = self.mcu_status, status
         self._last_status_at = now
         self.status_reads += 1
-        if self.on_status_read is not None:
-            self.on_status_read()
+        if self.on_status_change is not None and (prev is None or _shown(prev) != _shown(status)):
+            self.on_status_change()
 
     def _status_due(self, now: float) -> bool:
         """Whether this tick reads the MCU's status (see STATUS_BACKSTOP_S)."""

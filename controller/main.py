@@ -49,8 +49,7 @@ SUPERVISOR_THREAD = "nirf-supervisor"  # its OS name: the benchmark measures thi
 # Processes whose silence while armed turns the laser off.
 WATCHED = ("gateway", "imaging")
 SERVICES_TIMEOUT_S = 0.5
-STATE_PERIOD_S = 0.1  # the state goes out about this often (with the status reads) ...
-STATE_BACKSTOP_S = 0.15  # ... and never less often than this, status reads or not
+STATE_PERIOD_S = 0.2  # the state goes out this often, and at once on a change
 STOP_LINGER_S = 0.5  # at stop, how long the last events may take to leave
 FRAME_POLL_S = 0.005  # a laser driver that cannot block until input is polled this often
 FRAME_WAIT_S = 0.1  # the frames thread's longest sleep (it checks for the stop this often)
@@ -216,7 +215,7 @@ class SafetyCore:
         self._wake_r, self._wake_w = os.pipe()  # wakes the notices loop (see _wake_notices)
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.cart.on_status_read = self._wake_notices
+        self.cart.on_status_change = self._wake_notices
 
     # -- commands (all quick; the long ones live elsewhere)
     def handlers(self) -> dict:
@@ -287,12 +286,9 @@ class SafetyCore:
     # -- threads
     def _notices_loop(self) -> None:
         """Heartbeats and camera notices in; state and events out. It sleeps until a notice
-        comes, the cart reports an event or a fresh MCU status (the wake pipe), or the state
-        has not gone out for STATE_BACKSTOP_S; the state is built and compared only then, not
-        for every notice. The periodic state rides on the supervisor's status reads (every
-        heartbeat, 100 ms): a wake-up at least half of STATE_PERIOD_S after the last state
-        publishes it, so the thread wakes once per status read rather than on a timer of its
-        own as well."""
+        comes, the cart reports an event or an MCU status reading that changed what status
+        shows (the wake pipe), or the periodic state is due (STATE_PERIOD_S); the state is
+        built and compared only then, not for every notice."""
         poller = zmq.Poller()
         poller.register(self.notices, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -301,8 +297,8 @@ class SafetyCore:
         while not self.stop_event.is_set():
             try:
                 now = time.monotonic()
-                backstop = last_state + STATE_BACKSTOP_S
-                ready = dict(poller.poll(max(1, int((backstop - now) * 1000) + 1) if backstop > now else 0))
+                due_at = last_state + STATE_PERIOD_S
+                ready = dict(poller.poll(max(1, int((due_at - now) * 1000) + 1) if due_at > now else 0))
                 if self.notices in ready:
                     while True:
                         try:
@@ -328,7 +324,7 @@ class SafetyCore:
                     if kind in ("state", "fault", "safety", "info", "input"):
                         self._publish_event({"kind": kind, **detail})
                 now = time.monotonic()
-                due = now >= last_state + STATE_BACKSTOP_S or (woken and now - last_state >= STATE_PERIOD_S / 2)
+                due = now >= last_state + STATE_PERIOD_S
                 if not (changed or woken or due):
                     continue
                 snap = self.state_snapshot()

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.2.0"
 HEARTBEAT_S = 0.1
 CAMERA_NOTICE_S = 0.1  # frames are told to the safety core at most this often (S9 needs 1 s)
-STATE_PERIOD_S = 0.1
+STATE_PERIOD_S = 0.2  # the periodic state (the gateway's status goes out at 2 Hz)
 LONG_COMMANDS = frozenset({"calibrate.dark", "calibrate.flat", "qc.baseline", "qc.run", "selftest"})
 
 
