@@ -81,7 +81,6 @@ STATUS_BACKSTOP_S = 0.1
 MCU_EVENT_NOTICES = frozenset({"INPUT", "FAULT", "BOOT"})
 HEARTBEAT_HISTORY = 4096
 HEARTBEAT_REPORT_S = 60.0
-HEARTBEAT_STATS_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,6 @@ class Cart:
         # duty, faults, inputs, frame timing); the power and temperature readings, which move
         # on every read, go out with the periodic state
         self.on_status_change: Callable[[], None] | None = None
-        self._hb_stats_cache: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ extra rules
     def add_watch(self, watch) -> None:
@@ -965,14 +963,5 @@ class Cart:
             "indicator": self._indicator_on_since is not None,
             # v2 additions: the S7a budget and the S16 heartbeat, as the sender measured it
             "emission_budget": self.budget.status(self._mcu_on_time_s()),
-            "heartbeat": self._heartbeat_stats_for_status(),
+            "heartbeat": self.heartbeat_stats(),
         }
-
-    def _heartbeat_stats_for_status(self) -> dict:
-        """heartbeat_stats() for the status map, refreshed at most every HEARTBEAT_STATS_REFRESH_S:
-        a 60-second statistic, not worth sorting 600 gaps for every state published."""
-        now = self.clock.monotonic()
-        cached = self._hb_stats_cache
-        if cached is None or not 0.0 <= now - cached[0] < HEARTBEAT_STATS_REFRESH_S:
-            cached = self._hb_stats_cache = (now, self.heartbeat_stats())
-        return dict(cached[1])
