@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from bench.cartrun import BenchCart, fd_count, rss_kib
 from bench.e2e import EXPOSURE_US, FPS, HEIGHT, WIDTH, StreamStats, percentile, stream
+from nirf.services.launcher import NICENESS
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ class CaptureWorker(threading.Thread):
 
 
 HOG_CODE = "while True:\n    pass\n"
-PRIORITIES = {"hardware": -15, "controller": -10}  # niceness while hogged (root only)
+# niceness while hogged (root only): the launcher's own, by the benchmark's names for the processes
+PRIORITIES = {"hardware": NICENESS["hardware"], "controller": NICENESS["safety"]}
 
 
 def start_hogs(n: int) -> list:

@@ -49,6 +49,11 @@ PROCESSES = {
     "recorder": ("nirf.services.study.recorder", RECORDER_ENV),
     "display": ("nirf.services.display.main", {}),
 }
+# Niceness as on the cart: the safety core as its systemd unit sets it (Nice=-10 in
+# systemd/nirf-safety.service), the simulated hardware above it (a real MCU is unaffected by
+# the Pi's load, PRODUCT P6). Raising a priority needs root (or CAP_SYS_NICE); without it the
+# cart runs at the default priority and says so once.
+NICENESS = {"hardware": -15, "safety": -10}
 # stopped in these groups, in order: the safety core first, so it ends any emission itself (a
 # shutdown, not the SERVICE_LOST fault it latches when imaging or the gateway vanish under it)
 # while the gateway can still record that; nothing can ask for light once it is gone. The
@@ -77,6 +82,7 @@ class Launcher:
         self.children: dict[str, subprocess.Popen] = {}
         self.quiet_children = quiet_children
         self.stopping = False
+        self._renice_refused = False
         self.restarts: dict[str, list[float]] = {}
 
     def env(self) -> dict:
@@ -96,6 +102,21 @@ class Launcher:
         out = subprocess.DEVNULL if self.quiet_children else None
         self.children[name] = subprocess.Popen(cmd, env={**self.env(), **(env or {})}, stdout=out, stderr=None)
         log.info("started %s (pid %d)", name, self.children[name].pid)
+        if name in NICENESS:
+            self._renice(name, self.children[name].pid, NICENESS[name])
+
+    def _renice(self, name: str, pid: int, nice: int) -> None:
+        """Give a child its niceness (every thread of it: the threads it starts inherit it)."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        except PermissionError:
+            if not self._renice_refused:
+                self._renice_refused = True
+                log.info("not permitted to raise %s's priority (nice %d, as on the cart): it runs at the "
+                         "default priority; the heartbeat may then wait behind the simulator's rendering",
+                         name, nice)
+        except (ProcessLookupError, OSError) as err:
+            log.warning("could not renice %s: %s", name, err)
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

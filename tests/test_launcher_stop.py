@@ -66,3 +66,42 @@ def test_stopping_the_cart_while_emitting_is_a_shutdown_not_a_fault(tmp_path):
     off_ns = probe.last_off_ns()
     assert off_ns is not None and off_ns >= t_stop
     probe.close()
+
+
+def test_the_launcher_gives_the_safety_core_the_niceness_of_its_systemd_unit():
+    import re
+    from pathlib import Path
+
+    from nirf.services.launcher import NICENESS
+
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "nirf-safety.service").read_text()
+    assert NICENESS["safety"] == int(re.search(r"^Nice=(-?\d+)", unit, re.M).group(1))
+    assert NICENESS["hardware"] < NICENESS["safety"] < 0  # the simulated MCU above the safety core
+
+
+def test_spawned_children_run_at_that_niceness_when_permitted(tmp_path):
+    import os
+
+    from nirf.services.launcher import NICENESS
+    from tests.faults import child_pid
+
+    cart = start_cart(tmp_path, width=728, height=544)
+    try:
+        cart.wait_for_keys()
+        root = os.geteuid() == 0
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        wanted = {"nirf.controller.main": NICENESS["safety"] if root else own,
+                  "nirf.sim.hardware": NICENESS["hardware"] if root else own,
+                  "nirf.services.imaging.main": own}
+        deadline = time.monotonic() + 30.0
+        while True:  # the children start (and are reniced) a moment after the keys exist
+            try:
+                seen = {m: os.getpriority(os.PRIO_PROCESS, child_pid(cart, m)) for m in wanted}
+            except (AssertionError, ProcessLookupError):
+                seen = None
+            if seen == wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert seen == wanted
+    finally:
+        cart.stop()
