@@ -189,6 +189,30 @@ def test_a_preview_is_encoded_once_when_asked_for_and_not_at_all_when_nobody_loo
     assert base64.b64decode(snaps[0]["preview"]["png_b64"]) == png
 
 
+def test_a_preview_that_comes_in_during_an_encode_is_the_one_the_snapshot_carries(monkeypatch):
+    # the encode runs outside the lock: a newer preview arriving meanwhile must not leave the
+    # browser with the older picture at the newer version (it would wait for a change that
+    # already happened)
+    import nirf.services.display.main as display_main
+
+    model = DisplayModel(clock=ManualClock())
+    assert _feed_preview(model, seq=1, w=5, h=2, value=10)
+    real = display_main.encode_png
+    calls = []
+
+    def encode_and_meanwhile_a_new_preview(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            assert _feed_preview(model, seq=2, w=5, h=2, value=20)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(display_main, "encode_png", encode_and_meanwhile_a_new_preview)
+    snap = model.snapshot()
+    assert snap["v"] == model.version and snap["preview"]["frame_seq"] == 2
+    _, _, _, px = decode_png(base64.b64decode(snap["preview"]["png_b64"]))
+    assert int(px.min()) == 20 and len(calls) == 2
+
+
 def test_a_preview_whose_bytes_do_not_match_its_size_is_refused():
     model = DisplayModel(clock=ManualClock())
     assert model.handle("preview", {"format": "rgb8", "width": 4, "height": 4, "frame_seq": 1}, [b"\0" * 10]) is False

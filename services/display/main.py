@@ -74,6 +74,7 @@ STREAM_SNDBUF_BYTES = 64 * 1024
 # A browser that takes longer than this to accept a write is dropped (frees its slot).
 STREAM_WRITE_TIMEOUT_S = 10.0
 RECEIVE_POLL_MS = 200
+PREVIEW_ENCODE_TRIES = 3  # encodes outside the lock before one under it (a burst of previews)
 # Telemetry batch drained per wake-up; bounded so the listener always comes back to check
 # whether it should stop.
 MAX_DRAIN = 200
@@ -278,48 +279,63 @@ class DisplayModel:
 
     def snapshot(self, have_preview_id: int | None = None) -> dict:
         """The values for the page. The PNG is included only when its id differs from
-        ``have_preview_id`` (the one the browser already has)."""
-        encoded = None
+        ``have_preview_id`` (the one the browser already has).
+
+        The snapshot is consistent: its preview (and its PNG) is the newest at its version.
+        The encode runs outside the lock; should a newer preview come in meanwhile, it is
+        encoded in turn (PREVIEW_ENCODE_TRIES times, then under the lock)."""
+        for _ in range(PREVIEW_ENCODE_TRIES):
+            with self._cond:
+                wanted = self._preview is not None and self._preview["id"] != have_preview_id
+                if not wanted or self._preview_png is not None:
+                    return self._snapshot_locked(wanted)
+            self._preview_encoded()  # kept when that preview is still the newest
         with self._cond:
-            wanted = self._preview is not None and self._preview["id"] != have_preview_id
-        if wanted:
-            encoded = self._preview_encoded()
-        with self._cond:
-            now = self.clock.monotonic()
-            status_age = self._age(self._status_rx, now)
-            preview_age = self._age(self._preview_rx, now)
-            result_age = self._age(self._result_rx, now)
-            preview = None
-            if encoded is not None:
-                # the preview encoded, with its own id and details (should a newer one have
-                # come in meanwhile, the next update brings that one)
-                preview = dict(encoded[0], png_b64=encoded[2])
-            elif self._preview is not None:
-                preview = dict(self._preview)
-            status = self._status
-            # fluorescence pairs (and so previews) come only while the laser may emit
-            acquiring = status.get("acquisition") == "fluorescence" and status.get("state") == "EMITTING"
-            status_stale = status_age is None or status_age > self.stale_after_s
-            image_stale = preview_age is None or preview_age > self.stale_after_s
-            snap = {
-                "v": self.version,
-                "server_time_ns": self.clock.time_ns(),
-                "stale_after_s": self.stale_after_s,
-                "status_age_s": status_age,
-                "result_age_s": result_age,
-                "preview_age_s": preview_age,
-                # The page shows STALE when the cart is silent, or when it should be sending
-                # frames (fluorescence acquisition on) and none came.
-                "stale": bool(status_stale or (acquiring and image_stale)),
-                "status_stale": bool(status_stale),
-                "image_stale": bool(image_stale),
-                "status": status,
-                "result": self._result,
-                "preview": preview,
-                "case": {"id": status.get("case"), **(self._site or {})},
-                "events": list(self._events),
-            }
-        return snap
+            if self._preview is not None and self._preview_png is None:
+                self._preview_png, self._preview_b64 = self._encode_locked()
+            return self._snapshot_locked(self._preview is not None and self._preview["id"] != have_preview_id)
+
+    def _encode_locked(self) -> tuple[bytes, str]:
+        meta = self._preview
+        png = encode_png(self._preview_raw, meta["width"], meta["height"], channels=3,
+                         compress_level=self.compress_level)
+        self._preview_raw = None
+        self.previews_encoded += 1
+        return png, base64.b64encode(png).decode("ascii")
+
+    def _snapshot_locked(self, with_png: bool) -> dict:
+        now = self.clock.monotonic()
+        status_age = self._age(self._status_rx, now)
+        preview_age = self._age(self._preview_rx, now)
+        result_age = self._age(self._result_rx, now)
+        preview = None
+        if self._preview is not None:
+            preview = dict(self._preview)
+            if with_png:
+                preview["png_b64"] = self._preview_b64
+        status = self._status
+        # fluorescence pairs (and so previews) come only while the laser may emit
+        acquiring = status.get("acquisition") == "fluorescence" and status.get("state") == "EMITTING"
+        status_stale = status_age is None or status_age > self.stale_after_s
+        image_stale = preview_age is None or preview_age > self.stale_after_s
+        return {
+            "v": self.version,
+            "server_time_ns": self.clock.time_ns(),
+            "stale_after_s": self.stale_after_s,
+            "status_age_s": status_age,
+            "result_age_s": result_age,
+            "preview_age_s": preview_age,
+            # The page shows STALE when the cart is silent, or when it should be sending
+            # frames (fluorescence acquisition on) and none came.
+            "stale": bool(status_stale or (acquiring and image_stale)),
+            "status_stale": bool(status_stale),
+            "image_stale": bool(image_stale),
+            "status": status,
+            "result": self._result,
+            "preview": preview,
+            "case": {"id": status.get("case"), **(self._site or {})},
+            "events": list(self._events),
+        }
 
 
 class TelemetryListener:
