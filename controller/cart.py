@@ -741,23 +741,32 @@ class Cart:
         """The one place that grants or withdraws permission to emit."""
         self._set_indicator(self.state.active)
         permitted, _ = emission_permitted(self.readings())
+        sent = False
         try:
             if permitted:
                 # S6a: every on/set carries the mW the host expects, for the MCU's cross-check
                 expected = self.setpoint_mw
                 duty = self.calibration.duty_for(expected)
                 if self._duty_sent != (duty, expected):
+                    sent = True
                     self.laser.set_duty(duty, expected)
                     self._duty_sent = (duty, expected)
                 if self._enabled_sent is not True:
+                    sent = True
                     self.laser.set_enabled(True, expected)
                     self._enabled_sent = True
             elif self._enabled_sent is not False or (self.mcu_status and self.mcu_status.output_on):
+                sent = True
                 self.laser.set_enabled(False)
                 self._enabled_sent = False
         except DeviceError as err:
             self._link_ok = self._link_ok and not isinstance(err, ConnectionError)
             self._trip(SERIAL_LINK, f"laser controller did not accept the command: {err}")
+        if sent:
+            # what the MCU now does is read back at once (a tick right away), not at the next
+            # backstop tick: status shows the output on or off within milliseconds
+            self._status_wanted = True
+            self._wake.set()
 
     # ------------------------------------------------------------------ commands
     def check_power(self, power_mw) -> float:
