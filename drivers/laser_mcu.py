@@ -17,11 +17,9 @@ import binascii
 import collections
 import logging
 import math
-import os
 import random
 import select
 import threading
-import weakref
 from typing import Any, Callable
 
 from serial import SerialException
@@ -36,6 +34,7 @@ from nirf.hal.errors import (
     ProtocolError,
 )
 from nirf.hal.laser import FactoryCalibration, FrameTag, LaserSource, LaserStatus, McuNotice, trigger_period_us
+from nirf.hal.threads import WakeSignal
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,6 @@ _RESEND_CODES = ("CRC", "MALFORMED")
 _STATUS_KEYS = ("out", "duty", "ceil", "ilk", "key", "temp", "pd", "faults", "fc", "ft", "mod",
                 "ilkc", "keyc", "ont", "bud")
 _FACTORY_KEYS = ("n", "pdf", "max", "ceil", "trip", "budget")
-
-
-def _close_fds(*fds: int) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def crc16_ccitt(data: bytes) -> int:
@@ -137,7 +128,7 @@ class McuLaser(LaserSource):
         self.dropped_notices = 0  # queued notices lost because poll() was not called
         # wait_input(): woken by the port's descriptor, or by this pipe when a command's
         # exchange took in (and queued) lines the MCU sent on its own
-        self._wake: tuple[int, int] | None = None  # made at the first wait_input()
+        self._wake: WakeSignal | None = None  # made at the first wait_input()
         self._queued_unseen = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -313,32 +304,20 @@ class McuLaser(LaserSource):
             self.clock.sleep(min(timeout_s, 0.005))
             return True
         if self._wake is None:
-            r, w = os.pipe()
-            os.set_blocking(r, False)
-            os.set_blocking(w, False)
-            self._wake = (r, w)
-            weakref.finalize(self, _close_fds, r, w)
-        wake_r = self._wake[0]
+            self._wake = WakeSignal()
+        wake_r = self._wake.fileno()
         try:
             ready, _, _ = select.select([fd, wake_r], [], [], max(timeout_s, 0.0))
         except (OSError, ValueError):  # the port closed meanwhile
             self.clock.sleep(min(timeout_s, 0.005))
             return True
         if wake_r in ready:
-            try:
-                while os.read(wake_r, 64):
-                    pass
-            except BlockingIOError:
-                pass
+            self._wake.consume()
         return bool(ready)
 
     def _wake_waiter(self) -> None:
-        if self._wake is None:
-            return  # nobody waits in wait_input()
-        try:
-            os.write(self._wake[1], b"!")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is pending already
+        if self._wake is not None:  # else nobody waits in wait_input()
+            self._wake.set()
 
     def poll(self) -> tuple[list[FrameTag], list[McuNotice]]:
         """Frame tags and notices the MCU sent since the last call, without blocking."""

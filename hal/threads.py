@@ -70,6 +70,15 @@ class WakeSignal:
         self._flag = False
         self._drain()
 
+    def fileno(self) -> int:
+        """The read end of the pipe, for a caller that selects on it with other descriptors
+        (it then calls :meth:`consume` when it is readable)."""
+        return self._r
+
+    def consume(self) -> None:
+        """Take every pending wake-up byte out of the pipe (the flag stays as it is)."""
+        self._drain(always=True)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep until :meth:`set` or ``timeout`` seconds; return whether the flag is up. A
         wake-up whose flag was cleared meanwhile (the loop has handled it) is drained."""
@@ -80,7 +89,7 @@ class WakeSignal:
         except (OSError, ValueError):
             return self._flag
         if ready:
-            self._drain(always=True)  # whatever _written says: a set() may be mid-way
+            self.consume()  # whatever _written says: a set() may be mid-way
         return self._flag
 
     def _drain(self, always: bool = False) -> None:

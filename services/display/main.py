@@ -246,8 +246,7 @@ class DisplayModel:
             meta, raw = dict(self._preview), self._preview_raw
             if self._preview_png is not None:
                 return meta, self._preview_png, self._preview_b64
-        png = encode_png(raw, meta["width"], meta["height"], channels=3, compress_level=self.compress_level)
-        b64 = base64.b64encode(png).decode("ascii")
+        png, b64 = self._encode(raw, meta)
         with self._cond:
             self.previews_encoded += 1
             if self._preview is not None and self._preview["id"] == meta["id"]:
@@ -296,11 +295,14 @@ class DisplayModel:
             return self._snapshot_locked(self._preview is not None and self._preview["id"] != have_preview_id)
 
     def _encode_locked(self) -> tuple[bytes, str]:
-        meta = self._preview
-        png = encode_png(self._preview_raw, meta["width"], meta["height"], channels=3,
-                         compress_level=self.compress_level)
+        encoded = self._encode(self._preview_raw, self._preview)
         self._preview_raw = None
         self.previews_encoded += 1
+        return encoded
+
+    def _encode(self, raw, meta: dict) -> tuple[bytes, str]:
+        """One preview as (PNG, base64)."""
+        png = encode_png(raw, meta["width"], meta["height"], channels=3, compress_level=self.compress_level)
         return png, base64.b64encode(png).decode("ascii")
 
     def _snapshot_locked(self, with_png: bool) -> dict:
