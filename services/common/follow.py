@@ -14,38 +14,71 @@ from typing import Callable
 
 import zmq
 
+from nirf.hal.threads import WakeSignal
 from nirf.services.common import ipc
 
 log = logging.getLogger(__name__)
 
 
 class Follower:
-    """A thread that hands every valid publication of ``topics`` to ``on_message``."""
+    """A thread that hands every valid publication of ``topics`` to ``on_message``.
+
+    The thread sleeps until a message comes (no timer): :meth:`close` and a change of
+    :meth:`subscribe` wake it through a pipe. ``subscribed=False`` starts it with no
+    subscription, so the publisher sends it nothing until :meth:`subscribe` (a ZeroMQ
+    publisher filters at its end: an unsubscribed follower costs neither process a
+    wake-up per message)."""
 
     def __init__(self, ctx: zmq.Context, address: str, topics: tuple[str, ...],
-                 on_message: Callable[[str, dict], None], *, name: str):
-        self.sock = ipc.subscriber(ctx, address, topics)
+                 on_message: Callable[[str, dict], None], *, name: str, subscribed: bool = True):
+        self.topics = tuple(topics)
+        self.sock = ipc.subscriber(ctx, address, self.topics if subscribed else ())
         self.on_message = on_message
         self.name = name
         self.dropped = 0
+        self._subscribed = subscribed  # what the socket has (the thread's own)
+        self._want = subscribed  # what was asked for (any thread)
         self._stop = threading.Event()
+        self._wake = WakeSignal()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+
+    def subscribe(self, on: bool) -> None:
+        """Start (True) or stop (False) receiving ``topics``. The socket belongs to the
+        follower's thread, which makes the change when this wakes it; messages published
+        before the publisher hears of a new subscription are not received."""
+        self._want = bool(on)
+        self._wake.set()
+
+    def _apply_subscription(self) -> None:
+        want = self._want
+        if want == self._subscribed:
+            return
+        option = zmq.SUBSCRIBE if want else zmq.UNSUBSCRIBE
+        for t in self.topics:
+            self.sock.setsockopt(option, t.encode("ascii"))
+        self._subscribed = want
 
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        wake_fd = self._wake.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
-                    if not poller.poll(100):
+                    events = dict(poller.poll())
+                    if wake_fd in events:
+                        self._wake.consume()
+                        self._apply_subscription()
+                    if self.sock not in events:
                         continue
                     while True:
                         try:
                             frames = self.sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        msg = _publication(frames)
+                        msg = publication(frames)
                         if msg is None:
                             self.dropped += 1
                             continue
@@ -58,6 +91,7 @@ class Follower:
                     if err.errno == zmq.ETERM:
                         return
                     log.exception("%s: socket error", self.name)
+                    self._stop.wait(0.1)  # not a spin on a socket that keeps failing
         finally:
             self.sock.close(linger=0)
 
@@ -66,10 +100,13 @@ class Follower:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.thread.join(timeout=1.0)
 
 
-def _publication(frames: list) -> tuple[str, dict] | None:
+def publication(frames: list) -> tuple[str, dict] | None:
+    """``(topic, map)`` of a received ``[topic, msgpack map]`` message, or None when it is
+    malformed."""
     if len(frames) < 2:
         return None
     try:
@@ -140,7 +177,11 @@ class LatestState:
 
 class Results:
     """The results processing publishes (relayed by the gateway), for waiting on the next N.
-    The last few hundred are kept, so none is missed between two wake-ups."""
+
+    The follower is subscribed only while a :meth:`wait_results` runs: a process that waits
+    for results now and then (a calibration, a capture) is not woken thirty times a second
+    the rest of the time. The results of a wait are kept (the last few hundred), so none is
+    missed between two of its wake-ups."""
 
     KEEP = 512
 
@@ -150,12 +191,8 @@ class Results:
         self._cond = threading.Condition()
         self._recent: collections.deque = collections.deque(maxlen=self.KEEP)
         self.seen = 0
-        self.follower = Follower(ctx, address, ("result",), self._on, name=name)
-
-    @property
-    def last(self) -> dict | None:
-        with self._cond:
-            return self._recent[-1][1] if self._recent else None
+        self._waiting = 0
+        self.follower = Follower(ctx, address, ("result",), self._on, name=name, subscribed=False)
 
     def _on(self, topic: str, body: dict) -> None:
         with self._cond:
@@ -168,21 +205,33 @@ class Results:
         got: list[dict] = []
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            after = self.seen
-            while len(got) < count:
-                for n, r in self._recent:
-                    if n > after:
-                        after = n
-                        if r.get("valid") or not valid_only:
-                            got.append(r)
-                            if len(got) == count:
-                                break
-                if len(got) >= count:
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._waiting += 1
+            if self._waiting == 1:
+                self.follower.subscribe(True)
+            try:
+                return self._collect(got, count, deadline, valid_only)
+            finally:
+                self._waiting -= 1
+                if self._waiting == 0:
+                    self.follower.subscribe(False)
+
+    def _collect(self, got: list[dict], count: int, deadline: float, valid_only: bool) -> list[dict]:
+        """The waiting of :meth:`wait_results`, with the condition held."""
+        after = self.seen
+        while len(got) < count:
+            for n, r in self._recent:
+                if n > after:
+                    after = n
+                    if r.get("valid") or not valid_only:
+                        got.append(r)
+                        if len(got) == count:
+                            break
+            if len(got) >= count:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
         return got
 
     def close(self) -> None:

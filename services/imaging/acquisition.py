@@ -372,12 +372,16 @@ class Acquisition:
         for it a little (TAG_WAIT_S, about two frame periods at 60 fps), never long."""
         self._take_notices()
         deadline = None
+        wait_input = getattr(self.laser, "wait_input", None)
         while self._tagger.awaited(frame.meta) is not None and not self._stop.is_set():
             t = self.clock.monotonic()
             deadline = t + TAG_WAIT_S if deadline is None else deadline
             if t >= deadline:
                 break
-            self.clock.sleep(TAG_POLL_S)
+            if wait_input is not None:
+                wait_input(min(TAG_POLL_S, max(deadline - t, 0.0)))  # back at once when a record comes
+            else:
+                self.clock.sleep(TAG_POLL_S)
             self._take_notices()
         self._handle(frame, self._tagger.match(frame.meta))
 

@@ -9,7 +9,9 @@ the safety core a heartbeat every 100 ms and a notice per frame (the camera-stal
 when it goes silent while the laser is armed, the safety core turns the laser off.
 
 Threads: the command server (quick commands inline, long ones in its worker), the
-acquisition, the followers of the safety core's state and of the results, and the heartbeat.
+acquisition (which also takes the frame records off their socket), the followers of the
+safety core's state and of the results (subscribed only while a procedure waits for
+results), and the heartbeat.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from nirf.hal.clock import SystemClock
 from nirf.hal.errors import ConfigError, DeviceDisconnected, DeviceError, InvalidArgument, NirfError, NotAvailable, WrongState
 from nirf.hal.laser import FrameTag, McuNotice
 from nirf.services.common import entry, framering, ipc, sdnotify
-from nirf.services.common.follow import Follower, LatestState, Results
+from nirf.services.common.follow import LatestState, Results, publication
 from nirf.services.imaging.acquisition import Acquisition
 from nirf.services.imaging.record_tap import RecordTap
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.2.0"
 HEARTBEAT_S = 0.1
 CAMERA_NOTICE_S = 0.1  # frames are told to the safety core at most this often (S9 needs 1 s)
+FRAME_QUEUE = 1024  # frame records (17 s at 60 fps) queued while nobody acquires; older ones are dropped
 STATE_PERIOD_S = 0.2  # the periodic state (the gateway's status goes out at 2 Hz)
 LONG_COMMANDS = frozenset({"calibrate.dark", "calibrate.flat", "qc.baseline", "qc.run", "selftest"})
 
@@ -55,32 +58,54 @@ class SafetyLink:
         self.client = ipc.InternalClient(ctx, ipc.endpoint(runtime_dir, "safety"), name="safety")
         self.notifier = ipc.Notifier(ctx, ipc.endpoint(runtime_dir, "safety_in"))
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # tells the safety core of a restart
-        self._tags: collections.deque = collections.deque(maxlen=1024)
-        self._notices: collections.deque = collections.deque(maxlen=256)
-        self._lock = threading.Lock()
         self._camera_told: tuple[bool, bool] | None = None
         self._camera_told_at = 0.0
         self.latest = LatestState(ctx, ipc.endpoint(runtime_dir, "safety_pub"), name="safety-state")
-        self.frames = Follower(ctx, ipc.endpoint(runtime_dir, "safety_pub"), ("frame", "notice"), self._on,
-                               name="safety-frames")
+        # The frame records and notices stay queued on this socket until the acquisition
+        # asks (poll, wait_input): no thread of ours wakes for each of the 60 a second.
+        self._frames_sock = ipc.subscriber(ctx, ipc.endpoint(runtime_dir, "safety_pub"), ("frame", "notice"),
+                                           hwm=FRAME_QUEUE)
+        self._frames_lock = threading.Lock()  # the socket is used by one thread at a time
+        self.frames_dropped = 0  # malformed records
 
-    def _on(self, topic: str, body: dict) -> None:
+    def _take(self, frames: list, tags: list, notices: list) -> None:
+        msg = publication(frames)
+        if msg is None:
+            self.frames_dropped += 1
+            return
+        topic, body = msg
         if topic == "frame":
             c, lit, us, host = body.get("counter"), body.get("lit"), body.get("mcu_time_us"), body.get("host_time_ns")
             if isinstance(c, int) and isinstance(lit, bool) and isinstance(us, int) and isinstance(host, int):
-                with self._lock:
-                    self._tags.append(FrameTag(c, lit, us, host))
+                tags.append(FrameTag(c, lit, us, host))
+            else:
+                self.frames_dropped += 1
         elif topic == "notice" and isinstance(body.get("kind"), str):
-            with self._lock:
-                self._notices.append(McuNotice(body["kind"], tuple(map(str, body.get("detail") or ()))))
+            notices.append(McuNotice(body["kind"], tuple(map(str, body.get("detail") or ()))))
 
     # -- laser-driver surface used by the acquisition
     def poll(self) -> tuple[list[FrameTag], list[McuNotice]]:
-        with self._lock:
-            tags, notices = list(self._tags), list(self._notices)
-            self._tags.clear()
-            self._notices.clear()
+        """The frame records and notices the safety core published since the last call."""
+        tags: list[FrameTag] = []
+        notices: list[McuNotice] = []
+        with self._frames_lock:
+            if self._frames_sock is None:
+                return tags, notices
+            while True:
+                try:
+                    frames = self._frames_sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._take(frames, tags, notices)
         return tags, notices
+
+    def wait_input(self, timeout_s: float) -> bool:
+        """Sleep until a frame record or notice is queued, at most ``timeout_s``; whether one
+        is (the acquisition then calls :meth:`poll`)."""
+        with self._frames_lock:
+            if self._frames_sock is None:
+                return False
+            return bool(self._frames_sock.poll(max(0, int(timeout_s * 1000))))
 
     def start_frames(self, fps: float, exposure_us: int, modulate: bool) -> None:
         self.client.call("frames.start", {"fps": float(fps), "exposure_us": int(exposure_us),
@@ -141,11 +166,13 @@ class SafetyLink:
         self.notifier.send({"kind": "hb", "process": "imaging", "instance": self.instance})
 
     def alive(self) -> bool:
-        return self.latest.follower.alive() and self.frames.alive()
+        return self.latest.follower.alive()
 
     def close(self) -> None:
         self.latest.close()
-        self.frames.close()
+        with self._frames_lock:
+            self._frames_sock.close(linger=0)
+            self._frames_sock = None
         self.client.close()
         self.notifier.close()
 
