@@ -132,6 +132,25 @@ def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
             f"{framepath.PROCESS_LABELS.get(n, n)} {framepath.fmt_share(v / wall)}"
             for n, v in sorted(s.sim_threads_cpu_s.items()) if v > 0))
         device_for_pi, device_basis = device_only, "every simulator thread taken out (same window)"
+        # the two memory-bound parts, measured in place by the cart (thread CPU): what is left
+        # of the target for everything else
+        floor = 0.0
+        if s.copy_cpu_s_per_frame is not None:
+            copy_share = s.copy_cpu_s_per_frame * e2e.FPS
+            floor += copy_share
+            rows.append(("P5   of it the frame copy in the camera driver", framepath.fmt_share(copy_share), "", None))
+        if s.pipeline_cpu_s_per_pair is not None:
+            pipe_share = s.pipeline_cpu_s_per_pair * e2e.FPS / 2
+            floor += pipe_share
+            rows.append(("P5   of it the pipeline (statistics, previews)", framepath.fmt_share(pipe_share), "", None))
+        if s.copy_cpu_s_per_frame is not None and s.pipeline_cpu_s_per_pair is not None:
+            rows.append(("P5   the rest (bus, tagging, Python per message)", framepath.fmt_share(device_only - floor),
+                         "", None))
+            notes.append(f"P5 measured in place (thread CPU): the driver's copy {s.copy_cpu_s_per_frame * 1e3:.2f} ms a "
+                         f"frame, the pipeline {s.pipeline_cpu_s_per_pair * 1e3:.2f} ms a pair (its statistics on every "
+                         f"pair, a preview on one in {pipeline_bench.PAIRS_PER_PREVIEW}); together {framepath.fmt_share(floor)} of a core, "
+                         f"which leaves {framepath.fmt_share(max(DEVICE_TARGET - floor, 0.0))} of the "
+                         f"{framepath.fmt_share(DEVICE_TARGET)} target for the rest")
     safety = shares.get("controller")
     if safety is not None:
         safety_sim = s.sim_threads_cpu_s.get("controller", 0.0) / wall

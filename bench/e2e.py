@@ -105,6 +105,11 @@ class StreamStats:
     roi_mode: str = "fixed"
     search_ms: dict[int, float] = field(default_factory=dict)  # ROI generation -> search time
     heartbeat: dict | None = None  # the safety core's heartbeat gaps (status), when it reports them
+    # the device path's two memory-bound parts as the cart measures them in place (thread CPU):
+    # the camera driver's one copy per frame (imaging's status) and the pipeline per pair
+    # (statistics and previews, from the results), None when not reported
+    copy_cpu_s_per_frame: float | None = None
+    pipeline_cpu_s_per_pair: float | None = None
     subscribers: list[dict] = field(default_factory=list)  # the extra subscribers' figures
 
     @property
@@ -257,6 +262,8 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         next_tick = window_t0  # the first call marks the start of the measured part
         cpu0: dict | None = None
         cam0: float | None = None
+        copy0: tuple[float, int] | None = None
+        pipe0: tuple[float, int] | None = None
         sup0: float | None = None
         sim0: dict[str, float] = {}
         cpu_t0 = 0.0
@@ -269,6 +276,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                     cam0 = _sim_camera_cpu(pids)
                     sim0 = _sim_threads_cpu(pids)
                     sup0 = _supervisor_cpu(pids)
+                    copy0, pipe0 = _copy_counters(client), _pipeline_counters(watcher.last_result)
                 if on_tick is not None and now >= next_tick:
                     next_tick = now + tick_s
                     on_tick(watcher, now - window_t0)
@@ -277,6 +285,9 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cam1 = _sim_camera_cpu(pids)
             sup1 = _supervisor_cpu(pids)
+            if cpu0 is not None:
+                stats.copy_cpu_s_per_frame = _per_item(copy0, _copy_counters(client))
+                stats.pipeline_cpu_s_per_pair = _per_item(pipe0, _pipeline_counters(watcher.last_result))
             if cpu0 is not None and sup0 is not None and sup1 is not None:
                 stats.supervisor_cpu_s = round(sup1 - sup0, 3)
             if cpu0 is not None:
@@ -313,6 +324,28 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         stats.processing_received = last["pairs_received"] - first["pairs_received"] + 1
     to_safe(client)
     return stats
+
+
+def _copy_counters(client) -> tuple[float, int] | None:
+    """(CPU seconds, frames) of the camera driver's copies so far, from imaging's status."""
+    cam = latest_status(client).get("camera") or {}
+    cpu, n = cam.get("copy_cpu_s"), cam.get("frames_copied")
+    return (float(cpu), int(n)) if isinstance(cpu, (int, float)) and isinstance(n, int) else None
+
+
+def _pipeline_counters(result: dict | None) -> tuple[float, int] | None:
+    """(CPU seconds, pairs) of processing's pipeline so far, from one of its results."""
+    if not result:
+        return None
+    cpu, n = result.get("pipeline_cpu_s"), result.get("pairs_received")
+    return (float(cpu), int(n)) if isinstance(cpu, (int, float)) and isinstance(n, int) else None
+
+
+def _per_item(first: tuple[float, int] | None, last: tuple[float, int] | None) -> float | None:
+    """CPU seconds per item between two (CPU seconds, items) readings of one counter."""
+    if first is None or last is None or last[1] <= first[1]:
+        return None
+    return (last[0] - first[0]) / (last[1] - first[1])
 
 
 def _sim_threads_cpu(pids: dict[str, int]) -> dict[str, float]:

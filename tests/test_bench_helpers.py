@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.cartrun import fd_count, proc_children, proc_cmdline, rss_kib
-from bench.e2e import ResultWatcher, StreamStats, fixed_rois, percentile
+from bench.e2e import ResultWatcher, StreamStats, _per_item, _pipeline_counters, fixed_rois, percentile
 from bench.safety_latency import SafetyStats, off_for_good_ns, verdicts
 from bench.soak import ProcessSamples
 
@@ -310,3 +310,12 @@ def test_a_named_threads_cpu_is_read_apart_from_the_rest_of_its_process():
         t.join(10)
     assert thread_cpu_seconds(2 ** 22 + 1, "x") is None  # beyond pid_max: no such process
     assert threads_cpu_by_prefix(2 ** 22 + 1, "x") is None
+
+
+def test_a_counter_per_item_is_the_difference_over_the_items_between_two_readings():
+    assert _per_item((1.0, 10), (1.5, 60)) == pytest.approx(0.01)
+    assert _per_item(None, (1.5, 60)) is None
+    assert _per_item((1.0, 10), (1.5, 10)) is None  # nothing counted in between
+    assert _pipeline_counters({"pipeline_cpu_s": 0.25, "pairs_received": 7}) == (0.25, 7)
+    assert _pipeline_counters({"pairs_received": 7}) is None  # a processing that does not report it
+    assert _pipeline_counters(None) is None

@@ -165,6 +165,7 @@ def test_a_frame_read_in_place_is_copied_once_and_outlives_its_camera_buffer(tmp
         assert int(kept.data[5, 5]) == BLACK + 100 and int(kept.data[0, 0]) == (1 << r.sensor.bits) - 1
         assert (slot_of(kept.data) is not None) == into_ring  # ... but the frame is its own copy
         assert r.driver.copies_into_allocated == (6 if into_ring else 0)
+        assert r.driver.frames_copied == 6 and r.driver.copy_cpu_s > 0.0  # the copy's CPU, for the benchmark
         assert r.camera.outstanding_requests == 0
     finally:
         r.close()

@@ -264,3 +264,12 @@ def test_a_pair_of_a_ring_that_is_gone_is_dropped_and_reported(ring_service):
     header["ring"] = dict(part, token="00" * 16)
     assert svc.handle([parts[0], _Part(bus_mod.pack(header))]) is None
     assert svc.ring_dropped == 1 and svc.reports[-1]["kind"] == "done"
+
+
+def test_results_carry_the_pipelines_cpu_so_far_for_the_benchmark(service):
+    rois = {"signal": [W // 2 - 10, H // 2 - 10, 20, 20], "background": [5, 5, 20, 20]}
+    first = handle(service, scene(), 0, roi=rois)
+    second = handle(service, scene(), 2, roi=rois)
+    assert first["pipeline_cpu_s"] >= 0.0
+    assert second["pipeline_cpu_s"] >= first["pipeline_cpu_s"]  # cumulative: a benchmark takes differences
+    assert second["pairs_received"] == first["pairs_received"] + 1

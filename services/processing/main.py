@@ -105,6 +105,7 @@ class ProcessingService:
         self._ring_token: str | None = None
         self.ring_pairs = 0  # pairs read in place from the ring
         self.ring_dropped = 0  # pairs whose slots were not (or no longer) theirs
+        self.pipeline_cpu_s = 0.0  # CPU seconds in the pipeline (statistics and previews) since start
         self._in_ring: dict | None = None  # the ring part of the pair being handled
 
     def connect(self) -> None:
@@ -259,10 +260,12 @@ class ProcessingService:
         rois_ready = self._update_rois(header, on, off, w, h, seq, t_capture_ns)
         meta_on = dict(m_on, frame_seq=seq)
         meta_off = dict(m_off, frame_seq=seq)
+        t0 = time.thread_time()
         if rois_ready:
             result = self.proc.process(on, off, meta_on, meta_off)
         else:
             result = self._result_without_rois(meta_on, meta_off)
+        self.pipeline_cpu_s += time.thread_time() - t0
         if ring_part is not None and not self.ring.current(ring_part):
             # a slot was written again while in use (never, while the leases hold): no result
             # computed on a torn frame goes out
@@ -276,11 +279,14 @@ class ProcessingService:
         result["pairs_received"] = self.pairs_received
         result["pairs_missing"] = self.pairs_missing
         result["pairs_dropped_ring"] = self.ring_dropped  # frames no longer in shared memory
+        result["pipeline_cpu_s"] = round(self.pipeline_cpu_s, 6)  # the pipeline's CPU so far (previews too)
         self.push.send_multipart([b"result", bus_mod.pack(result)])
         now = time.monotonic()
         if now >= self._next_preview:
             self._next_preview = now + self.preview_period_s
+            t0 = time.thread_time()
             pw, ph, rgb = self.proc.preview(on, off)
+            self.pipeline_cpu_s += time.thread_time() - t0
             if ring_part is not None and not self.ring.current(ring_part):
                 return result
             self.push.send_multipart([b"preview", bus_mod.pack({"width": pw, "height": ph, "format": "rgb8",
