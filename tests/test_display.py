@@ -450,6 +450,18 @@ def test_the_listener_reads_telemetry_with_the_observer_key(tmp_path):
         listener._deliver(batch)
         snap = model.snapshot()
         assert snap["preview"]["frame_seq"] == 4 and model.previews_encoded == 1
+        # a batch: only its newest result is read (the model keeps one); every status and
+        # event is handed over, in order
+        received = listener.received
+        batch = [[b"result", msgpack.packb({"sbr": 1.0 + i, "valid": True, "frame_seq": i})] for i in range(3)]
+        batch.insert(1, [b"status", msgpack.packb(_status("EMITTING"))])
+        batch.append([b"result", b"\xc1"])  # undecodable: the newest, so nothing newer is shown
+        batch.append([b"status", msgpack.packb(_status("ARMED"))])
+        listener._deliver(batch)
+        snap = model.snapshot()
+        assert listener.received == received + len(batch)
+        assert snap["status"]["state"] == "ARMED"
+        assert snap["result"]["frame_seq"] == 2 and snap["result"]["sbr"] == 3.0
     finally:
         listener.stop()
         auth.stop()

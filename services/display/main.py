@@ -74,6 +74,10 @@ STREAM_SNDBUF_BYTES = 64 * 1024
 # A browser that takes longer than this to accept a write is dropped (frees its slot).
 STREAM_WRITE_TIMEOUT_S = 10.0
 RECEIVE_POLL_MS = 200
+# The listener takes telemetry in batches at most this often: a page that redraws a few times
+# a second loses nothing by it (the newest result and preview of a batch are the ones shown),
+# and the display wakes ten times a second instead of for each of the forty-odd messages.
+RECEIVE_BATCH_S = 0.1
 PREVIEW_ENCODE_TRIES = 3  # encodes outside the lock before one under it (a burst of previews)
 # Telemetry batch drained per wake-up; bounded so the listener always comes back to check
 # whether it should stop.
@@ -343,8 +347,10 @@ class DisplayModel:
 class TelemetryListener:
     """Subscribes to the telemetry endpoint (CURVE, observer key) and feeds the model.
 
-    Each wake-up drains what has arrived, keeps only the newest preview of the batch (so
-    a burst costs one PNG encode) and hands everything else over in order.
+    It wakes when telemetry arrives, lets a batch gather for :data:`RECEIVE_BATCH_S`, drains
+    it, reads only the newest result and the newest preview of the batch (the model keeps one
+    of each; a burst of previews costs one PNG encode) and hands everything else (statuses,
+    events) over in order.
     """
 
     def __init__(self, model: DisplayModel, ctx: zmq.Context, endpoint: str,
@@ -380,6 +386,8 @@ class TelemetryListener:
                 self.watchdog()
                 if not self.sock.poll(RECEIVE_POLL_MS):
                     continue
+                if self.stop_event.wait(RECEIVE_BATCH_S):  # let the batch gather
+                    break
                 batch = []
                 for _ in range(MAX_DRAIN):
                     try:
@@ -394,23 +402,44 @@ class TelemetryListener:
             self.sock.close(linger=0)
 
     def _deliver(self, batch: list) -> None:
-        last_preview = max((i for i, f in enumerate(batch) if f[0] == b"preview"), default=None)
+        # The model keeps one result and one preview: of a batch's, only the newest that
+        # decodes is read. Statuses and events all go over, in order.
+        chosen: dict[int, dict] = {}
+        for topic in (b"result", b"preview"):
+            for i in range(len(batch) - 1, -1, -1):
+                frames = batch[i]
+                if len(frames) >= 2 and frames[0] == topic:
+                    body = self._decode(frames)
+                    if body is not None:
+                        chosen[i] = body
+                        break
         for i, frames in enumerate(batch):
             self.received += 1
             if len(frames) < 2:
                 continue
+            if frames[0] in (b"result", b"preview"):
+                body = chosen.get(i)
+            else:
+                body = self._decode(frames)
+            if body is None:
+                continue
             topic = frames[0].decode("ascii", "replace")
-            if topic == "preview" and i != last_preview:
-                continue
-            try:
-                body = bus_mod.unpack(frames[1])
-            except ValueError as err:
-                log.warning("ignored an undecodable %r message: %s", topic, err)
-                continue
             try:
                 self.model.handle(topic, body, frames[2:])
             except Exception:  # one odd message must not end the display
                 log.exception("could not show a %r message", topic)
+
+    @staticmethod
+    def _decode(frames) -> dict | None:
+        try:
+            body = bus_mod.unpack(frames[1])
+        except ValueError as err:
+            log.warning("ignored an undecodable %r message: %s", frames[0][:32], err)
+            return None
+        if not isinstance(body, dict):
+            log.warning("ignored a %r message that is not a map", frames[0][:32])
+            return None
+        return body
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self.stop_event.set()
