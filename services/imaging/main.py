@@ -91,9 +91,12 @@ class SafetyLink:
         with self._frames_lock:
             if self._frames_sock is None:
                 return tags, notices
-            while True:
+            sock = self._frames_sock
+            # called for every frame: the end of the queue costs one option read, not a raised
+            # zmq.Again
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
-                    frames = self._frames_sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._take(frames, tags, notices)
