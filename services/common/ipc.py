@@ -408,7 +408,10 @@ class Publisher:
         self._lock = threading.Lock()
 
     def publish(self, topic: str, body: dict) -> None:
-        data = pack(body)
+        self.publish_packed(topic, pack(body))
+
+    def publish_packed(self, topic: str, data: bytes) -> None:
+        """Publish a map already packed (msgpack bytes)."""
         with self._lock:
             try:
                 self.sock.send_multipart([topic.encode("ascii"), data], zmq.NOBLOCK)

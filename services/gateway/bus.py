@@ -241,15 +241,21 @@ class Telemetry:
             self.sock = self._bind()
 
     def publish(self, topic: str, body: dict, extra: list | tuple = ()) -> dict:
+        return self.publish_packed(topic, body, extra)[0]
+
+    def publish_packed(self, topic: str, body: dict, extra: list | tuple = ()) -> tuple[dict, bytes]:
+        """:meth:`publish`, returning the packed map too, for a caller that passes the same
+        message on elsewhere without packing it again."""
         with self._lock:
             seq = self._seq.get(topic, 0)
             self._seq[topic] = seq + 1
             msg = dict(body, seq=seq, t_ns=time.time_ns())
+            data = pack(msg)
             try:
-                self.sock.send_multipart([topic.encode("ascii"), pack(msg), *extra], zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart([topic.encode("ascii"), data, *extra], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass
-        return msg
+        return msg, data
 
     def close(self) -> None:
         self.sock.close(linger=0)

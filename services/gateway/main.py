@@ -246,8 +246,9 @@ class Gateway:
         if topic == b"result":
             if isinstance(body.get("roi"), dict) and self.states.get("imaging", {}).get("roi") == "auto":
                 body["roi_auto"] = True
-            msg = self.telemetry.publish("result", body)
-            self.internal_pub.publish("result", msg)
+            # the same bytes to the operators and to the processes that wait for results
+            _, data = self.telemetry.publish_packed("result", body)
+            self.internal_pub.publish_packed("result", data)
         elif topic == b"preview" and len(frames) == 3:
             self.telemetry.publish("preview", body, [frames[2]])
         else:
