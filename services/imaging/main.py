@@ -16,9 +16,9 @@ results), and the heartbeat.
 
 from __future__ import annotations
 
-import collections
 import os
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -108,7 +108,7 @@ class SafetyLink:
         with self._frames_lock:
             if self._frames_sock is None:
                 return False
-            return bool(self._frames_sock.poll(max(0, int(timeout_s * 1000))))
+            return bool(self._frames_sock.poll(max(0, math.ceil(timeout_s * 1000))))  # whole ms, never 0 for a wait
 
     def start_frames(self, fps: float, exposure_us: int, modulate: bool) -> None:
         self.client.call("frames.start", {"fps": float(fps), "exposure_us": int(exposure_us),
@@ -174,8 +174,9 @@ class SafetyLink:
     def close(self) -> None:
         self.latest.close()
         with self._frames_lock:
-            self._frames_sock.close(linger=0)
-            self._frames_sock = None
+            if self._frames_sock is not None:
+                self._frames_sock.close(linger=0)
+                self._frames_sock = None
         self.client.close()
         self.notifier.close()
 
