@@ -285,12 +285,11 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
             cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             cam1 = _sim_camera_cpu(pids)
             sup1 = _supervisor_cpu(pids)
-            if cpu0 is not None:
-                stats.copy_cpu_s_per_frame = _per_item(copy0, _copy_counters(client))
-                stats.pipeline_cpu_s_per_pair = _per_item(pipe0, _pipeline_counters(watcher.last_result))
             if cpu0 is not None and sup0 is not None and sup1 is not None:
                 stats.supervisor_cpu_s = round(sup1 - sup0, 3)
             if cpu0 is not None:
+                stats.copy_cpu_s_per_frame = _per_item(copy0, _copy_counters(client))
+                stats.pipeline_cpu_s_per_pair = _per_item(pipe0, _pipeline_counters(watcher.last_result))
                 sim1 = _sim_threads_cpu(pids)
                 stats.sim_threads_cpu_s = {n: round(sim1[n] - sim0[n], 3) for n in sim1 if n in sim0}
             stats.cpu_wall_s = time.monotonic() - cpu_t0 if cpu0 is not None else 0.0

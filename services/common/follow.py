@@ -202,21 +202,21 @@ class Results:
 
     def wait_results(self, count: int, timeout_s: float, valid_only: bool = True) -> list[dict]:
         """The next ``count`` results (valid ones only by default) published after now."""
-        got: list[dict] = []
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._waiting += 1
             if self._waiting == 1:
                 self.follower.subscribe(True)
             try:
-                return self._collect(got, count, deadline, valid_only)
+                return self._collect(count, deadline, valid_only)
             finally:
                 self._waiting -= 1
                 if self._waiting == 0:
                     self.follower.subscribe(False)
 
-    def _collect(self, got: list[dict], count: int, deadline: float, valid_only: bool) -> list[dict]:
+    def _collect(self, count: int, deadline: float, valid_only: bool) -> list[dict]:
         """The waiting of :meth:`wait_results`, with the condition held."""
+        got: list[dict] = []
         after = self.seen
         while len(got) < count:
             for n, r in self._recent:

@@ -78,6 +78,8 @@ RECEIVE_POLL_MS = 200
 # a second loses nothing by it (the newest result and preview of a batch are the ones shown),
 # and the display wakes ten times a second instead of for each of the forty-odd messages.
 RECEIVE_BATCH_S = 0.1
+# The model keeps one value of these topics: of a batch, only the newest is read.
+NEWEST_ONLY = (b"result", b"preview")
 PREVIEW_ENCODE_TRIES = 3  # encodes outside the lock before one under it (a burst of previews)
 # Telemetry batch drained per wake-up; bounded so the listener always comes back to check
 # whether it should stop.
@@ -402,10 +404,10 @@ class TelemetryListener:
             self.sock.close(linger=0)
 
     def _deliver(self, batch: list) -> None:
-        # The model keeps one result and one preview: of a batch's, only the newest that
-        # decodes is read. Statuses and events all go over, in order.
+        # Of NEWEST_ONLY, only a batch's newest message that decodes is read. Statuses and
+        # events all go over, in order.
         chosen: dict[int, dict] = {}
-        for topic in (b"result", b"preview"):
+        for topic in NEWEST_ONLY:
             for i in range(len(batch) - 1, -1, -1):
                 frames = batch[i]
                 if len(frames) >= 2 and frames[0] == topic:
@@ -417,7 +419,7 @@ class TelemetryListener:
             self.received += 1
             if len(frames) < 2:
                 continue
-            if frames[0] in (b"result", b"preview"):
+            if frames[0] in NEWEST_ONLY:
                 body = chosen.get(i)
             else:
                 body = self._decode(frames)

@@ -379,7 +379,7 @@ class Acquisition:
             if t >= deadline:
                 break
             if wait_input is not None:
-                wait_input(min(TAG_POLL_S, max(deadline - t, 0.0)))  # back at once when a record comes
+                wait_input(min(TAG_POLL_S, deadline - t))  # back at once when a record comes
             else:
                 self.clock.sleep(TAG_POLL_S)
             self._take_notices()
