@@ -242,7 +242,8 @@ class McuEmulator:
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
         self._frame_lit = False  # the frame in progress was triggered lit and is still lit
         self._dark_lit_reported: int | None = None  # the last dark frame reported ! LIT
-        self._dark_frame: int | None = None  # the frame in progress, when triggered dark
+        # the dark frame whose exposure the photodiode still watches: (counter, start, end ns)
+        self._dark_exposure: tuple[int, int, int] | None = None
         # Safe at boot: no drive, whatever the world held before.
         self.world.set_laser_drive(0.0, self._boot_ns)
         self.world.add_listener(self._on_world)
@@ -382,6 +383,7 @@ class McuEmulator:
             self._latch(["WDOG"], now_ns)
         # Frames first, at their exact scheduled times; then the checks at "now".
         self._run_frames(now_ns)
+        self._watch_dark_exposure(now_ns)
         self._update_thermal(now_s, now_ns)
         self._sample_photodiode()
         self._check_safety(now_s, now_ns)
@@ -406,8 +408,11 @@ class McuEmulator:
                 # S15: the frame boundary is where a pending turn-on or increase applies.
                 self._applied_duty, self._applied_mw = self._duty, self._expected_mw
                 self._pd_held_valid = False
+            # the previous frame's exposure has ended: judge the part the loop did not see
+            self._watch_dark_exposure(t_ns)
             self._frame_lit = lit
-            self._dark_frame = None if lit else n
+            if not lit and self._ft_modulate:
+                self._dark_exposure = (n, t_ns, t_ns + self._exposure_us * 1000)
             # The gate for this frame is set before the trigger, at the trigger's time, so
             # the whole frame period is lit (or dark).
             self.world.set_laser_drive(self._drive_mw(), t_ns)
@@ -439,15 +444,19 @@ class McuEmulator:
     def _pdf(self) -> float:
         return self._factory.photodiode_factor if self._factory else PD_MW_PER_UNIT
 
+    def _pd_reading_mw(self, optical_mw: float) -> float:
+        """What the monitor photodiode reads for ``optical_mw`` of true output, in
+        factory-calibrated mW (its gain fault and noise included)."""
+        gain = float(self.world.faults.get("photodiode_gain", 1.0))
+        units = optical_mw * gain / PD_MW_PER_UNIT
+        units += self._pd_rng.gauss(0.0, (PD_NOISE_MW + PD_NOISE_REL * abs(optical_mw * gain)) / PD_MW_PER_UNIT)
+        return max(0.0, units) * self._pdf()
+
     def _sample_photodiode(self) -> None:
         """One ADC sample of the monitor photodiode, in factory-calibrated mW. While
         modulating, samples taken in lit frames are held, so the reading is the lit level
         and does not flicker with the gate."""
-        optical = self.world.laser_output_mw()
-        gain = float(self.world.faults.get("photodiode_gain", 1.0))
-        units = optical * gain / PD_MW_PER_UNIT
-        units += self._pd_rng.gauss(0.0, (PD_NOISE_MW + PD_NOISE_REL * abs(optical * gain)) / PD_MW_PER_UNIT)
-        self._pd_live_mw = max(0.0, units) * self._pdf()
+        self._pd_live_mw = self._pd_reading_mw(self.world.laser_output_mw())
         if not self._enabled:
             self._pd_held_mw = self._pd_live_mw
             self._pd_held_valid = False
@@ -458,12 +467,28 @@ class McuEmulator:
         else:
             self._pd_held_mw = self._pd_live_mw
             self._pd_held_valid = True
-        # Light during a dark frame's exposure (a leaking gate): the host must know that the
-        # off frame of its pair is not dark (section 7), once per frame.
-        if (self._modulating() and self._dark_frame == self._gate_frame and self._pd_live_mw > DARK_LIGHT_MW
-                and self._dark_lit_reported != self._gate_frame and self._in_exposure(self.clock.time_ns())):
-            self._dark_lit_reported = self._gate_frame
-            self._send(f"! LIT {self._gate_frame}")
+
+    def _watch_dark_exposure(self, until_ns: int) -> None:
+        """Light during a dark frame's exposure (a leaking gate): the host must know that the
+        off frame of its pair is not dark (section 7), once per frame.
+
+        The firmware samples the photodiode all through the exposure, whenever its main
+        loop runs. This emulator's loop can run late (its process descheduled for longer
+        than an exposure), so the part of the exposure up to ``until_ns`` is judged from the
+        world's record of the optical output over it, never from one sample at "now"."""
+        watched = self._dark_exposure
+        if watched is None:
+            return
+        counter, start_ns, end_ns = watched
+        if until_ns <= start_ns:
+            return
+        peak_mw = self.world.laser_peak_mw(start_ns, min(until_ns, end_ns))
+        if self._pd_reading_mw(peak_mw) > DARK_LIGHT_MW and self._dark_lit_reported != counter:
+            self._dark_lit_reported = counter
+            self._send(f"! LIT {counter}")
+            self._dark_exposure = None
+        elif until_ns >= end_ns:
+            self._dark_exposure = None
 
     def _xmw_disagrees(self) -> bool:
         reading, expected = self._pd_held_mw, self._applied_mw
@@ -574,13 +599,6 @@ class McuEmulator:
 
     def _apply_drive(self, t_ns: int | None = None) -> None:
         self.world.set_laser_drive(self._drive_mw(), self.clock.time_ns() if t_ns is None else t_ns)
-
-    def _in_exposure(self, now_ns: int) -> bool:
-        """Inside the exposure of the frame in progress (from its trigger for ``exposure_us``)."""
-        if not self._ft_running:
-            return False
-        t_start = self._t0_ns + self._gate_frame * self._period_ns
-        return t_start <= now_ns < t_start + self._exposure_us * 1000
 
     def _in_lit_exposure(self, now_ns: int) -> bool:
         if not (self._ft_running and self._frame_lit):
@@ -811,8 +829,9 @@ class McuEmulator:
         self._next_frame = 0
         self._frame_count = 0
         self._gate_frame = 0
+        self._watch_dark_exposure(self.clock.time_ns())  # the last run's exposure, to now
         self._dark_lit_reported = None  # counters start again: a new frame 0 is a new frame
-        self._dark_frame = None  # frame 0 is lit, and not triggered yet
+        self._dark_exposure = None  # frame 0 is lit, and not triggered yet
         # Dark until frame 0's trigger (at t0, on the next step) decides its gate.
         self._frame_lit = False
         self._pd_held_valid = False
@@ -821,6 +840,8 @@ class McuEmulator:
 
     def _cmd_ftoff(self, args: list[str]) -> str:
         _nargs(args, 0)
+        self._watch_dark_exposure(self.clock.time_ns())  # an exposure in progress ends here
+        self._dark_exposure = None
         self._ft_running = False
         self._ft_modulate = False
         self._frame_lit = False

@@ -286,6 +286,12 @@ class World:
         with self._lock:
             return mean_of_steps(list(self._laser_events), t0_ns, t1_ns)
 
+    def laser_peak_mw(self, t0_ns: int, t1_ns: int) -> float:
+        """The highest optical output at any time in [t0, t1) (what a photodiode sampled all
+        through that window sees at most); the level at t0 for an empty window."""
+        with self._lock:
+            return peak_of_steps(list(self._laser_events), t0_ns, t1_ns)
+
     # -- triggers -----------------------------------------------------------------------------
     def trigger(self, counter: int, t_start_ns: int, lit: bool, exposure_ns: int = 0, pulse_us: int = 0) -> None:
         """The MCU triggers one camera exposure (of ``exposure_ns``, when given; ``pulse_us``:
@@ -529,6 +535,23 @@ def judge_frames(laser: list, triggers: list) -> dict:
 
 def _event_time(event: tuple[int, float]) -> int:
     return event[0]
+
+
+def peak_of_steps(events: list[tuple[int, float]], t0_ns: int, t1_ns: int) -> float:
+    """Maximum of a step function given as sorted (t_ns, value) change points over
+    [t0, t1): the value in force at t0 and every value that starts before t1 (of points
+    with one time, the last is in force). Before the first point the value is the first
+    point's value."""
+    first = bisect.bisect_right(events, t0_ns, key=_event_time)  # points at or before t0
+    peak = events[first - 1][1] if first else events[0][1]
+    for i in range(first, len(events)):
+        t, val = events[i]
+        if t >= t1_ns:
+            break
+        if i + 1 < len(events) and events[i + 1][0] == t:
+            continue  # replaced at the same instant: never in force
+        peak = max(peak, val)
+    return peak
 
 
 def mean_of_steps(events: list[tuple[int, float]], t0_ns: int, t1_ns: int) -> float:
