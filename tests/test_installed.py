@@ -19,9 +19,10 @@ import pytest
 
 from tests.cartproc import ROOT
 
-pytestmark = pytest.mark.slow
-
 PIP_TIMEOUT_S = 900
+
+# the installing fixture runs two pip installs, each with its own limit
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * PIP_TIMEOUT_S + 120)]
 
 
 def run(cmd, env, timeout=120, check=True):
