@@ -472,6 +472,17 @@ def test_preview_pixels_are_the_colour_map_of_a_plain_reference():
     assert np.array_equal(np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3), expected)
 
 
+def test_preview_told_the_frame_has_no_full_scale_pixel_is_the_same_preview():
+    # the service passes what process() found (frame_saturated_fraction 0: no pixel at full
+    # scale); the preview then skips its own look, and the picture is the same
+    for power, rng in ((50.0, 22), (150.0, 23)):
+        on, off, m_on, m_off = pair(Scene(power_mw=power), np.random.default_rng(rng))
+        p = processor(preview_downsample=4)
+        saturated = p.process(on, off, m_on, m_off)["frame_saturated_fraction"] > 0
+        assert saturated == (power == 150.0)  # one pair of each kind
+        assert p.preview(on, off, any_saturated=saturated) == p.preview(on, off)
+
+
 @given(st.integers(min_value=0, max_value=0xFFFF), st.integers(min_value=0, max_value=2**32 - 1))
 @settings(max_examples=25, deadline=None)
 def test_motion_profiles_are_exact_integer_sums(fill, seed):

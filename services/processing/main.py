@@ -285,7 +285,8 @@ class ProcessingService:
         if now >= self._next_preview:
             self._next_preview = now + self.preview_period_s
             t0 = time.thread_time()
-            pw, ph, rgb = self.proc.preview(on, off)
+            frame_sat = result.get("frame_saturated_fraction")  # None while the ROIs are pending
+            pw, ph, rgb = self.proc.preview(on, off, any_saturated=None if frame_sat is None else frame_sat > 0)
             self.pipeline_cpu_s += time.thread_time() - t0
             if ring_part is not None and not self.ring.current(ring_part):
                 return result

@@ -83,9 +83,10 @@ def _build_colour_lut() -> np.ndarray:
 
 
 COLOUR_LUT = _build_colour_lut()
-# The same table with one 3-byte item per entry: a lookup copies whole pixels (a 1-D take,
-# about twice as fast as taking rows of the (256, 3) table)
-_COLOUR_LUT_PIXELS = np.ascontiguousarray(COLOUR_LUT).view("V3").reshape(256)
+# The same table as one 4-byte word per entry (r, g, b, 0 in memory): a lookup takes whole
+# words, which numpy copies as numbers (a take of 3-byte items copies each one as bytes,
+# about three times slower), and the three colour planes are then copied out of the words.
+_COLOUR_LUT_WORDS = np.concatenate([COLOUR_LUT, np.zeros((256, 1), dtype=np.uint8)], axis=1).view(np.uint32).reshape(256)
 
 
 # --- regions of interest ---------------------------------------------------------------
@@ -294,20 +295,44 @@ MOTION_SIGNIFICANCE = 8.0
 
 
 class _Profile:
-    """A 1-D profile with what comparing it as the previous one needs: float64 values and
-    running sums of them and of their squares (computed once, used when it is "previous")."""
+    """A 1-D profile with what comparing it as the previous one needs: its float64 values
+    and, for each of the ``2 * search + 1`` windows of ``size - 2 * search`` values a shift
+    compares against, the sum of the window and the sum of its squared deviations from its
+    mean (computed once, used when the profile is "previous").
 
-    __slots__ = ("v", "c1", "c2")
+    The windows cover all but ``2 * search`` values, so each sum is the whole profile's
+    less a short head and tail: two small cumulative sums instead of two over the whole
+    profile. The values are integers (sums of raw counts), so every sum is exact."""
 
-    def __init__(self, values: np.ndarray):
-        self.v = values.astype(np.float64)
-        n = self.v.size
-        self.c1 = np.empty(n + 1)
-        self.c1[0] = 0.0
-        np.cumsum(self.v, out=self.c1[1:])
-        self.c2 = np.empty(n + 1)
-        self.c2[0] = 0.0
-        np.cumsum(np.square(self.v), out=self.c2[1:])
+    __slots__ = ("v", "search", "n", "ssd")
+
+    def __init__(self, values: np.ndarray, search: int):
+        self.v = v = values.astype(np.float64)
+        self.search = search
+        m = 2 * search
+        self.n = n = v.size - m
+        if n < 1:
+            self.ssd = None
+            return
+        sq = v * v
+        # window k is v[k:k + n]: the total less v[:k] (head) and v[k + n:] (tail)
+        s1 = float(v.sum()) - _heads(v[:m]) - _tails(v[n:])
+        s2 = float(sq.sum()) - _heads(sq[:m]) - _tails(sq[n:])
+        self.ssd = s2 - s1 * s1 / n
+
+
+def _heads(x: np.ndarray) -> np.ndarray:
+    """``[0, x[0], x[0] + x[1], ..., sum(x)]``: the sums of the first k values, k = 0..len."""
+    out = np.zeros(x.size + 1)
+    np.cumsum(x, out=out[1:])
+    return out
+
+
+def _tails(x: np.ndarray) -> np.ndarray:
+    """``[sum(x), sum(x[1:]), ..., x[-1], 0]``: the sums from value k on, k = 0..len."""
+    out = np.zeros(x.size + 1)
+    np.cumsum(x[::-1], out=out[1:])
+    return out[::-1]
 
 
 def _profile_shift(prev, cur, search: int) -> float | None:
@@ -315,30 +340,33 @@ def _profile_shift(prev, cur, search: int) -> float | None:
     aligns two 1-D profiles (arrays or :class:`_Profile`), to a fraction of a pixel; 0.0
     when no shift fits significantly better than none; None when the profiles are too
     short."""
-    prev = prev if isinstance(prev, _Profile) else _Profile(prev)
+    prev = prev if isinstance(prev, _Profile) and prev.search == search else _Profile(np.asarray(prev), search)
     cur_v = cur.v if isinstance(cur, _Profile) else np.asarray(cur, dtype=np.float64)
-    n = prev.v.size - 2 * search
+    n = prev.n
     if n < 16 or cur_v.size != prev.v.size:
         return None
-    a = cur_v[search:search + n] - cur_v[search:search + n].mean()
+    a = cur_v[search:search + n]
+    a = a - float(a.sum()) / n
     # The mean squared difference between a and each window k of prev (prev[k:k+n], both
-    # zero-mean), from running sums and one correlation: sum(a^2) + sum((b - m)^2) - 2 a.b.
-    # Window k aligns with cur for the shift search - k.
-    s1 = prev.c1[n:] - prev.c1[:-n]
-    s2 = prev.c2[n:] - prev.c2[:-n]
-    cross = np.correlate(prev.v, a, mode="valid")
-    err = ((float(np.dot(a, a)) + s2 - s1 * s1 / n - 2.0 * cross) / n)[::-1]  # index i: shift i - search
-    err = np.maximum(err, 0.0)
-    j = int(np.argmin(err))
-    e_min, e_zero = err[j], err[search]
+    # zero-mean): (sum(a^2) + ssd_k - 2 a.b_k) / n. Window k aligns with cur for the shift
+    # search - k; the constant sum(a^2) and the 1/n enter only the values compared below.
+    part = (prev.ssd - 2.0 * np.correlate(prev.v, a, mode="valid"))[::-1]  # index i: shift i - search
+    j = int(np.argmin(part))
+    aa = float(np.dot(a, a))
+
+    def err(i: int) -> float:
+        return max((aa + float(part[i])) / n, 0.0)
+
+    e_min, e_zero = err(j), err(search)
     # Under no motion both are noise: e ~ 2 var with a spread of about e * sqrt(2 / n).
     if j == search or e_zero - e_min <= MOTION_SIGNIFICANCE * max(e_min, 1e-12) * math.sqrt(2.0 / n):
         return 0.0
     shift = float(j - search)
     if 0 < j < 2 * search:  # parabola through the minimum and its neighbours
-        den = err[j - 1] - 2.0 * err[j] + err[j + 1]
+        e_lo, e_hi = err(j - 1), err(j + 1)
+        den = e_lo - 2.0 * e_min + e_hi
         if den > 0:
-            shift += 0.5 * (err[j - 1] - err[j + 1]) / den
+            shift += 0.5 * (e_lo - e_hi) / den
     return shift
 
 
@@ -373,10 +401,12 @@ class MotionTracker:
         y0, x0 = min(max(0, cy - half), max(0, h - 2 * half)), min(max(0, cx - half), max(0, w - 2 * half))
         # The column band's row sums as one matrix-vector product in float32: exact, since
         # MOTION_STRIPE_PX uint16 values sum to less than 2**24 (about 3x faster than a reduce
-        # along the short, strided axis).
-        cols = on[:, x0:x0 + 2 * half]  # narrower than the stripe in a small frame
-        return (_Profile(np.add.reduce(on[y0:y0 + 2 * half], axis=0, dtype=np.uint32)),
-                _Profile(np.matmul(cols, _STRIPE_ONES[:cols.shape[1]])))
+        # along the short, strided axis). The band is made a contiguous float32 block first:
+        # a product of the strided uint16 view converts it element by element, twice as slow.
+        cols = on[:, x0:x0 + 2 * half].astype(np.float32)  # narrower than the stripe in a small frame
+        rows = on[y0:y0 + 2 * half].astype(np.float32)  # the row band too: one product
+        return (_Profile(np.matmul(_STRIPE_ONES[:rows.shape[0]], rows), MOTION_SEARCH_PX),
+                _Profile(np.matmul(cols, _STRIPE_ONES[:cols.shape[1]]), MOTION_SEARCH_PX))
 
     def update(self, on: np.ndarray, frame_seq: int | None, centre: tuple[int, int],
                seq_step: int = 2) -> tuple[float, float] | None:
@@ -496,7 +526,8 @@ class PairProcessor:
         self._pv_idx = np.empty(pshape, dtype=np.intp)  # the take's own index type: no conversion
         self._pv_sat = np.empty(pshape, dtype=bool)
         self._pv_rgb = np.empty(pshape + (3,), dtype=np.uint8)
-        self._pv_rgb_pixels = self._pv_rgb.view("V3").reshape(pshape)
+        self._pv_words = np.empty(pshape, dtype=np.uint32)  # the lookup's words ...
+        self._pv_word_bytes = self._pv_words.view(np.uint8).reshape(pshape + (4,))  # ... as r, g, b, 0
         self._pv_inv_gain: np.ndarray | None = None
         self._frame_sat: np.ndarray | None = None  # allocated on first saturated frame
         self.set_flat_field(flat_field)
@@ -608,9 +639,10 @@ class PairProcessor:
                                   f"pipeline was set up for {self.bits}-bit")
 
     def _roi_stats(self, work: _RoiWork, on: np.ndarray, off: np.ndarray,
-                   want_std: bool) -> tuple[float, float | None, float]:
+                   want_std: bool, frame_saturated: bool = True) -> tuple[float, float | None, float]:
         """Mean (and optionally the spread) of D over one ROI, and the fraction of its
-        raw on-frame pixels at full scale. Reads only the ROI's pixels."""
+        raw on-frame pixels at full scale (0 without a look when ``frame_saturated`` says
+        the whole on frame has none). Reads only the ROI's pixels."""
         on_r = on[work.rows, work.cols]
         np.subtract(on_r, off[work.rows, work.cols], out=work.d, dtype=np.float32)
         if work.inv_gain is not None:
@@ -624,7 +656,7 @@ class PairProcessor:
             np.subtract(work.d, np.float32(mean), out=work.d)
             std = math.sqrt(max(float(np.dot(work.flat, work.flat)) / n, 0.0))
         saturated = 0.0
-        if int(on_r.max()) >= self.full_scale:
+        if frame_saturated and int(on_r.max()) >= self.full_scale:
             saturated = float(np.count_nonzero(on_r >= self.full_scale)) / n
         return mean, std, saturated
 
@@ -648,9 +680,13 @@ class PairProcessor:
         self._check_meta("laser-on", meta_on)
         self._check_meta("laser-off", meta_off)
 
-        s_mean, _, s_sat = self._roi_stats(self._signal, on, off, want_std=False)
-        b_mean, b_std, b_sat = self._roi_stats(self._background, on, off, want_std=True)
+        # The frame-wide maximum first: it streams the whole on frame through the cache, so
+        # the ROIs and the motion profiles then read the on frame from the cache, not from
+        # memory row by row.
         frame_sat = self._frame_saturated_fraction(on)
+        s_mean, _, s_sat = self._roi_stats(self._signal, on, off, want_std=False, frame_saturated=frame_sat > 0)
+        b_mean, b_std, b_sat = self._roi_stats(self._background, on, off, want_std=True,
+                                               frame_saturated=frame_sat > 0)
 
         exposure_s = meta_on["exposure_us"] * 1e-6
         gain = float(meta_on["gain"])
@@ -764,15 +800,17 @@ class PairProcessor:
         }
 
     # -- preview ---------------------------------------------------------------------------
-    def preview(self, on: np.ndarray, off: np.ndarray, *,
-                display_max_counts: float | None = None) -> tuple[int, int, bytes]:
+    def preview(self, on: np.ndarray, off: np.ndarray, *, display_max_counts: float | None = None,
+                any_saturated: bool | None = None) -> tuple[int, int, bytes]:
         """The false-colour preview of a pair: ``(width, height, rgb8 bytes, row-major)``.
 
         Every ``preview_downsample``-th row and column of D (flat-field corrected when a
         map is set) is scaled from 0 to ``display_max_counts`` (by default the
         :data:`PREVIEW_PERCENTILE` percentile, at least :data:`PREVIEW_MIN_SPAN_COUNTS`),
         clamped, and coloured through :data:`COLOUR_LUT`; raw on-frame pixels at full
-        scale are painted :data:`PREVIEW_SATURATED_RGB`.
+        scale are painted :data:`PREVIEW_SATURATED_RGB`. ``any_saturated=False`` says the
+        whole on frame has no pixel at full scale (a result of :meth:`process` for this pair
+        with ``frame_saturated_fraction`` 0), so the preview does not look for one.
         """
         self._check_frame("laser-on", on)
         self._check_frame("laser-off", off)
@@ -798,8 +836,12 @@ class PairProcessor:
         np.clip(d, 0.0, 255.0, out=d)
         np.copyto(self._pv_idx, d, casting="unsafe")
         rgb = self._pv_rgb
-        np.take(_COLOUR_LUT_PIXELS, self._pv_idx, out=self._pv_rgb_pixels, mode="clip")
-        if int(on_s.max()) >= self.full_scale:  # a read-only pass; the mask only when needed
+        np.take(_COLOUR_LUT_WORDS, self._pv_idx, out=self._pv_words, mode="clip")
+        for c in range(3):
+            np.copyto(rgb[:, :, c], self._pv_word_bytes[:, :, c])
+        # the mask only where a pixel may be at full scale (a read-only pass, or the
+        # caller's word that the whole frame has none)
+        if any_saturated is not False and int(on_s.max()) >= self.full_scale:
             np.greater_equal(on_s, self.full_scale, out=self._pv_sat)
             rgb[self._pv_sat] = PREVIEW_SATURATED_RGB
         return self.preview_width, self.preview_height, rgb.tobytes()
