@@ -234,6 +234,11 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         "results_per_s": round(stats.results_per_s, 2),
         "latency_ms": {"p50": round(percentile(lat, 50), 2), "p90": round(percentile(lat, 90), 2),
                        "p99": round(percentile(lat, 99), 2), "max": round(lat[-1], 2) if lat else None},
+        # where the latency comes from: capture to processed, processed to published by the
+        # gateway, published to received here
+        "latency_stages_ms": {name: {"p50": round(percentile(sorted(v), 50), 2), "p90": round(percentile(sorted(v), 90), 2),
+                                     "p99": round(percentile(sorted(v), 99), 2)}
+                              for name, v in stats.stage_ms.items() if v},
         "pairs_sent": stats.pairs_sent, "results_received": stats.results_total,
         "pairs_lost": stats.pairs_lost, "pairs_incomplete": stats.pairs_incomplete,
         "telemetry_seq_gaps": stats.telemetry_seq_gaps, "invalid_results": stats.invalid,
@@ -262,6 +267,8 @@ def print_report(r: dict) -> None:
         print(f"  CPU hog                 {r['hog']['busy_loops']} busy loops; {r['hog']['priorities']}")
     print(f"  results/s               {r['results_per_s']}")
     print(f"  latency ms              p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    for name, v in (r.get("latency_stages_ms") or {}).items():
+        print(f"    {name.replace('_', ' '):21s} p50 {v['p50']}  p90 {v['p90']}  p99 {v['p99']}")
     print(f"  pairs                   sent {r['pairs_sent']}, results {r['results_received']}, "
           f"lost {r['pairs_lost']}, incomplete at acquisition {r['pairs_incomplete']}, "
           f"telemetry gaps {r['telemetry_seq_gaps']}")
