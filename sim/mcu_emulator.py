@@ -241,7 +241,6 @@ class McuEmulator:
         self._frame_count = 0  # frames triggered since the last start
         self._gate_frame = 0  # counter of the frame in progress (decides the gate)
         self._frame_lit = False  # the frame in progress was triggered lit and is still lit
-        self._dark_lit_reported: int | None = None  # the last dark frame reported ! LIT
         # the dark frame whose exposure the photodiode still watches: (counter, start, end ns)
         self._dark_exposure: tuple[int, int, int] | None = None
         # Safe at boot: no drive, whatever the world held before.
@@ -408,8 +407,7 @@ class McuEmulator:
                 # S15: the frame boundary is where a pending turn-on or increase applies.
                 self._applied_duty, self._applied_mw = self._duty, self._expected_mw
                 self._pd_held_valid = False
-            # the previous frame's exposure has ended: judge the part the loop did not see
-            self._watch_dark_exposure(t_ns)
+            self._watch_dark_exposure(t_ns)  # the previous frame's exposure has ended by now
             self._frame_lit = lit
             if not lit and self._ft_modulate:
                 self._dark_exposure = (n, t_ns, t_ns + self._exposure_us * 1000)
@@ -468,27 +466,26 @@ class McuEmulator:
             self._pd_held_mw = self._pd_live_mw
             self._pd_held_valid = True
 
-    def _watch_dark_exposure(self, until_ns: int) -> None:
+    def _watch_dark_exposure(self, until_ns: int, *, cut_short: bool = False) -> None:
         """Light during a dark frame's exposure (a leaking gate): the host must know that the
         off frame of its pair is not dark (section 7), once per frame.
 
         The firmware samples the photodiode all through the exposure, whenever its main
         loop runs. This emulator's loop can run late (its process descheduled for longer
-        than an exposure), so the part of the exposure up to ``until_ns`` is judged from the
-        world's record of the optical output over it, never from one sample at "now"."""
+        than an exposure), so each dark exposure is judged once, when it is over, from the
+        world's record of the optical output over it, never from one sample at "now".
+        ``cut_short``: the frame timing stops or restarts at ``until_ns``, which ends the
+        exposure there."""
         watched = self._dark_exposure
         if watched is None:
             return
         counter, start_ns, end_ns = watched
-        if until_ns <= start_ns:
-            return
-        peak_mw = self.world.laser_peak_mw(start_ns, min(until_ns, end_ns))
-        if self._pd_reading_mw(peak_mw) > DARK_LIGHT_MW and self._dark_lit_reported != counter:
-            self._dark_lit_reported = counter
+        if until_ns < end_ns and not cut_short:
+            return  # still exposing
+        self._dark_exposure = None
+        end_ns = min(until_ns, end_ns)
+        if end_ns > start_ns and self._pd_reading_mw(self.world.laser_peak_mw(start_ns, end_ns)) > DARK_LIGHT_MW:
             self._send(f"! LIT {counter}")
-            self._dark_exposure = None
-        elif until_ns >= end_ns:
-            self._dark_exposure = None
 
     def _xmw_disagrees(self) -> bool:
         reading, expected = self._pd_held_mw, self._applied_mw
@@ -821,6 +818,7 @@ class McuEmulator:
         period_us, exposure_us = int(period_text), int(exposure_text)
         if not PERIOD_MIN_US <= period_us <= PERIOD_MAX_US or not 1 <= exposure_us < period_us:
             raise _Reply("ERR ARG")
+        self._watch_dark_exposure(self.clock.time_ns(), cut_short=True)  # the last run's exposure, to now
         self._ft_running = True
         self._ft_modulate = mod_text == "1"
         self._period_ns = period_us * 1000
@@ -829,9 +827,6 @@ class McuEmulator:
         self._next_frame = 0
         self._frame_count = 0
         self._gate_frame = 0
-        self._watch_dark_exposure(self.clock.time_ns())  # the last run's exposure, to now
-        self._dark_lit_reported = None  # counters start again: a new frame 0 is a new frame
-        self._dark_exposure = None  # frame 0 is lit, and not triggered yet
         # Dark until frame 0's trigger (at t0, on the next step) decides its gate.
         self._frame_lit = False
         self._pd_held_valid = False
@@ -840,8 +835,7 @@ class McuEmulator:
 
     def _cmd_ftoff(self, args: list[str]) -> str:
         _nargs(args, 0)
-        self._watch_dark_exposure(self.clock.time_ns())  # an exposure in progress ends here
-        self._dark_exposure = None
+        self._watch_dark_exposure(self.clock.time_ns(), cut_short=True)  # an exposure in progress ends here
         self._ft_running = False
         self._ft_modulate = False
         self._frame_lit = False

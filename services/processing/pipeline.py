@@ -86,7 +86,8 @@ COLOUR_LUT = _build_colour_lut()
 # The same table as one 4-byte word per entry (r, g, b, 0 in memory): a lookup takes whole
 # words, which numpy copies as numbers (a take of 3-byte items copies each one as bytes,
 # about three times slower), and the three colour planes are then copied out of the words.
-_COLOUR_LUT_WORDS = np.concatenate([COLOUR_LUT, np.zeros((256, 1), dtype=np.uint8)], axis=1).view(np.uint32).reshape(256)
+_COLOUR_LUT_WORDS = (np.concatenate([COLOUR_LUT, np.zeros((256, 1), dtype=np.uint8)], axis=1)
+                     .view(np.uint32).reshape(256))
 
 
 # --- regions of interest ---------------------------------------------------------------
@@ -684,9 +685,9 @@ class PairProcessor:
         # the ROIs and the motion profiles then read the on frame from the cache, not from
         # memory row by row.
         frame_sat = self._frame_saturated_fraction(on)
-        s_mean, _, s_sat = self._roi_stats(self._signal, on, off, want_std=False, frame_saturated=frame_sat > 0)
-        b_mean, b_std, b_sat = self._roi_stats(self._background, on, off, want_std=True,
-                                               frame_saturated=frame_sat > 0)
+        any_sat = frame_sat > 0
+        s_mean, _, s_sat = self._roi_stats(self._signal, on, off, want_std=False, frame_saturated=any_sat)
+        b_mean, b_std, b_sat = self._roi_stats(self._background, on, off, want_std=True, frame_saturated=any_sat)
 
         exposure_s = meta_on["exposure_us"] * 1e-6
         gain = float(meta_on["gain"])
