@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from nirf.services.cli.client import CartClient
+from nirf.sim.ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,6 @@ CHILD_MODULES = {
 }
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (on the loopback interface)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_children(pid: int) -> list[int]:
@@ -159,8 +154,9 @@ class BenchCart:
         self.state_dir.mkdir()
         # kept short on purpose: it holds the ipc sockets
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="nirf-b-"))
-        self.control = f"tcp://127.0.0.1:{free_port()}"
-        self.telemetry = f"tcp://127.0.0.1:{free_port()}"
+        control_port, telemetry_port, display_port = free_ports(3)
+        self.control = f"tcp://127.0.0.1:{control_port}"
+        self.telemetry = f"tcp://127.0.0.1:{telemetry_port}"
         self.config_path = self.folder / "bench.toml"
         self.config_path.write_text(f"""
 [cart]
@@ -173,7 +169,7 @@ preview_rate_hz = {float(preview_rate_hz)}
 emission_delay_s = {float(emission_delay_s)}
 heartbeat_timeout_ms = {int(heartbeat_timeout_ms)}
 [display]
-port = {free_port()}
+port = {display_port}
 [camera]
 width = {int(width)}
 height = {int(height)}

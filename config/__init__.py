@@ -344,12 +344,16 @@ def _check_dicom(file: str, d: dict) -> None:
 def _check_consistency(file: str, v: dict) -> None:
     """Rules that tie keys together."""
     laser = v["laser"]
-    peak = laser["max_power_mw"] * laser["beam_peak_to_mean"] / laser["field_area_cm2"]
     if laser["max_power_mw"] > laser["full_scale_mw"] * laser["duty_ceiling"]:
         raise ConfigError(
             f"{file}: [laser] max_power_mw = {laser['max_power_mw']!r}: above what the MCU's duty ceiling allows "
             f"({laser['full_scale_mw'] * laser['duty_ceiling']:.1f} mW = full_scale_mw x duty_ceiling)")
-    del peak  # the irradiance limit is applied per setpoint; a max power above it is only unusable
+    # (the irradiance limit is applied per setpoint; a max power above it is only unusable)
+    bus = v["bus"]
+    if bus["control_endpoint"] == bus["telemetry_endpoint"]:
+        raise ConfigError(
+            f"{file}: [bus] telemetry_endpoint = {bus['telemetry_endpoint']!r}: the same as control_endpoint; "
+            "the gateway binds both, so they need different ports")
     s = v["safety"]
     if s["heartbeat_interval_ms"] * 2 > s["heartbeat_timeout_ms"]:
         raise ConfigError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,13 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nirf.sim.ports import free_port, free_ports  # distinct ports, never one twice
+
+__all__ = ["ROOT", "RunningCart", "free_port", "free_ports", "start_cart", "wait_for_file", "write_config"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -61,8 +58,9 @@ class RunningCart:
 
 def write_config(folder: Path, *, width: int = 728, height: int = 544, fps: float = 30.0,
                  emission_delay_s: float = 1.0, extra: str = "", safety: str = "") -> tuple[Path, str, str]:
-    control = f"tcp://127.0.0.1:{free_port()}"
-    telemetry = f"tcp://127.0.0.1:{free_port()}"
+    control_port, telemetry_port, display_port = free_ports(3)
+    control = f"tcp://127.0.0.1:{control_port}"
+    telemetry = f"tcp://127.0.0.1:{telemetry_port}"
     path = folder / "test.toml"
     path.write_text(f"""
 [cart]
@@ -82,7 +80,7 @@ fps = {fps}
     if "[display]" not in extra:
         # the surgical display too gets a free port (a running `make run` may hold 8080)
         with path.open("a") as f:
-            f.write(f"\n[display]\nport = {free_port()}\n")
+            f.write(f"\n[display]\nport = {display_port}\n")
     return path, control, telemetry
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from nirf.sim.ports import free_ports
+
 ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 AE_TITLE = "TESTPACS"
 
@@ -40,12 +42,6 @@ def require_orthanc() -> str:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class OrthancPeer:
     """One Orthanc server; ``start``/``stop`` may be called again (same storage)."""
 
@@ -54,8 +50,7 @@ class OrthancPeer:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port, self.http_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.config_path = self.folder / "orthanc.json"
         self.config_path.write_text(json.dumps({

@@ -43,6 +43,8 @@ def write(tmp_path, text):
     ("[cart]\nprofile = \"lab\"\n", ["profile", "'lab'", "'sim', 'device'"]),
     ("[camera]\nfps = 60\nexposure_us = 20000\n", ["exposure_us", "fps"]),
     ("[processing]\nsignal_roi = [1, 2, 3]\n", ["signal_roi", "[x, y, w, h]"]),
+    ("[bus]\ncontrol_endpoint = \"tcp://127.0.0.1:6000\"\ntelemetry_endpoint = \"tcp://127.0.0.1:6000\"\n",
+     ["telemetry_endpoint", "control_endpoint", "different ports"]),
     ("not toml at all = = =\n", ["c.toml", "not valid TOML"]),
 ])
 def test_bad_values_are_refused_with_a_useful_message(tmp_path, text, needles):
