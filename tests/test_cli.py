@@ -14,6 +14,7 @@ import time
 import pytest
 
 from nirf.services.cli import main as cli
+from nirf.services.cli.client import CartClient
 from tests.cartproc import ROOT, free_port, start_cart
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +33,16 @@ def cart(tmp_path_factory):
                         "ping"]) != cli.EXIT_OK:
             assert c.proc.poll() is None, c.log_text()
             assert time.monotonic() < deadline, "the cart never answered ping"
+        # The gateway answers ping as soon as it runs; the cart is up only when it publishes
+        # its first status (it has heard the safety core and imaging). Before that a status
+        # says FAULT SERVICE_LOST, truthfully: a CI run caught a test in that gap.
+        watcher = CartClient.from_state_dir(c.state_dir, c.control, c.telemetry)
+        try:
+            watcher.subscribe("status")
+            first = watcher.wait_for("status", timeout_s=max(1.0, deadline - time.monotonic()))
+            assert first is not None, "the cart never published its status\n" + c.log_text()
+        finally:
+            watcher.close()
         yield c
     finally:
         c.stop()

@@ -449,7 +449,8 @@ class Gateway:
             # laser off by now (500 ms). What the core said last is history, not the state.
             s["state"] = "FAULT"
             s["faults"] = list(s["faults"]) + [{"code": "SERVICE_LOST", "message": (
-                "the safety core is not reporting" + ("" if ages["safety"] is None else f" ({ages['safety']} ms)")
+                ("the safety core has not reported yet" if ages["safety"] is None
+                 else f"the safety core is not reporting ({ages['safety']} ms)")
                 + "; the laser controller's watchdog turns the laser off by itself")}]
             if isinstance(s.get("laser"), dict):
                 s["laser"] = dict(s["laser"], on=False)
