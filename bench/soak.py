@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -225,6 +226,7 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         stop_hogs(hogs)
         if worker is not None:
             worker.stop()
+        sim_late = simulator_lateness(cart.log_text())  # before stop(): it removes the log
         cart.stop()
     lat = sorted(stats.latencies_ms)
     return {
@@ -239,6 +241,9 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
         "latency_stages_ms": {name: {"p50": round(percentile(sorted(v), 50), 2), "p90": round(percentile(sorted(v), 90), 2),
                                      "p99": round(percentile(sorted(v), 99), 2)}
                               for name, v in stats.stage_ms.items() if v},
+        # frames the simulated sensor completed late (warm-up included): its own delay, in
+        # the latency above, which a real sensor would not add
+        "simulator_late": sim_late,
         "pairs_sent": stats.pairs_sent, "results_received": stats.results_total,
         "pairs_lost": stats.pairs_lost, "pairs_incomplete": stats.pairs_incomplete,
         "telemetry_seq_gaps": stats.telemetry_seq_gaps, "invalid_results": stats.invalid,
@@ -258,6 +263,20 @@ def run(minutes: float, *, warmup_s: float = 60.0, capture_every_s: float = 10.0
     }
 
 
+_LATE_RE = re.compile(r"simulated sensor late: .*?\((\d+) late so far, the latest (\d+) ms\)")
+
+
+def simulator_lateness(log_text: str) -> dict:
+    """What the simulated sensor logged about falling behind its triggers (see
+    sim/picamera2_standin.py, LATE_WARNING): how many warnings, and from the last one the
+    frames late so far and the latest lateness. The latency figures hold that delay."""
+    found = _LATE_RE.findall(log_text)
+    if not found:
+        return {"warnings": 0, "frames_late": 0, "latest_ms": None}
+    frames, latest = found[-1]
+    return {"warnings": len(found), "frames_late": int(frames), "latest_ms": int(latest)}
+
+
 def print_report(r: dict) -> None:
     """The soak's report as a readable table."""
     print(f"\nSoak: {r['minutes']} min measured after a {r['warmup_s']:.0f} s warm-up, "
@@ -269,6 +288,12 @@ def print_report(r: dict) -> None:
     print(f"  latency ms              p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     for name, v in (r.get("latency_stages_ms") or {}).items():
         print(f"    {name.replace('_', ' '):21s} p50 {v['p50']}  p90 {v['p90']}  p99 {v['p99']}")
+    late = r.get("simulator_late") or {}
+    if late.get("frames_late"):
+        print(f"  simulator late          {late['frames_late']} frames completed > 100 ms after exposure "
+              f"(latest {late['latest_ms']} ms): the simulator's delay, in the latency above")
+    else:
+        print("  simulator late          none (the latency above is the cart's own)")
     print(f"  pairs                   sent {r['pairs_sent']}, results {r['results_received']}, "
           f"lost {r['pairs_lost']}, incomplete at acquisition {r['pairs_incomplete']}, "
           f"telemetry gaps {r['telemetry_seq_gaps']}")

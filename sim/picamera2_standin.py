@@ -104,6 +104,17 @@ VIDEO_FRAME_DURATION_LIMITS_US = (33_333, 33_333)
 # (Raspberry Pi documentation, "External Trigger on the GS Camera").
 TRIGGER_EXPOSURE_EXTRA_US = 14.26
 PLATFORMS = ("pi4", "pi5")
+# A real sensor hands over each frame as its readout ends; this one renders it in Python and
+# may fall behind on a loaded machine. A frame completed more than this long after its
+# exposure ended (past the settle margin) counts as late, and the log says so (at most once
+# per LATE_WARNING_EVERY_S of the world's clock), so that a latency figure measured meanwhile
+# is known to hold the simulator's own delay.
+LATE_FRAME_S = 0.1
+LATE_WARNING_EVERY_S = 10.0
+# (bench/soak.py reads "<n> late so far, the latest <ms> ms" back from the cart's log)
+LATE_WARNING = ("simulated sensor late: frame %s completed %.0f ms after its exposure ended "
+                "(%d late so far, the latest %.0f ms); the simulator's render fell behind, "
+                "which a real sensor does not: latency measured now includes this delay")
 
 # The sensor thread's name in /proc/<pid>/task/<tid>/comm (at most 15 bytes): the benchmark
 # reads that thread's CPU time to tell the simulator's rendering from the driver's work.
@@ -317,6 +328,9 @@ class Picamera2StandIn:
         self.frames_rendered_again = 0  # the light or scene changed meanwhile: rendered again
         self.buffers_reused = 0  # frames written into the buffer of an earlier, released request
         self.last_exposure_us: float | None = None  # what the sensor really integrated
+        self.frames_late = 0  # completed more than LATE_FRAME_S after the exposure ended
+        self.max_late_s = 0.0  # the latest of those
+        self._late_warned_ns: int | None = None
 
     # -- description ----------------------------------------------------------------------
     def _world_platform(self) -> str:
@@ -769,6 +783,7 @@ class Picamera2StandIn:
             "SensorBlackLevels": (black16,) * 4,
             "Lux": 0.0,
         }
+        self._note_lateness(trigger.counter, t_end_ns)
         request = StandInRequest(self, raw, metadata, config or {})
         with self._cond:
             if not self._started:
@@ -789,6 +804,18 @@ class Picamera2StandIn:
                     self._recycle_locked(old._raw)
                     old._raw = None  # never handed out: nobody can read it any more
             self._cond.notify_all()
+
+    def _note_lateness(self, counter: int, t_end_ns: int) -> None:
+        """Count (and now and then log) a frame this simulator completed late."""
+        now_ns = self.world_view.now_ns()
+        late_s = (now_ns - t_end_ns) / 1e9 - self.settle_margin_s
+        if late_s <= LATE_FRAME_S:
+            return
+        self.frames_late += 1
+        self.max_late_s = max(self.max_late_s, late_s)
+        if self._late_warned_ns is None or now_ns - self._late_warned_ns >= LATE_WARNING_EVERY_S * 1e9:
+            self._late_warned_ns = now_ns
+            log.warning(LATE_WARNING, counter, late_s * 1e3, self.frames_late, self.max_late_s * 1e3)
 
     def _buffer_count(self) -> int:
         config = self._config or {}

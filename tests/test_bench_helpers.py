@@ -319,3 +319,16 @@ def test_a_counter_per_item_is_the_difference_over_the_items_between_two_reading
     assert _pipeline_counters({"pipeline_cpu_s": 0.25, "pairs_received": 7}) == (0.25, 7)
     assert _pipeline_counters({"pairs_received": 7}) is None  # a processing that does not report it
     assert _pipeline_counters(None) is None
+
+
+def test_the_soak_reads_the_simulated_sensors_lateness_back_from_the_log():
+    from bench.soak import simulator_lateness
+    from nirf.sim.picamera2_standin import LATE_WARNING
+
+    assert simulator_lateness("2026-12-02 10:00:00,000 imaging INFO x: ready\n") == {
+        "warnings": 0, "frames_late": 0, "latest_ms": None}
+    lines = [f"2026-12-02 10:00:0{i},000 imaging WARNING nirf.sim.picamera2_standin: "
+             + LATE_WARNING % (100 + i, 150.0 + i, n, latest)
+             for i, (n, latest) in enumerate(((1, 150.4), (37, 541.2)))]
+    text = "\n".join(["noise", lines[0], "more noise", lines[1], ""])
+    assert simulator_lateness(text) == {"warnings": 2, "frames_late": 37, "latest_ms": 541}

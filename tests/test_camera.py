@@ -891,3 +891,37 @@ def test_real_renderer_frame_through_the_driver():
         driver.close()
         for cam in cams:
             cam.close()
+
+
+# -- the simulator's own lateness ----------------------------------------------------------
+
+
+def test_a_frame_the_simulator_completes_late_is_counted_and_logged_once_per_episode(caplog):
+    """A real sensor never falls behind its triggers; the stand-in may (its render runs in
+    Python). A frame it completes well after its exposure ended is counted, and the log says
+    so once per episode, so a latency figure measured meanwhile is known to hold the
+    simulator's delay. Frames on time are not counted."""
+    r = Rig()
+    try:
+        r.start(exposure_us=EXPOSURE_US, gain=1.0)
+        r.expose(0)
+        r.driver.capture(timeout_s=2.0)
+        assert r.camera.frames_late == 0
+        r.clock.advance(3.0)
+        caplog.set_level("WARNING", logger="nirf.sim.picamera2_standin")
+        for counter, behind_s in ((1, 1.0), (2, 0.5)):  # triggers the sensor takes up late
+            r.world.trigger(counter, r.clock.time_ns() - int(behind_s * 1e9), True)
+            r.driver.capture(timeout_s=2.0)
+        cam = r.camera
+        assert cam.frames_late == 2
+        want = 1.0 - EXPOSURE_US / 1e6 - cam.settle_margin_s
+        assert cam.max_late_s == pytest.approx(want, abs=0.05)
+        warnings = [m for m in caplog.messages if "simulated sensor late" in m]
+        assert len(warnings) == 1 and "frame 1 " in warnings[0]
+        r.clock.advance(11.0)  # a new episode, past the warning interval: logged again
+        r.world.trigger(3, r.clock.time_ns() - int(0.5e9), True)
+        r.driver.capture(timeout_s=2.0)
+        assert cam.frames_late == 3
+        assert len([m for m in caplog.messages if "simulated sensor late" in m]) == 2
+    finally:
+        r.close()
