@@ -925,3 +925,19 @@ def test_a_frame_the_simulator_completes_late_is_counted_and_logged_once_per_epi
         assert len([m for m in caplog.messages if "simulated sensor late" in m]) == 2
     finally:
         r.close()
+
+
+def test_a_streams_first_frame_is_not_judged_late():
+    """The first render of a stream builds the renderer's caches; lateness counts from the second."""
+    r = Rig()
+    try:
+        r.start(exposure_us=EXPOSURE_US, gain=1.0)
+        r.clock.advance(3.0)
+        r.world.trigger(0, r.clock.time_ns() - int(1e9), True)
+        r.driver.capture(timeout_s=2.0)
+        assert r.camera.frames_late == 0
+        r.world.trigger(1, r.clock.time_ns() - int(1e9), True)
+        r.driver.capture(timeout_s=2.0)
+        assert r.camera.frames_late == 1
+    finally:
+        r.close()
