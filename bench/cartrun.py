@@ -45,8 +45,6 @@ CHILD_MODULES = {
 }
 
 
-
-
 def proc_children(pid: int) -> list[int]:
     """The direct children of ``pid``, read from /proc (every process's parent id)."""
     children = []

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from bench.cartrun import BenchCart, fd_count, rss_kib
 from bench.e2e import EXPOSURE_US, FPS, HEIGHT, WIDTH, StreamStats, percentile, stream
 from nirf.services.launcher import NICENESS
+from nirf.sim.picamera2_standin import LATE_FRAME_S
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def print_report(r: dict) -> None:
         print(f"    {name.replace('_', ' '):21s} p50 {v['p50']}  p90 {v['p90']}  p99 {v['p99']}")
     late = r.get("simulator_late") or {}
     if late.get("frames_late"):
-        print(f"  simulator late          {late['frames_late']} frames completed > 100 ms after exposure "
+        print(f"  simulator late          {late['frames_late']} frames completed > {LATE_FRAME_S * 1e3:.0f} ms after exposure "
               f"(latest {late['latest_ms']} ms): the simulator's delay, in the latency above")
     else:
         print("  simulator late          none (the latency above is the cart's own)")

@@ -348,7 +348,8 @@ def _check_consistency(file: str, v: dict) -> None:
         raise ConfigError(
             f"{file}: [laser] max_power_mw = {laser['max_power_mw']!r}: above what the MCU's duty ceiling allows "
             f"({laser['full_scale_mw'] * laser['duty_ceiling']:.1f} mW = full_scale_mw x duty_ceiling)")
-    # (the irradiance limit is applied per setpoint; a max power above it is only unusable)
+    # no irradiance check here: that limit is applied per setpoint (a max power above it is
+    # only unusable, not unsafe)
     bus = v["bus"]
     if bus["control_endpoint"] == bus["telemetry_endpoint"]:
         raise ConfigError(

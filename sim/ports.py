@@ -45,8 +45,8 @@ def free_ports(n: int, *, host: str = "127.0.0.1", rng=None) -> list[int]:
     if n < 0:
         raise ValueError(f"n must be >= 0, not {n}")
     eph_low, _ = ephemeral_range()
-    high = eph_low if eph_low - LOWEST >= 1000 else 65536
-    low = LOWEST if high == eph_low else max(LOWEST, 1024)
+    # below the ephemeral range when it leaves room there, else anywhere above LOWEST
+    low, high = LOWEST, (eph_low if eph_low - LOWEST >= 1000 else 65536)
     pick = (rng or _rng).randrange
     held: list[socket.socket] = []
     ports: list[int] = []
