@@ -472,6 +472,27 @@ def test_preview_pixels_are_the_colour_map_of_a_plain_reference():
     assert np.array_equal(np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3), expected)
 
 
+def test_preview_display_range_is_near_numpy_percentile_of_all_its_pixels():
+    # the span comes from a sample of the preview's pixels; against numpy's percentile of
+    # every one of them, on a scene with a bright inclusion (its top 0.5 % decides the span)
+    from nirf.services.processing.pipeline import PREVIEW_PERCENTILE
+
+    scene = Scene()
+    on, off, _, _ = pair(scene, np.random.default_rng(23))
+    p = processor(preview_downsample=4)
+    width, height, rgb = p.preview(on, off)
+    d = on[::4, ::4].astype(np.float32) - off[::4, ::4].astype(np.float32)
+    exact = float(np.percentile(d, PREVIEW_PERCENTILE))
+    # the colours the same span gives, from its definition: with the exact span most
+    # pixels must come out the same colour index, within one step
+    img = np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3)
+    ref_idx = np.clip(d * np.float32(255.0 / exact), 0.0, 255.0).astype(np.intp)
+    lut = {tuple(c): i for i, c in enumerate(COLOUR_LUT.tolist())}
+    got_idx = np.array([lut[tuple(c)] for c in img.reshape(-1, 3).tolist()]).reshape(height, width)
+    assert np.mean(np.abs(got_idx - ref_idx) <= 2) > 0.99
+    assert ref_idx.max() == 255 and ref_idx.min() < 100  # the scene spans much of the map
+
+
 def test_preview_told_the_frame_has_no_full_scale_pixel_is_the_same_preview():
     # the service passes what process() found (frame_saturated_fraction 0: no pixel at full
     # scale); the preview then skips its own look, and the picture is the same
@@ -492,7 +513,7 @@ def test_motion_profiles_are_exact_integer_sums(fill, seed):
 
     rng = np.random.default_rng(seed)
     frame = np.clip(fill + rng.integers(-3, 4, size=(120, 160)), 0, 0xFFFF).astype(np.uint16)
-    xp, yp = MotionTracker._profiles(frame, (80, 60))
+    xp, yp = MotionTracker()._profiles(frame, (80, 60))
     half = MOTION_STRIPE_PX // 2
     rows = frame[60 - half:60 + half].astype(np.int64).sum(axis=0)
     cols = frame[:, 80 - half:80 + half].astype(np.int64).sum(axis=1)

@@ -52,6 +52,9 @@ FLAT_FIELD_CENTRE_FRACTION = 0.5
 # The preview's display range is 0 .. this percentile of the downsampled D, so one hot
 # pixel cannot squash the whole image into black.
 PREVIEW_PERCENTILE = 99.5
+# ... estimated from every this-many-th pixel of the preview (a display range needs no exact
+# order statistic; a selection over all of them was a third of the preview's time).
+PREVIEW_SPAN_STEP = 4
 # ... but never less than this many counts, so a frame of pure noise stays dark.
 PREVIEW_MIN_SPAN_COUNTS = 16.0
 
@@ -389,13 +392,24 @@ class MotionTracker:
 
     def __init__(self) -> None:
         self._prev: tuple | None = None  # (frame_seq, centre, x profile, y profile)
+        # The two bands as float32, kept from pair to pair: a fresh array of this size
+        # (200-300 KB) is mapped and unmapped by the allocator on every call, and its pages
+        # faulted in again each time (some 120 page faults a pair).
+        self._bands: dict[tuple[int, int], np.ndarray] = {}
 
     def reset(self) -> None:
         """Forget the previous frame (the next measurement is unknown)."""
         self._prev = None
 
-    @staticmethod
-    def _profiles(on: np.ndarray, centre: tuple[int, int]) -> tuple[_Profile, _Profile]:
+    def _band(self, shape: tuple[int, int]) -> np.ndarray:
+        buf = self._bands.get(shape)
+        if buf is None:
+            if len(self._bands) > 8:  # a frame size or a stripe clipped differently
+                self._bands.clear()
+            buf = self._bands[shape] = np.empty(shape, dtype=np.float32)
+        return buf
+
+    def _profiles(self, on: np.ndarray, centre: tuple[int, int]) -> tuple[_Profile, _Profile]:
         h, w = on.shape
         half = MOTION_STRIPE_PX // 2
         cx, cy = centre
@@ -404,8 +418,12 @@ class MotionTracker:
         # MOTION_STRIPE_PX uint16 values sum to less than 2**24 (about 3x faster than a reduce
         # along the short, strided axis). The band is made a contiguous float32 block first:
         # a product of the strided uint16 view converts it element by element, twice as slow.
-        cols = on[:, x0:x0 + 2 * half].astype(np.float32)  # narrower than the stripe in a small frame
-        rows = on[y0:y0 + 2 * half].astype(np.float32)  # the row band too: one product
+        col_view = on[:, x0:x0 + 2 * half]  # narrower than the stripe in a small frame
+        row_view = on[y0:y0 + 2 * half]
+        cols = self._band(col_view.shape)
+        rows = self._band(row_view.shape)
+        np.copyto(cols, col_view)
+        np.copyto(rows, row_view)  # the row band too: one product
         return (_Profile(np.matmul(_STRIPE_ONES[:rows.shape[0]], rows), MOTION_SEARCH_PX),
                 _Profile(np.matmul(cols, _STRIPE_ONES[:cols.shape[1]]), MOTION_SEARCH_PX))
 
@@ -523,7 +541,11 @@ class PairProcessor:
         self.preview_height = -(-self.height // k)
         pshape = (self.preview_height, self.preview_width)
         self._pv_d = np.empty(pshape, dtype=np.float32)
-        self._pv_sort = np.empty(pshape[0] * pshape[1], dtype=np.float32)
+        # the sampled pixels, gathered contiguous first: a subtract that converts strided
+        # uint16 to float32 goes element by element through numpy's buffered casts
+        self._pv_on = np.empty(pshape, dtype=np.uint16)
+        self._pv_off = np.empty(pshape, dtype=np.uint16)
+        self._pv_sort = np.empty(-(-(pshape[0] * pshape[1]) // PREVIEW_SPAN_STEP), dtype=np.float32)
         self._pv_idx = np.empty(pshape, dtype=np.intp)  # the take's own index type: no conversion
         self._pv_sat = np.empty(pshape, dtype=bool)
         self._pv_rgb = np.empty(pshape + (3,), dtype=np.uint8)
@@ -807,7 +829,8 @@ class PairProcessor:
 
         Every ``preview_downsample``-th row and column of D (flat-field corrected when a
         map is set) is scaled from 0 to ``display_max_counts`` (by default the
-        :data:`PREVIEW_PERCENTILE` percentile, at least :data:`PREVIEW_MIN_SPAN_COUNTS`),
+        :data:`PREVIEW_PERCENTILE` percentile of every :data:`PREVIEW_SPAN_STEP`-th of those
+        pixels, at least :data:`PREVIEW_MIN_SPAN_COUNTS`),
         clamped, and coloured through :data:`COLOUR_LUT`; raw on-frame pixels at full
         scale are painted :data:`PREVIEW_SATURATED_RGB`. ``any_saturated=False`` says the
         whole on frame has no pixel at full scale (a result of :meth:`process` for this pair
@@ -816,14 +839,16 @@ class PairProcessor:
         self._check_frame("laser-on", on)
         self._check_frame("laser-off", off)
         k = self.preview_downsample
-        on_s = on[::k, ::k]
+        on_s, off_s = self._pv_on, self._pv_off
+        np.copyto(on_s, on[::k, ::k])
+        np.copyto(off_s, off[::k, ::k])
         d = self._pv_d
-        np.subtract(on_s, off[::k, ::k], out=d, dtype=np.float32)
+        np.subtract(on_s, off_s, out=d, dtype=np.float32)
         if self._pv_inv_gain is not None:
             np.multiply(d, self._pv_inv_gain, out=d)
         if display_max_counts is None:
             flat = self._pv_sort
-            np.copyto(flat, d.reshape(-1))
+            np.copyto(flat, d.reshape(-1)[::PREVIEW_SPAN_STEP])
             kth = min(flat.size - 1, int(flat.size * PREVIEW_PERCENTILE / 100.0))
             flat.partition(kth)
             span = max(float(flat[kth]), PREVIEW_MIN_SPAN_COUNTS)
