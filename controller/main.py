@@ -441,6 +441,7 @@ class SafetyCore:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.server.wake()  # the command thread sees the stop now
         self.cart.wake()  # the supervisor sees the stop now, not at its next tick
         for t in self._threads:
             t.join(timeout=3.0)

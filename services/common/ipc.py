@@ -33,6 +33,7 @@ import zmq
 
 from nirf.hal.clock import Clock, SystemClock
 from nirf.hal.errors import Busy, CommandRefused, NirfError
+from nirf.hal.threads import WakeSignal
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,12 @@ class Request:
                    bool(msg.get("expires", False)))
 
 
+# The serving thread's backstop for a stop event set without wake(), and the long-command
+# worker's for a stop without close(): an idle server wakes this often, no more.
+SERVE_POLL_MS = 250
+WORKER_POLL_S = 1.0
+
+
 class InternalServer:
     """Serves internal requests on a ROUTER socket.
 
@@ -200,16 +207,26 @@ class InternalServer:
         self.served = 0
         self._worker = threading.Thread(target=self._work, name=f"{name}-long", daemon=True)
         self._stop = threading.Event()
+        self._wake = WakeSignal()
         self._worker.start()
 
+    def wake(self) -> None:
+        """Make the serving thread look at its stop event now (call it after setting it)."""
+        self._wake.set()
+
     # -- the serving thread
-    def serve(self, stop: threading.Event, poll_ms: int = 50, on_idle: Callable[[], None] | None = None) -> None:
+    def serve(self, stop: threading.Event, poll_ms: int = SERVE_POLL_MS,
+              on_idle: Callable[[], None] | None = None) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._replies_in, zmq.POLLIN)
+        wake_fd = self._wake.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
         while not stop.is_set():
             try:
                 events = dict(poller.poll(poll_ms))
+                if wake_fd in events:
+                    self._wake.consume()
                 if self._replies_in in events:
                     while True:
                         try:
@@ -299,9 +316,12 @@ class InternalServer:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                envelope, req, handler = self._jobs.get(timeout=0.2)
+                job = self._jobs.get(timeout=WORKER_POLL_S)
             except queue.Empty:
                 continue
+            if job is None:  # close() wakes the worker to end
+                continue
+            envelope, req, handler = job
             try:
                 self._reply(envelope, self.run(req, handler))
             finally:
@@ -312,6 +332,11 @@ class InternalServer:
 
     def close(self) -> None:
         self._stop.set()
+        self.wake()
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass  # a job is queued: the worker runs it and then sees the stop
         self._worker.join(timeout=1.0)
         for s in (self.sock, self._replies_in, self._replies_out):
             s.close(linger=0)

@@ -334,6 +334,7 @@ class ImagingService:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.server.wake()  # the command thread sees the stop now
         try:
             self.acquisition.stop()
         except NirfError:

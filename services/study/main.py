@@ -160,6 +160,7 @@ class StudyService:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.server.wake()  # the command thread sees the stop now
         for t in self._threads:
             t.join(timeout=3.0)
         if self.clinical is not None:
