@@ -213,9 +213,11 @@ class StandInJob:
     """A queued capture: what ``capture_request(wait=False)`` returns. It completes with the
     first request that arrives while it is at the head of the camera's job queue."""
 
-    def __init__(self, owner: "Picamera2StandIn", flush_ns: int | None):
+    def __init__(self, owner: "Picamera2StandIn", flush_ns: int | None,
+                 signal_function: Callable | None = None):
         self._owner = owner
         self.flush_ns = flush_ns
+        self._signal_function = signal_function
         self._done = threading.Event()
         self._result: StandInRequest | None = None
         self._error: BaseException | None = None
@@ -227,6 +229,13 @@ class StandInJob:
     def _finish(self, result: StandInRequest | None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._done.set()
+
+    def _signal(self) -> None:
+        """Call the job's ``signal_function`` with the job, once it has its request (as
+        picamera2's ``Job.signal`` does; not for a cancelled or failed job). Called without
+        the camera's lock held, so the function may call back into the camera."""
+        if self._signal_function is not None and self._error is None:
+            self._signal_function(self)
 
     def get_result(self, timeout: float | None = None) -> StandInRequest:
         """Wait for the request; ``TimeoutError`` after ``timeout`` seconds (the job stays
@@ -613,22 +622,25 @@ class Picamera2StandIn:
     def capture_request(self, wait: Any = None, signal_function: Callable | None = None,
                         flush: Any = None):
         """Queue a capture job and (unless ``wait`` is False) wait for its request.
-        ``wait``: None or True blocks; a number of seconds bounds the wait
-        (``TimeoutError``, the job stays queued); False returns the job. ``flush`` True (or
-        a monotonic time in ns) skips frames exposed before then."""
-        if signal_function is not None:
-            raise NotImplementedError("the camera stand-in does not support signal_function")
+        ``wait``: None blocks, unless a ``signal_function`` is given (then, as in picamera2,
+        the job is returned at once and ``signal_function(job)`` is called when its request
+        has come, from the camera's thread); True blocks; a number of seconds bounds the
+        wait (``TimeoutError``, the job stays queued); False returns the job. ``flush`` True
+        (or a monotonic time in ns) skips frames exposed before then."""
+        if wait is None:
+            wait = signal_function is None
         if flush is True:
             flush = self.sensor_clock_ns()
-        job = StandInJob(self, int(flush) if flush else None)
+        job = StandInJob(self, int(flush) if flush else None, signal_function)
         with self._cond:
             self._check_open()
             self._jobs.append(job)
-            if len(self._jobs) == 1:
-                self._run_jobs_locked()
+            finished = self._run_jobs_locked() if len(self._jobs) == 1 else []
+        for done in finished:
+            done._signal()
         if wait is False:
             return job
-        timeout = None if wait is None or wait is True else float(wait)
+        timeout = None if wait is True else float(wait)
         return self._wait_job(job, timeout)
 
     def wait(self, job: StandInJob, timeout: float | None = None) -> StandInRequest:
@@ -644,8 +656,10 @@ class Picamera2StandIn:
         finally:
             request.release()
 
-    def _run_jobs_locked(self) -> None:
-        """Give completed requests to queued jobs, oldest job first (caller holds the lock)."""
+    def _run_jobs_locked(self) -> list[StandInJob]:
+        """Give completed requests to queued jobs, oldest job first (caller holds the lock);
+        the jobs finished, for the caller to signal once it has let go of the lock."""
+        finished: list[StandInJob] = []
         while self._jobs and self._completed:
             job = self._jobs[0]
             if job.flush_ns is not None:
@@ -661,7 +675,9 @@ class Picamera2StandIn:
             self._held.add(id(request))
             self._jobs.popleft()
             job._finish(request)
+            finished.append(job)
         self._cond.notify_all()
+        return finished
 
     def _wait_job(self, job: StandInJob, timeout_s: float | None) -> StandInRequest:
         """Wait for ``job`` at most ``timeout_s`` on the clock. On timeout the job is left in
@@ -798,7 +814,7 @@ class Picamera2StandIn:
                 return
             self._completed.append(request)
             self.frames_completed += 1
-            self._run_jobs_locked()
+            finished = self._run_jobs_locked()
             while len(self._completed) > self._max_queue_len:
                 # Only the newest completed request is kept; older ones go back at once.
                 old = self._completed.popleft()
@@ -807,6 +823,8 @@ class Picamera2StandIn:
                     self._recycle_locked(old._raw)
                     old._raw = None  # never handed out: nobody can read it any more
             self._cond.notify_all()
+        for done in finished:
+            done._signal()
 
     def _note_lateness(self, counter: int, t_end_ns: int) -> None:
         """Count (and now and then log) a frame this simulator completed late."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -723,6 +724,33 @@ def test_stand_in_bounded_wait_times_out(rig):
     with pytest.raises(TimeoutError):
         rig.camera.wait(job, timeout=0.05)
     rig.camera.cancel_all_and_flush()
+
+
+def test_stand_in_signal_function_returns_the_job_and_calls_back_with_it(rig):
+    # as picamera2's capture_request: with a signal_function and no wait, the job comes
+    # back at once; the function is called with that job once its request has come, and
+    # the job's result is that request (picamera2 Job.signal / Job.get_result)
+    rig.start(exposure_us=EXPOSURE_US)
+    called = []
+    done = threading.Event()
+
+    def signalled(job):
+        called.append(job)
+        done.set()
+
+    job = rig.camera.capture_request(signal_function=signalled)
+    assert not called  # no frame yet: nothing was waited for
+    rig.expose(1, laser_mw=40.0)
+    assert done.wait(5.0)
+    assert called == [job]
+    request = rig.camera.wait(job, timeout=1.0)
+    assert request.get_metadata()["ExposureTime"] == EXPOSURE_US
+    request.release()
+    # a cancelled job is not signalled
+    later = []
+    rig.camera.capture_request(signal_function=later.append)
+    rig.camera.cancel_all_and_flush()
+    assert later == []
 
 
 def test_stand_in_refuses_configure_while_started(rig):
