@@ -520,6 +520,27 @@ def test_motion_profiles_are_exact_integer_sums(fill, seed):
     assert np.array_equal(xp.v, rows.astype(np.float64)) and np.array_equal(yp.v, cols.astype(np.float64))
 
 
+@given(st.integers(min_value=30, max_value=400), st.integers(min_value=1, max_value=16),
+       st.integers(min_value=0, max_value=4095), st.integers(min_value=0, max_value=2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_motion_profile_window_sums_match_a_plain_computation(size, search, level, seed):
+    # each window's squared deviations from its mean, as numpy computes them window by
+    # window, for stripe sums of frames up to 12 bits
+    from nirf.services.processing.pipeline import MOTION_STRIPE_PX, _Profile
+
+    rng = np.random.default_rng(seed)
+    values = np.clip(level + rng.integers(-50, 51, size=size), 0, 4095) * MOTION_STRIPE_PX
+    p = _Profile(values.astype(np.float32), search)
+    n = size - 2 * search
+    if n < 1:
+        assert p.ssd is None
+        return
+    expected = [float(np.sum((w - w.mean()) ** 2)) for w in
+                (values[k:k + n].astype(np.float64) for k in range(2 * search + 1))]
+    assert p.n == n and p.v.dtype == np.float64
+    assert np.allclose(p.ssd, expected, rtol=1e-9, atol=1e-6 * max(1.0, max(expected)))
+
+
 def test_colour_map_brightness_rises():
     brightness = COLOUR_LUT.astype(int).sum(axis=1)
     assert brightness[0] == 0
