@@ -3,7 +3,6 @@ results follower is subscribed only while someone waits for results."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -11,6 +10,7 @@ import pytest
 import zmq
 
 from nirf.services.common import ipc
+from tests.threadstats import has_thread_stats, voluntary_switches
 from nirf.services.common.follow import Follower, Results
 
 
@@ -58,25 +58,17 @@ def test_a_follower_gets_nothing_until_it_subscribes_and_nothing_after_it_stops(
     assert not f.alive()
 
 
-def _voluntary_switches(thread: threading.Thread) -> int:
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches"):
-                return int(line.split()[1])
-    raise AssertionError("no switch count")
-
-
 def test_a_follower_sleeps_without_a_timer_and_closes_at_once(pub):
     ctx, address, p = pub
     f = Follower(ctx, address, ("state",), lambda t, b: None, name="t")
     try:
-        if not os.path.exists(f"/proc/self/task/{f.thread.native_id}/status"):
+        if not has_thread_stats(f.thread):
             pytest.skip("no /proc here")
         time.sleep(0.05)
-        before = _voluntary_switches(f.thread)
+        before = voluntary_switches(f.thread)
         time.sleep(0.5)
         # a 100 ms poll timer would wake it five times here; a blocked poll, never
-        assert _voluntary_switches(f.thread) - before <= 1
+        assert voluntary_switches(f.thread) - before <= 1
     finally:
         start = time.monotonic()
         f.close()

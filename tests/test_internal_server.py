@@ -3,7 +3,6 @@ whatever its backstop timers are."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -11,14 +10,7 @@ import pytest
 import zmq
 
 from nirf.services.common import ipc
-
-
-def _voluntary_switches(thread: threading.Thread) -> int:
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no switch count")
+from tests.threadstats import has_thread_stats, voluntary_switches
 
 
 @pytest.fixture
@@ -76,12 +68,12 @@ def test_an_idle_server_sleeps_without_a_short_timer(tmp_path):
     thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)  # the default backstop
     thread.start()
     try:
-        if not os.path.exists(f"/proc/self/task/{thread.native_id}/status"):
+        if not has_thread_stats(thread):
             pytest.skip("no /proc here")
         time.sleep(0.1)
-        before = _voluntary_switches(thread)
+        before = voluntary_switches(thread)
         time.sleep(1.0)
-        woke = _voluntary_switches(thread) - before
+        woke = voluntary_switches(thread) - before
         # its backstop is SERVE_POLL_MS: about four wake-ups in a second (a 50 ms timer made 20)
         assert woke <= 1000 / ipc.SERVE_POLL_MS + 2
         assert ipc.SERVE_POLL_MS >= 200
