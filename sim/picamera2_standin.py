@@ -108,9 +108,11 @@ PLATFORMS = ("pi4", "pi5")
 # may fall behind on a loaded machine. A frame completed more than this long after its
 # exposure ended (past the settle margin) counts as late, and the log says so (at most once
 # per LATE_WARNING_EVERY_S of the world's clock), so that a latency figure measured meanwhile
-# is known to hold the simulator's own delay. A stream's first frame is not judged: its
-# render builds the renderer's caches (about 170 ms late at 1456x1088 on a slow machine).
+# is known to hold the simulator's own delay. A stream's first second is not judged: the first
+# render builds the renderer's caches (about 170 ms late at 1456x1088 on a slow machine), and
+# the frames queued behind it come late too until the sensor thread has caught up.
 LATE_FRAME_S = 0.1
+LATE_UNJUDGED_S = 1.0
 LATE_WARNING_EVERY_S = 10.0
 # (bench/soak.py reads "<n> late so far, the latest <ms> ms" back from the cart's log)
 LATE_WARNING = ("simulated sensor late: frame %s completed %.0f ms after its exposure ended "
@@ -329,6 +331,7 @@ class Picamera2StandIn:
         self._thread: threading.Thread | None = None
         self._stream_start_wall_ns = 0
         self._last_trigger_ns: int | None = None
+        self._first_trigger_ns = 0  # the stream's first trigger (wall clock)
         # counters, for tests and diagnostics
         self.frames_completed = 0
         self.frames_dropped = 0
@@ -785,6 +788,7 @@ class Picamera2StandIn:
         wall_minus_mono_ns = self.world_view.now_ns() - self.sensor_clock_ns()
         first_of_stream = self._last_trigger_ns is None
         if first_of_stream:
+            self._first_trigger_ns = trigger.t_start_ns
             frame_duration_us = DEFAULT_FRAME_DURATION_US
         else:
             frame_duration_us = max(1, (trigger.t_start_ns - self._last_trigger_ns) // 1000)
@@ -801,7 +805,7 @@ class Picamera2StandIn:
             "SensorBlackLevels": (black16,) * 4,
             "Lux": 0.0,
         }
-        if not first_of_stream:  # the stream's first render builds the renderer's caches
+        if trigger.t_start_ns - self._first_trigger_ns >= LATE_UNJUDGED_S * 1e9:
             self._note_lateness(trigger.counter, t_end_ns)
         request = StandInRequest(self, raw, metadata, config or {})
         with self._cond:

@@ -955,8 +955,9 @@ def test_a_frame_the_simulator_completes_late_is_counted_and_logged_once_per_epi
         r.close()
 
 
-def test_a_streams_first_frame_is_not_judged_late():
-    """The first render of a stream builds the renderer's caches; lateness counts from the second."""
+def test_a_streams_first_second_is_not_judged_late():
+    """The first render of a stream builds the renderer's caches and the frames queued behind
+    it come late too; lateness counts from the stream's second second on."""
     r = Rig()
     try:
         r.start(exposure_us=EXPOSURE_US, gain=1.0)
@@ -964,7 +965,12 @@ def test_a_streams_first_frame_is_not_judged_late():
         r.world.trigger(0, r.clock.time_ns() - int(1e9), True)
         r.driver.capture(timeout_s=2.0)
         assert r.camera.frames_late == 0
+        r.clock.advance(0.5)  # 0.5 s after the first trigger: not judged either
         r.world.trigger(1, r.clock.time_ns() - int(1e9), True)
+        r.driver.capture(timeout_s=2.0)
+        assert r.camera.frames_late == 0
+        r.clock.advance(1.0)  # 1.5 s after it: judged
+        r.world.trigger(2, r.clock.time_ns() - int(1e9), True)
         r.driver.capture(timeout_s=2.0)
         assert r.camera.frames_late == 1
     finally:
