@@ -92,6 +92,7 @@ DEFAULT_SETTLE_MARGIN_S = 0.003
 # Longest single wait slice: keeps stop() responsive and lets clock-driven waits notice
 # frames that arrive meanwhile.
 _POLL_S = 0.01
+_WAIT_BACKSTOP_S = 1.0  # an unbounded wait looks at the camera's state at least this often
 # How long the background thread blocks for the next trigger before checking for stop
 # (real time: triggers arrive from another thread or process).
 _TRIGGER_POLL_S = 0.05
@@ -686,6 +687,10 @@ class Picamera2StandIn:
         """Wait for ``job`` at most ``timeout_s`` on the clock. On timeout the job is left in
         the queue, as picamera2 leaves it."""
         deadline = None if timeout_s is None else self._clock.monotonic() + max(0.0, timeout_s)
+        # On the machine's clock the condition's own timeout is the deadline: one wake-up per
+        # frame, as picamera2's wait on its job. Another clock (a manual one in tests) is
+        # waited on in short slices, so a time it is advanced to is seen.
+        slice_s = None if isinstance(self._clock, SystemClock) else _POLL_S
         with self._cond:
             while True:
                 if job._is_done():
@@ -695,12 +700,12 @@ class Picamera2StandIn:
                 if self._closed:
                     raise RuntimeError("Camera is closed")
                 if deadline is None:
-                    self._cond.wait(_POLL_S)
+                    self._cond.wait(slice_s or _WAIT_BACKSTOP_S)
                     continue
                 remaining = deadline - self._clock.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no completed request within {timeout_s} s")
-                step = min(remaining, _POLL_S)
+                step = remaining if slice_s is None else min(remaining, slice_s)
                 before = self._clock.monotonic()
                 self._cond.wait(step)
                 if not job._is_done() and self._clock.monotonic() == before:

@@ -975,3 +975,60 @@ def test_a_streams_first_second_is_not_judged_late():
         assert r.camera.frames_late == 1
     finally:
         r.close()
+
+
+class _CountingCondition:
+    """A condition that counts its waits."""
+
+    def __init__(self, cond):
+        self._cond, self.waits = cond, 0
+
+    def __enter__(self):
+        return self._cond.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cond.__exit__(*exc)
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        return self._cond.wait(timeout)
+
+    def notify_all(self):
+        self._cond.notify_all()
+
+
+def test_a_capture_on_the_machines_clock_sleeps_once_until_its_frame_comes():
+    """On the real clock the stand-in waits for a frame as picamera2 does, in one sleep the
+    frame's arrival ends (every extra wake-up is CPU the frame path is charged for); on a
+    manual clock it waits in short slices, so the time the test advances to is seen."""
+    from nirf.hal.clock import SystemClock
+    from nirf.sim.picamera2_standin import StandInJob
+
+    world = World(SystemClock(), SensorModel(width=WIDTH, height=HEIGHT))
+    cam = Picamera2StandIn(LocalWorldView(world), renderer=FakeRenderer(world.sensor), clock=SystemClock())
+    counting = cam._cond = _CountingCondition(cam._cond)
+    job = StandInJob(cam, None)
+    marker = object()
+
+    def finish():
+        with counting:
+            job._finish(marker)
+            counting.notify_all()
+
+    timer = threading.Timer(0.15, finish)
+    timer.start()
+    try:
+        assert cam._wait_job(job, 5.0) is marker
+        assert counting.waits == 1
+    finally:
+        timer.cancel()
+        cam.close()
+
+    manual = ManualClock()
+    cam2 = Picamera2StandIn(LocalWorldView(World(manual, SensorModel(width=WIDTH, height=HEIGHT))),
+                            renderer=FakeRenderer(world.sensor), clock=manual)
+    try:
+        with pytest.raises(TimeoutError):  # a manual clock's time runs out in slices
+            cam2._wait_job(StandInJob(cam2, None), 0.05)
+    finally:
+        cam2.close()
