@@ -353,11 +353,7 @@ class SafetyCore:
                     break
                 if kind in ("state", "fault", "safety", "info", "input"):
                     self._publish_event({"kind": kind, **detail})
-            last = self.state_snapshot()
-            # Imaging reads this as "the frame timing ended with the safety core": the camera's
-            # silence that follows is expected, and nobody is left to ask to stop it.
-            last["stopping"] = True
-            self.pub.publish("state", last)
+            self.pub.publish("state", self.state_snapshot())
         except (zmq.ZMQError, NirfError) as err:
             log.warning("last events at stop not published: %s", err)
 

@@ -7,7 +7,6 @@ picamera2 drops some frames, and the notices reach the host a little late."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -409,36 +408,3 @@ def test_cut_reports_of_an_earlier_run_do_not_mark_the_next():
     assert acq._marked(Frame(frame(2).data, meta(2).with_(mcu_frame=2))).meta.cut is False
     acq._note_cuts([McuNotice("CUT", ("2",))])  # now for a frame already handed on
     assert acq.cuts_late == 1
-
-
-class _StopCountingLaser(FakeLaser):
-    def __init__(self, source_stopped):
-        super().__init__([])
-        self.source_stopped = source_stopped
-        self.stops = 0
-
-    def stop_frames(self):
-        self.stops += 1
-
-
-@pytest.mark.parametrize("source_stopped", [True, False])
-def test_the_cameras_silence_after_the_safety_core_shut_down_is_no_stall(source_stopped, caplog):
-    """At a shutdown the safety core goes first and its frame timing with it (its last state
-    says so): the camera's silence then is expected, not a stall to warn about and restart,
-    and there is nobody left to ask to stop the frame timing. Without that word a silent
-    camera is a stall, as before."""
-    caplog.set_level("INFO", logger="nirf.services.imaging.acquisition")
-    laser = _StopCountingLaser(source_stopped)
-    acq = Acquisition(FakeCamera([]), laser)  # every capture: no frame
-    acq.fps = 10.0
-    acq._start_locked("white")
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and not caplog.records:
-        time.sleep(0.01)
-    acq.stop()
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
-    if source_stopped:
-        assert acq.stalls == 0 and not warnings and laser.stops == 0
-        assert any("safety core has stopped" in r.getMessage() for r in caplog.records)
-    else:
-        assert acq.stalls >= 1 and warnings and laser.stops == 1

@@ -212,39 +212,3 @@ def test_a_new_imaging_process_voids_the_camera_watch_of_the_old_one(tmp_path):
         assert "camera still delivers no frames" in core.cart.persisting_causes()
     finally:
         core.ctx.destroy(linger=0)
-
-
-def test_the_safety_cores_last_state_says_it_is_stopping_and_imaging_reads_it(tmp_path):
-    """The last state the safety core publishes as it shuts down carries ``stopping``: imaging
-    reads it as the end of the frame timing (no stall to warn about, no frames.stop to ask)."""
-    from types import SimpleNamespace
-
-    import zmq
-
-    from nirf.controller.main import SafetyCore
-    from nirf.services.imaging.main import SafetyLink
-
-    rig = Rig()
-    core = SafetyCore(rig.cfg, rig.laser, rig.io, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run",
-                      clock=rig.clock)
-    sent = []
-    core.pub = SimpleNamespace(publish=lambda topic, body: sent.append((topic, body)))
-    ctx = zmq.Context()
-    try:
-        assert "stopping" not in core.state_snapshot()  # not while it runs
-        core._publish_pending_events()
-        states = [body for topic, body in sent if topic == "state"]
-        assert states and states[-1]["stopping"] is True
-        link = SafetyLink(ctx, tmp_path / "run")
-        real_latest = link.latest
-        try:
-            link.latest = SimpleNamespace(get=lambda: {"state": "SAFE"})
-            assert link.source_stopped is False
-            link.latest = SimpleNamespace(get=lambda: states[-1])
-            assert link.source_stopped is True
-        finally:
-            link.latest = real_latest
-            link.close()
-    finally:
-        ctx.destroy(linger=0)
-        core.ctx.destroy(linger=0)

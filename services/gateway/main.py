@@ -441,8 +441,7 @@ class Gateway:
         imaging = self.states.get("imaging") or {}
         study = self.states.get("study") or {}
         ages = {n: None if n not in self.state_at else round((now - self.state_at[n]) * 1000) for n in PROCESS_STATES}
-        s = {k: v for k, v in safety.items()
-             if k not in ("emission_enabled", "power_problems", "services", "rev", "stopping")}
+        s = {k: v for k, v in safety.items() if k not in ("emission_enabled", "power_problems", "services", "rev")}
         s.setdefault("state", "FAULT")
         s.setdefault("faults", [])
         if ages["safety"] is None or ages["safety"] > STALE_SAFETY_S * 1000:

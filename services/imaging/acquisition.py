@@ -233,7 +233,6 @@ class Acquisition:
         self.pairs = 0
         self.pairs_incomplete = 0
         self.stalls = 0
-        self._told_source_stopped = False  # the safety core's shutdown has been logged
         self.last_frame_monotonic: float | None = None
         # Counters of lit frames the MCU reported cut mid-exposure (``! CUT <counter>``); a
         # pair's on frame is marked when the pair is made, one period after its exposure.
@@ -317,16 +316,10 @@ class Acquisition:
         self.mode = "off"
         self._pending_on = None  # an on frame whose off frame never came: its buffer goes back
         self.on_liveness(False, None)
-        if self._source_stopped():
-            return  # the frame timing ended with the safety core; nobody is left to ask
         try:
             self.laser.stop_frames()
         except DeviceError as err:
             log.warning("could not stop the MCU's frame timing: %s", err)
-
-    def _source_stopped(self) -> bool:
-        """The frames' source (the safety core, through imaging's link) has shut down."""
-        return getattr(self.laser, "source_stopped", False) is True
         try:
             self.camera.stop()
         except DeviceError as err:
@@ -350,13 +343,6 @@ class Acquisition:
             try:
                 frame = self.camera.capture(timeout_s=self.stall_timeout_s)
             except CameraStall as err:
-                if self._source_stopped():
-                    # the safety core is shutting down and took the triggers with it
-                    if not self._told_source_stopped:
-                        self._told_source_stopped = True
-                        log.info("no more frames: the safety core has stopped its frame timing")
-                    self._stop.wait(0.05)
-                    continue
                 self.stalls += 1
                 log.warning("%s", err)
                 now = self.clock.monotonic()

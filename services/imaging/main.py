@@ -136,12 +136,6 @@ class SafetyLink:
     def emission_enabled(self) -> bool:
         return self.latest.get().get("emission_enabled") is True
 
-    @property
-    def source_stopped(self) -> bool:
-        """The safety core has said it is shutting down (its last state): the frame timing
-        ended with it, so the camera's silence is expected and there is nothing to stop."""
-        return self.latest.get().get("stopping") is True
-
     def lit_power_mw(self) -> float:
         s = self.latest.get()
         if s.get("state") == State.EMITTING.value and s.get("emission_enabled") is True:
