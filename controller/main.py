@@ -12,8 +12,9 @@ for frame timing over the same socket. What it tells the others goes out on one 
 
 It watches two processes (PRODUCT section 3): the gateway and imaging send a heartbeat every
 100 ms; when either is silent for ``services_timeout_s`` while ARMING, ARMED or EMITTING, the
-laser goes off and the cart goes to FAULT ``SERVICE_LOST`` naming it. Imaging also sends a
-notice per camera frame, which feeds the camera-stall rule (S9).
+laser goes off and the cart goes to FAULT ``SERVICE_LOST`` naming it. Imaging also tells the
+camera's frames (at most every 100 ms), which feed the camera-stall rule (S9) only: they are
+no heartbeat.
 
 Threads: the supervisor (fixed rate, the only one that grants emission), the command server,
 the notices and publications loop, and the frame-record relay. systemd's watchdog is fed from
@@ -378,7 +379,8 @@ class SafetyCore:
         if kind == "hb" and isinstance(msg.get("process"), str):
             self.watch.beat(msg["process"], instance)
         elif kind == "camera" and isinstance(msg.get("watching"), bool):
-            self.watch.beat("imaging", instance)
+            # Not a heartbeat: the acquisition thread sends these, and frames still coming
+            # say nothing of imaging's other threads (its heartbeat stops when one died).
             self.cart.note_camera(msg["watching"], self.clock.monotonic() if msg.get("frame") is True else None)
         else:
             self.notices_bad += 1

@@ -212,3 +212,28 @@ def test_a_new_imaging_process_voids_the_camera_watch_of_the_old_one(tmp_path):
         assert "camera still delivers no frames" in core.cart.persisting_causes()
     finally:
         core.ctx.destroy(linger=0)
+
+
+def test_camera_notices_do_not_stand_in_for_imagings_heartbeat(tmp_path):
+    """Imaging's acquisition thread tells the camera's frames; its heartbeat thread stops
+    beating when any of its threads died. Frames still coming must not keep imaging counted
+    as running: only its heartbeat does, so a dead thread while streaming is SERVICE_LOST."""
+    from nirf.controller.main import SafetyCore
+
+    rig = Rig(safety={"emission_delay_s": 1.0})
+    core = SafetyCore(rig.cfg, rig.laser, rig.io, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run",
+                      clock=rig.clock)
+    try:
+        core._on_notice({"kind": "hb", "process": "gateway", "instance": "gw"})
+        core._on_notice({"kind": "hb", "process": "imaging", "instance": "im"})
+        core.watch.serviced(rig.clock.monotonic())
+        assert core.watch.causes(rig.clock.monotonic()) == []
+        for _ in range(10):  # 600 ms of frames, no imaging heartbeat
+            rig.clock.advance(0.06)
+            core._on_notice({"kind": "camera", "watching": True, "frame": True, "instance": "im"})
+            core._on_notice({"kind": "hb", "process": "gateway", "instance": "gw"})
+            core.watch.serviced(rig.clock.monotonic())
+        assert core.watch.causes(rig.clock.monotonic()) == ["the imaging process is not running"]
+        assert core.notices_bad == 0  # the frames themselves were taken (camera-stall rule)
+    finally:
+        core.ctx.destroy(linger=0)
