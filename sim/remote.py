@@ -27,7 +27,7 @@ import zmq
 
 from nirf.hal.errors import DeviceTimeout, InvalidArgument, NirfError
 from nirf.sim.world import Phantom, SceneSnapshot, SensorModel, Trigger, mean_of_steps
-from nirf.sim.threads import name_os_thread
+from nirf.sim.threads import name_context_threads, name_os_thread, sim_context
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ class RemoteWorldView:
     def __init__(self, pub_endpoint: str, ctl_endpoint: str, sensor: SensorModel, *, context=None,
                  topics: tuple[str, ...] | None = None):
         self.sensor = sensor
-        self.ctx = context or zmq.Context.instance()
+        # A context of its own unless given one: its I/O thread is the simulator's work
+        # (named so for the benchmark, see sim/threads.py), not the cart process's.
+        self._own_ctx = context is None
+        self.ctx = context or sim_context()
         self.ctl_endpoint = ctl_endpoint
         self._req_lock = threading.Lock()
         self._req: zmq.Socket | None = None
@@ -92,6 +95,8 @@ class RemoteWorldView:
         self._sub.connect(pub_endpoint)
         # Subscribe first, then take a snapshot, so nothing falls between the two.
         snap = self.request({"op": "get"})
+        if self._own_ctx:
+            name_context_threads()  # they carried the request: started, named by libzmq
         self._scene = scene_from_dict(snap["scene"])
         self._inputs = _lines(snap["inputs"])
         self._last_edge_ns = int(snap["inputs"].get("t_ns", 0) or 0)
@@ -160,6 +165,10 @@ class RemoteWorldView:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2.0)
+        if self._own_ctx and not self._thread.is_alive():
+            with self._req_lock:
+                self._req = None
+                self.ctx.destroy(linger=0)  # its sockets too (the follower's closed with it)
 
     # -------------------------------------------------------------- following
     def _on_inputs(self, msg: dict) -> None:

@@ -332,3 +332,50 @@ def test_the_soak_reads_the_simulated_sensors_lateness_back_from_the_log():
              for i, (n, latest) in enumerate(((1, 150.4), (37, 541.2)))]
     text = "\n".join(["noise", lines[0], "more noise", lines[1], ""])
     assert simulator_lateness(text) == {"warnings": 2, "frames_late": 37, "latest_ms": 541}
+
+
+def test_the_simulators_zmq_threads_carry_its_prefix_and_the_carts_do_not(tmp_path):
+    """The simulated world's sockets have a context of their own, whose I/O thread (woken by
+    every world message) the benchmark must count as the simulator's, not the device path's."""
+    import glob
+
+    import zmq
+
+    from nirf.sim.threads import PREFIX, name_context_threads, sim_context
+
+    def names() -> list[str]:
+        out = []
+        for t in glob.glob(f"/proc/{os.getpid()}/task/*/comm"):
+            try:
+                with open(t) as f:
+                    out.append(f.read().strip())
+            except OSError:
+                pass
+        return out
+
+    cart, sim = zmq.Context(), sim_context()
+    try:
+        pub = cart.socket(zmq.PUB)
+        pub.bind(f"ipc://{tmp_path}/w.ipc")
+        sub = sim.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{tmp_path}/w.ipc")
+
+        def carried(word: bytes) -> bool:
+            for _ in range(100):
+                pub.send(word)
+                if sub.poll(50):
+                    return sub.recv(zmq.NOBLOCK) == word
+            return False
+
+        # a message through: the context's I/O thread runs (and has named itself)
+        assert carried(b"first")
+        renamed = name_context_threads()
+        assert PREFIX + "zmqio0" in renamed and PREFIX + "zmqrp" in renamed
+        now = names()
+        assert PREFIX + "zmqio0" in now and "ZMQbg/IO/0" in now  # the cart's context keeps its names
+        assert not any(n.startswith("51/") for n in now)
+        assert carried(b"world")  # renamed, it still carries messages
+    finally:
+        cart.destroy(linger=0)
+        sim.destroy(linger=0)
