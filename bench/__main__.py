@@ -79,6 +79,36 @@ def bench_bandwidth(quick: bool, measured: dict) -> list[Row]:
     return [("P5 copy bandwidth here (np.copyto, 64 MiB)", f"{bw / 1e9:.2f} GB/s", "", None)]
 
 
+THREAD_NOTE_MIN_SHARE = 0.001  # threads below a tenth of a percent of a core are summed
+
+
+def thread_notes(threads: list[dict]) -> list[str]:
+    """The per-thread lines of P5: where the device path's CPU goes and how often each
+    thread wakes (a wake-up costs its thread, and the zmq I/O threads on both ends of a
+    message, more than most of what the wake-up does)."""
+    from nirf.sim.threads import PREFIX
+
+    def simulated(r: dict) -> bool:
+        return bool(framepath.SIMULATOR_ONLY.get(r["process"], False)) or r["thread"].startswith(PREFIX)
+
+    device = [r for r in threads if not simulated(r)]
+    wakes = [r["wakes_per_s"] for r in device if r["wakes_per_s"] is not None]
+    lines = [f"P5 device-path threads (share of a core, wake-ups a second; simulator threads left out): "
+             f"{len(device)} threads, {framepath.fmt_share(sum(r['share'] for r in device))} in all"
+             + (f", {sum(wakes):.0f} wake-ups a second" if wakes else "")]
+    small = [r for r in device if r["share"] < THREAD_NOTE_MIN_SHARE]
+    for r in device:
+        if r["share"] < THREAD_NOTE_MIN_SHARE:
+            continue
+        w = "-" if r["wakes_per_s"] is None else f"{r['wakes_per_s']:.0f}"
+        lines.append(f"    {framepath.PROCESS_LABELS.get(r['process'], r['process']):<22} {r['thread']:<16} "
+                     f"{100.0 * r['share']:5.2f} %  {w:>5} /s")
+    if small:
+        lines.append(f"    {len(small)} more threads below {framepath.fmt_share(THREAD_NOTE_MIN_SHARE)} each: "
+                     f"{framepath.fmt_share(sum(r['share'] for r in small))} together")
+    return lines
+
+
 def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
     """P5: CPU share per process, simulator-only against device path, the copies, the safety
     core, the heartbeat, the Pi estimate."""
@@ -151,6 +181,8 @@ def p5_rows(s: e2e.StreamStats, measured: dict) -> tuple[list[Row], list[str]]:
                          f"pair, a preview on one in {pipeline_bench.PAIRS_PER_PREVIEW}); together {framepath.fmt_share(floor)} of a core, "
                          f"which leaves {framepath.fmt_share(max(DEVICE_TARGET - floor, 0.0))} of the "
                          f"{framepath.fmt_share(DEVICE_TARGET)} target for the rest")
+    if s.threads:
+        notes += thread_notes(s.threads)
     safety = shares.get("controller")
     if safety is not None:
         safety_sim = s.sim_threads_cpu_s.get("controller", 0.0) / wall

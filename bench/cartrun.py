@@ -132,6 +132,50 @@ def threads_cpu_by_prefix(pid: int, prefix: str) -> float | None:
     return _threads_cpu(pid, lambda name: name.startswith(prefix))
 
 
+def thread_times(pid: int) -> dict[tuple[int, str], tuple[float, int | None]] | None:
+    """Every thread of ``pid`` now: ``(tid, OS name) -> (CPU seconds, times it was put on a
+    CPU)``, from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds on a CPU, waits, runs);
+    where that file is missing, CPU from ``stat`` (clock ticks) and no count. Every run
+    after the first is a wake-up, so the count's growth over a window is the thread's wakes.
+    None once the process ended."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    out: dict[tuple[int, str], tuple[float, int | None]] = {}
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            comm = Path(f"{base}/comm").read_text().strip()
+            try:
+                run_ns, _, runs = Path(f"{base}/schedstat").read_text().split()[:3]
+                out[(int(tid), comm)] = (int(run_ns) / 1e9, int(runs))
+            except (OSError, ValueError):
+                stat = Path(f"{base}/stat").read_text()
+                fields = stat[stat.rfind(")") + 2:].split()
+                out[(int(tid), comm)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), None)
+        except OSError:
+            continue  # the thread ended meanwhile
+    return out
+
+
+def thread_shares(before: dict, after: dict, wall_s: float) -> list[dict]:
+    """Per thread alive at both readings of :func:`thread_times`: its share of one core and
+    its wake-ups a second over ``wall_s``, largest share first."""
+    rows = []
+    if not wall_s > 0:
+        return rows
+    for key, (cpu1, runs1) in after.items():
+        if key not in before:
+            continue
+        cpu0, runs0 = before[key]
+        wakes = None if runs0 is None or runs1 is None else (runs1 - runs0) / wall_s
+        rows.append({"tid": key[0], "thread": key[1], "share": max(cpu1 - cpu0, 0.0) / wall_s,
+                     "wakes_per_s": wakes})
+    rows.sort(key=lambda r: -r["share"])
+    return rows
+
+
 class BenchCart:
     """The simulated cart in its processes, for one benchmark run.
 

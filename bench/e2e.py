@@ -111,6 +111,9 @@ class StreamStats:
     copy_cpu_s_per_frame: float | None = None
     pipeline_cpu_s_per_pair: float | None = None
     subscribers: list[dict] = field(default_factory=list)  # the extra subscribers' figures
+    # every thread of the cart's processes over the CPU window: process, OS name, share of a
+    # core, wake-ups a second (cartrun.thread_shares), largest first
+    threads: list[dict] = field(default_factory=list)
 
     @property
     def results_per_s(self) -> float:
@@ -148,6 +151,7 @@ class StreamStats:
             self.supervisor_cpu_s = (self.supervisor_cpu_s or 0.0) + other.supervisor_cpu_s
         self.heartbeat = other.heartbeat or self.heartbeat
         self.subscribers.extend(other.subscribers)
+        self.threads = other.threads or self.threads  # the last stretch's
 
     def latency_ms(self, q: float) -> float:
         """The q-th percentile (0..100) of the capture-to-result latency, ms."""
@@ -266,6 +270,8 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
         pipe0: tuple[float, int] | None = None
         sup0: float | None = None
         sim0: dict[str, float] = {}
+        thr0: dict = {}
+        thr1: dict = {}
         cpu_t0 = 0.0
         try:
             while (now := time.monotonic()) < end:
@@ -275,6 +281,7 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     cam0 = _sim_camera_cpu(pids)
                     sim0 = _sim_threads_cpu(pids)
+                    thr0 = {name: cartrun.thread_times(pid) for name, pid in pids.items()}
                     sup0 = _supervisor_cpu(pids)
                     copy0, pipe0 = _copy_counters(client), _pipeline_counters(watcher.last_result)
                 if on_tick is not None and now >= next_tick:
@@ -292,7 +299,14 @@ def stream(cart: BenchCart, seconds: float, *, warmup_s: float = 3.0, power_mw: 
                 stats.pipeline_cpu_s_per_pair = _per_item(pipe0, _pipeline_counters(watcher.last_result))
                 sim1 = _sim_threads_cpu(pids)
                 stats.sim_threads_cpu_s = {n: round(sim1[n] - sim0[n], 3) for n in sim1 if n in sim0}
+                thr1 = {name: cartrun.thread_times(pid) for name, pid in pids.items()}
             stats.cpu_wall_s = time.monotonic() - cpu_t0 if cpu0 is not None else 0.0
+            if cpu0 is not None:
+                stats.threads = sorted(
+                    ({"process": name, **row} for name in pids
+                     if thr0.get(name) is not None and thr1.get(name) is not None
+                     for row in cartrun.thread_shares(thr0[name], thr1[name], stats.cpu_wall_s)),
+                    key=lambda r: -r["share"])
             if cpu0 is not None and cam0 is not None and cam1 is not None and cam1 > 0:
                 stats.sim_camera_cpu_s = round(cam1 - cam0, 3)
             if on_tick is not None:

@@ -379,3 +379,43 @@ def test_the_simulators_zmq_threads_carry_its_prefix_and_the_carts_do_not(tmp_pa
     finally:
         cart.destroy(linger=0)
         sim.destroy(linger=0)
+
+
+def test_thread_shares_are_the_growth_of_each_threads_cpu_and_runs_over_the_window():
+    from bench.cartrun import thread_shares, thread_times
+
+    before = {(1, "a"): (1.0, 100), (2, "b"): (2.0, None), (3, "gone"): (5.0, 7)}
+    after = {(1, "a"): (1.5, 300), (2, "b"): (2.1, None), (4, "new"): (0.5, 9)}
+    rows = thread_shares(before, after, 2.0)
+    assert [(r["thread"], r["share"], r["wakes_per_s"]) for r in rows] == [
+        ("a", pytest.approx(0.25), pytest.approx(100.0)), ("b", pytest.approx(0.05), None)]
+    assert thread_shares(before, after, 0.0) == []
+    mine = thread_times(os.getpid())
+    assert mine and all(cpu >= 0.0 for cpu, _ in mine.values())
+    assert any(tid == threading_native_id() for tid, _ in mine)
+    assert thread_times(2 ** 22 + 1) is None
+
+
+def threading_native_id() -> int:
+    import threading
+
+    return threading.get_native_id()
+
+
+def test_the_thread_lines_leave_the_simulator_out_and_sum_the_small_threads():
+    from bench.__main__ import thread_notes
+
+    threads = [
+        {"process": "imaging", "thread": "nirf-acquire", "share": 0.06, "wakes_per_s": 120.0},
+        {"process": "imaging", "thread": "nirf-sim-camera", "share": 0.23, "wakes_per_s": 200.0},
+        {"process": "hardware", "thread": "python", "share": 0.08, "wakes_per_s": 900.0},
+        {"process": "controller", "thread": "nirf-supervisor", "share": 0.008, "wakes_per_s": 48.0},
+        {"process": "study", "thread": "python", "share": 0.0004, "wakes_per_s": 6.0},
+        {"process": "study", "thread": "ZMQbg/IO/0", "share": 0.0003, "wakes_per_s": None},
+    ]
+    lines = thread_notes(threads)
+    text = "\n".join(lines)
+    assert "4 threads" in lines[0] and "6.9 %" in lines[0] and "174 wake-ups" in lines[0]
+    assert "nirf-acquire" in text and "safety core" in text and "nirf-sim-camera" not in text
+    assert "hardware" not in text
+    assert "2 more threads" in lines[-1] and "0.1 % together" in lines[-1]
