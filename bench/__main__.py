@@ -97,9 +97,7 @@ def thread_notes(threads: list[dict]) -> list[str]:
              f"{len(device)} threads, {framepath.fmt_share(sum(r['share'] for r in device))} in all"
              + (f", {sum(wakes):.0f} wake-ups a second" if wakes else "")]
     small = [r for r in device if r["share"] < THREAD_NOTE_MIN_SHARE]
-    for r in device:
-        if r["share"] < THREAD_NOTE_MIN_SHARE:
-            continue
+    for r in (r for r in device if r["share"] >= THREAD_NOTE_MIN_SHARE):
         w = "-" if r["wakes_per_s"] is None else f"{r['wakes_per_s']:.0f}"
         lines.append(f"    {framepath.PROCESS_LABELS.get(r['process'], r['process']):<22} {r['thread']:<16} "
                      f"{100.0 * r['share']:5.2f} %  {w:>5} /s")

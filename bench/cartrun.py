@@ -101,24 +101,13 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def _threads_cpu(pid: int, wanted) -> float | None:
-    """User + system CPU seconds of the threads of ``pid`` whose OS name (/proc/<pid>/task/
-    <tid>/comm) ``wanted(name)`` accepts; None once the process ended. A thread that ended
-    takes its time with it: sample while it runs."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    """CPU seconds of the threads of ``pid`` whose OS name (/proc/<pid>/task/<tid>/comm)
+    ``wanted(name)`` accepts; None once the process ended. A thread that ended takes its
+    time with it: sample while it runs."""
+    times = thread_times(pid)
+    if times is None:
         return None
-    ticks = 0
-    for tid in tids:
-        try:
-            if not wanted(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()):
-                continue
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread ended meanwhile
-        fields = stat[stat.rfind(")") + 2:].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(cpu for (_, name), (cpu, _) in times.items() if wanted(name))
 
 
 def thread_cpu_seconds(pid: int, comm: str) -> float | None:
